@@ -1,0 +1,5 @@
+import sys
+
+from adv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""``adv train``: train a registered classifier and write a checkpoint plus metrics.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from adv.cli.common import add_data_args, add_model_args, load_data, load_model, positive_int
+from adv.errors import ConfigError
+from adv.train import TrainConfig, fit
+
+NAME = "train"
+HELP = "train a classifier; writes OUT/model.pt and OUT/metrics.json"
+
+
+def add_arguments(parser) -> None:
+    add_data_args(parser, default_split="train")
+    add_model_args(parser)
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=2)
+    g.add_argument("--batch-size", type=positive_int, default=128)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--optimizer", choices=["adam", "sgd", "adamw"], default="adam")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", choices=["constant", "cosine", "step"], default="constant")
+    g.add_argument("--n-test", type=positive_int, default=None, help="evaluate on a subset of the test split")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    g.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<model>)")
+    g.add_argument("--no-resume", action="store_true", help="start over even if OUT has a train_state.pt")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    try:
+        config = TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+            weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed, device=args.device,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}") from None
+    train = load_data(args, split="train")
+    test = load_data(args, split="test", n=args.n_test)
+    model = load_model(args, train)
+    out = Path(args.out or f"runs/{args.dataset}-{model.arch}")
+    metrics = fit(
+        model, train, test, config, out_dir=out, resume=not args.no_resume, show_progress=not args.quiet,
+        extra_meta={"command": "adv train"},
+    )
+    summary = {k: v for k, v in metrics.items() if k != "history"}
+    summary["checkpoint"] = str(out / "model.pt")
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,115 @@
+"""Small CNNs for MNIST-sized data (and anything else small: they adapt).
+
+``lenet`` is the Madry et al. MNIST network; ``lenet5`` and ``convsmall``
+reproduce the layouts of the advertorch and Wong-Kolter checkpoints in
+``../shared/data/models`` so those files load unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adv.models.base import ImageClassifier
+from adv.models.registry import MNIST_MEAN_STD, ModelSpec, register_model
+
+
+class MadryLeNet(ImageClassifier):
+    """conv32(5x5)-pool-conv64(5x5)-pool-fc1024 (Madry et al. 2018, MNIST challenge)."""
+
+    def __init__(self, num_classes, input_size, mean, std):
+        super().__init__(mean, std)
+        c, h, w = input_size
+        self.conv1 = nn.Conv2d(c, 32, 5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
+        self.fc1 = nn.Linear(64 * (h // 4) * (w // 4), 1024)
+        self.fc2 = nn.Linear(1024, num_classes)
+        self.feature_dim = 1024
+
+    def forward_features(self, x):
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return torch.relu(self.fc1(x.flatten(1)))
+
+    def head(self, features):
+        return self.fc2(features)
+
+    @property
+    def cam_layer(self):
+        return self.conv2
+
+
+class LeNet5(ImageClassifier):
+    """advertorch's LeNet5: conv32(3x3)-pool-conv64(3x3)-pool-fc200."""
+
+    def __init__(self, num_classes, input_size, mean, std):
+        super().__init__(mean, std)
+        c, h, w = input_size
+        self.conv1 = nn.Conv2d(c, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.linear1 = nn.Linear(64 * (h // 4) * (w // 4), 200)
+        self.linear2 = nn.Linear(200, num_classes)
+        self.feature_dim = 200
+
+    def forward_features(self, x):
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return torch.relu(self.linear1(x.flatten(1)))
+
+    def head(self, features):
+        return self.linear2(features)
+
+    @property
+    def cam_layer(self):
+        return self.conv2
+
+
+class ConvSmall(ImageClassifier):
+    """Wong & Kolter's provably robust "small" net: two stride-2 convs and fc100."""
+
+    def __init__(self, num_classes, input_size, mean, std):
+        super().__init__(mean, std)
+        c, h, w = input_size
+        # Indices match the nn.Sequential the convex_adversarial checkpoints were saved from.
+        self.layers = nn.Sequential(
+            nn.Conv2d(c, 16, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * (h // 4) * (w // 4), 100),
+            nn.ReLU(),
+            nn.Linear(100, num_classes),
+        )
+        self.feature_dim = 100
+
+    def forward_features(self, x):
+        return self.layers[:7](x)
+
+    def head(self, features):
+        return self.layers[7](features)
+
+    @property
+    def cam_layer(self):
+        return self.layers[2]
+
+    def load_external_state_dict(self, state_dict):
+        self.load_state_dict({f"layers.{k}": v for k, v in state_dict.items()}, strict=True)
+
+
+_SMALL = dict(input_size=(1, 28, 28), default_num_classes=10, mean=MNIST_MEAN_STD[0], std=MNIST_MEAN_STD[1])
+
+
+@register_model(ModelSpec(name="lenet", description="Madry MNIST net: conv32-conv64-fc1024", **_SMALL))
+def lenet(**kw) -> MadryLeNet:
+    return MadryLeNet(**kw)
+
+
+@register_model(ModelSpec(name="lenet5", description="advertorch LeNet5: conv32-conv64-fc200", **_SMALL))
+def lenet5(**kw) -> LeNet5:
+    return LeNet5(**kw)
+
+
+@register_model(ModelSpec(name="convsmall", description="Wong-Kolter small convex-robust net", **_SMALL))
+def convsmall(**kw) -> ConvSmall:
+    return ConvSmall(**kw)

@@ -1,0 +1,225 @@
+"""Supervised training loop with pluggable per-batch losses.
+
+Defenses that change *how* a model is trained (adversarial training, ALP,
+AAD, DWT-augmented training) plug in a ``BatchLoss``: a callable
+``loss_fn(model, x, y) -> LossOutput``. The loop owns everything else:
+optimizer, schedule, seeding, evaluation, progress, checkpoint and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from adv.data.base import ImageData
+from adv.models.base import ImageClassifier
+from adv.models.checkpoint import save_checkpoint
+from adv.progress import progress
+
+
+class TrainConfig(BaseModel):
+    """Optimizer, schedule and loop settings; validated at the boundary."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "sgd", "adamw"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    #: Epochs at which "step" multiplies the learning rate by ``gamma``.
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0, le=1)
+    seed: int = 0
+    device: str = "auto"
+    eval_batch_size: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.schedule == "step" and not self.milestones:
+            raise ValueError("schedule 'step' needs milestones, e.g. [10, 15]")
+        if any(m < 1 or m > self.epochs for m in self.milestones):
+            raise ValueError(f"milestones must lie in 1..epochs={self.epochs}, got {self.milestones}")
+        return self
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    #: Logits on the *clean* batch, used for the running train accuracy.
+    logits: torch.Tensor
+    #: Extra scalars to log (e.g. adversarial accuracy, attention losses).
+    logs: dict[str, float] | None = None
+
+
+class BatchLoss(Protocol):
+    def __call__(self, model: ImageClassifier, x: torch.Tensor, y: torch.Tensor) -> LossOutput: ...
+
+
+def cross_entropy_loss(model: ImageClassifier, x: torch.Tensor, y: torch.Tensor) -> LossOutput:
+    logits = model(x)
+    return LossOutput(F.cross_entropy(logits, y), logits)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, data: ImageData, batch_size: int = 512, device=None) -> float:
+    """Top-1 accuracy on ``data`` (model left in the mode it was in)."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    correct = 0
+    for x, y in data.batches(batch_size):
+        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+    model.train(was_training)
+    return correct / max(len(data), 1)
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _lr_factor(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    if cfg.schedule == "cosine":
+        t = (epoch * steps_per_epoch + step) / (cfg.epochs * steps_per_epoch)
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return 1.0
+
+
+def fit(
+    model: ImageClassifier,
+    train: ImageData,
+    test: ImageData | None,
+    config: TrainConfig,
+    loss_fn: BatchLoss = cross_entropy_loss,
+    out_dir: str | Path | None = None,
+    resume: bool = True,
+    show_progress: bool = True,
+    extra_meta: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place; returns the final metrics.
+
+    With ``out_dir``, writes ``model.pt`` (adv checkpoint), ``metrics.json``
+    and ``train_state.pt`` after every epoch, and resumes from the latter
+    when ``resume`` is true.
+    """
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    model.to(device)
+    opt = _optimizer(model, config)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    out = Path(out_dir) if out_dir else None
+    state_path = out / "train_state.pt" if out else None
+    if out and resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], json.loads(state["history"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        print(f"resuming from {state_path} at epoch {start_epoch}", file=sys.stderr)
+
+    steps = math.ceil(len(train) / config.batch_size)
+    metrics: dict[str, Any] = history[-1] if history else {}
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        # A per-epoch permutation drawn from a seeded generator keeps runs reproducible across resumes.
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
+        extra_sums: dict[str, float] = {}
+        bar = progress(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_progress)
+        for step in bar:
+            idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
+            x, y = train[idx]
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = config.lr * _lr_factor(config, epoch, step, steps)
+            out_ = loss_fn(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            out_.loss.backward()
+            opt.step()
+            n = len(y)
+            seen += n
+            loss_sum += out_.loss.item() * n
+            correct += (out_.logits.argmax(1) == y).sum().item()
+            for k, v in (out_.logs or {}).items():
+                extra_sums[k] = extra_sums.get(k, 0.0) + float(v) * n
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "epoch_seconds": time.time() - t0,
+            **{f"train_{k}": v / seen for k, v in extra_sums.items()},
+        }
+        if test is not None:
+            metrics["test_acc"] = evaluate_accuracy(model, test, config.eval_batch_size, device)
+        history.append(metrics)
+        print(json.dumps(metrics), file=sys.stderr)
+        if out:
+            _save(out, model, opt, epoch + 1, history, train, config, extra_meta)
+        if on_epoch_end:
+            on_epoch_end(epoch + 1, metrics)
+    model.eval()
+    final = dict(metrics)
+    final["train_seconds"] = sum(h["epoch_seconds"] for h in history)
+    final["history"] = history
+    return final
+
+
+def _save(out: Path, model, opt, epoch, history, train: ImageData, config: TrainConfig, extra_meta) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    last = history[-1]
+    save_checkpoint(
+        out / "model.pt", model, dataset=train.name,
+        metrics={k: v for k, v in last.items() if isinstance(v, (int, float))},
+        train_config=config.model_dump(), extra=extra_meta,
+    )
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": epoch,
+        "history": json.dumps(history),
+        "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(state, out / "train_state.pt.tmp")
+    (out / "train_state.pt.tmp").replace(out / "train_state.pt")
+    summary = {**last, "train_seconds": sum(h["epoch_seconds"] for h in history), "history": history}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
