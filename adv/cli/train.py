@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from adv.cli.common import add_data_args, add_model_args, load_data, load_model, positive_int
 from adv.errors import ConfigError
-from adv.train import TrainConfig, fit
+from adv.train import TrainConfig, cross_entropy_loss, fit, seed_everything
 
 NAME = "train"
 HELP = "train a classifier; writes OUT/model.pt and OUT/metrics.json"
@@ -30,6 +30,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<model>)")
     g.add_argument("--no-resume", action="store_true", help="start over even if OUT has a train_state.pt")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--defense", default=None, metavar="SPEC",
+                   help="proactive training defense, e.g. dwt:wavelet=haar,level=1 (trains on x and DWT(x)); "
+                        "recorded in the checkpoint so evaluation re-applies it at inference")
 
 
 def run(args) -> int:
@@ -43,13 +46,22 @@ def run(args) -> int:
         raise ConfigError(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}") from None
     train = load_data(args, split="train")
     test = load_data(args, split="test", n=args.n_test)
+    seed_everything(args.seed)  # before building the model, so its initialization is seeded too
     model = load_model(args, train)
+    loss_fn, extra = cross_entropy_loss, {"command": "adv train"}
+    if args.defense:
+        from adv.defenses import training_loss
+        from adv.defenses.dwt_training import META_KEY
+
+        loss_fn, spec = training_loss(args.defense)
+        extra[META_KEY] = [spec]
     out = Path(args.out or f"runs/{args.dataset}-{model.arch}")
     metrics = fit(
-        model, train, test, config, out_dir=out, resume=not args.no_resume, show_progress=not args.quiet,
-        extra_meta={"command": "adv train"},
+        model, train, test, config, loss_fn=loss_fn, out_dir=out, resume=not args.no_resume,
+        show_progress=not args.quiet, extra_meta=extra,
     )
     summary = {k: v for k, v in metrics.items() if k != "history"}
+    summary.update({k: v for k, v in extra.items() if k != "command"})
     summary["checkpoint"] = str(out / "model.pt")
     print(json.dumps(summary))
     return 0
