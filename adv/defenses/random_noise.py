@@ -1,0 +1,39 @@
+"""Random Gaussian noise in front of the classifier (a randomized input transformation).
+
+Threat model: a randomized preprocessing defense; its point here is to be
+the stage EOT is for (Athalye et al. 2018, §4.3): an adaptive attacker
+averages gradients over the randomness (:class:`adv.adaptive.EOT`).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from adv.defenses.registry import register_defense
+from adv.defenses.stage import Stage, StageParams
+
+
+class NoiseParams(StageParams):
+    sigma: float = Field(0.05, gt=0, le=1, description="std of the Gaussian noise, pixel units")
+
+
+class GaussianNoise(Stage):
+    """``clip(x + N(0, sigma²), 0, 1)``, fresh noise on every call (global torch RNG).
+
+    Shape: (N, C, H, W) in [0, 1] -> (N, C, H, W) in [0, 1]
+    """
+
+    randomized = True
+
+    def __init__(self, params: NoiseParams):
+        super().__init__(params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.params.sigma * torch.randn_like(x)).clamp(0.0, 1.0)
+
+
+@register_defense("noise", params=NoiseParams, kind="preprocess",
+                  description="additive Gaussian noise, a randomized stage (attack it with EOT)")
+def noise(params: NoiseParams, classifier=None, data=None) -> GaussianNoise:
+    return GaussianNoise(params)

@@ -1,0 +1,289 @@
+"""Decorator registry of defenses, their typed hyperparameters, spec strings and stage files.
+
+Every defense is registered with a pydantic model of its hyperparameters
+(the values a Ray Tune sweep varies) and one of three *kinds*:
+
+* ``preprocess``: an ``nn.Module`` mapping images to images (DWT, AEs, U-Net);
+* ``classifier``: wraps the classifier into a new one (middle AE, encoder variant);
+* ``detector``: flags inputs; ``forward(x) -> (N,) bool`` (encoder disagreement).
+
+A spec string ``NAME:k=v,k=v`` (``dwt:wavelet=haar,level=1``) names a defense
+and its parameters on the command line and in YAML; list values are joined
+with ``+`` (``unet:attacks=fgsm+pgd``).
+
+Stage files are plain dicts of tensors and primitives (loadable with
+``torch.load(weights_only=True)``), like the classifier checkpoints::
+
+    {"format": "adv-stage/1", "name", "params", "meta", "state_dict"}
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from pydantic import BaseModel, ValidationError
+from torch import nn
+
+from adv.errors import CheckpointError, ConfigError
+
+KINDS = ("preprocess", "classifier", "detector")
+STAGE_FORMAT = "adv-stage/1"
+
+#: ``build(params, classifier=None, data=None) -> nn.Module``
+Builder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    name: str
+    build: Builder = field(repr=False)
+    params: type[BaseModel]
+    kind: str
+    description: str
+    #: Needs a classifier to be built (feature-space stages, detectors, U-Net's training loss).
+    needs_classifier: bool = False
+    #: Has weights that must be trained (``checkpoint=`` or ``data=``).
+    learned: bool = False
+    #: ``fn(params) -> BatchLoss`` for ``adv train --defense`` (proactive training), if any.
+    training_loss: Callable | None = field(default=None, repr=False)
+
+
+_DEFENSES: dict[str, DefenseSpec] = {}
+
+
+def register_defense(
+    name: str,
+    *,
+    params: type[BaseModel],
+    kind: Literal["preprocess", "classifier", "detector"],
+    description: str,
+    needs_classifier: bool = False,
+    learned: bool = False,
+):
+    """Register ``build(params, classifier=None, data=None) -> nn.Module`` under ``name``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+    def wrap(fn: Builder) -> Builder:
+        if name in _DEFENSES:
+            raise ValueError(f"defense {name!r} registered twice")
+        _DEFENSES[name] = DefenseSpec(name, fn, params, kind, description, needs_classifier, learned)
+        return fn
+
+    return wrap
+
+
+def register_training_loss(name: str):
+    """Attach ``fn(params) -> BatchLoss`` to a registered defense (``adv train --defense``)."""
+
+    def wrap(fn: Callable) -> Callable:
+        spec = get_defense(name)
+        _DEFENSES[name] = DefenseSpec(**{**spec.__dict__, "training_loss": fn})
+        return fn
+
+    return wrap
+
+
+def _load_all() -> None:
+    import adv.defenses  # noqa: F401  (importing the package registers every defense)
+
+
+def get_defense(name: str) -> DefenseSpec:
+    _load_all()
+    if name not in _DEFENSES:
+        raise ConfigError(f"unknown defense {name!r}; known: {', '.join(list_defenses())}")
+    return _DEFENSES[name]
+
+
+def list_defenses(pattern: str = "*", *, kind: str | None = None) -> list[str]:
+    _load_all()
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return sorted(n for n, s in _DEFENSES.items() if fnmatch.fnmatch(n, pattern) and kind in (None, s.kind))
+
+
+def describe_defense(name: str) -> str:
+    """One line: kind, whether it is learned, and what it is (what ``adv info`` prints)."""
+    spec = get_defense(name)
+    return f"[{spec.kind}{', learned' if spec.learned else ''}] {spec.description}"
+
+
+def defense_schema(name: str) -> dict[str, Any]:
+    """Metadata and every hyperparameter with its type, default and meaning (``adv defend describe``)."""
+    spec = get_defense(name)
+    return {
+        "name": spec.name, "kind": spec.kind, "description": spec.description,
+        "learned": spec.learned, "needs_classifier": spec.needs_classifier,
+        "trainable_with_adv_train": spec.training_loss is not None,
+        "params": {k: {"default": f.default, "type": _type_name(f.annotation), "description": f.description or ""}
+                   for k, f in spec.params.model_fields.items()},
+    }
+
+
+def _type_name(annotation) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+# --- spec strings ------------------------------------------------------------------
+def parse_defense_spec(text: str) -> tuple[str, dict[str, str]]:
+    """``"dwt:wavelet=haar,level=1"`` -> ``("dwt", {"wavelet": "haar", "level": "1"})``.
+
+    Values stay strings; the defense's pydantic model coerces and validates them.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"defense spec must be a non-empty string NAME[:k=v,...], got {text!r}")
+    name, _, rest = text.strip().partition(":")
+    params: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"defense spec {text!r}: expected k=v, got {item!r}")
+        if key.strip() in params:
+            raise ConfigError(f"defense spec {text!r}: {key.strip()!r} given twice")
+        params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
+def validate_params(name: str, params: dict[str, Any] | BaseModel | None) -> BaseModel:
+    """The defense's params model built from ``params``; errors name the defense and key."""
+    spec = get_defense(name)
+    if isinstance(params, spec.params):
+        return params
+    raw = dict(params or {})
+    for key, value in raw.items():
+        # "+"-joined strings are lists on the command line (unet:attacks=fgsm+pgd)
+        annotation = str(spec.params.model_fields[key].annotation) if key in spec.params.model_fields else ""
+        if isinstance(value, str) and annotation.startswith(("list", "tuple")):
+            raw[key] = [v for v in value.split("+") if v]
+        elif isinstance(value, str) and value.lower() in ("none", "null") and "None" in annotation:
+            raw[key] = None
+    try:
+        return spec.params(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(map(str, err["loc"])) or "params"
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        raise ConfigError(f"defense {name!r}: {loc}: {err['msg']}{got}; "
+                          f"known params: {', '.join(spec.params.model_fields)}") from None
+
+
+def format_defense_spec(name: str, params: BaseModel | dict[str, Any] | None = None) -> str:
+    """The canonical spec string: only the values that differ from the defaults."""
+    model = validate_params(name, params)
+    defaults = type(model)()
+    parts = []
+    for key in type(model).model_fields:
+        value = getattr(model, key)
+        if value != getattr(defaults, key):
+            parts.append(f"{key}={'+'.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    return name + (":" + ",".join(parts) if parts else "")
+
+
+def resolve(spec: str | tuple[str, Any] | None) -> tuple[str, BaseModel]:
+    """A spec string or ``(name, params)`` pair -> ``(name, validated params)``."""
+    if isinstance(spec, str):
+        name, raw = parse_defense_spec(spec)
+        return name, validate_params(name, raw)
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
+        return spec[0], validate_params(spec[0], spec[1])
+    raise ConfigError(f"a defense is a spec string or a (name, params) pair, got {spec!r}")
+
+
+def create_defense(spec: str | tuple[str, Any], classifier: nn.Module | None = None, data=None) -> nn.Module:
+    """Build one defense stage from ``"NAME:k=v,..."`` or ``(name, params)``.
+
+    Learned stages load ``checkpoint=PATH`` when given (the file's
+    architecture parameters are used), are trained on ``data`` (an
+    ``ImageData``) when given, and are otherwise returned untrained with
+    ``stage.trained == False`` (``Defended`` refuses those for evaluation).
+    ``classifier`` is required by feature-space stages and detectors and by
+    the U-Net's classification loss.
+    """
+    name, params = resolve(spec)
+    entry = get_defense(name)
+    if entry.needs_classifier and classifier is None:
+        raise ConfigError(f"defense {name!r} needs the classifier it defends (classifier=...)")
+    path = getattr(params, "checkpoint", None)
+    payload = read_stage(path) if path else None
+    if payload is not None:
+        params = _merge_file_params(entry, params, payload, path)
+    stage = entry.build(params, classifier=classifier, data=None if payload else data)
+    stage.defense_name = name
+    stage.defense_spec = format_defense_spec(name, params)
+    stage.defense_kind = entry.kind
+    if payload is not None:
+        load_stage_weights(stage, payload["state_dict"], path)
+        stage.stage_meta = payload["meta"]
+        stage.eval()
+    return stage
+
+
+def _merge_file_params(entry: DefenseSpec, params: BaseModel, payload: dict, path) -> BaseModel:
+    """The stage file's parameters, plus ``checkpoint``; a conflicting explicit value is an error."""
+    accepted = (entry.name, *getattr(entry.params, "accepts_files_of", ()))
+    if payload["name"] not in accepted:
+        raise CheckpointError(f"{path} holds a {payload['name']!r} stage, not {' or '.join(map(repr, accepted))}")
+    known = entry.params.model_fields
+    from_file = {k: v for k, v in payload["params"].items() if k in known}
+    defaults = entry.params()
+    for key in known:
+        given = getattr(params, key)
+        if key in from_file and given != getattr(defaults, key) and given != from_file[key]:
+            raise ConfigError(f"defense {entry.name!r}: {path} was trained with {key}={from_file[key]!r}, "
+                              f"the spec says {key}={given!r}")
+    return validate_params(entry.name, {**from_file, "checkpoint": str(path)})
+
+
+# --- stage files -----------------------------------------------------------------------
+def save_stage(path: str | os.PathLike, stage: nn.Module, *, meta: dict[str, Any] | None = None) -> Path:
+    """Write a learned stage (its spec and state_dict) atomically; frozen classifiers are not saved."""
+    name = getattr(stage, "defense_name", None)
+    if name is None:
+        raise ValueError("save_stage needs a stage built by create_defense (it has no defense_name)")
+    params = validate_params(name, getattr(stage, "params", None)).model_dump()
+    params.pop("checkpoint", None)
+    state = stage.stage_state_dict() if hasattr(stage, "stage_state_dict") else stage.state_dict()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": STAGE_FORMAT, "name": name, "params": params, "meta": meta or {},
+        "state_dict": {k: v.detach().cpu() for k, v in state.items()},
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_stage(path: str | os.PathLike) -> dict[str, Any]:
+    """The payload of a stage file, checked (``weights_only=True``: no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"stage file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, pickle with code, not a torch file
+        raise CheckpointError(f"cannot read stage file {path}: {exc.__class__.__name__}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != STAGE_FORMAT:
+        raise CheckpointError(f"{path} is not an adv stage file (no format {STAGE_FORMAT!r})")
+    return payload
+
+
+def load_stage(path: str | os.PathLike, classifier: nn.Module | None = None) -> nn.Module:
+    """Rebuild a stage written by ``save_stage`` (pass the classifier it was trained with)."""
+    return create_defense((read_stage(path)["name"], {"checkpoint": str(path)}), classifier=classifier)
+
+
+def load_stage_weights(stage: nn.Module, state_dict: dict[str, torch.Tensor], path) -> None:
+    loader = getattr(stage, "load_stage_state_dict", None) or (lambda sd: stage.load_state_dict(sd, strict=True))
+    try:
+        loader(state_dict)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not match stage {stage.defense_spec!r}: "
+                              f"{' '.join(str(exc).splitlines()[:3])[:400]}") from None
+    stage.trained = True
