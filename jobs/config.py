@@ -1,0 +1,341 @@
+"""The one typed config of ``jobs.evaluate``: YAML -> ``EvalConfig`` (pydantic), validated at the boundary.
+
+Every error names the key that is wrong (``attacks[1].eps[0]: ...``) and is
+raised as ``ConfigError``; the entrypoint turns it into one line and exit 2.
+Keys are documented in docs/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adv.errors import AdvError, ConfigError
+
+FEATURES = ("logits", "penultimate", "gradcam")
+#: The grid's ``steps`` sets whichever of these budget hyperparameters the attack has.
+BUDGET_PARAMS = ("steps", "queries")
+#: Datasets read by Ray Data from files instead of loaded in memory by ``adv.data``.
+FILE_SOURCES = ("imagefolder", "parquet")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Strict):
+    #: A registered ``adv.data`` dataset (loaded in memory), ``imagefolder`` (read_images) or ``parquet``.
+    name: str = "fashion-mnist"
+    split: Literal["train", "test"] = "test"
+    #: Seeded random subset of ``n`` examples (all when null).
+    n: int | None = Field(None, ge=1)
+    seed: int = 0
+    #: Data folder (registered sets), image-folder root, or Parquet path/URI.
+    root: str | None = None
+    download: bool = False
+    #: read_images resize target (H, W) for image folders; default: the model's input size.
+    image_size: tuple[int, int] | None = None
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and min(v) < 1:
+            raise ValueError(f"image_size must be two positive integers, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _known(self):
+        from adv.data import list_datasets
+
+        known = (*list_datasets(), "parquet")
+        if self.name not in known:
+            raise ValueError(f"name: unknown dataset {self.name!r}; known: {', '.join(sorted(known))}")
+        if self.name in FILE_SOURCES and not self.root:
+            raise ValueError(f"root: dataset {self.name!r} needs root (a folder, or a path/URI)")
+        return self
+
+
+class ModelConfig(_Strict):
+    #: Registry name (``adv info`` lists them); optional with ``checkpoint``.
+    arch: str | None = None
+    #: An adv checkpoint (``model.pt``); mutually exclusive with ``weights``.
+    checkpoint: str | None = None
+    #: A foreign state_dict loaded into ``arch`` (advertorch, convex_adversarial, ...).
+    weights: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        from adv.models import list_models
+
+        if self.checkpoint and (self.weights or self.arch):
+            raise ValueError("give checkpoint, or arch (with optional weights), not both")
+        if not self.checkpoint and not (self.arch and self.weights):
+            raise ValueError("give checkpoint: PATH, or arch: NAME with weights: PATH (random weights are not evaluated)")
+        if self.arch and self.arch not in list_models():
+            raise ValueError(f"arch: unknown model {self.arch!r}; known: {', '.join(list_models())}")
+        return self
+
+
+class DefenseConfig(_Strict):
+    """One defended model: preprocessing/classifier stages in order, and an optional detector."""
+
+    #: Label in the report; default: the stage specs joined with " + ".
+    name: str | None = None
+    stages: list[str] = Field(default_factory=list)
+    detector: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        from adv.defenses.registry import get_defense, resolve
+
+        if not self.stages and not self.detector:
+            raise ValueError("a defense needs at least one stage or a detector")
+        for i, spec in enumerate(self.stages):
+            try:
+                name, _ = resolve(spec)
+                if get_defense(name).kind == "detector":
+                    raise ConfigError(f"{name!r} is a detector; put it under detector:")
+            except ConfigError as exc:
+                raise ValueError(f"stages[{i}]: {exc}") from None
+        if self.detector:
+            try:
+                name, _ = resolve(self.detector)
+                if get_defense(name).kind != "detector":
+                    raise ConfigError(f"{name!r} is not a detector")
+            except ConfigError as exc:
+                raise ValueError(f"detector: {exc}") from None
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or " + ".join([*self.stages, *([f"detector {self.detector}"] if self.detector else [])])
+
+
+def _parse_eps(v: Any) -> float:
+    """A number, ``"inf"``, or a fraction such as ``"8/255"``."""
+    if isinstance(v, bool):
+        raise ValueError(f"eps must be a number, got {v!r}")
+    if isinstance(v, str):
+        text = v.strip().lower()
+        try:
+            v = math.inf if text in ("inf", "infinity") else float(Fraction(text))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"eps must be a number, 'inf' or a fraction like '8/255', got {v!r}") from None
+    if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+        raise ValueError(f"eps must be >= 0, got {v!r}")
+    return float(v)
+
+
+class AttackConfig(_Strict):
+    name: str
+    #: Budgets of the grid; numbers, "inf" (minimal attacks only) or fractions like "8/255".
+    eps: list[float]
+    #: Iteration budgets of the grid (``steps``, or ``queries`` for Square); omit for one-step attacks.
+    steps: list[int] | None = None
+    norm: str = "linf"
+    #: Other hyperparameters, passed to the attack unchanged (``get_attack(name).defaults`` lists them).
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _eps(cls, v):
+        values = v if isinstance(v, list) else [v]
+        if not values:
+            raise ValueError("eps needs at least one value")
+        return [_parse_eps(x) for x in values]
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, v):
+        if v is None:
+            return v
+        values = v if isinstance(v, list) else [v]
+        if not values or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in values):
+            raise ValueError(f"steps must be one or more integers >= 1, got {v!r}")
+        return values
+
+    @model_validator(mode="after")
+    def _against_registry(self):
+        from adv.attacks import get_attack
+
+        try:
+            spec = get_attack(self.name)
+        except ValueError as exc:
+            raise ValueError(f"name: {exc}") from None
+        if self.norm not in spec.norms:
+            raise ValueError(f"norm: {self.name} supports {list(spec.norms)}, got {self.norm!r}")
+        if any(math.isinf(e) for e in self.eps) and not spec.minimal:
+            raise ValueError(f"eps: 'inf' is only for minimal-perturbation attacks, not {self.name}")
+        if self.steps is not None and self.budget_param(spec) is None:
+            raise ValueError(f"steps: {self.name} has no iteration budget (omit steps)")
+        reserved = {"eps", "norm", "targeted", "y_target", "seed", *BUDGET_PARAMS} & set(self.params)
+        if reserved:
+            raise ValueError(f"params: {sorted(reserved)} are set by the grid or the run, not params")
+        unknown = [k for k in self.params if not spec.accepts(k)]
+        if unknown:
+            raise ValueError(f"params: {self.name} has no hyperparameter(s) {unknown}; "
+                             f"it takes {sorted(spec.defaults)}")
+        return self
+
+    @staticmethod
+    def budget_param(spec) -> str | None:
+        return next((p for p in BUDGET_PARAMS if p in spec.defaults), None)
+
+
+class ResourcesConfig(_Strict):
+    #: Fixed actor-pool size (pin it to the number of GPUs on GPU clusters, Ray issue #59144).
+    actors: int = Field(2, ge=1)
+    #: GPUs per actor; 0 on CPU-only machines (a GPU request there would wait forever).
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+    #: Examples per attack call (and per Ray Data batch); also the unit of seeding.
+    batch_size: int = Field(64, ge=1)
+    #: Ray address; null = ``$RAY_ADDRESS`` if set, else an embedded local cluster.
+    address: str | None = None
+    #: CPUs of the embedded local cluster (ignored when connecting to one); null = all.
+    local_cpus: int | None = Field(None, ge=1)
+    #: Object-store bytes of the embedded local cluster; null = Ray's default.
+    object_store_memory: int | None = Field(None, ge=75 * 2**20)
+
+
+class OutputConfig(_Strict):
+    #: Local folder or a pyarrow filesystem URI (``s3://bucket/prefix``); a run writes to PATH/<config hash>.
+    path: str = "runs/eval"
+
+
+class ReportConfig(_Strict):
+    #: Examples in the example and Grad-CAM grids.
+    examples: int = Field(4, ge=1, le=32)
+    #: Attention-IoU cell counts (seed 004 Table 3).
+    iou_cells: list[int] = Field(default_factory=lambda: [5, 10, 20, 30])
+    #: Perturbation magnification in the example grid (seed 003: x30).
+    magnify: float = Field(30.0, gt=0)
+
+
+class EvalConfig(_Strict):
+    """Everything one evaluation run needs; ``run_key()`` hashes what determines its results."""
+
+    name: str = "eval"
+    #: Seed of the randomized attacks (per batch: combined with the batch index).
+    seed: int = 0
+    dataset: DatasetConfig | None = None
+    model: ModelConfig | None = None
+    #: Defended models; the undefended classifier is always evaluated too, as "none".
+    defenses: list[DefenseConfig] = Field(default_factory=list)
+    attacks: list[AttackConfig] = Field(default_factory=list)
+    #: Also attack each defended model directly (BPDA/EOT for white-box attacks, queries for black-box).
+    adaptive: bool = True
+    features: list[Literal["logits", "penultimate", "gradcam"]] = Field(default_factory=lambda: ["logits", "gradcam"])
+    #: Keep adversarial images in the Parquet store (needed to reuse them and for the example grid).
+    store_images: bool = True
+    #: Deterministic shards of the dataset: the unit of resume.
+    shards: int = Field(8, ge=1)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    #: A finished run whose stored adversarial examples are re-evaluated on ``defenses``
+    #: (the non-adaptive track) without regenerating attacks.
+    reuse_from: str | None = None
+
+    @field_validator("defenses", mode="before")
+    @classmethod
+    def _defense_shorthand(cls, v):
+        # "dwt:wavelet=haar" or ["dwt", "initial_ae:..."] are one-line defenses.
+        if not isinstance(v, list):
+            return v
+        return [{"stages": [d]} if isinstance(d, str) else {"stages": d} if isinstance(d, list) else d for d in v]
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.reuse_from:
+            given = [k for k in ("dataset", "model") if getattr(self, k) is not None] + (["attacks"] if self.attacks else [])
+            if given:
+                raise ValueError(f"{given[0]}: omit it with reuse_from (the stored run's {given[0]} is reused)")
+            if self.adaptive:
+                raise ValueError("adaptive: must be false with reuse_from (adaptive attacks are regenerated "
+                                 "per defense; stored sets serve the non-adaptive track)")
+            if not self.defenses:
+                raise ValueError("defenses: reuse_from needs at least one defense to evaluate")
+            return self
+        if self.dataset is None:
+            raise ValueError("dataset: required (or reuse_from: RUN_DIR)")
+        if self.model is None:
+            raise ValueError("model: required (or reuse_from: RUN_DIR)")
+        if not self.attacks:
+            raise ValueError("attacks: give at least one attack")
+        labels = [d.label for d in self.defenses]
+        dup = next((x for x in labels if labels.count(x) > 1 or x == "none"), None)
+        if dup:
+            raise ValueError(f"defenses: label {dup!r} is used twice or reserved; set name: on one of them")
+        if self.dataset.n is not None and self.dataset.n < self.shards:
+            raise ValueError(f"shards: {self.shards} shards for {self.dataset.n} examples; use at most n shards")
+        return self
+
+    def run_key(self) -> str:
+        """sha256 of what determines the results; resources, output and report options are left out."""
+        data = self.model_dump(mode="json", exclude={"resources", "output", "report", "name"})
+        data["batch_size"] = self.resources.batch_size  # the unit of per-batch seeding
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_validation_error(exc: ValidationError, source: str = "") -> str:
+    """The first error as ``key.path: message (got value)``."""
+    err = exc.errors()[0]
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[", "tagged-")))]
+    msg = err["msg"].removeprefix("Value error, ")
+    key = _loc(tuple(loc))
+    # Model-level validators put the key at the start of their message ("eps: ...").
+    if ":" in msg.split(" ")[0] and key:
+        key, msg = f"{key}.{msg.split(':', 1)[0]}", msg.split(":", 1)[1].strip()
+    elif ":" in msg.split(" ")[0]:
+        key, msg = msg.split(":", 1)[0], msg.split(":", 1)[1].strip()
+    got = err.get("input")
+    extra = f" (got {got!r})" if err["type"] not in ("value_error", "missing") and not isinstance(got, (dict, list)) else ""
+    if err["type"] == "extra_forbidden":
+        msg, extra = "unknown key", ""
+    prefix = f"{source}: " if source else ""
+    return f"{prefix}{key or 'config'}: {msg}{extra}"
+
+
+def parse_config(data: Any, source: str = "") -> EvalConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    try:
+        return EvalConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None, drop: tuple[str, ...] = ()) -> EvalConfig:
+    """Read and validate a YAML config; ``overrides`` replace top-level keys, ``drop`` removes some."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config is empty")
+    if isinstance(data, dict):
+        data = {k: v for k, v in {**data, **(overrides or {})}.items() if k not in drop}
+    return parse_config(data, str(path))
+
+
+__all__ = ["AdvError", "ConfigError", "EvalConfig", "FEATURES", "load_config", "parse_config"]

@@ -1,0 +1,429 @@
+"""Distributed adversarial evaluation on Ray Data: attacks in an actor pool, a Parquet store, the report.
+
+    python -m jobs.evaluate --config jobs/configs/default.yaml [--out DIR] [--reuse RUN_DIR]
+    ray job submit --working-dir . -- python -m jobs.evaluate --config jobs/configs/gpu-cluster.yaml
+
+The same job runs on an embedded local Ray (laptop) and on a cluster (set
+``RAY_ADDRESS`` or ``resources.address``); only the config changes. Stages:
+
+1. the dataset becomes a ``ray.data.Dataset`` of the shards not yet finished
+   (:mod:`jobs.sources`);
+2. ``map_batches`` (in-memory sets) or ``groupby("chunk").map_groups`` (file
+   sources) runs :class:`adv.pipeline.BatchEvaluator` in an
+   ``ActorPoolStrategy(size=N)`` pool; each actor builds its models once
+   through the injected ``loader``;
+3. result blocks stream back to the driver, which commits each shard as one
+   Parquet file plus a done marker (:mod:`jobs.store`) the moment its last row
+   arrives, so an interrupted run resumes where it stopped;
+4. :func:`adv.report.write_report` turns the stored rows into report.md,
+   results.json and figures.
+
+``--reuse RUN_DIR`` (or ``reuse_from:``) evaluates new defenses on the stored
+non-adaptive adversarials of a finished run without regenerating them;
+:func:`evaluate_stored` is the same for a Ray Tune trainable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from adv.errors import AdvError, ConfigError
+from adv.pipeline import NONE, BatchEvaluator, GridPoint, ModelLoader, Plan, StoredEvaluator
+from jobs.config import AttackConfig, EvalConfig, load_config, parse_config
+from jobs.sources import Layout, make_source
+from jobs.store import RunStore
+
+#: Columns the report reads for every row (images, features and logits are read selectively).
+SCALAR_COLUMNS = ("index", "label", "shard", "defense", "track", "grid", "attack", "attack_key", "norm", "eps",
+                  "steps", "queries", "gen_seconds", "l0", "l2", "linf", "mse", "ssim", "psnr", "pred", "correct",
+                  "detected", "robust", "success")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by ``run(..., fault_after_shards=k)``: simulates a crash after k committed shards."""
+
+
+def log(msg: str) -> None:
+    print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+
+
+# --- config -> plan, loader --------------------------------------------------------------------
+def build_plan(cfg: EvalConfig) -> Plan:
+    from adv.attacks import get_attack
+
+    grid = []
+    for a in cfg.attacks:
+        budget = AttackConfig.budget_param(get_attack(a.name))
+        for eps in a.eps:
+            for steps in (a.steps or [None]):
+                grid.append(GridPoint(a.name, eps, a.norm, steps, budget if steps is not None else None,
+                                      tuple(sorted(a.params.items()))))
+    return Plan(tuple(grid), adaptive=cfg.adaptive, features=tuple(cfg.features),
+                store_images=cfg.store_images, seed=cfg.seed)
+
+
+def build_loader(cfg: EvalConfig) -> ModelLoader:
+    m = cfg.model
+    return ModelLoader(checkpoint=m.checkpoint, arch=m.arch, weights=m.weights,
+                       defenses=tuple((d.label, tuple(d.stages), d.detector) for d in cfg.defenses))
+
+
+def rows_per_example(plan: Plan, n_defenses: int) -> int:
+    models = 1 + n_defenses
+    return models + len(plan.grid) * models + (len(plan.grid) * n_defenses if plan.adaptive else 0)
+
+
+# --- Ray ------------------------------------------------------------------------------------------
+def init_ray(cfg: EvalConfig) -> None:
+    """Connect to ``resources.address`` / ``$RAY_ADDRESS``, else start an embedded local cluster."""
+    import ray
+
+    if ray.is_initialized():  # a caller (a test session, a Tune trial) owns the connection
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    res = cfg.resources
+    address = res.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log(f"connecting to the Ray cluster at {address}")
+        ray.init(address=address, log_to_driver=True)
+    else:
+        need = int(np.ceil(res.actors * res.cpus_per_actor)) + 1  # + 1: other stages (Ray issue #44687)
+        cpus = res.local_cpus or max(os.cpu_count() or 1, need)
+        log(f"starting an embedded local Ray cluster ({cpus} logical CPUs)")
+        ray.init(num_cpus=cpus, object_store_memory=res.object_store_memory, include_dashboard=False)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("ADV_NO_PROGRESS") != "1"
+
+
+def attack_stage(ds, grouped: bool, udf, kwargs: dict, cfg: EvalConfig):
+    """The actor-pool stage; GPU requests stay configurable down to 0 (resources.gpus_per_actor)."""
+    import ray
+
+    res = cfg.resources
+    common = dict(
+        compute=ray.data.ActorPoolStrategy(size=res.actors),
+        fn_constructor_kwargs={**kwargs, "threads": max(1, int(res.cpus_per_actor))},
+        num_cpus=res.cpus_per_actor,
+        num_gpus=res.gpus_per_actor,
+    )
+    if grouped:
+        return ds.groupby("chunk").map_groups(udf, batch_format="numpy", **common)
+    return ds.map_batches(udf, batch_size=res.batch_size, batch_format="numpy", **common)
+
+
+# --- the run ----------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    run_dir: str
+    key: str
+    #: Shards this invocation computed, and those a previous one had finished.
+    computed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    report: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    import ray
+    import torch
+
+    import adv
+
+    return {"adv": adv.__version__, "ray": ray.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def open_run(cfg: EvalConfig, out: str | None) -> RunStore:
+    """The run folder: ``out``, or ``output.path/<name>-<key>``; a folder of another config is refused."""
+    key = cfg.run_key()
+    uri = out or f"{cfg.output.path.rstrip('/')}/{cfg.name}-{key[:12]}"
+    store = RunStore(uri)
+    if store.exists("run.json"):
+        found = store.read_json("run.json").get("key")
+        if found != key:
+            raise ConfigError(f"--out: {uri} holds a run of another config (key {str(found)[:12]}, this config "
+                              f"{key[:12]}); choose another folder")
+    else:
+        store.write_json("run.json", {"key": key, "config": cfg.model_dump(mode="json"), "versions": versions(),
+                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return store
+
+
+def get_layout(store: RunStore, make) -> Layout:
+    if store.exists("layout.json"):
+        return Layout(**store.read_json("layout.json"))
+    layout = make()
+    store.write_json("layout.json", layout.to_json())
+    return layout
+
+
+def preflight(loader, plan: Plan, input_size, num_labels: int):
+    """Build the models once on the driver and score two dummy inputs: config errors surface here, clearly."""
+    import torch
+
+    from adv.pipeline import _Scorer
+
+    try:
+        scorer = _Scorer(loader, plan, device="cpu")
+    except (AdvError, ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"model/defenses: {exc}") from None
+    model_size = tuple(getattr(scorer.classifier, "input_size", input_size))
+    if input_size is not None and tuple(input_size) != model_size:
+        raise ConfigError(f"dataset: images are {'x'.join(map(str, input_size))} but the model expects "
+                          f"{'x'.join(map(str, model_size))}")
+    k = getattr(scorer.classifier, "num_classes", num_labels)
+    if num_labels > k:
+        raise ConfigError(f"dataset: labels go up to {num_labels - 1} but the model has {k} classes")
+    x = torch.rand(2, *model_size)
+    y = torch.zeros(2, dtype=torch.long)
+    for label in scorer.labels():
+        try:
+            scorer.score(label, x, y, None)
+        except (AdvError, ValueError, NotImplementedError, AttributeError) as exc:
+            raise ConfigError(f"defenses: {label!r} cannot be evaluated with features {list(plan.features)}: "
+                              f"{exc}") from None
+    return model_size
+
+
+def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: int | None, attempt: int) -> list[int]:
+    """Stream result blocks, commit each shard when complete; returns the shards committed."""
+    expected = {k: n * per_example for k, n in enumerate(layout.examples_per_shard())}
+    buffers: dict[int, list[pa.Table]] = {}
+    counts: dict[int, int] = {}
+    committed: list[int] = []
+    t0 = time.perf_counter()
+    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+        shard_col = block.column("shard").to_numpy()
+        for k in np.unique(shard_col).tolist():
+            part = block.filter(pa.array(shard_col == k))
+            buffers.setdefault(k, []).append(part)
+            counts[k] = counts.get(k, 0) + part.num_rows
+            if counts[k] > expected[k]:
+                raise RuntimeError(f"shard {k}: {counts[k]} rows, expected {expected[k]} (duplicate batches?)")
+            if counts[k] == expected[k]:
+                table = pa.concat_tables(buffers.pop(k)).sort_by(
+                    [("index", "ascending"), ("track", "ascending"), ("defense", "ascending"), ("grid", "ascending")])
+                store.commit_shard(k, table, {"attempt": attempt})
+                committed.append(k)
+                log(f"shard {k} committed ({table.num_rows} rows, {len(committed)} this attempt, "
+                    f"{time.perf_counter() - t0:.1f} s)")
+                if fault_after is not None and len(committed) >= fault_after:
+                    raise InjectedFault(f"injected fault after {len(committed)} shard(s)")
+    incomplete = {k: (counts.get(k, 0), expected[k]) for k in buffers}
+    if incomplete:
+        raise RuntimeError(f"shards {sorted(incomplete)} did not receive all rows: {incomplete}")
+    return committed
+
+
+def run(cfg: EvalConfig, out: str | None = None, *, loader=None, fault_after_shards: int | None = None,
+        report: bool = True) -> RunResult:
+    """Run (or resume) the evaluation ``cfg`` describes; ``loader`` replaces the config's model loader."""
+    if cfg.reuse_from:
+        return _run_reuse(cfg, out, loader=loader, fault_after_shards=fault_after_shards, report=report)
+    store = open_run(cfg, out)
+    log(f"run {store.uri} (key {cfg.run_key()[:12]})")
+    plan = build_plan(cfg)
+    loader = loader or build_loader(cfg)
+    source = make_source(cfg.dataset)
+    data = getattr(source, "data", None)
+    input_size = preflight(loader, plan, data.input_size if data is not None else None,
+                           data.num_classes if data is not None else 0)
+    init_ray(cfg)
+    layout = get_layout(store, lambda: source.layout(cfg.shards, cfg.resources.batch_size))
+    per_example = rows_per_example(plan, len(cfg.defenses))
+    kwargs = {"loader": loader, "plan": plan, "device": "auto"}
+    return _execute(cfg, store, layout, per_example, fault_after_shards, report,
+                    lambda pending: attack_stage(source.dataset(layout, pending, input_size), source.grouped,
+                                                 BatchEvaluator, kwargs, cfg))
+
+
+def _execute(cfg, store: RunStore, layout: Layout, per_example: int, fault_after, report: bool, make_ds) -> RunResult:
+    done = store.finished(layout.shards)
+    pending = [k for k in range(layout.shards) if k not in done]
+    attempt = len(_attempts(store)) + 1
+    result = RunResult(store.uri, cfg.run_key(), skipped=done)
+    if done:
+        log(f"resuming: {len(done)}/{layout.shards} shards already finished, {len(pending)} to go")
+    t0 = time.perf_counter()
+    committed: list[int] = []
+    try:
+        if pending:
+            n_pending = int(sum(layout.examples_per_shard()[k] for k in pending))
+            log(f"evaluating {n_pending} examples in {len(pending)} shard(s) on {cfg.resources.actors} actor(s)")
+            committed = collect(make_ds(pending), store, layout, per_example, fault_after, attempt)
+    finally:
+        wall = time.perf_counter() - t0
+        examples = int(sum(layout.examples_per_shard()[k] for k in committed))
+        store.write_json(f"attempts/{attempt:04d}.json", {
+            "attempt": attempt, "shards": committed, "examples": examples, "wall_seconds": wall,
+            "images_per_second": examples / wall if wall > 0 and examples else None,
+            "finished": sorted(set(done) | set(committed)) == list(range(layout.shards)),
+            "actors": cfg.resources.actors, "gpus_per_actor": cfg.resources.gpus_per_actor,
+        })
+    result.computed = committed
+    if report:
+        result.report, result.summary = write_run_report(store, cfg, layout)
+    return result
+
+
+def _attempts(store: RunStore) -> list[dict]:
+    import pyarrow.fs as pafs
+
+    if not store.exists("attempts"):
+        return []
+    infos = store.fs.get_file_info(pafs.FileSelector(store.path("attempts")))
+    names = sorted(i.base_name for i in infos if i.base_name.endswith(".json"))
+    return [store.read_json(f"attempts/{n}") for n in names]
+
+
+# --- reuse of stored adversarial sets ------------------------------------------------------------
+def _stored_run(uri: str) -> tuple[RunStore, EvalConfig, Layout]:
+    stored = RunStore(uri)
+    if not stored.exists("run.json") or not stored.exists("layout.json"):
+        raise ConfigError(f"reuse_from: {uri} is not a run folder (no run.json/layout.json)")
+    cfg = parse_config(stored.read_json("run.json")["config"], f"{uri}/run.json")
+    if cfg.reuse_from:
+        cfg = _stored_run(cfg.reuse_from)[1]
+    layout = Layout(**stored.read_json("layout.json"))
+    done = stored.finished(layout.shards)
+    if len(done) < layout.shards:
+        raise ConfigError(f"reuse_from: {uri} is unfinished ({len(done)}/{layout.shards} shards); "
+                          "rerun it to completion first")
+    if not cfg.store_images:
+        raise ConfigError(f"reuse_from: {uri} was run with store_images: false; it has no images to reuse")
+    return stored, cfg, layout
+
+
+def _run_reuse(cfg: EvalConfig, out, *, loader, fault_after_shards, report) -> RunResult:
+    import ray
+
+    stored, base, layout = _stored_run(cfg.reuse_from)
+    store = open_run(cfg, out)
+    log(f"run {store.uri}: {len(cfg.defenses)} defense(s) on the stored adversarials of {stored.uri}")
+    plan = Plan((), adaptive=False, features=tuple(base.features), store_images=True, seed=base.seed)
+    m = base.model
+    loader = loader or ModelLoader(checkpoint=m.checkpoint, arch=m.arch, weights=m.weights,
+                                   defenses=tuple((d.label, tuple(d.stages), d.detector) for d in cfg.defenses))
+    preflight(loader, plan, None, 0)
+    init_ray(cfg)
+    store.write_json("layout.json", layout.to_json())
+    per_example = (1 + len(build_plan(base).grid)) * (1 + len(cfg.defenses))
+    kwargs = {"loader": loader, "plan": plan, "device": "auto"}
+
+    def make_ds(pending):
+        from ray.data.expressions import col
+
+        ds = ray.data.read_parquet(stored.shard_paths(pending), filesystem=stored.fs)
+        ds = ds.filter(expr=(col("defense") == NONE) & (col("track") != "adaptive"))
+        return attack_stage(ds, True, StoredEvaluator, kwargs, cfg)
+
+    result = _execute(cfg, store, layout, per_example, fault_after_shards, report, make_ds)
+    return result
+
+
+def evaluate_stored(run_dir: str, defenses: list, out: str | None = None, **cfg_overrides) -> dict[str, Any]:
+    """Evaluate ``defenses`` (spec strings or ``{stages, detector, name}``) on a finished run's stored
+    non-adaptive adversarials; returns the summary (``results.json``). For Ray Tune trainables."""
+    cfg = parse_config({"reuse_from": run_dir, "adaptive": False, "defenses": defenses, **cfg_overrides})
+    return run(cfg, out=out).summary
+
+
+# --- report ---------------------------------------------------------------------------------------------
+def _to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    out = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if hasattr(column, "to_numpy_ndarray"):
+            out[name] = column.to_numpy_ndarray()
+        elif hasattr(column.type, "shape"):  # ray tensor extension
+            out[name] = column.to_numpy()
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
+def load_rows(store: RunStore, layout: Layout, examples: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """All rows' scalar columns (+ Grad-CAM maps), and every column of the first ``examples`` examples."""
+    import pyarrow.compute as pc
+
+    import ray.data  # noqa: F401  (registers the tensor extension types with pyarrow)
+
+    shards = list(range(layout.shards))
+    names = store.schema(shards[0]).names
+    cols = [c for c in (*SCALAR_COLUMNS, "cam") if c in names]
+    table = store.read_table(shards, columns=cols)
+    first = store.read_table([0])
+    first = first.filter(pc.less(first.column("index"), examples))
+    return _to_numpy(table), _to_numpy(first)
+
+
+def write_run_report(store: RunStore, cfg: EvalConfig, layout: Layout) -> tuple[str, dict]:
+    from adv.report import write_report
+
+    log("writing the report")
+    rows, examples = load_rows(store, layout, cfg.report.examples)
+    run_info = store.read_json("run.json")
+    meta = {
+        "name": cfg.name, "key": run_info["key"], "run_dir": store.uri, "config": run_info["config"],
+        "versions": versions(), "seeds": {"dataset": cfg.dataset.seed if cfg.dataset else None, "attacks": cfg.seed},
+        "attempts": _attempts(store), "layout": {"n": layout.n, "shards": layout.shards, "chunk_size": layout.chunk_size,
+                                                   "source": layout.source, "classes": layout.classes},
+        "skipped": layout.skipped, "reuse_from": cfg.reuse_from,
+        "report": cfg.report.model_dump(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        local = store.local_dir() or Path(tmp)
+        summary = write_report(rows, examples, meta, local)
+        if store.local_dir() is None:
+            store.put_folder(tmp)
+    path = store.path("report.md") if store.local else f"{store.uri.rstrip('/')}/report.md"
+    return path, summary
+
+
+# --- entrypoint ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (docs/pipeline.md lists the keys)")
+    parser.add_argument("--out", help="run folder or URI (default: output.path/<name>-<config hash>)")
+    parser.add_argument("--reuse", metavar="RUN_DIR", help="evaluate the config's defenses on this finished run's "
+                                                           "stored adversarials (same as reuse_from:)")
+    args = parser.parse_args(argv)
+    try:
+        if args.reuse:  # the stored run's dataset, model and attacks are reused
+            cfg = load_config(args.config, {"reuse_from": args.reuse, "adaptive": False},
+                              drop=("dataset", "model", "attacks"))
+        else:
+            cfg = load_config(args.config)
+        result = run(cfg, out=args.out)
+    except AdvError as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evaluate: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a failed Ray task: one line, the cause, and where the logs are
+        if type(exc).__module__.startswith("ray"):
+            cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            print(f"evaluate: error: the Ray pipeline failed: {cause} (finished shards are kept; "
+                  "rerun to resume; worker logs under /tmp/ray/session_latest/logs)", file=sys.stderr)
+            return 1
+        raise
+    print(result.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
