@@ -1,0 +1,25 @@
+"""Adversarial attacks: one pure function per file, registered by name.
+
+White-box: ``attack(model, x, y, *, eps, norm="linf", targeted=False, y_target=None, **hyper) -> x_adv``.
+Query-based: ``attack(oracle, x, y, *, eps, ...) -> (x_adv, n_queries)``.
+Images are in [0, 1], NCHW; the model owns its normalization. See
+``list_attacks()`` and ``get_attack(name)`` for the registry and metadata.
+"""
+
+from adv.attacks.registry import AttackSpec, get_attack, list_attacks, register_attack
+from adv.attacks.oracle import QueryOracle
+from adv.attacks.fgsm import fgsm
+from adv.attacks.pgd import pgd
+from adv.attacks.bim import bim
+from adv.attacks.stepll import iter_stepll, stepll
+from adv.attacks.deepfool import deepfool
+from adv.attacks.cw import cw
+from adv.attacks.apgd import apgd
+from adv.attacks.a3 import a3
+from adv.attacks.square import square
+from adv.attacks.hopskipjump import hopskipjump
+
+__all__ = [
+    "AttackSpec", "QueryOracle", "a3", "apgd", "bim", "cw", "deepfool", "fgsm", "get_attack", "hopskipjump",
+    "iter_stepll", "list_attacks", "pgd", "register_attack", "square", "stepll",
+]

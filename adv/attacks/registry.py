@@ -1,0 +1,132 @@
+"""Decorator registry of attacks, with their metadata as data (after timm's ``_registry``).
+
+An ``AttackSpec`` is callable: ``get_attack("pgd")(model, x, y, eps=0.3)``
+calls the attack with the spec's default hyperparameters, which are read
+from the function's own keyword defaults (one source of truth) and may be
+overridden by a *variant* (``apgd_dlr`` is ``apgd`` with ``loss="dlr"``).
+
+Two families share one signature each:
+
+* ``whitebox``: ``fn(model, x, y, *, eps, norm, targeted, y_target, **hyper) -> x_adv``
+* ``query``: ``fn(oracle, x, y, *, eps, norm, ..., **hyper) -> (x_adv, n_queries)``,
+  where ``oracle`` is a :class:`~adv.attacks.oracle.QueryOracle` (a plain
+  model is wrapped into one) and ``n_queries`` is a (N,) tensor.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+FAMILIES = ("whitebox", "query")
+#: Arguments of the common signature; everything else is a hyperparameter.
+COMMON_ARGS = ("eps", "norm", "targeted", "y_target")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    fn: Callable = field(repr=False)
+    family: str
+    norms: tuple[str, ...]
+    targeted: bool
+    description: str
+    #: Hyperparameters and their defaults (the function's, updated by the variant).
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: Minimal-perturbation attacks (DeepFool, CW, HopSkipJump) accept eps=inf;
+    #: a finite eps is a budget their result is projected onto.
+    minimal: bool = False
+    #: What a query attack's oracle returns: "probs" (score-based) or "labels".
+    oracle: str | None = None
+    #: Uses random numbers (takes ``seed=``).
+    randomized: bool = False
+    #: Needs a convolutional layer (Grad-CAM) in the model.
+    needs_conv: bool = False
+
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        return tuple(self.defaults)
+
+    def __call__(self, model, x, y, **kwargs):
+        unknown = set(kwargs) - set(self.defaults) - set(COMMON_ARGS)
+        if unknown:
+            raise ValueError(f"attack {self.name!r} got unknown arguments {sorted(unknown)}; "
+                             f"it takes {sorted(self.defaults)}")
+        return self.fn(model, x, y, **{**self.defaults, **kwargs})
+
+    def accepts(self, name: str) -> bool:
+        return name in self.defaults or name in COMMON_ARGS
+
+
+_ATTACKS: dict[str, AttackSpec] = {}
+
+
+def _hyper_defaults(fn: Callable) -> dict[str, Any]:
+    sig = inspect.signature(fn)
+    return {
+        n: p.default
+        for n, p in sig.parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in COMMON_ARGS and p.default is not p.empty
+    }
+
+
+def register_attack(
+    name: str,
+    *,
+    family: str,
+    norms: tuple[str, ...],
+    targeted: bool,
+    description: str,
+    minimal: bool = False,
+    oracle: str | None = None,
+    needs_conv: bool = False,
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
+):
+    """Register an attack function under ``name`` (and variants: name -> default overrides)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+    def wrap(fn: Callable) -> Callable:
+        base = _hyper_defaults(fn)
+        for vname, overrides in {name: {}, **(variants or {})}.items():
+            if vname in _ATTACKS:
+                raise ValueError(f"attack {vname!r} registered twice")
+            bad = set(overrides) - set(base)
+            if bad:
+                raise ValueError(f"variant {vname!r} overrides unknown hyperparameters {sorted(bad)}")
+            _ATTACKS[vname] = AttackSpec(
+                name=vname, fn=fn, family=family, norms=tuple(norms), targeted=targeted,
+                description=description if vname == name else f"{description} ({_fmt(overrides)})",
+                defaults=MappingProxyType({**base, **overrides}), minimal=minimal, oracle=oracle,
+                randomized="seed" in base, needs_conv=needs_conv,
+            )
+        return fn
+
+    return wrap
+
+
+def _fmt(overrides: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+
+
+def get_attack(name: str) -> AttackSpec:
+    _load_all()
+    if name not in _ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; known: {', '.join(list_attacks())}")
+    return _ATTACKS[name]
+
+
+def list_attacks(pattern: str = "*", *, family: str | None = None) -> list[str]:
+    _load_all()
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return sorted(
+        n for n, s in _ATTACKS.items() if fnmatch.fnmatch(n, pattern) and (family is None or s.family == family)
+    )
+
+
+def _load_all() -> None:
+    import adv.attacks  # noqa: F401  (importing the package registers every attack)
