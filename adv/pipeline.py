@@ -42,6 +42,19 @@ FEATURES = ("logits", "penultimate", "gradcam")
 #: Columns every input batch carries (``image`` aside).
 KEY_COLUMNS = ("index", "label", "shard", "chunk")
 
+#: The result rows: column -> Arrow type as stored. Tensor columns are fixed-shape
+#: (ArrowTensorTypeV2); ``logits``/``features``/``cam`` only with those features,
+#: ``image`` only with ``store_images``. docs/parquet-schema.md explains each.
+ROW_SCHEMA = {
+    "index": "int64", "label": "int64", "shard": "int64", "chunk": "int64",
+    "defense": "string", "track": "string", "grid": "int32", "attack": "string", "attack_key": "string",
+    "norm": "string", "eps": "double", "steps": "int64", "queries": "int64", "gen_seconds": "double",
+    "l0": "float", "l2": "float", "linf": "float", "mse": "float", "ssim": "float", "psnr": "float",
+    "pred": "int64", "correct": "bool", "detected": "bool", "robust": "bool", "success": "bool",
+    "logits": "tensor float32 (K,)", "features": "tensor float32 (D,)", "cam": "tensor float32 (h, w)",
+    "image": "tensor float32 (C, H, W)",
+}
+
 
 @dataclass(frozen=True)
 class GridPoint:

@@ -151,7 +151,7 @@ def iou_entries(rows: dict[str, np.ndarray], cells: Sequence[int]) -> list[dict[
         index = rows["index"][r]
         was_ok = ok[defense][index]
         succeed, fail = was_ok & rows["success"][r], was_ok & ~rows["success"][r]
-        entry = {"defense": defense, "track": track, "attack_key": rows["attack_key"][r[0]],
+        entry = {"defense": defense, "track": track, "grid": int(_grid), "attack_key": rows["attack_key"][r[0]],
                  "n_succeed": int(succeed.sum()), "n_fail": int(fail.sum()), "cells": {}}
         a, b = torch.from_numpy(clean_cam[defense][index]), torch.from_numpy(np.asarray(rows["cam"][r]))
         for c in cells:
@@ -233,15 +233,27 @@ def masking_flags(entries: list[dict[str, Any]], margin: float = 0.02) -> list[d
     return flags
 
 
-def summarize(rows: dict[str, np.ndarray], cells: Sequence[int] = (5, 10, 20, 30)) -> dict[str, Any]:
-    entries = accuracy_entries(rows)
+TRACK_ORDER = {"clean": 0, "non-adaptive": 1, "adaptive": 2, "any": 3}
+
+
+def summarize(rows: dict[str, np.ndarray], cells: Sequence[int] = (5, 10, 20, 30),
+              defense_order: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything results.json holds about the rows; defenses listed "none" first, then in ``defense_order``."""
+    rank = {d: i for i, d in enumerate([NONE, *defense_order])}
+
+    def order(entries: list[dict]) -> list[dict]:
+        return sorted(entries, key=lambda e: (rank.get(e.get("defense", e.get("attacked")), len(rank)),
+                                              TRACK_ORDER.get(e["track"], 9), e.get("grid", 0), e.get("eps", 0)))
+
+    entries = order(accuracy_entries(rows))
+    clean = clean_accuracy(rows)
     return {
         "examples": int(len(np.unique(rows["index"]))),
-        "clean_accuracy": clean_accuracy(rows),
+        "clean_accuracy": dict(sorted(clean.items(), key=lambda kv: rank.get(kv[0], len(rank)))),
         "attacks": entries,
-        "worst_case": worst_case(rows),
-        "throughput": throughput(rows),
-        "attention_iou": iou_entries(rows, cells),
+        "worst_case": order(worst_case(rows)),
+        "throughput": order(throughput(rows)),
+        "attention_iou": order(iou_entries(rows, cells)),
         "masking_flags": masking_flags(entries),
     }
 
@@ -288,6 +300,11 @@ def plot_curves(summary: dict, path: Path) -> Path | None:
     return path
 
 
+def _namer(classes: Sequence[str] | None):
+    """Class name of an index; the index itself when the names do not cover it (a model with more classes)."""
+    return lambda i: classes[i] if classes and 0 <= i < len(classes) else str(i)
+
+
 def _show(ax, img: np.ndarray, title: str = "", color: str = "black") -> None:
     img = np.clip(img.transpose(1, 2, 0), 0, 1)
     ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1) if img.shape[-1] == 1 else ax.imshow(img)
@@ -320,7 +337,7 @@ def plot_examples(examples: dict[str, np.ndarray], path: Path, magnify: float = 
     if not grids:
         return None
     plt = _plt()
-    name = (lambda i: classes[i]) if classes else str
+    name = _namer(classes)
     idx = list(dict.fromkeys(examples["index"].tolist()))
     cols = 1 + 2 * len(grids)
     fig, axes = plt.subplots(len(idx), cols, figsize=(1.6 * cols, 1.7 * len(idx)), squeeze=False)
@@ -367,7 +384,7 @@ def plot_gradcam(examples: dict[str, np.ndarray], path: Path, classes: Sequence[
     from adv.explain.heatmaps import overlay
 
     plt = _plt()
-    name = (lambda i: classes[i]) if classes else str
+    name = _namer(classes)
     g = grids[0]
     defenses = [d for d in dict.fromkeys(examples["defense"].tolist()) if d != NONE]
     idx = list(dict.fromkeys(examples["index"].tolist()))
@@ -497,7 +514,7 @@ def write_report(rows: dict[str, np.ndarray], examples: dict[str, np.ndarray], m
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     opts = meta.get("report", {})
-    summary = summarize(rows, opts.get("iou_cells", (5, 10, 20, 30)))
+    summary = summarize(rows, opts.get("iou_cells", (5, 10, 20, 30)), meta.get("defenses", ()))
     classes = meta.get("layout", {}).get("classes")
     figures = {
         "curves": plot_curves(summary, out / "accuracy_vs_eps.png"),

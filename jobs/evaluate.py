@@ -198,12 +198,12 @@ def preflight(loader, plan: Plan, input_size, num_labels: int):
     return model_size
 
 
-def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: int | None, attempt: int) -> list[int]:
-    """Stream result blocks, commit each shard when complete; returns the shards committed."""
+def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: int | None, attempt: int,
+            committed: list[int]) -> None:
+    """Stream result blocks and commit each shard when complete, appending it to ``committed``."""
     expected = {k: n * per_example for k, n in enumerate(layout.examples_per_shard())}
     buffers: dict[int, list[pa.Table]] = {}
     counts: dict[int, int] = {}
-    committed: list[int] = []
     t0 = time.perf_counter()
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
         shard_col = block.column("shard").to_numpy()
@@ -225,7 +225,6 @@ def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: 
     incomplete = {k: (counts.get(k, 0), expected[k]) for k in buffers}
     if incomplete:
         raise RuntimeError(f"shards {sorted(incomplete)} did not receive all rows: {incomplete}")
-    return committed
 
 
 def run(cfg: EvalConfig, out: str | None = None, *, loader=None, fault_after_shards: int | None = None,
@@ -263,7 +262,7 @@ def _execute(cfg, store: RunStore, layout: Layout, per_example: int, fault_after
         if pending:
             n_pending = int(sum(layout.examples_per_shard()[k] for k in pending))
             log(f"evaluating {n_pending} examples in {len(pending)} shard(s) on {cfg.resources.actors} actor(s)")
-            committed = collect(make_ds(pending), store, layout, per_example, fault_after, attempt)
+            collect(make_ds(pending), store, layout, per_example, fault_after, attempt, committed)
     finally:
         wall = time.perf_counter() - t0
         examples = int(sum(layout.examples_per_shard()[k] for k in committed))
@@ -381,7 +380,7 @@ def write_run_report(store: RunStore, cfg: EvalConfig, layout: Layout) -> tuple[
         "versions": versions(), "seeds": {"dataset": cfg.dataset.seed if cfg.dataset else None, "attacks": cfg.seed},
         "attempts": _attempts(store), "layout": {"n": layout.n, "shards": layout.shards, "chunk_size": layout.chunk_size,
                                                    "source": layout.source, "classes": layout.classes},
-        "skipped": layout.skipped, "reuse_from": cfg.reuse_from,
+        "skipped": layout.skipped, "reuse_from": cfg.reuse_from, "defenses": [d.label for d in cfg.defenses],
         "report": cfg.report.model_dump(),
     }
     with tempfile.TemporaryDirectory() as tmp:
