@@ -73,10 +73,30 @@ def build_plan(cfg: EvalConfig) -> Plan:
                 store_images=cfg.store_images, seed=cfg.seed)
 
 
+def _abs(path: str | None) -> str | None:
+    """Local paths made absolute on the driver: actors need not share its working directory."""
+    return path if path is None or "://" in path else os.path.abspath(path)
+
+
+def _abs_spec(spec: str | None) -> str | None:
+    """A stage spec with its ``checkpoint=`` made absolute (other values untouched)."""
+    if spec is None or "checkpoint=" not in spec:
+        return spec
+    from adv.defenses import parse_defense_spec
+
+    name, params = parse_defense_spec(spec)
+    params["checkpoint"] = _abs(params["checkpoint"])
+    return name + ":" + ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def make_loader(model, defenses) -> ModelLoader:
+    return ModelLoader(checkpoint=_abs(model.checkpoint), arch=model.arch, weights=_abs(model.weights),
+                       defenses=tuple((d.label, tuple(_abs_spec(s) for s in d.stages), _abs_spec(d.detector))
+                                      for d in defenses))
+
+
 def build_loader(cfg: EvalConfig) -> ModelLoader:
-    m = cfg.model
-    return ModelLoader(checkpoint=m.checkpoint, arch=m.arch, weights=m.weights,
-                       defenses=tuple((d.label, tuple(d.stages), d.detector) for d in cfg.defenses))
+    return make_loader(cfg.model, cfg.defenses)
 
 
 def rows_per_example(plan: Plan, n_defenses: int) -> int:
@@ -313,9 +333,7 @@ def _run_reuse(cfg: EvalConfig, out, *, loader, fault_after_shards, report) -> R
     store = open_run(cfg, out)
     log(f"run {store.uri}: {len(cfg.defenses)} defense(s) on the stored adversarials of {stored.uri}")
     plan = Plan((), adaptive=False, features=tuple(base.features), store_images=True, seed=base.seed)
-    m = base.model
-    loader = loader or ModelLoader(checkpoint=m.checkpoint, arch=m.arch, weights=m.weights,
-                                   defenses=tuple((d.label, tuple(d.stages), d.detector) for d in cfg.defenses))
+    loader = loader or make_loader(base.model, cfg.defenses)
     preflight(loader, plan, None, 0)
     init_ray(cfg)
     store.write_json("layout.json", layout.to_json())
@@ -413,15 +431,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evaluate: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception as exc:  # a failed Ray task: one line, the cause, and where the logs are
-        if type(exc).__module__.startswith("ray"):
-            cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            print(f"evaluate: error: the Ray pipeline failed: {cause} (finished shards are kept; "
-                  "rerun to resume; worker logs under /tmp/ray/session_latest/logs)", file=sys.stderr)
-            return 1
-        raise
+    except Exception as exc:
+        msg = ray_failure(exc)
+        if msg is None:
+            raise
+        print(f"evaluate: error: {msg}", file=sys.stderr)
+        return 1
     print(result.report)
     return 0
+
+
+def ray_failure(exc: BaseException) -> str | None:
+    """One line for a failed Ray task (its root cause), or None for other exceptions (real bugs)."""
+    if not type(exc).__module__.startswith("ray"):
+        return None
+    cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return (f"the Ray pipeline failed: {cause} (finished shards are kept; rerun to resume; "
+            "worker logs under /tmp/ray/session_latest/logs)")
 
 
 if __name__ == "__main__":

@@ -1,52 +1,112 @@
-"""The README's main job: train the default model if needed, then evaluate it.
+"""The README's main job: train what the evaluation needs, evaluate on an embedded local Ray, print the report.
 
     make main        (== .venv/bin/python -m jobs.main)
+
+1. train the default model (``lenet`` on Fashion-MNIST, 2 epochs) unless the
+   config's ``model.checkpoint`` exists;
+2. train every learned defense stage whose ``checkpoint=`` file is missing
+   (on 10,000 training images, against the frozen classifier);
+3. run ``jobs.evaluate`` with ``jobs/configs/default.yaml`` (several attacks,
+   two defenses, the adaptive track) and print the report's path.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import time
 from pathlib import Path
 
-from adv.data import load_dataset
-from adv.errors import AdvError
-from adv.models import create_model, load_checkpoint
-from adv.train import TrainConfig, evaluate_accuracy, fit
+from adv.errors import AdvError, ConfigError
+from jobs.config import EvalConfig, load_config
 
-DEFAULT_RUN = Path("runs/main")
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+STAGE_TRAIN_N = 10_000
 
 
-def train_default(run_dir: Path, data_dir: str | None, download: bool) -> Path:
-    """Train ``lenet`` on Fashion-MNIST for 2 epochs unless a checkpoint exists."""
-    ckpt = run_dir / "fashion-mnist-lenet" / "model.pt"
+def log(msg: str) -> None:
+    print(f"[main] {msg}", file=sys.stderr, flush=True)
+
+
+def train_default(cfg: EvalConfig) -> Path:
+    """Train ``lenet`` on the config's dataset (Fashion-MNIST) for 2 epochs unless the checkpoint exists."""
+    from adv.data import load_dataset
+    from adv.models import create_model
+    from adv.train import TrainConfig, evaluate_accuracy, fit
+
+    ckpt = Path(cfg.model.checkpoint)
     if ckpt.is_file():
-        print(f"[main] using existing checkpoint {ckpt}", file=sys.stderr)
+        log(f"using existing checkpoint {ckpt}")
         return ckpt
-    train = load_dataset("fashion-mnist", split="train", root=data_dir, download=download)
-    test = load_dataset("fashion-mnist", split="test", root=data_dir, download=download)
+    d = cfg.dataset
+    train = load_dataset(d.name, split="train", root=d.root, download=d.download)
+    test = load_dataset(d.name, split="test", root=d.root, download=d.download)
     model = create_model("lenet", num_classes=train.num_classes, input_size=train.input_size)
-    print(f"[main] training lenet on Fashion-MNIST ({len(train)} images, 2 epochs)", file=sys.stderr)
+    log(f"training lenet on {d.name} ({len(train)} images, 2 epochs) -> {ckpt}")
     fit(model, train, test, TrainConfig(epochs=2), out_dir=ckpt.parent)
+    log(f"test accuracy {evaluate_accuracy(model, test):.4f}")
     return ckpt
 
 
+def train_stages(cfg: EvalConfig) -> list[Path]:
+    """Train each learned stage whose ``checkpoint=`` file is missing, and save it there."""
+    from adv.data import load_dataset
+    from adv.defenses import create_defense, get_defense, save_stage
+    from adv.defenses.registry import resolve
+    from adv.models import load_checkpoint
+
+    written = []
+    for defense in cfg.defenses:
+        for spec in [*defense.stages, *([defense.detector] if defense.detector else [])]:
+            name, params = resolve(spec)
+            path = getattr(params, "checkpoint", None)
+            if not get_defense(name).learned or path is None or Path(path).is_file():
+                continue
+            d = cfg.dataset
+            train = load_dataset(d.name, split="train", n=STAGE_TRAIN_N, seed=d.seed, root=d.root,
+                                 download=d.download)
+            classifier, _ = load_checkpoint(cfg.model.checkpoint)
+            raw = {k: v for k, v in params.model_dump().items() if k != "checkpoint"}
+            log(f"training defense stage {name} on {len(train)} images -> {path}")
+            stage = create_defense((name, raw), classifier=classifier, data=train)
+            save_stage(path, stage, meta={"dataset": train.name, "n": len(train), "classifier": cfg.model.checkpoint})
+            written.append(Path(path))
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--run-dir", default=str(DEFAULT_RUN))
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--download", action="store_true", help="allow torchvision downloads")
+    parser = argparse.ArgumentParser(prog="python -m jobs.main", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="evaluation config (default: %(default)s)")
+    parser.add_argument("--out", help="run folder (default: output.path/<name>-<config hash>)")
     args = parser.parse_args(argv)
+    t0 = time.perf_counter()
     try:
-        ckpt = train_default(Path(args.run_dir), args.data_dir, args.download)
-        model, meta = load_checkpoint(ckpt)
-        test = load_dataset("fashion-mnist", split="test", root=args.data_dir, download=args.download)
-        acc = evaluate_accuracy(model, test)
+        cfg = load_config(args.config)
+        if cfg.reuse_from or not cfg.model.checkpoint:
+            raise ConfigError(f"{args.config}: the main job needs model.checkpoint (trained when missing)")
+        train_default(cfg)
+        train_stages(cfg)
+        from jobs.evaluate import run
+
+        result = run(cfg, out=args.out)
     except AdvError as exc:
         print(f"main: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"checkpoint": str(ckpt), "test_acc": acc}))
+    except KeyboardInterrupt:
+        print("main: interrupted; rerun to resume (finished shards are kept)", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from jobs.evaluate import ray_failure
+
+        msg = ray_failure(exc)
+        if msg is None:
+            raise
+        print(f"main: error: {msg}", file=sys.stderr)
+        return 1
+    acc = result.summary.get("clean_accuracy", {})
+    log(f"done in {time.perf_counter() - t0:.0f} s; clean accuracy " +
+        ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+    print(result.report)
     return 0
 
 
