@@ -1,0 +1,127 @@
+"""The report (adv.report) on hand-made rows: the arithmetic, the flags, the files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from adv.report import masking_flags, summarize, write_report
+
+N = 4  # examples
+
+
+def _rows(spec: dict) -> dict[str, np.ndarray]:
+    """``spec[(defense, track, grid)] = (attack, eps, robust per example)``; clean rows use grid -1."""
+    cols: dict[str, list] = {k: [] for k in ("index", "label", "shard", "defense", "track", "grid", "attack",
+                                             "attack_key", "norm", "eps", "steps", "queries", "gen_seconds",
+                                             "l0", "l2", "linf", "mse", "ssim", "psnr", "pred", "correct",
+                                             "detected", "robust", "success")}
+    clean = {d: r for (d, t, g), (_, _, r) in spec.items() if t == "clean"}
+    for (defense, track, grid), (attack, eps, robust) in spec.items():
+        for i, ok in enumerate(robust):
+            key = "clean" if track == "clean" else f"{attack} linf eps={eps:g}"
+            vals = dict(index=i, label=1, shard=0, defense=defense, track=track, grid=grid, attack=attack,
+                        attack_key=key, norm="" if track == "clean" else "linf", eps=eps,
+                        steps=10 if attack == "pgd" else -1, queries=100 if attack == "square" else -1,
+                        gen_seconds=0.5 if track != "clean" and (defense == "none" or track == "adaptive") else 0.0,
+                        l0=0.0, l2=0.0 if track == "clean" else 1.0, linf=eps, mse=0.0,
+                        ssim=1.0, psnr=math.inf if track == "clean" else 30.0, pred=1 if ok else 0,
+                        correct=bool(ok), detected=False, robust=bool(ok),
+                        success=track != "clean" and bool(clean[defense][i]) and not ok)
+            for k, v in vals.items():
+                cols[k].append(v)
+    return {k: np.array(v) for k, v in cols.items()}
+
+
+SPEC = {
+    ("none", "clean", -1): ("clean", 0.0, [1, 1, 1, 0]),
+    ("none", "non-adaptive", 0): ("fgsm", 0.1, [1, 0, 1, 1]),   # index 3 was wrong clean: never robust
+    ("none", "non-adaptive", 1): ("pgd", 0.1, [0, 1, 1, 0]),
+    ("dwt", "clean", -1): ("clean", 0.0, [1, 1, 1, 1]),
+    ("dwt", "non-adaptive", 0): ("fgsm", 0.1, [1, 1, 1, 1]),
+    ("dwt", "non-adaptive", 1): ("pgd", 0.1, [1, 1, 0, 1]),
+    ("dwt", "adaptive", 0): ("fgsm", 0.1, [1, 0, 1, 1]),
+    ("dwt", "adaptive", 1): ("pgd", 0.1, [0, 0, 1, 1]),
+}
+
+
+@pytest.fixture(scope="module")
+def summary():
+    return summarize(_rows(SPEC), cells=(), defense_order=["dwt"])
+
+
+def _acc(summary, defense, track, attack):
+    return next(e["robust_accuracy"] for e in summary["attacks"]
+                if (e["defense"], e["track"], e["attack"]) == (defense, track, attack))
+
+
+def test_clean_and_robust_accuracy_follow_autoattack(summary):
+    assert summary["clean_accuracy"] == {"none": 0.75, "dwt": 1.0}
+    assert list(summary["clean_accuracy"]) == ["none", "dwt"]  # undefended first
+    assert _acc(summary, "none", "non-adaptive", "fgsm") == 0.5  # index 3 counts as not robust
+    assert _acc(summary, "none", "non-adaptive", "pgd") == 0.5
+    assert _acc(summary, "dwt", "adaptive", "pgd") == 0.5
+    fgsm = next(e for e in summary["attacks"] if e["defense"] == "none" and e["attack"] == "fgsm")
+    assert fgsm["success_rate"] == pytest.approx(1 / 3)
+
+
+def test_worst_case_is_per_example_over_attacks_and_tracks(summary):
+    worst = {(w["defense"], w["track"]): w["robust_accuracy"] for w in summary["worst_case"]}
+    assert worst[("none", "non-adaptive")] == 0.25       # only index 2 survives fgsm and pgd
+    assert worst[("dwt", "non-adaptive")] == 0.75
+    assert worst[("dwt", "adaptive")] == 0.5
+    assert worst[("dwt", "any")] == 0.25                 # index 2 fails non-adaptive pgd, 0/1 fail adaptive
+    assert ("none", "any") not in worst
+
+
+def test_throughput_comes_from_generation_time(summary):
+    fgsm = next(t for t in summary["throughput"] if t["attack_key"].startswith("fgsm") and t["track"] == "non-adaptive")
+    assert fgsm["attacked"] == "none" and fgsm["images_per_second"] == pytest.approx(2.0)
+
+
+def test_flags_one_step_beating_iterative_and_eps_rises():
+    entries = [
+        {"defense": "d", "track": "adaptive", "grid": 0, "attack": "fgsm", "attack_key": "fgsm", "norm": "linf",
+         "eps": 0.1, "steps": -1, "robust_accuracy": 0.2},
+        {"defense": "d", "track": "adaptive", "grid": 1, "attack": "pgd", "attack_key": "pgd", "norm": "linf",
+         "eps": 0.1, "steps": 10, "robust_accuracy": 0.6},
+        {"defense": "d", "track": "adaptive", "grid": 2, "attack": "square", "attack_key": "square",
+         "norm": "linf", "eps": 0.1, "steps": 100, "robust_accuracy": 0.1},
+        {"defense": "d", "track": "adaptive", "grid": 3, "attack": "pgd", "attack_key": "pgd big", "norm": "linf",
+         "eps": 0.3, "steps": 10, "robust_accuracy": 0.7},
+        {"defense": "d", "track": "non-adaptive", "grid": 1, "attack": "pgd", "attack_key": "pgd", "norm": "linf",
+         "eps": 0.1, "steps": 10, "robust_accuracy": 0.9},
+        {"defense": "d", "track": "adaptive", "grid": 4, "attack": "deepfool", "attack_key": "deepfool inf",
+         "norm": "l2", "eps": math.inf, "steps": -1, "robust_accuracy": 0.3},
+    ]
+    names = {f["flag"] for f in masking_flags(entries)}
+    assert names == {"one-step beats iterative", "black-box beats white-box", "accuracy rises with eps",
+                     "adaptive attack much stronger", "unbounded attack does not reach 0%"}
+    assert masking_flags([e for e in entries if e["attack"] == "pgd" and e["track"] == "adaptive"
+                          and e["eps"] == 0.1]) == []
+
+
+def test_write_report_files_and_strict_json(tmp_path):
+    rows = _rows(SPEC)
+    rows["eps"] = np.where(rows["attack"] == "pgd", np.inf, rows["eps"])  # an unbounded attack in the table
+    examples = {**{k: v[rows["index"] < 2] for k, v in rows.items()}}
+    examples["image"] = np.random.default_rng(0).random((int((rows["index"] < 2).sum()), 1, 8, 8)).astype(np.float32)
+    meta = {"name": "t", "key": "abc", "versions": {"adv": "0"}, "seeds": {"attacks": 0},
+            "attempts": [{"attempt": 1, "shards": [0], "examples": 4, "wall_seconds": 2.0}],
+            "skipped": [["a/bad.jpg", "OSError: truncated"]], "layout": {"classes": ["zero", "one"]},
+            "report": {"iou_cells": [], "magnify": 30}, "defenses": ["dwt"]}
+    result = write_report(rows, examples, meta, tmp_path)
+    for name in ("report.md", "results.json", "accuracy_vs_eps.png", "examples.png"):
+        assert (tmp_path / name).is_file(), name
+    text = (tmp_path / "results.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    loaded = json.loads(text)
+    assert loaded["skipped"]["count"] == 1 and loaded["wall_seconds"] == 2.0
+    assert result["clean_accuracy"]["dwt"] == 1.0
+    report = (tmp_path / "report.md").read_text()
+    assert "| none | white-box | 75.0% |" in report
+    assert "skipped (corrupt or unreadable) images: 1" in report and "a/bad.jpg" in report
+    assert "Not computed: add `gradcam`" in report
