@@ -1,0 +1,139 @@
+"""Images/s through the Ray Data pipeline vs the same per-batch work in a single-process loop.
+
+    .venv/bin/python -m bench.pipeline [--n 1200] [--attack pgd --eps 0.1 --steps 10] [--actors 2]
+
+Both sides run :class:`adv.pipeline.BatchEvaluator` on the same Fashion-MNIST
+images with the same model and grid point:
+
+* **loop**: one process, torch using every core, chunks of ``--batch-size``;
+* **pipeline**: ``jobs.evaluate.run`` on an embedded local Ray cluster, an
+  actor pool of ``--actors`` actors with one core each, results streamed back
+  and committed as Parquet shards. Its time is the whole attack stage of the
+  run (actor start-up, scheduling, result transfer and Parquet writes
+  included), not only the attacks.
+
+The two are alternated ``--repeats`` times and the median of each is
+reported, with the ratio pipeline/loop (target >= 0.9 on one node).
+Prints a JSON line and a markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _checkpoint(tmp: Path) -> str:
+    """The main job's lenet if it exists, else a fresh lenet (throughput does not depend on the weights
+    for fixed-step attacks)."""
+    main_ckpt = Path("runs/main/fashion-mnist-lenet/model.pt")
+    if main_ckpt.is_file():
+        return str(main_ckpt.resolve())
+    from adv.models import create_model, save_checkpoint
+
+    return str(save_checkpoint(tmp / "lenet.pt", create_model("lenet", num_classes=10, input_size=(1, 28, 28))))
+
+
+def _config(args, ckpt: str, out: Path) -> dict:
+    attack = {"name": args.attack, "eps": [args.eps]}
+    if args.steps:
+        attack["steps"] = [args.steps]
+    return {
+        "name": "bench", "dataset": {"name": "fashion-mnist", "n": args.n, "seed": 0},
+        "model": {"checkpoint": ckpt}, "defenses": [], "attacks": [attack], "adaptive": False,
+        "features": [], "store_images": False, "shards": args.shards,
+        "resources": {"actors": args.actors, "cpus_per_actor": 1, "batch_size": args.batch_size},
+        "output": {"path": str(out)},
+    }
+
+
+def time_loop(cfg, threads: int) -> float:
+    """Seconds for the single-process loop over the same chunks the pipeline processes."""
+    from jobs.evaluate import build_loader, build_plan
+    from jobs.sources import MemorySource
+
+    from adv.pipeline import BatchEvaluator
+
+    data = MemorySource(cfg.dataset).data
+    ev = BatchEvaluator(build_loader(cfg), build_plan(cfg), device="cpu", threads=threads)
+    images, labels = data.images.numpy(), data.labels.numpy()
+    bs = cfg.resources.batch_size
+    t0 = time.perf_counter()
+    for start in range(0, len(labels), bs):
+        sl = slice(start, start + bs)
+        n = len(labels[sl])
+        ev({"image": images[sl], "label": labels[sl], "index": np.arange(start, start + n),
+            "shard": np.zeros(n, np.int64), "chunk": np.full(n, start // bs)})
+    return time.perf_counter() - t0
+
+
+def time_pipeline(cfg, out: str) -> float:
+    """Wall seconds of the pipeline's attack stage (from the run's attempt record)."""
+    from jobs.evaluate import run
+
+    result = run(cfg, out=out, report=False)
+    attempt = json.loads((Path(out) / "attempts" / "0001.json").read_text())
+    if not result.computed:
+        raise RuntimeError("the pipeline computed nothing")
+    return attempt["wall_seconds"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1200)
+    p.add_argument("--attack", default="pgd")
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("ADV_NO_PROGRESS", "1")
+    import ray
+    import torch
+
+    from jobs.config import parse_config
+
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cfg = parse_config(_config(args, _checkpoint(tmp), tmp / "runs"))
+        ray.init(num_cpus=max(cores, args.actors + 1), include_dashboard=False, log_to_driver=False)
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        loop, pipe = [], []
+        for r in range(args.repeats):
+            pipe.append(time_pipeline(cfg, str(tmp / f"run{r}")))
+            loop.append(time_loop(cfg, threads=cores))
+            print(f"[bench] repeat {r + 1}: pipeline {pipe[-1]:.1f} s, loop {loop[-1]:.1f} s", file=sys.stderr)
+        ray.shutdown()
+    torch.set_num_threads(cores)
+    t_loop, t_pipe = statistics.median(loop), statistics.median(pipe)
+    result = {
+        "n": args.n, "attack": f"{args.attack} eps={args.eps} steps={args.steps}", "batch_size": args.batch_size,
+        "actors": args.actors, "cores": cores, "repeats": args.repeats,
+        "loop_seconds": loop, "pipeline_seconds": pipe,
+        "loop_images_per_s": args.n / t_loop, "pipeline_images_per_s": args.n / t_pipe,
+        "ratio": t_loop / t_pipe, "load_average": os.getloadavg(),
+    }
+    print(json.dumps(result))
+    print(f"| {result['attack']} | {args.n} | {args.batch_size} | {result['loop_images_per_s']:.1f} "
+          f"({cores} threads) | {result['pipeline_images_per_s']:.1f} ({args.actors} actors x 1 core) "
+          f"| {result['ratio']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
