@@ -31,7 +31,8 @@ BASES = ("fgsm", "stepll", "pgd", "iter_stepll")
 @register_attack("a3", family="whitebox", norms=NORMS, targeted=False, needs_conv=True,
                  description="A3Attack: base attack loss + sigma * Grad-CAM attention deviation",
                  variants={"a3_fgsm": {"base": "fgsm"}, "a3_stepll": {"base": "stepll"},
-                           "a3_iter_stepll": {"base": "iter_stepll"}})
+                           "a3_iter_stepll": {"base": "iter_stepll"}},
+                 variant_meta={v: {"randomized": False} for v in ("a3_fgsm", "a3_stepll", "a3_iter_stepll")})
 def a3(
     model: nn.Module,
     x: torch.Tensor,

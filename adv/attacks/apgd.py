@@ -63,14 +63,24 @@ def apgd(
         return out
 
 
-def _checkpoint_lengths(steps: int) -> tuple[int, int, int]:
-    """First interval, minimum interval and its decrease, in iterations (0.22, 0.06, 0.03)."""
-    return max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
+def checkpoints(steps: int) -> list[int]:
+    """Iterations after which the step size is checked (the p_j above, times ``steps``).
+
+    Intervals start at 0.22·steps and shrink by 0.03·steps down to 0.06·steps,
+    rounded down as in the reference implementation.
+    """
+    first, smallest, decrease = (max(int(f * steps), 1) for f in (0.22, 0.06, 0.03))
+    out, k = [first], first
+    while True:
+        k = max(k - decrease, smallest)
+        if out[-1] + k > steps:
+            return out
+        out.append(out[-1] + k)
 
 
 def _apgd_run(obj, x, rows, y, targeted, y_target, eps, norm, steps, rho, gen):
     n = len(x)
-    k, k_min, k_decr = _checkpoint_lengths(steps)
+    check_at = checkpoints(steps)
     x_adv = random_start(x, eps, norm, gen)
     grad, loss, logits = input_grad(obj, x_adv, rows)
     fooled = is_success(logits, y[rows], targeted, take(y_target, rows))
@@ -78,7 +88,7 @@ def _apgd_run(obj, x, rows, y, targeted, y_target, eps, norm, steps, rho, gen):
     x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
     step = torch.full((n,), 2.0 * eps, device=x.device)
     losses = [loss]  # loss at every iterate, for the oscillation test
-    since_check = 0
+    last_check = 0
     best_at_check = loss_best.clone()
     reduced_at_check = torch.ones(n, dtype=torch.bool, device=x.device)
     x_prev = x_adv
@@ -95,8 +105,8 @@ def _apgd_run(obj, x, rows, y, targeted, y_target, eps, norm, steps, rho, gen):
         losses.append(loss)
         better = loss > loss_best
         x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss[better]
-        since_check += 1
-        if since_check == k:
+        if i + 1 in check_at:
+            k = i + 1 - last_check
             recent = torch.stack(losses[-k - 1 :])
             increases = (recent[1:] > recent[:-1]).sum(0)
             reduce = (increases <= k * rho) | (~reduced_at_check & (best_at_check >= loss_best))
@@ -105,5 +115,5 @@ def _apgd_run(obj, x, rows, y, targeted, y_target, eps, norm, steps, rho, gen):
                 step[reduce] /= 2.0
                 x_adv = x_adv.clone()
                 x_adv[reduce], grad[reduce] = x_best[reduce], grad_best[reduce]
-            since_check, k = 0, max(k - k_decr, k_min)
+            last_check = i + 1
     return torch.where(fooled.view(-1, 1, 1, 1), x_fooled, x_best), fooled

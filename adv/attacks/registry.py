@@ -84,8 +84,14 @@ def register_attack(
     oracle: str | None = None,
     needs_conv: bool = False,
     variants: Mapping[str, Mapping[str, Any]] | None = None,
+    variant_meta: Mapping[str, Mapping[str, Any]] | None = None,
 ):
-    """Register an attack function under ``name`` (and variants: name -> default overrides)."""
+    """Register an attack function under ``name``.
+
+    ``variants`` maps further names to default overrides; ``variant_meta``
+    overrides a variant's metadata (e.g. ``randomized=False`` when the
+    variant's defaults make the seed irrelevant).
+    """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
@@ -97,12 +103,13 @@ def register_attack(
             bad = set(overrides) - set(base)
             if bad:
                 raise ValueError(f"variant {vname!r} overrides unknown hyperparameters {sorted(bad)}")
-            _ATTACKS[vname] = AttackSpec(
+            meta = dict(
                 name=vname, fn=fn, family=family, norms=tuple(norms), targeted=targeted,
                 description=description if vname == name else f"{description} ({_fmt(overrides)})",
                 defaults=MappingProxyType({**base, **overrides}), minimal=minimal, oracle=oracle,
                 randomized="seed" in base, needs_conv=needs_conv,
             )
+            _ATTACKS[vname] = AttackSpec(**{**meta, **(variant_meta or {}).get(vname, {})})
         return fn
 
     return wrap

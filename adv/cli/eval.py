@@ -1,0 +1,122 @@
+"""``adv eval``: clean and worst-case robust accuracy of a model under a sequence of attacks.
+
+    adv eval --model lenet5 --weights mnist_lenet5_advtrained.pt --dataset mnist --n 1000 \\
+        --attack fgsm --attack pgd --eps 0.3 --steps 40 --step-size 0.01 --json
+
+Attacks run in the given order, each on the points still standing (the
+AutoAttack protocol); hyperparameter flags apply to every attack that takes
+them. The evaluated model is built in one place, ``build_model``, so
+defenses and detectors can wrap it there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from adv.cli.common import add_data_args, add_model_args, load_data, load_model, nonneg_float, positive_int
+from adv.errors import ConfigError
+
+NAME = "eval"
+HELP = "robust accuracy under one or more attacks (worst case, AutoAttack protocol)"
+
+#: CLI flag -> attack hyperparameter, applied to every attack that takes it.
+HYPER_FLAGS = {"steps": "steps", "step_size": "step_size", "restarts": "restarts", "loss": "loss",
+               "queries": "queries"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser, required=False)
+    add_data_args(parser)
+    g = parser.add_argument_group("attacks")
+    g.add_argument("--attack", action="append", required=True, metavar="NAME",
+                   help="registered attack (repeat for a worst-case sequence); see `adv info attacks`")
+    g.add_argument("--eps", type=nonneg_float, required=True, help="perturbation budget")
+    g.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    g.add_argument("--steps", type=positive_int, help="iterations, for attacks that iterate")
+    g.add_argument("--step-size", type=nonneg_float, help="step size, for attacks that take one")
+    g.add_argument("--restarts", type=positive_int, help="random restarts (pgd, apgd)")
+    g.add_argument("--loss", choices=["ce", "cw", "dlr"], help="loss, for attacks that take one")
+    g.add_argument("--queries", type=positive_int, help="query budget (square)")
+    g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other hyperparameter (JSON value), for every attack that takes KEY")
+    r = parser.add_argument_group("run")
+    r.add_argument("--batch-size", type=positive_int, default=256)
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    r.add_argument("--checks", default="cheap", choices=["cheap", "all", "none"],
+                   help="sanity checks for gradient masking; 'all' adds step and eps sweeps")
+    r.add_argument("--no-early-stop", action="store_true", help="run iterative attacks for all their steps")
+    r.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (accelerators)")
+    r.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    r.add_argument("--state", help="JSON file to save progress to and resume from")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from adv.evaluate import robust_accuracy
+    from adv.evaluate.checks import ALL, CHEAP
+
+    device = _device(args.device)
+    attacks = attack_list(args)
+    data = load_data(args)
+    model = build_model(args, data, device)
+    result = robust_accuracy(
+        model, data, attacks, eps=args.eps, norm=args.norm, batch_size=args.batch_size, device=device,
+        seed=args.seed, early_stop=not args.no_early_stop, state_path=args.state, progress=not args.quiet,
+        checks={"cheap": CHEAP, "all": ALL, "none": ()}[args.checks], amp=args.amp,
+        channels_last=args.channels_last,
+    )
+    if args.json:
+        source = args.checkpoint or args.weights or ""
+        print(json.dumps({"model": args.model or "", "weights": source, "dataset": args.dataset,
+                          "split": args.split, **result.to_dict()}, default=str))
+    else:
+        print(result)
+    return 0
+
+
+def build_model(args: argparse.Namespace, data, device: torch.device) -> torch.nn.Module:
+    """The model under evaluation, in eval mode on ``device`` (defenses wrap it here)."""
+    return load_model(args, data).to(device).eval()
+
+
+def attack_list(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """``[(name, hyperparameters)]``; every hyperparameter flag must be used by some attack."""
+    from adv.attacks import get_attack
+
+    specs = [get_attack(name.replace("-", "_")) for name in args.attack]
+    for spec in specs:
+        if args.norm not in spec.norms:
+            raise ConfigError(f"--attack {spec.name} supports --norm {'/'.join(spec.norms)}, got {args.norm}")
+    hyper = {key: getattr(args, flag) for flag, key in HYPER_FLAGS.items() if getattr(args, flag) is not None}
+    hyper.update(_params(args.param))
+    for key in hyper:
+        if not any(key in spec.defaults for spec in specs):
+            raise ConfigError(f"no chosen attack takes {key!r} (attacks: {', '.join(s.name for s in specs)})")
+    return [(spec.name, {k: v for k, v in hyper.items() if k in spec.defaults}) for spec in specs]
+
+
+def _params(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param must be KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return device

@@ -1,0 +1,311 @@
+"""Worst-case robust accuracy, following the AutoAttack protocol (Croce & Hein 2020).
+
+Each batch keeps a per-example "still robust" mask: clean mistakes are
+out from the start, and every attack, in the given order, runs only on the
+points still standing. An attack's output is never trusted: it is checked
+against the threat model (projected back and flagged if outside), and
+re-scored with the model. Cheap attacks first makes the sequence fast: on a
+weak model most points fall to FGSM and PGD only sees the rest.
+
+Data flows batch by batch (memory-bounded on large sets); the state is saved
+after each batch when ``state_path`` is given, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from adv.attacks.core import NORMS, project
+from adv.attacks.oracle import QueryOracle
+from adv.attacks.registry import AttackSpec, get_attack
+from adv.evaluate import checks as C
+from adv.evaluate.precision import fast_model
+from adv.evaluate.result import AttackReport, EvalResult, Flag
+from adv.evaluate.state import EvalState, batch_hash, model_fingerprint
+
+SUMS = ("attacked", "fooled", "time_s", "l0", "l2", "linf", "queries", "beats_whitebox")
+
+
+@dataclass(frozen=True)
+class AttackRun:
+    """One entry of the attack sequence: a registered attack (or a custom function) and its arguments."""
+
+    label: str
+    name: str
+    family: str
+    fn: Callable = field(repr=False)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    spec: AttackSpec | None = field(default=None, repr=False)
+
+    def accepts(self, arg: str) -> bool:
+        return self.spec.accepts(arg) if self.spec else False
+
+
+def resolve_attacks(attacks: Sequence, norm: str) -> list[AttackRun]:
+    """Names, ``(name, kwargs)``, ``{"name": ..., **kwargs}``, specs or white-box callables."""
+    if isinstance(attacks, (str, AttackSpec)) or callable(attacks):
+        attacks = [attacks]
+    if not attacks:
+        raise ValueError("attacks must name at least one attack, got none")
+    runs, seen = [], {}
+    for item in attacks:
+        run = _resolve(item, norm)
+        seen[run.label] = seen.get(run.label, 0) + 1
+        if seen[run.label] > 1:
+            run = AttackRun(f"{run.label}#{seen[run.label]}", run.name, run.family, run.fn, run.kwargs, run.spec)
+        runs.append(run)
+    return runs
+
+
+def _resolve(item, norm: str) -> AttackRun:
+    kwargs: dict[str, Any] = {}
+    if isinstance(item, tuple) and len(item) == 2:
+        item, kwargs = item
+    elif isinstance(item, dict):
+        kwargs = {k: v for k, v in item.items() if k != "name"}
+        item = item.get("name")
+    if isinstance(item, str):
+        item = get_attack(item)
+    if isinstance(item, AttackSpec):
+        if norm not in item.norms:
+            raise ValueError(f"attack {item.name!r} supports norms {item.norms}, got {norm!r}")
+        bad = [k for k in kwargs if not item.accepts(k) or k in ("eps", "norm")]
+        if bad:
+            raise ValueError(f"attack {item.name!r} does not take {sorted(bad)}; it takes {sorted(item.defaults)}")
+        label = item.name + (f"({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})" if kwargs else "")
+        return AttackRun(label, item.name, item.family, item, dict(kwargs), item)
+    if callable(item):
+        name = getattr(item, "__name__", type(item).__name__)
+        return AttackRun(name, name, "whitebox", item, dict(kwargs))
+    raise ValueError(f"cannot use {item!r} as an attack: give a registered name, (name, kwargs) or a function")
+
+
+def iter_batches(data, batch_size: int) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int | None]:
+    """Batches of at most ``batch_size`` from ImageData, an (x, y) pair or an iterable of pairs."""
+    if hasattr(data, "batches") and hasattr(data, "__len__"):
+        return data.batches(batch_size), len(data)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        x, y = data
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+        return ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)), len(x)
+
+    def rechunk(batches: Iterable) -> Iterator:
+        for x, y in batches:
+            for i in range(0, len(x), batch_size):
+                yield x[i : i + batch_size], y[i : i + batch_size]
+
+    return rechunk(data), None
+
+
+def robust_accuracy(
+    model: nn.Module,
+    data,
+    attacks: Sequence,
+    *,
+    eps: float,
+    norm: str = "linf",
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    early_stop: bool = True,
+    state_path: str | None = None,
+    progress: bool = True,
+    checks: Sequence[str] | str = C.CHEAP,
+    check_n: int = 128,
+    amp: str | None = None,
+    channels_last: bool = False,
+) -> EvalResult:
+    """Worst-case robust accuracy of ``model`` on ``data`` under the attack sequence.
+
+    ``attacks`` run in order on the points still standing; randomized
+    attacks get a seed derived from ``seed`` and the batch, so results are
+    reproducible and resumable. ``early_stop`` lets attacks that support it
+    stop on an example once it is fooled. ``checks`` selects sanity checks
+    (``"all"`` adds the costly steps and eps-sweep checks). Pass an
+    eval-mode model: the evaluation never changes its mode.
+
+    Shape: data images (N, C, H, W) in [0, 1], labels (N,)
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    checks = C.ALL if checks == "all" else tuple(checks or ())
+    unknown = set(checks) - set(C.ALL)
+    if unknown:
+        raise ValueError(f"unknown checks {sorted(unknown)}; known: {C.ALL}")
+    runs = resolve_attacks(attacks, norm)
+    device = torch.device(device) if device is not None else _model_device(model)
+    net = fast_model(model, amp, channels_last)
+    config = {"attacks": [[r.label, r.kwargs] for r in runs], "eps": eps, "norm": norm, "batch_size": batch_size,
+              "seed": seed, "early_stop": early_stop, "amp": amp, "model": model_fingerprint(model)}
+    state = EvalState.load(state_path, config) if state_path else EvalState(config=config)
+    for r in runs:
+        state.sums.setdefault(r.label, dict.fromkeys(SUMS, 0.0))
+    t0 = time.perf_counter()
+    batches, total = iter_batches(data, batch_size)
+    bar = _bar(batches, total, batch_size, progress)
+    for b, (x, y) in enumerate(bar):
+        x, y = x.to(device), y.to(device)
+        if b < len(state.batch_hashes):  # finished in an earlier run
+            if batch_hash(x, y) != state.batch_hashes[b]:
+                raise ValueError(f"batch {b} differs from the one {state_path} recorded; the data changed")
+            continue
+        flags = _first_batch_checks(net, x, y, runs, eps, norm, seed, checks, check_n) if b == 0 else []
+        robust, clean = _attack_batch(net, x, y, runs, eps, norm, seed, b, early_stop, state.sums, checks, flags)
+        state.flags += [f.__dict__ for f in flags]
+        state.batch_hashes.append(batch_hash(x, y))
+        state.n += len(y)
+        state.n_clean += int(clean.sum())
+        state.n_robust += int(robust.sum())
+        state.robust_mask += "".join("1" if r else "0" for r in robust.tolist())
+        if state_path:
+            state.save(state_path)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(robust=f"{state.n_robust / max(state.n, 1):.2%}")
+    state.done = True
+    if state_path:
+        state.save(state_path)
+    return _result(state, runs, eps, norm, checks, time.perf_counter() - t0)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _bar(batches, total, batch_size, progress):
+    if not progress:
+        return batches
+    from adv.progress import progress as bar
+
+    return bar(batches, desc="robust accuracy", total=None if total is None else -(-total // batch_size))
+
+
+def _run_kwargs(run: AttackRun, eps, norm, seed: int, b: int, i: int, early_stop: bool) -> dict:
+    kw = {**run.kwargs, "eps": eps, "norm": norm}
+    if run.spec is not None and run.spec.randomized and "seed" not in kw:
+        kw["seed"] = (seed * 1_000_003 + b * 1009 + i) % 2**63
+    if early_stop and run.accepts("early_stop") and "early_stop" not in kw:
+        kw["early_stop"] = True
+    return kw
+
+
+def call_attack(run: AttackRun, model: nn.Module, x, y, kw: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x_adv, queries or None)``: query attacks get a fresh counted oracle of ``model``."""
+    if run.family == "query":
+        x_adv, queries = run.fn(QueryOracle(model, output=run.spec.oracle if run.spec else "probs"), x, y, **kw)
+        return x_adv, queries
+    return run.fn(model, x, y, **kw), None
+
+
+def _attack_batch(model, x, y, runs, eps, norm, seed, b, early_stop, sums, checks, flags):
+    """Run the sequence on one batch; returns (robust mask, clean-correct mask)."""
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+    robust = clean.clone()
+    whitebox_ran = False
+    for i, run in enumerate(runs):
+        idx = robust.nonzero()[:, 0]
+        if len(idx) == 0:
+            break
+        xs, ys = x[idx], y[idx]
+        t = time.perf_counter()
+        x_adv, queries = call_attack(run, model, xs, ys, _run_kwargs(run, eps, norm, seed, b, i, early_stop))
+        s = sums[run.label]
+        s["time_s"] += time.perf_counter() - t
+        x_adv = x_adv.detach().to(x.device)
+        if "out_of_ball" in checks:
+            flags += C.check_ball(x_adv, xs, eps, norm, run.label)
+        x_adv = project(torch.nan_to_num(x_adv), xs, eps, norm)
+        with torch.no_grad():
+            fooled = model(x_adv).argmax(1) != ys
+        robust[idx[fooled]] = False
+        delta = (x_adv - xs)[fooled].flatten(1)
+        s["attacked"] += len(idx)
+        s["fooled"] += int(fooled.sum())
+        s["l0"] += float((delta.abs() > 1e-6).sum())
+        s["l2"] += float(delta.norm(dim=1).sum())
+        s["linf"] += float(delta.abs().amax(1).sum()) if len(delta) else 0.0
+        if queries is not None:
+            s["queries"] += float(queries.sum())
+            if whitebox_ran:
+                s["beats_whitebox"] += int(fooled.sum())
+        whitebox_ran |= run.family == "whitebox"
+    return robust, clean
+
+
+def _first_batch_checks(model, x, y, runs, eps, norm, seed, checks, check_n) -> list[Flag]:
+    xs, ys = x[:check_n], y[:check_n]
+    flags: list[Flag] = []
+    if {"softmax_output", "randomized_model"} & set(checks):
+        flags += [f for f in C.check_outputs(model, xs) if f.code in checks]
+    with torch.no_grad():
+        ok = model(xs).argmax(1) == ys
+    xs, ys = xs[ok], ys[ok]
+    if len(ys) == 0:
+        return flags
+    if "zero_gradients" in checks:
+        flags += C.check_zero_gradients(model, xs, ys)
+    white = [r for r in runs if r.family == "whitebox" and r.spec is not None]
+    stepped = [r for r in white if r.accepts("steps") and r.kwargs.get("steps", r.spec.defaults["steps"]) >= 4]
+    if "more_steps_weaker" in checks and stepped:
+        r = stepped[0]
+        many = r.kwargs.get("steps", r.spec.defaults["steps"])
+        accs = [_acc_under(model, xs, ys, r, eps, norm, seed, steps=s) for s in (many // 4, many)]
+        flags += C.check_steps(accs[0], accs[1], many // 4, many, len(ys))
+    if "eps_sweep" in checks and white:
+        top = C.max_eps(norm, x.shape[1:])
+        values = [e for e in (eps, 2 * eps, 4 * eps) if 0 < e < top] + [top]
+        accs = [_acc_under(model, xs, ys, white[0], e, norm, seed) for e in values]
+        flags += C.check_sweep(values, accs, norm, x.shape[1:], len(ys))
+    return flags
+
+
+def _acc_under(model, x, y, run: AttackRun, eps, norm, seed, **override) -> float:
+    kw = {**_run_kwargs(run, eps, norm, seed, 0, 0, False), **override}
+    x_adv, _ = call_attack(run, model, x, y, kw)
+    with torch.no_grad():
+        return (model(project(x_adv.detach(), x, eps, norm)).argmax(1) == y).float().mean().item()
+
+
+def _result(state: EvalState, runs, eps, norm, checks, elapsed: float) -> EvalResult:
+    n = max(state.n, 1)
+    reports, standing = [], state.n_clean
+    for r in runs:
+        s = state.sums[r.label]
+        standing -= int(s["fooled"])
+        k = s["fooled"]
+        reports.append(AttackReport(
+            label=r.label, attack=r.name, family=r.family, params=dict(r.kwargs), n_attacked=int(s["attacked"]),
+            n_fooled=int(k), robust_acc_after=standing / n, time_s=s["time_s"],
+            mean_l0=s["l0"] / k if k else None, mean_l2=s["l2"] / k if k else None,
+            mean_linf=s["linf"] / k if k else None,
+            mean_queries=s["queries"] / s["attacked"] if r.family == "query" and s["attacked"] else None,
+        ))
+    flags = _dedupe([Flag(**f) for f in state.flags])
+    beaten = {r.label: int(state.sums[r.label]["beats_whitebox"]) for r in runs if r.family == "query"}
+    if "query_beats_whitebox" in checks and any(beaten.values()):
+        flags.append(Flag("query_beats_whitebox", "a query-based attack fooled points that survived the white-box "
+                          f"attacks before it ({beaten}): the gradients may be masked", {"fooled": beaten}))
+    C.warn(flags)
+    return EvalResult(n=state.n, eps=eps, norm=norm, clean_acc=state.n_clean / n, robust_acc=state.n_robust / n,
+                      attacks=reports, flags=flags, time_s=elapsed)
+
+
+def _dedupe(flags: list[Flag]) -> list[Flag]:
+    seen, out = set(), []
+    for f in flags:
+        if (f.code, f.message) not in seen:
+            seen.add((f.code, f.message))
+            out.append(f)
+    return out
