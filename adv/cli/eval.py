@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     attacks = attack_list(args)
+    if args.checkpoint and (args.model or args.weights):  # before the (slow) data loading
+        raise ConfigError("give either --checkpoint or --model [--weights], not both")
+    if not (args.checkpoint or args.model):
+        raise ConfigError("give --model NAME (with --weights PATH) or --checkpoint PATH")
     data = load_data(args)
     model = build_model(args, data, device)
     result = robust_accuracy(
