@@ -220,8 +220,8 @@ def fgm_step(x_adv: torch.Tensor, grad: torch.Tensor, step_size, norm: str) -> t
     """
     direction = grad.sign() if norm == "linf" else grad / _view(flat_norm(grad).clamp_min(1e-12))
     if isinstance(step_size, torch.Tensor):
-        step_size = _view(step_size)
-    return x_adv + step_size * direction
+        return x_adv + _view(step_size) * direction
+    return x_adv.add(direction, alpha=step_size)
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tensor:
@@ -241,6 +241,11 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tenso
     norms = flat_norm(delta)
     factor = (eps / norms.clamp_min(1e-12)).clamp(max=1.0)
     return (x + delta * _view(factor)).clamp_(0.0, 1.0)
+
+
+def ball_bounds(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel bounds of the L∞ ball intersected with [0, 1]: one ``clamp`` then projects."""
+    return (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
 
 
 def random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) -> torch.Tensor:

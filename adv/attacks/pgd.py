@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from adv.attacks.core import (
-    NORMS, Objective, check_inputs, check_positive, default_step_size, fgm_step, frozen, input_grad,
+    NORMS, Objective, ball_bounds, check_inputs, check_positive, default_step_size, fgm_step, frozen, input_grad,
     is_success, labels, make_generator, objective, project, random_start, take,
 )
 from adv.attacks.registry import register_attack
@@ -41,9 +41,11 @@ def pgd_loop(
     holds and dropped from the batch, so later steps cost less.
     """
     if stop is None:  # the lean path: nothing but the step and the projection
+        lo, hi = ball_bounds(x, eps) if norm == "linf" else (None, None)
         for _ in range(steps):
             grad, _, _ = input_grad(obj, x_adv, rows)
-            x_adv = project(fgm_step(x_adv, grad, step_size, norm), x, eps, norm)
+            x_adv = fgm_step(x_adv, grad, step_size, norm)
+            x_adv = torch.clamp(x_adv, lo, hi) if norm == "linf" else project(x_adv, x, eps, norm)
         return x_adv.detach()
     out = x_adv.detach().clone()
     active = torch.arange(len(x), device=x.device)

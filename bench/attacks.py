@@ -1,0 +1,228 @@
+"""Attack throughput (images/s) against a bare PyTorch PGD loop, and early exit vs full PGD.
+
+    .venv/bin/python -m bench.attacks [--n 1000] [--batch-size 250] [--threads 1] [--repeats 3]
+
+* **Throughput**: FGSM, PGD-10, PGD-40, DeepFool, CW and APGD on the
+  advertorch LeNet5 (MNIST), next to the *physical reference*: the shortest
+  PGD loop PyTorch allows (``bare_pgd`` below), and torchattacks' PGD when it
+  is installed. ``adv``'s PGD and the bare loop run alternately, ``--repeats``
+  times, and the medians are compared (target: adv >= 0.95x bare).
+* **Early exit**: the worst-case evaluation ``robust_accuracy([fgsm, pgd-40])``
+  (each attack only on points still standing, PGD stopping on an example once
+  it is fooled) vs full PGD-40 on every point, on the undefended model
+  (target: >= 3x faster at a robust accuracy no higher).
+* **Fast paths**: PGD-10 through ``fast_model`` with channels_last and bf16
+  autocast. They exist for accelerators; on a CPU they are measured only to
+  show the path runs (no speed claim).
+
+Writes ``docs/benchmarks_attacks.png`` and the "## Attacks" section of
+``docs/benchmarks.md`` (between markers), with the command that produced it.
+Without ../shared/data it falls back to random weights and random images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ADV_SHARED_DIR", ROOT.parent / "shared")) / "data"
+BEGIN, END = "<!-- bench/attacks.py:begin -->", "<!-- bench/attacks.py:end -->"
+
+
+def bare_pgd(model, x, y, eps: float, alpha: float, steps: int) -> torch.Tensor:
+    """The reference: random start, sign step, clamp to the ball and [0, 1]; nothing else."""
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv
+
+
+def load(n: int):
+    from adv.models import create_model, load_external
+
+    weights = SHARED / "models" / "mnist_lenet5_clntrained.pt"
+    if weights.is_file():
+        from adv.data import load_dataset
+
+        x, y = load_dataset("mnist", split="test", root=str(SHARED / "mnist")).tensors()
+        return load_external("lenet5", weights), x[:n], y[:n], "advertorch LeNet5 (clean), MNIST test"
+    g = torch.Generator().manual_seed(0)
+    return (create_model("lenet5").eval(), torch.rand(n, 1, 28, 28, generator=g),
+            torch.randint(0, 10, (n,), generator=g), "random LeNet5, random images (shared data absent)")
+
+
+def timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def in_batches(fn, x, y, bs):
+    return torch.cat([fn(x[i : i + bs], y[i : i + bs]) for i in range(0, len(x), bs)])
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def throughput(model, x, y, args) -> list[dict]:
+    from adv.attacks import get_attack
+
+    for p in model.parameters():  # the bare loop gets frozen weights too, as adv's attacks do
+        p.requires_grad_(False)
+    rows = []
+    for steps in (10, 40):
+        ours, bare = [], []
+        for r in range(args.repeats):  # alternate, so load changes hit both sides
+            ours.append(timed(lambda: in_batches(lambda a, b: get_attack("pgd")(
+                model, a, b, eps=0.3, steps=steps, step_size=0.01, seed=r), x, y, args.batch_size))[0])
+            bare.append(timed(lambda: in_batches(lambda a, b: bare_pgd(model, a, b, 0.3, 0.01, steps),
+                                                 x, y, args.batch_size))[0])
+        rows.append(row(f"PGD-{steps}", len(x), ours, ratio=statistics.median(bare) / statistics.median(ours)))
+        rows.append(row(f"bare PyTorch PGD-{steps}", len(x), bare))
+    rows.append(torchattacks_row(model, x, y, args))
+    slow = x[: args.n_slow], y[: args.n_slow]
+    for label, name, kw, data in [("FGSM", "fgsm", {"eps": 0.3}, (x, y)),
+                                  ("DeepFool (L2, 50 steps, top-10)", "deepfool", {"norm": "l2"}, slow),
+                                  ("CW-L2 (100 steps x 6 searches)", "cw", {"norm": "l2"}, slow),
+                                  ("APGD-CE (100 steps)", "apgd", {"eps": 0.3, "seed": 0}, slow)]:
+        secs = [timed(lambda: in_batches(lambda a, b: get_attack(name)(model, a, b, **kw), *data,
+                                         args.batch_size))[0] for _ in range(args.repeats if name == "fgsm" else 1)]
+        rows.append(row(label, len(data[0]), secs))
+    return rows
+
+
+def torchattacks_row(model, x, y, args) -> dict:
+    try:
+        import torchattacks
+    except ImportError:
+        return {"attack": "torchattacks PGD-40", "n": len(x), "images_per_s": None, "note": "not installed"}
+    atk = torchattacks.PGD(model, eps=0.3, alpha=0.01, steps=40, random_start=True)
+    secs = [timed(lambda: in_batches(atk, x, y, args.batch_size))[0] for _ in range(args.repeats)]
+    return row("torchattacks PGD-40", len(x), secs)
+
+
+def row(label, n, secs, **extra) -> dict:
+    med = statistics.median(secs)
+    return {"attack": label, "n": n, "seconds": round(med, 3), "images_per_s": round(n / med, 1),
+            "runs": len(secs), **{k: round(v, 3) for k, v in extra.items()}}
+
+
+def early_exit(model, x, y, args) -> dict:
+    from adv.attacks import get_attack
+    from adv.evaluate import robust_accuracy
+
+    pgd40 = ("pgd", {"steps": 40, "step_size": 0.01})
+    t_full, x_adv = timed(lambda: in_batches(lambda a, b: get_attack("pgd")(
+        model, a, b, eps=0.3, steps=40, step_size=0.01, seed=0), x, y, args.batch_size))
+    t_exit, res = timed(lambda: robust_accuracy(model, (x, y), ["fgsm", pgd40], eps=0.3,
+                                                batch_size=args.batch_size, progress=False))
+    return {"full_pgd40_s": round(t_full, 2), "full_pgd40_robust_acc": accuracy(model, x_adv, y),
+            "early_exit_s": round(t_exit, 2), "early_exit_robust_acc": res.robust_acc,
+            "speedup": round(t_full / t_exit, 2), "n": len(x)}
+
+
+def fast_paths(model, x, y, args) -> list[dict]:
+    from adv.attacks import get_attack
+    from adv.evaluate import fast_model
+
+    out = []
+    for label, net in [("PGD-10 fp32", model), ("PGD-10 channels_last", fast_model(model, channels_last=True)),
+                       ("PGD-10 bf16 autocast", fast_model(model, amp="bf16"))]:
+        secs, x_adv = timed(lambda: in_batches(lambda a, b: get_attack("pgd")(
+            net, a, b, eps=0.3, steps=10, step_size=0.03, seed=0), x, y, args.batch_size))
+        out.append({**row(label, len(x), [secs]), "robust_acc": accuracy(model, x_adv, y)})
+    return out
+
+
+def figure(rows, exit_row, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["images_per_s"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    colors = ["tab:gray" if "bare" in r["attack"] or "torchattacks" in r["attack"] else "tab:blue" for r in shown]
+    a.barh([r["attack"] for r in shown], [r["images_per_s"] for r in shown], color=colors)
+    a.set_xscale("log")
+    a.set_xlabel("images / s (log)")
+    a.invert_yaxis()
+    a.set_title("attack throughput (grey: references)")
+    b.bar(["full PGD-40", "early exit"], [exit_row["full_pgd40_s"], exit_row["early_exit_s"]],
+          color=["tab:gray", "tab:blue"])
+    b.set_ylabel("seconds")
+    b.set_title(f"worst case, {exit_row['speedup']}x faster")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(rows, exit_row, fast, info, command) -> str:
+    lines = [BEGIN, "## Attacks", "", f"Produced by `{command}` on {info}.", "",
+             "![attack throughput](benchmarks_attacks.png)", "",
+             "| attack | images | median s | images/s | vs bare loop |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ips = "n/a (" + r.get("note", "") + ")" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}"
+        lines.append(f"| {r['attack']} | {r['n']} | {r.get('seconds', '')} | {ips} | "
+                     f"{str(r['ratio']) + 'x' if 'ratio' in r else ''} |")
+    e = exit_row
+    lines += ["", "Worst-case evaluation on the undefended model, eps 0.3 (L∞):", "",
+              "| run | seconds | robust accuracy |", "|---|---:|---:|",
+              f"| full PGD-40 on all {e['n']} points | {e['full_pgd40_s']} | {e['full_pgd40_robust_acc']:.2%} |",
+              f"| `robust_accuracy([fgsm, pgd-40])`, early exit | {e['early_exit_s']} | "
+              f"{e['early_exit_robust_acc']:.2%} |", "", f"Speed-up: **{e['speedup']}x**.", "",
+              "Fast paths (CPU here: they exist for accelerators, no speed claim):", "",
+              "| path | seconds | robust accuracy |", "|---|---:|---:|"]
+    lines += [f"| {f['attack']} | {f['seconds']} | {f['robust_acc']:.2%} |" for f in fast]
+    return "\n".join(lines + ["", END])
+
+
+def write_section(doc: Path, section: str) -> None:
+    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--n-slow", type=int, default=100, help="images for DeepFool, CW and APGD")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--docs", default=str(ROOT / "docs"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, x, y, source = load(args.n)
+    info = (f"{source}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+            f"{torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f} at start")
+    rows = throughput(model, x, y, args)
+    exit_row = early_exit(model, x, y, args)
+    fast = fast_paths(model, x[: args.n_slow], y[: args.n_slow], args)
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    figure(rows, exit_row, docs / "benchmarks_attacks.png")
+    command = ".venv/bin/python -m bench.attacks " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_section(docs / "benchmarks.md", markdown(rows, exit_row, fast, info, command.strip()))
+    print(json.dumps({"throughput": rows, "early_exit": exit_row, "fast_paths": fast, "machine": info}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
