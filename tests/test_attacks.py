@@ -76,6 +76,9 @@ def test_registry_lists_the_issue_attacks_and_variants():
     assert list_attacks(family="query") == ["hopskipjump", "square"]
     with pytest.raises(ValueError, match="nope"):
         get_attack("nope")
+    from adv.attacks import describe_attack
+
+    assert "query" in describe_attack("square") and "l2" in describe_attack("cw")
 
 
 # --- properties of every attack ---------------------------------------------------------
@@ -394,6 +397,16 @@ def test_attention_area():
     assert ((soft > 0.5) == attention_area(cam).bool()).all() and ((soft > 0) & (soft < 1)).all()
     with pytest.raises(ValueError, match="'median'"):
         attention_area(cam, kappa="median")
+
+
+def test_a3_needs_a_conv_layer(data):
+    x, y = data
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, NUM_CLASSES))
+    with pytest.raises(ValueError, match="cam_layer"):
+        get_attack("a3")(flat, x, y, eps=0.1)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(400, NUM_CLASSES))
+    x_adv = get_attack("a3")(conv, x, y, eps=0.1, layer=conv[0], steps=2, seed=0)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
 
 
 def test_a3_with_sigma_zero_is_its_base_attack(model, data):

@@ -6,7 +6,7 @@ Images are in [0, 1], NCHW; the model owns its normalization. See
 ``list_attacks()`` and ``get_attack(name)`` for the registry and metadata.
 """
 
-from adv.attacks.registry import AttackSpec, get_attack, list_attacks, register_attack
+from adv.attacks.registry import AttackSpec, describe_attack, get_attack, list_attacks, register_attack
 from adv.attacks.oracle import QueryOracle
 from adv.attacks.fgsm import fgsm
 from adv.attacks.pgd import pgd
@@ -20,6 +20,6 @@ from adv.attacks.square import square
 from adv.attacks.hopskipjump import hopskipjump
 
 __all__ = [
-    "AttackSpec", "QueryOracle", "a3", "apgd", "bim", "cw", "deepfool", "fgsm", "get_attack", "hopskipjump",
+    "AttackSpec", "QueryOracle", "a3", "apgd", "bim", "cw", "deepfool", "describe_attack", "fgsm", "get_attack", "hopskipjump",
     "iter_stepll", "list_attacks", "pgd", "register_attack", "square", "stepll",
 ]

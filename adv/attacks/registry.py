@@ -126,6 +126,12 @@ def get_attack(name: str) -> AttackSpec:
     return _ATTACKS[name]
 
 
+def describe_attack(name: str) -> str:
+    """One line for listings: description, family, norms."""
+    spec = get_attack(name)
+    return f"{spec.description} [{spec.family}; {'/'.join(spec.norms)}{'; targeted' if spec.targeted else ''}]"
+
+
 def list_attacks(pattern: str = "*", *, family: str | None = None) -> list[str]:
     _load_all()
     if family is not None and family not in FAMILIES:
