@@ -168,76 +168,94 @@ def iou_entries(rows: dict[str, np.ndarray], cells: Sequence[int]) -> list[dict[
 ITERATIVE = ("pgd", "apgd", "bim", "iter_stepll", "cw", "deepfool")
 
 
-def masking_flags(entries: list[dict[str, Any]], margin: float = 0.02) -> list[dict[str, str]]:
-    """Signs of gradient masking in the results (Athalye et al. 2018 §3.1; Carlini et al. 2019 §5):
+def _flag(code: str, where: str, detail: str) -> dict[str, str]:
+    return {"flag": code, "where": where, "detail": detail}
 
-    * a black-box (query) attack beats every white-box attack at the same norm and ε;
-    * a one-step attack beats an iterative one at the same norm and ε;
-    * robust accuracy rises with ε for one attack;
-    * an unbounded (ε = inf) attack leaves accuracy above ``margin``;
-    * the adaptive track is far below the non-adaptive one (the defense's
-      non-adaptive numbers overstate its robustness).
+
+def masking_flags(entries: list[dict[str, Any]], rows: dict[str, np.ndarray] | None = None,
+                  input_shape: Sequence[int] | None = None, margin: float = 0.02) -> list[dict[str, str]]:
+    """Signs of gradient masking in the results (Athalye et al. 2018 §3.1; Carlini et al. 2019 §5).
+
+    The checks of :mod:`adv.evaluate.checks`, applied to the stored grid:
+    ``eps_not_monotone``/``eps_not_to_zero`` (per attack over its ε values),
+    ``more_steps_weaker`` (per attack over its step budgets) and, per example,
+    ``query_beats_whitebox``. Three more that a grid makes possible:
+    ``one_step_beats_iterative``, ``unbounded_not_zero`` (an ε = inf attack
+    leaves accuracy above ``margin``) and ``adaptive_much_stronger`` (the
+    non-adaptive numbers overstate the defense's robustness).
     """
     from adv.attacks import get_attack
+    from adv.evaluate.checks import check_steps, check_sweep
 
-    flags = []
-    by = {}
-    for e in entries:
-        by.setdefault((e["defense"], e["track"], e["norm"], e["eps"]), []).append(e)
-    for (defense, track, norm, eps), group in by.items():
-        fam = {e["attack_key"]: get_attack(e["attack"]).family for e in group}
-        white = [e for e in group if fam[e["attack_key"]] == "whitebox"]
-        black = [e for e in group if fam[e["attack_key"]] == "query"]
-        where = f"{defense} ({track}), {norm} eps={eps:g}"
-        if white and black:
-            best_w = min(white, key=lambda e: e["robust_accuracy"])
-            for b in black:
-                if b["robust_accuracy"] + margin < best_w["robust_accuracy"]:
-                    flags.append({"flag": "black-box beats white-box", "where": where,
-                                  "detail": f"{b['attack_key']}: {b['robust_accuracy']:.1%} < "
-                                            f"{best_w['attack_key']}: {best_w['robust_accuracy']:.1%}"})
-        one_step = [e for e in white if e["steps"] < 0 and e["attack"] not in ITERATIVE]
-        iterative = [e for e in white if e["attack"] in ITERATIVE]
-        for o in one_step:
-            for it in iterative:
-                if o["robust_accuracy"] + margin < it["robust_accuracy"]:
-                    flags.append({"flag": "one-step beats iterative", "where": where,
-                                  "detail": f"{o['attack_key']}: {o['robust_accuracy']:.1%} < "
-                                            f"{it['attack_key']}: {it['robust_accuracy']:.1%}"})
-        for e in group:
-            if math.isinf(e["eps"]) and e["robust_accuracy"] > margin:
-                flags.append({"flag": "unbounded attack does not reach 0%", "where": where,
-                              "detail": f"{e['attack_key']}: {e['robust_accuracy']:.1%}"})
-    series = {}
+    flags: list[dict[str, str]] = []
+    n = max((e["n"] for e in entries), default=1)
+    shape = tuple(input_shape) if input_shape else (10**6,)  # unknown: eps_not_to_zero never fires
+    series: dict[tuple, list[dict]] = {}
     for e in entries:
         if math.isfinite(e["eps"]):
             series.setdefault((e["defense"], e["track"], e["attack"], e["norm"], e["steps"]), []).append(e)
     for (defense, track, attack, norm, steps), s in series.items():
         s = sorted(s, key=lambda e: e["eps"])
-        for a, b in zip(s, s[1:]):
-            if b["robust_accuracy"] > a["robust_accuracy"] + margin:
-                flags.append({"flag": "accuracy rises with eps", "where": f"{defense} ({track}), {attack} {norm}",
-                              "detail": f"eps {a['eps']:g}: {a['robust_accuracy']:.1%} -> "
-                                        f"eps {b['eps']:g}: {b['robust_accuracy']:.1%}"})
-    pairs = {}
+        for f in check_sweep([e["eps"] for e in s], [e["robust_accuracy"] for e in s], norm, shape, n):
+            flags.append(_flag(f.code, f"{defense} ({track}), {attack} {norm}", f.message))
+    budgets: dict[tuple, list[dict]] = {}
+    for e in entries:
+        if e["steps"] > 0:
+            budgets.setdefault((e["defense"], e["track"], e["attack"], e["norm"], e["eps"]), []).append(e)
+    for (defense, track, attack, norm, eps), s in budgets.items():
+        s = sorted(s, key=lambda e: e["steps"])
+        for few, many in zip(s, s[1:]):
+            for f in check_steps(few["robust_accuracy"], many["robust_accuracy"], few["steps"], many["steps"], n):
+                flags.append(_flag(f.code, f"{defense} ({track}), {attack} {norm} eps={eps:g}", f.message))
+    by: dict[tuple, list[dict]] = {}
+    for e in entries:
+        by.setdefault((e["defense"], e["track"], e["norm"], e["eps"]), []).append(e)
+    for (defense, track, norm, eps), group in by.items():
+        where = f"{defense} ({track}), {norm} eps={eps:g}"
+        white = [e for e in group if get_attack(e["attack"]).family == "whitebox"]
+        one_step = [e for e in white if e["steps"] < 0 and e["attack"] not in ITERATIVE]
+        for o in one_step:
+            for it in (e for e in white if e["attack"] in ITERATIVE):
+                if o["robust_accuracy"] + margin < it["robust_accuracy"]:
+                    flags.append(_flag("one_step_beats_iterative", where,
+                                       f"{o['attack_key']}: {o['robust_accuracy']:.1%} < "
+                                       f"{it['attack_key']}: {it['robust_accuracy']:.1%}"))
+        for e in group:
+            if math.isinf(e["eps"]) and e["robust_accuracy"] > margin:
+                flags.append(_flag("unbounded_not_zero", where, f"{e['attack_key']}: {e['robust_accuracy']:.1%}"))
+        if rows is not None and white and len(white) < len(group):
+            beaten = _query_beats_whitebox(rows, defense, track, norm, eps, {e["grid"] for e in white})
+            if beaten:
+                flags.append(_flag("query_beats_whitebox", where,
+                                   f"a query-based attack fooled {beaten} example(s) that survived every white-box "
+                                   "attack: the gradients may be masked"))
+    pairs: dict[tuple, dict[str, dict]] = {}
     for e in entries:
         pairs.setdefault((e["defense"], e["grid"]), {})[e["track"]] = e
     for (defense, _), p in pairs.items():
         if "adaptive" in p and "non-adaptive" in p:
-            gap = p["non-adaptive"]["robust_accuracy"] - p["adaptive"]["robust_accuracy"]
-            if gap > 0.1:
-                flags.append({"flag": "adaptive attack much stronger", "where": defense,
-                              "detail": f"{p['adaptive']['attack_key']}: non-adaptive "
-                                        f"{p['non-adaptive']['robust_accuracy']:.1%} vs adaptive "
-                                        f"{p['adaptive']['robust_accuracy']:.1%}"})
+            na, ad = p["non-adaptive"]["robust_accuracy"], p["adaptive"]["robust_accuracy"]
+            if na - ad > 0.1:
+                flags.append(_flag("adaptive_much_stronger", defense,
+                                   f"{p['adaptive']['attack_key']}: non-adaptive {na:.1%} vs adaptive {ad:.1%}"))
     return flags
+
+
+def _query_beats_whitebox(rows, defense, track, norm, eps, white_grids: set[int]) -> int:
+    """Examples a query attack fooled although every white-box attack (same norm, ε) failed."""
+    sel = ((rows["defense"] == defense) & (rows["track"] == track) & (rows["norm"] == norm)
+           & (rows["eps"] == eps))
+    is_white = np.isin(rows["grid"], list(white_grids))
+    fooled_white = set(rows["index"][sel & is_white & rows["success"]].tolist())
+    fooled_query = set(rows["index"][sel & ~is_white & rows["success"]].tolist())
+    return len(fooled_query - fooled_white)
 
 
 TRACK_ORDER = {"clean": 0, "non-adaptive": 1, "adaptive": 2, "any": 3}
 
 
 def summarize(rows: dict[str, np.ndarray], cells: Sequence[int] = (5, 10, 20, 30),
-              defense_order: Sequence[str] = ()) -> dict[str, Any]:
+              defense_order: Sequence[str] = (), input_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """Everything results.json holds about the rows; defenses listed "none" first, then in ``defense_order``."""
     rank = {d: i for i, d in enumerate([NONE, *defense_order])}
 
@@ -254,7 +272,7 @@ def summarize(rows: dict[str, np.ndarray], cells: Sequence[int] = (5, 10, 20, 30
         "worst_case": order(worst_case(rows)),
         "throughput": order(throughput(rows)),
         "attention_iou": order(iou_entries(rows, cells)),
-        "masking_flags": masking_flags(entries),
+        "masking_flags": masking_flags(entries, rows, input_shape),
     }
 
 
@@ -268,32 +286,44 @@ def _plt():
     return plt
 
 
+def _series_label(attack_key: str) -> str:
+    """``pgd linf eps=0.1 steps=10`` -> ``pgd steps=10`` (the eps axis and the norm row say the rest)."""
+    parts = attack_key.split()
+    return " ".join(p for i, p in enumerate(parts) if not p.startswith("eps=") and not (i == 1 and p in ("linf", "l2")))
+
+
 def plot_curves(summary: dict, path: Path) -> Path | None:
-    """Robust accuracy vs ε per defense; solid non-adaptive, dashed adaptive."""
+    """Robust accuracy vs ε: one row per norm, one column per defense; solid non-adaptive, dashed adaptive."""
     entries = [e for e in summary["attacks"] if math.isfinite(e["eps"])]
     if not entries:
         return None
     plt = _plt()
     defenses = list(summary["clean_accuracy"])
-    fig, axes = plt.subplots(1, len(defenses), figsize=(4.2 * len(defenses), 3.4), squeeze=False, sharey=True)
-    for ax, d in zip(axes[0], defenses):
-        series = {}
-        for e in entries:
-            if e["defense"] == d:
-                steps = f" {e['steps']} steps" if e["steps"] > 0 else ""
-                series.setdefault((e["attack"] + steps + f" {e['norm']}", e["track"]), []).append(e)
-        for i, ((name, track), s) in enumerate(sorted(series.items())):
-            s = sorted(s, key=lambda e: e["eps"])
-            xs = [0.0] + [e["eps"] for e in s]
-            ys = [summary["clean_accuracy"][d]] + [e["robust_accuracy"] for e in s]
-            ax.plot(xs, ys, "--" if track == "adaptive" else "-", marker="o", ms=3,
-                    label=f"{name}{' (adaptive)' if track == 'adaptive' else ''}")
-        ax.set_title(d, fontsize=9)
-        ax.set_xlabel("eps")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("robust accuracy")
+    norms = list(dict.fromkeys(e["norm"] for e in entries))
+    labels = list(dict.fromkeys(_series_label(e["attack_key"]) for e in entries))
+    colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+    fig, axes = plt.subplots(len(norms), len(defenses), figsize=(4.0 * len(defenses), 3.2 * len(norms)),
+                             squeeze=False, sharey=True)
+    for r, norm in enumerate(norms):
+        for c, d in enumerate(defenses):
+            ax = axes[r][c]
+            series: dict[tuple[str, str], list[dict]] = {}
+            for e in entries:
+                if e["defense"] == d and e["norm"] == norm:
+                    series.setdefault((_series_label(e["attack_key"]), e["track"]), []).append(e)
+            for (label, track), s in series.items():
+                s = sorted(s, key=lambda e: e["eps"])
+                xs = [0.0] + [e["eps"] for e in s]
+                ys = [summary["clean_accuracy"][d]] + [e["robust_accuracy"] for e in s]
+                ax.plot(xs, ys, "--" if track == "adaptive" else "-", marker="o", ms=3, color=colors[label],
+                        label=label + (" (adaptive)" if track == "adaptive" else ""))
+            ax.set_title(f"{d} ({norm})", fontsize=9)
+            ax.set_xlabel(f"eps ({norm})")
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+            if series:
+                ax.legend(fontsize=6)
+        axes[r][0].set_ylabel("robust accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -486,8 +516,8 @@ def render_markdown(summary: dict, meta: dict, figures: dict[str, Path | None]) 
         lines += ["Not computed: add `gradcam` to `features`."]
     lines += ["", "## Gradient-masking flags", ""]
     lines += ([f"- **{f['flag']}**: {f['where']}: {f['detail']}" for f in summary["masking_flags"]]
-              or ["None raised (black-box never beat white-box, one-step never beat iterative, accuracy fell "
-                  "with eps, unbounded attacks reached 0%)."])
+              or ["None raised (model outputs, gradients, eps and step sweeps, query vs white-box, one-step vs "
+                  "iterative, unbounded attacks, adaptive vs non-adaptive: see adv/report.py masking_flags)."])
     lines += ["", "## Throughput", "", *_table(
         ["attack", "track", "attacked model", "images", "actor seconds", "images/s"],
         [[t["attack_key"], t["track"], t["attacked"], t["images"], f"{t['seconds']:.1f}",
@@ -514,7 +544,9 @@ def write_report(rows: dict[str, np.ndarray], examples: dict[str, np.ndarray], m
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     opts = meta.get("report", {})
-    summary = summarize(rows, opts.get("iou_cells", (5, 10, 20, 30)), meta.get("defenses", ()))
+    summary = summarize(rows, opts.get("iou_cells", (5, 10, 20, 30)), meta.get("defenses", ()),
+                        meta.get("input_shape"))
+    summary["masking_flags"] = list(meta.get("model_checks", [])) + summary["masking_flags"]
     classes = meta.get("layout", {}).get("classes")
     figures = {
         "curves": plot_curves(summary, out / "accuracy_vs_eps.png"),

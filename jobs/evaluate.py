@@ -190,32 +190,46 @@ def get_layout(store: RunStore, make) -> Layout:
     return layout
 
 
-def preflight(loader, plan: Plan, input_size, num_labels: int):
-    """Build the models once on the driver and score two dummy inputs: config errors surface here, clearly."""
+def preflight(loader, plan: Plan, data=None) -> tuple[tuple[int, ...], list[dict]]:
+    """Build the models once on the driver and score a few inputs, so config errors surface here, clearly.
+
+    Returns the model's input size and the model checks of :mod:`adv.evaluate.checks` (softmax
+    outputs, randomness, zero input gradients of the attacked model) on up to 16 real examples.
+    """
     import torch
 
+    from adv.evaluate.checks import check_outputs, check_zero_gradients
     from adv.pipeline import _Scorer
 
     try:
         scorer = _Scorer(loader, plan, device="cpu")
     except (AdvError, ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"model/defenses: {exc}") from None
-    model_size = tuple(getattr(scorer.classifier, "input_size", input_size))
-    if input_size is not None and tuple(input_size) != model_size:
-        raise ConfigError(f"dataset: images are {'x'.join(map(str, input_size))} but the model expects "
-                          f"{'x'.join(map(str, model_size))}")
-    k = getattr(scorer.classifier, "num_classes", num_labels)
-    if num_labels > k:
-        raise ConfigError(f"dataset: labels go up to {num_labels - 1} but the model has {k} classes")
-    x = torch.rand(2, *model_size)
-    y = torch.zeros(2, dtype=torch.long)
+    model_size = tuple(scorer.classifier.input_size)
+    if data is not None:
+        if tuple(data.input_size) != model_size:
+            raise ConfigError(f"dataset: images are {'x'.join(map(str, data.input_size))} but the model expects "
+                              f"{'x'.join(map(str, model_size))}")
+        k = scorer.classifier.num_classes
+        if data.num_classes > k:
+            raise ConfigError(f"dataset: {data.num_classes} classes but the model has {k}")
+        x, y = data.tensors()
+        x, y = x[:16], y[:16]
+    else:
+        x, y = torch.rand(2, *model_size), torch.zeros(2, dtype=torch.long)
+    checks = []
     for label in scorer.labels():
         try:
             scorer.score(label, x, y, None)
         except (AdvError, ValueError, NotImplementedError, AttributeError) as exc:
             raise ConfigError(f"defenses: {label!r} cannot be evaluated with features {list(plan.features)}: "
                               f"{exc}") from None
-    return model_size
+        if data is None:
+            continue
+        target = scorer.classifier if label == NONE else scorer.defenses[label].attack_target
+        flags = check_outputs(scorer.model(label), x) + check_zero_gradients(target, x, y)
+        checks += [{"flag": f.code, "where": label, "detail": f.message} for f in flags]
+    return model_size, checks
 
 
 def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: int | None, attempt: int,
@@ -257,9 +271,8 @@ def run(cfg: EvalConfig, out: str | None = None, *, loader=None, fault_after_sha
     plan = build_plan(cfg)
     loader = loader or build_loader(cfg)
     source = make_source(cfg.dataset)
-    data = getattr(source, "data", None)
-    input_size = preflight(loader, plan, data.input_size if data is not None else None,
-                           data.num_classes if data is not None else 0)
+    input_size, checks = preflight(loader, plan, getattr(source, "data", None))
+    store.write_json("checks.json", {"input_shape": list(input_size), "flags": checks})
     init_ray(cfg)
     layout = get_layout(store, lambda: source.layout(cfg.shards, cfg.resources.batch_size))
     per_example = rows_per_example(plan, len(cfg.defenses))
@@ -334,7 +347,8 @@ def _run_reuse(cfg: EvalConfig, out, *, loader, fault_after_shards, report) -> R
     log(f"run {store.uri}: {len(cfg.defenses)} defense(s) on the stored adversarials of {stored.uri}")
     plan = Plan((), adaptive=False, features=tuple(base.features), store_images=True, seed=base.seed)
     loader = loader or make_loader(base.model, cfg.defenses)
-    preflight(loader, plan, None, 0)
+    input_size, _ = preflight(loader, plan)
+    store.write_json("checks.json", {"input_shape": list(input_size), "flags": []})
     init_ray(cfg)
     store.write_json("layout.json", layout.to_json())
     per_example = (1 + len(build_plan(base).grid)) * (1 + len(cfg.defenses))
@@ -393,12 +407,14 @@ def write_run_report(store: RunStore, cfg: EvalConfig, layout: Layout) -> tuple[
     log("writing the report")
     rows, examples = load_rows(store, layout, cfg.report.examples)
     run_info = store.read_json("run.json")
+    checks = store.read_json("checks.json") if store.exists("checks.json") else {}
     meta = {
         "name": cfg.name, "key": run_info["key"], "run_dir": store.uri, "config": run_info["config"],
         "versions": versions(), "seeds": {"dataset": cfg.dataset.seed if cfg.dataset else None, "attacks": cfg.seed},
         "attempts": _attempts(store), "layout": {"n": layout.n, "shards": layout.shards, "chunk_size": layout.chunk_size,
                                                    "source": layout.source, "classes": layout.classes},
         "skipped": layout.skipped, "reuse_from": cfg.reuse_from, "defenses": [d.label for d in cfg.defenses],
+        "input_shape": checks.get("input_shape"), "model_checks": checks.get("flags", []),
         "report": cfg.report.model_dump(),
     }
     with tempfile.TemporaryDirectory() as tmp:

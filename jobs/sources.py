@@ -253,7 +253,7 @@ class ParquetSource:
         idx = layout.indices(shards)
         by_key = {layout.keys[i]: (int(i), layout.labels[i], int(layout.shard_of(i)), int(layout.chunk_of(i)))
                   for i in idx}
-        ds = ray.data.read_parquet(self.path, filesystem=self.fs, columns=["image", "label", "index"])
+        ds = ray.data.read_parquet(self.path, filesystem=self.fs).select_columns(["image", "label", "index"])
         return ds.map_batches(attach_layout, fn_kwargs={"by_key": by_key, "key_column": "index"})
 
 

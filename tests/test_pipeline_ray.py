@@ -171,3 +171,22 @@ def test_a_corrupt_image_is_skipped_and_counted(ray_cluster, ckpt, tmp_path):
     rows = _table(result.run_dir)
     assert sorted(set(rows["index"])) == list(range(6))
     assert set(rows["label"]) <= {0, 1} and rows["image"].shape[1:] == (1, 28, 28)
+
+
+def test_a_stored_parquet_set_is_read_with_read_parquet(ray_cluster, tmp_path):
+    from adv.data import load_dataset
+    from jobs.config import DatasetConfig
+    from jobs.sources import ParquetSource, export_dataset
+
+    data = load_dataset("digits", n=10, seed=0)
+    export_dataset(data, str(tmp_path / "set"), rows_per_file=4)  # three files
+    source = ParquetSource(DatasetConfig(name="parquet", root=str(tmp_path / "set"), n=7, seed=1))
+    layout = source.layout(shards=2, chunk_size=3)
+    assert layout.n == 7 and layout.shards == 2
+    rows = source.dataset(layout, [1], (1, 28, 28)).take_all()
+    index = sorted(r["index"] for r in rows)
+    assert index == layout.indices([1]).tolist()
+    for r in rows:  # the stored example behind each row is the one the layout names
+        stored = layout.keys[r["index"]]
+        assert np.array_equal(r["image"], data.images[stored].numpy()) and r["label"] == data.labels[stored]
+        assert r["chunk"] == r["index"] // 3 and r["shard"] == 1

@@ -82,7 +82,7 @@ def test_throughput_comes_from_generation_time(summary):
     assert fgsm["attacked"] == "none" and fgsm["images_per_second"] == pytest.approx(2.0)
 
 
-def test_flags_one_step_beating_iterative_and_eps_rises():
+def test_flags_from_the_grid():
     entries = [
         {"defense": "d", "track": "adaptive", "grid": 0, "attack": "fgsm", "attack_key": "fgsm", "norm": "linf",
          "eps": 0.1, "steps": -1, "robust_accuracy": 0.2},
@@ -97,11 +97,24 @@ def test_flags_one_step_beating_iterative_and_eps_rises():
         {"defense": "d", "track": "adaptive", "grid": 4, "attack": "deepfool", "attack_key": "deepfool inf",
          "norm": "l2", "eps": math.inf, "steps": -1, "robust_accuracy": 0.3},
     ]
+    for e in entries:
+        e["n"] = 100
     names = {f["flag"] for f in masking_flags(entries)}
-    assert names == {"one-step beats iterative", "black-box beats white-box", "accuracy rises with eps",
-                     "adaptive attack much stronger", "unbounded attack does not reach 0%"}
+    assert names == {"one_step_beats_iterative", "eps_not_monotone", "adaptive_much_stronger", "unbounded_not_zero"}
     assert masking_flags([e for e in entries if e["attack"] == "pgd" and e["track"] == "adaptive"
                           and e["eps"] == 0.1]) == []
+    more = [dict(entries[1], steps=40, grid=9, attack_key="pgd 40", robust_accuracy=0.8)]
+    assert {f["flag"] for f in masking_flags([entries[1], *more])} == {"more_steps_weaker"}
+
+
+def test_query_beats_whitebox_is_per_example():
+    spec = {("none", "clean", -1): ("clean", 0.0, [1, 1, 1, 1]),
+            ("none", "non-adaptive", 0): ("pgd", 0.1, [1, 0, 1, 1]),
+            ("none", "non-adaptive", 1): ("square", 0.1, [0, 1, 1, 1])}  # fools index 0, which pgd missed
+    rows = _rows(spec)
+    summary = summarize(rows, cells=())
+    assert [f["flag"] for f in summary["masking_flags"]] == ["query_beats_whitebox"]
+    assert "1 example" in summary["masking_flags"][0]["detail"]
 
 
 def test_write_report_files_and_strict_json(tmp_path):
