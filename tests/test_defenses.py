@@ -14,6 +14,7 @@ from adv.defenses.dwt import DWTParams, dwt_transform
 from adv.errors import AdvError, CheckpointError, ConfigError
 from adv.models import create_model
 from adv.metrics import image_quality
+from tests.test_defenses_helpers import one_thread  # noqa: F401
 
 PREPROCESS = list_defenses(kind="preprocess")
 

@@ -6,8 +6,10 @@ for "training improves the stage" and adaptive-vs-non-adaptive properties.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
+import pytest
 import torch
 
 from adv.data import load_dataset
@@ -28,7 +30,8 @@ def digits(split: str = "train"):
 def _trained_state() -> dict:
     torch.manual_seed(0)
     model = create_model("lenet5", input_size=(1, SIZE, SIZE))
-    fit(model, digits("train"), None, TrainConfig(epochs=2, batch_size=32, lr=3e-3), show_progress=False)
+    with single_thread():
+        fit(model, digits("train"), None, TrainConfig(epochs=2, batch_size=32, lr=3e-3), show_progress=False)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -42,3 +45,21 @@ def trained_classifier():
 def sample_batch(n: int = 64, seed: int = 0):
     """``n`` test digits and labels, float (N, 1, 16, 16) in [0, 1]."""
     return digits("test").subset(n, seed).tensors()
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread: on the shared 2-core machine two threads contend and run ~5-10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Autouse in the modules that import it (module-scoped fixtures use ``single_thread`` themselves)."""
+    with single_thread():
+        yield

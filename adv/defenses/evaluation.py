@@ -48,7 +48,7 @@ class EvaluatedModel:
         from adv.attacks import get_attack
 
         if self.threat == "adaptive" and self.defended.detector is not None and name in JOINT_ATTACKS:
-            allowed = {"eps", "norm", "steps", "step_size", "seed", "lam"}
+            allowed = {"eps", "norm", "steps", "step_size", "seed", "kappa"}
             return detector_aware_attack(self.defended, x, y, attack=name,
                                          **{k: v for k, v in kwargs.items() if k in allowed})
         return get_attack(name)(self.attack_target, x, y, **kwargs)
