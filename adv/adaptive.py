@@ -89,15 +89,23 @@ def adaptive_preprocess(defended: nn.Module) -> nn.Sequential:
     return nn.Sequential(*[s if getattr(s, "differentiable", True) else BPDA(s) for s in defended.preprocess])
 
 
+def bpda_pipeline(defended: nn.Module) -> nn.Sequential:
+    """``classifier(preprocess(x))`` with BPDA around non-differentiable stages: the defended forward, with gradients.
+
+    Shape: (N, C, H, W) in [0, 1] -> logits (N, num_classes)
+    """
+    if not hasattr(defended, "preprocess") or not hasattr(defended, "classifier"):
+        raise ValueError(f"adaptive evaluation needs a Defended model, got {type(defended).__name__}")
+    return nn.Sequential(adaptive_preprocess(defended), defended.classifier)
+
+
 def adaptive_model(defended: nn.Module, eot_samples: int = 8) -> nn.Module:
     """An attackable version of a ``Defended`` model: BPDA for non-differentiable stages,
     gradients straight through differentiable ones, EOT when any stage is randomized.
 
     Shape: (N, C, H, W) in [0, 1] -> logits (N, num_classes)
     """
-    if not hasattr(defended, "preprocess") or not hasattr(defended, "classifier"):
-        raise ValueError(f"adaptive_model needs a Defended model, got {type(defended).__name__}")
-    model = nn.Sequential(adaptive_preprocess(defended), defended.classifier)
+    model = bpda_pipeline(defended)
     return EOT(model, eot_samples) if getattr(defended, "randomized", False) else model
 
 
@@ -182,7 +190,7 @@ def detector_aware_attack(
     if eps == 0:
         return x.clone()
     steps = steps or get_attack(attack).defaults.get("steps", 1)
-    pipeline = nn.Sequential(adaptive_preprocess(defended), defended.classifier)
+    pipeline = bpda_pipeline(defended)
     with frozen(defended):
         joint = _run(detector_aware_objective(defended, y, kappa), x, y, attack, eps, norm, steps, step_size, seed)
         plain = _run(objective(pipeline, y), x, y, attack, eps, norm, steps, step_size, seed)

@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--queries", type=positive_int, help="query budget (square)")
     g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="any other hyperparameter (JSON value), for every attack that takes KEY")
+    d = parser.add_argument_group("defenses (see `adv defend list`)")
+    d.add_argument("--defense", action="append", default=[], metavar="NAME:k=v,...",
+                   help="defense stage in front of the model (repeat to compose), e.g. dwt:wavelet=haar,level=1")
+    d.add_argument("--adaptive", action="store_true",
+                   help="craft adversarials on the defended pipeline (BPDA/EOT); default: on the undefended model")
+    d.add_argument("--detector", metavar="NAME:k=v,...", help="detector in parallel, e.g. disagreement:checkpoint=F")
     r = parser.add_argument_group("run")
     r.add_argument("--batch-size", type=positive_int, default=256)
     r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -56,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from adv.defenses import defense_report, evaluation_setup, robust_accuracy_inputs
     from adv.evaluate import robust_accuracy
     from adv.evaluate.checks import ALL, CHEAP
 
@@ -67,18 +74,26 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --model NAME (with --weights PATH) or --checkpoint PATH")
     data = load_data(args)
     model = build_model(args, data, device)
+    evaluated = evaluation_setup(model, args.defense, adaptive=args.adaptive, detector=args.detector,
+                                 checkpoint=args.checkpoint, device=device)
+    if evaluated is not None:  # the defended model is scored; the threat model decides what is attacked
+        model, attacks_run = robust_accuracy_inputs(evaluated, attacks, seed=args.seed)
     result = robust_accuracy(
-        model, data, attacks, eps=args.eps, norm=args.norm, batch_size=args.batch_size, device=device,
+        model, data, attacks_run if evaluated else attacks, eps=args.eps, norm=args.norm, batch_size=args.batch_size, device=device,
         seed=args.seed, early_stop=not args.no_early_stop, state_path=args.state, progress=not args.quiet,
         checks={"cheap": CHEAP, "all": ALL, "none": ()}[args.checks], amp=args.amp,
         channels_last=args.channels_last,
     )
+    extra = defense_report(evaluated, data, attacks, eps=args.eps, norm=args.norm, batch_size=args.batch_size,
+                           seed=args.seed) if evaluated else {}
     if args.json:
         source = args.checkpoint or args.weights or ""
         print(json.dumps({"model": args.model or "", "weights": source, "dataset": args.dataset,
-                          "split": args.split, **result.to_dict()}, default=str))
+                          "split": args.split, **result.to_dict(), **extra}, default=str))
     else:
         print(result)
+        for key, value in extra.items():
+            print(f"{key}: {json.dumps(value, default=str)}")
     return 0
 
 

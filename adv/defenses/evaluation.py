@@ -104,3 +104,140 @@ def build_evaluated_model(
             notes.append(f"randomized stages attacked with EOT over {eot_samples} samples")
         return EvaluatedModel(defended, target, "adaptive", eot_samples, notes)
     return EvaluatedModel(defended, (source or classifier).eval(), "non-adaptive", eot_samples, notes)
+
+
+# --- adv eval integration --------------------------------------------------------------------
+class TransferAttack:
+    """A registered attack crafted on a fixed ``source`` model, whatever model the loop passes.
+
+    This is the non-adaptive protocol inside ``robust_accuracy``: the loop
+    scores the defended model, the attack only ever sees the undefended one.
+    """
+
+    def __init__(self, name: str, source: nn.Module):
+        self.name, self.source = name, source
+        self.__name__ = f"{name}@undefended"
+
+    def __call__(self, model, x, y, **kwargs):
+        from adv.attacks import get_attack
+
+        return get_attack(self.name)(self.source, x, y, **kwargs)
+
+
+class DetectorAwareAttack:
+    """FGSM/BIM/PGD on the joint classifier + detector objective (:func:`adv.adaptive.detector_aware_attack`)."""
+
+    ALLOWED = ("steps", "step_size", "seed", "kappa")
+
+    def __init__(self, name: str, defended: Defended):
+        self.name, self.defended = name, defended
+        self.__name__ = f"{name}@detector-aware"
+
+    def __call__(self, model, x, y, *, eps, norm="linf", **kwargs):
+        from adv.adaptive import detector_aware_attack
+
+        kw = {k: v for k, v in kwargs.items() if k in self.ALLOWED}
+        return detector_aware_attack(self.defended, x, y, attack=self.name, eps=eps, norm=norm, **kw)
+
+
+def robust_accuracy_inputs(ev: EvaluatedModel, attacks: list[tuple[str, dict]], seed: int = 0):
+    """``(model, attacks)`` for :func:`adv.evaluate.robust_accuracy` under ``ev``'s threat model.
+
+    Non-adaptive: score the defended model, craft with :class:`TransferAttack`
+    on the source. Adaptive: attack and score the BPDA/EOT pipeline (its
+    forward is the defended forward); with a detector, FGSM/BIM/PGD use the
+    detector-aware loss.
+    """
+    from adv.adaptive import JOINT_ATTACKS, bpda_pipeline
+    from adv.attacks import get_attack
+
+    if ev.threat == "non-adaptive":
+        out = []
+        for name, kw in attacks:
+            kw = dict(kw)
+            if get_attack(name).randomized:
+                kw.setdefault("seed", seed)  # callables get no per-batch seed from the loop
+            out.append((TransferAttack(name, ev.attack_target), kw))
+        # same forward as the defended model, but differentiable, so the loop's gradient checks can run
+        return bpda_pipeline(ev.defended), out
+    if ev.defended.detector is None:
+        return ev.attack_target, attacks
+    return ev.attack_target, [(DetectorAwareAttack(n, ev.defended), kw) if n in JOINT_ATTACKS else (n, kw)
+                              for n, kw in attacks]
+
+
+@torch.no_grad()
+def detection_report(
+    ev: EvaluatedModel, data, attacks: list[tuple[str, dict]], *, eps: float, norm: str = "linf",
+    batch_size: int = 256, seed: int = 0,
+) -> dict[str, dict]:
+    """Per attack: the detector's TPR on successful adversarials, FPR on clean inputs, AUROC, and the
+    attacker's success rate against classifier *and* detector (correct, then fooled and not flagged).
+
+    Shape: data images (N, C, H, W) in [0, 1]
+    """
+    from adv.metrics import detection_metrics
+
+    defended = ev.defended
+    out = {}
+    for name, kw in attacks:
+        s_clean, s_adv, f_clean, f_adv, hit, evade, n = [], [], [], [], [], 0, 0
+        for x, y in data.batches(batch_size):
+            with torch.enable_grad():
+                x_adv = ev.attack(name, x, y, eps=eps, norm=norm, **({"seed": seed, **kw} if _takes_seed(name) else kw))
+            ok = defended(x).argmax(1) == y
+            fooled = ok & (defended(x_adv).argmax(1) != y)
+            flags = defended.detect(x_adv)
+            s_clean.append(defended.detect_score(x))
+            s_adv.append(defended.detect_score(x_adv))
+            f_clean.append(defended.detect(x))
+            f_adv.append(flags)
+            hit.append(fooled)
+            evade += int((fooled & ~flags).sum())
+            n += len(y)
+        hit_t = torch.cat(hit)
+        scores = torch.cat([torch.cat(s_clean), torch.cat(s_adv)[hit_t]]).cpu().numpy()
+        is_adv = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(int(hit_t.sum()), dtype=torch.bool)])
+        flags = torch.cat([torch.cat(f_clean), torch.cat(f_adv)[hit_t]]).cpu().numpy()
+        m = detection_metrics(scores, is_adv.numpy(), flags)
+        out[name] = {**m, "n": n, "n_successful_adversarials": int(hit_t.sum()), "undetected_success": evade / n}
+    return out
+
+
+def _takes_seed(name: str) -> bool:
+    from adv.attacks import get_attack
+
+    return get_attack(name).randomized
+
+
+def evaluation_setup(
+    classifier: nn.Module, defenses: Iterable[str] = (), *, adaptive: bool = False, detector: str | None = None,
+    checkpoint: str | None = None, device: torch.device | str | None = None,
+) -> EvaluatedModel | None:
+    """``adv eval``'s ``--defense/--adaptive/--detector`` (plus a checkpoint's training defense), or None.
+
+    None means "evaluate the classifier as it is": no option given and the
+    checkpoint records no defense.
+    """
+    from adv.errors import ConfigError
+    from adv.models import load_checkpoint
+
+    defenses = list(defenses or [])
+    meta = load_checkpoint(checkpoint)[1] if checkpoint else {}
+    if not (defenses or detector or checkpoint_defenses(meta)):
+        if adaptive:
+            raise ConfigError("--adaptive attacks a defended model: add --defense NAME:k=v,... or --detector")
+        return None
+    ev = build_evaluated_model(classifier, defenses, adaptive=adaptive, detector=detector, checkpoint_meta=meta)
+    if device is not None:
+        ev.defended.to(device)
+    return ev
+
+
+def defense_report(ev: EvaluatedModel, data, attacks, *, eps: float, norm: str = "linf", batch_size: int = 256,
+                   seed: int = 0) -> dict:
+    """What ``adv eval`` adds to its report: the threat model, the stages, and detector metrics if any."""
+    out = {"defense": ev.describe()}
+    if ev.defended.detector is not None:
+        out["detection"] = detection_report(ev, data, attacks, eps=eps, norm=norm, batch_size=batch_size, seed=seed)
+    return out
