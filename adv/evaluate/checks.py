@@ -38,9 +38,10 @@ class RobustnessWarning(UserWarning):
     """An evaluation result that may overstate robustness."""
 
 
-def warn(flags: Sequence[Flag]) -> None:
+def warn(flags: Sequence[Flag], stacklevel: int = 3) -> None:
+    """Raise each flag as a RobustnessWarning, attributed to the caller's caller by default."""
     for f in flags:
-        warnings.warn(f"{f.code}: {f.message}", RobustnessWarning, stacklevel=3)
+        warnings.warn(f"{f.code}: {f.message}", RobustnessWarning, stacklevel=stacklevel)
 
 
 @torch.no_grad()

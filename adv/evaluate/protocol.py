@@ -297,7 +297,7 @@ def _result(state: EvalState, runs, eps, norm, checks, elapsed: float) -> EvalRe
     if "query_beats_whitebox" in checks and any(beaten.values()):
         flags.append(Flag("query_beats_whitebox", "a query-based attack fooled points that survived the white-box "
                           f"attacks before it ({beaten}): the gradients may be masked", {"fooled": beaten}))
-    C.warn(flags)
+    C.warn(flags, stacklevel=4)  # warn -> _result -> robust_accuracy -> the user's call
     return EvalResult(n=state.n, eps=eps, norm=norm, clean_acc=state.n_clean / n, robust_acc=state.n_robust / n,
                       attacks=reports, flags=flags, time_s=elapsed)
 
