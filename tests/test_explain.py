@@ -20,6 +20,8 @@ def test_topn_mask_keeps_exactly_the_n_highest_cells():
     cam = torch.arange(16.0).view(1, 4, 4)
     mask = topn_mask(cam, 3)
     assert mask.sum() == 3 and mask.flatten()[-3:].all()
+    assert topn_mask(cam, 16).sum() == 15  # the zero cell is never "high attention"
+    assert not topn_mask(torch.zeros(1, 4, 4), 5).any()
     with pytest.raises(ValueError, match="1..16"):
         topn_mask(cam, 17)
     with pytest.raises(ValueError, match=r"\(N, h, w\)"):
@@ -35,7 +37,7 @@ def test_attention_iou_on_known_maps():
     assert attention_iou(a, b, cells=2).item() == pytest.approx(1 / 3)  # |∩| = 1, |∪| = 3
     assert attention_iou(a, -a, cells=2).item() == 0.0
     assert attention_iou(a, b, kappa=0.5).item() == pytest.approx(1 / 3)  # eq. 3 areas via cam.attention_area
-    assert mask_iou(torch.zeros(1, 2, 2, dtype=torch.bool), torch.zeros(1, 2, 2, dtype=torch.bool)).item() == 1.0
+    assert mask_iou(torch.zeros(1, 2, 2, dtype=torch.bool), torch.zeros(1, 2, 2, dtype=torch.bool)).isnan().all()
     with pytest.raises(ValueError, match="exactly one"):
         attention_iou(a, b)
 
@@ -51,11 +53,14 @@ def test_attention_iou_table_splits_by_attack_outcome():
     assert table["n_succeed"] == succeed.sum() and table["n_fail"] == (correct & ~succeed).sum()
     assert [r["cells"] for r in table["rows"]] == [5, 10, 20, 30]
     cam_x, cam_a = grad_cam(clf, x, create_graph=False), grad_cam(clf, x_adv, create_graph=False)
-    expected = attention_iou(cam_x, cam_a, cells=10)[succeed].mean().item()
+    expected = attention_iou(cam_x, cam_a, cells=10)[succeed].nanmean().item()
     assert table["rows"][1]["iou_succeed"] == pytest.approx(expected)
+    assert 0 <= table["n_no_attention"] <= int(correct.sum())
     assert table["grid"] == tuple(cam_x.shape[1:])
     same = attention_iou_table(clf, x, x, y)  # no attack: nothing succeeds, maps identical
     assert same["n_succeed"] == 0 and np.isnan(same["rows"][0]["iou_succeed"]) and same["rows"][0]["iou_fail"] == 1
+    zero = attention_iou(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4), cells=5)
+    assert zero.isnan().all()  # no attention on either side: undefined, left out of the means
 
 
 # --- heatmaps ------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from adv.defenses import autoencoders, detectors, dwt, dwt_training, quantize, r
 from adv.defenses.dwt import select_dwt_params
 from adv.defenses.dwt_training import DWTAugmentedLoss, checkpoint_defenses, training_loss
 from adv.defenses.evaluation import (
-    THREATS, EvaluatedModel, build_evaluated_model, defense_report, detection_report, evaluation_setup,
+    THREATS, EvaluatedModel, build_evaluated_model, defense_report, detection_report, detection_summary,
+    evaluation_setup,
     robust_accuracy_inputs,
 )
 
@@ -26,6 +27,6 @@ __all__ = [
     "DWTAugmentedLoss", "Defended", "EvaluatedModel", "THREATS", "build_defended", "build_evaluated_model",
     "checkpoint_defenses", "create_defense", "defense_schema", "describe_defense", "format_defense_spec", "get_defense",
     "list_defenses", "load_stage", "parse_defense_spec", "register_defense", "save_stage",
-    "select_dwt_params", "training_loss", "defense_report", "detection_report", "evaluation_setup",
+    "select_dwt_params", "training_loss", "defense_report", "detection_report", "detection_summary", "evaluation_setup",
     "robust_accuracy_inputs",
 ]

@@ -167,40 +167,46 @@ def robust_accuracy_inputs(ev: EvaluatedModel, attacks: list[tuple[str, dict]], 
 
 
 @torch.no_grad()
+def detection_summary(defended: Defended, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> dict:
+    """Detector quality on one set of adversarials.
+
+    ``tpr``: flagged fraction of the *successful* adversarials (points
+    classified correctly on ``x`` and wrongly on ``x_adv``); ``fpr``: flagged
+    fraction of the clean inputs; ``auroc``: clean vs successful adversarial
+    scores; ``undetected_success``: the attacker's success against classifier
+    and detector together (correct, then fooled and not flagged), over all points.
+
+    Shape: x, x_adv (N, C, H, W) in [0, 1]; y (N,)
+    """
+    from adv.metrics import detection_metrics
+
+    fooled = (defended(x).argmax(1) == y) & (defended(x_adv).argmax(1) != y)
+    flags_adv, flags_clean = defended.detect(x_adv), defended.detect(x)
+    scores = torch.cat([defended.detect_score(x), defended.detect_score(x_adv)[fooled]]).cpu().numpy()
+    is_adv = torch.cat([torch.zeros(len(x), dtype=torch.bool), torch.ones(int(fooled.sum()), dtype=torch.bool)])
+    flags = torch.cat([flags_clean, flags_adv[fooled]]).cpu().numpy()
+    return {**detection_metrics(scores, is_adv.numpy(), flags), "n": len(x),
+            "n_successful_adversarials": int(fooled.sum()),
+            "undetected_success": (fooled & ~flags_adv).float().mean().item()}
+
+
 def detection_report(
     ev: EvaluatedModel, data, attacks: list[tuple[str, dict]], *, eps: float, norm: str = "linf",
     batch_size: int = 256, seed: int = 0,
 ) -> dict[str, dict]:
-    """Per attack: the detector's TPR on successful adversarials, FPR on clean inputs, AUROC, and the
-    attacker's success rate against classifier *and* detector (correct, then fooled and not flagged).
+    """:func:`detection_summary` per attack, on adversarials crafted under ``ev``'s threat model.
 
     Shape: data images (N, C, H, W) in [0, 1]
     """
-    from adv.metrics import detection_metrics
-
-    defended = ev.defended
     out = {}
     for name, kw in attacks:
-        s_clean, s_adv, f_clean, f_adv, hit, evade, n = [], [], [], [], [], 0, 0
+        xs, advs, ys = [], [], []
         for x, y in data.batches(batch_size):
-            with torch.enable_grad():
-                x_adv = ev.attack(name, x, y, eps=eps, norm=norm, **({"seed": seed, **kw} if _takes_seed(name) else kw))
-            ok = defended(x).argmax(1) == y
-            fooled = ok & (defended(x_adv).argmax(1) != y)
-            flags = defended.detect(x_adv)
-            s_clean.append(defended.detect_score(x))
-            s_adv.append(defended.detect_score(x_adv))
-            f_clean.append(defended.detect(x))
-            f_adv.append(flags)
-            hit.append(fooled)
-            evade += int((fooled & ~flags).sum())
-            n += len(y)
-        hit_t = torch.cat(hit)
-        scores = torch.cat([torch.cat(s_clean), torch.cat(s_adv)[hit_t]]).cpu().numpy()
-        is_adv = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(int(hit_t.sum()), dtype=torch.bool)])
-        flags = torch.cat([torch.cat(f_clean), torch.cat(f_adv)[hit_t]]).cpu().numpy()
-        m = detection_metrics(scores, is_adv.numpy(), flags)
-        out[name] = {**m, "n": n, "n_successful_adversarials": int(hit_t.sum()), "undetected_success": evade / n}
+            kwargs = {"seed": seed, **kw} if _takes_seed(name) else dict(kw)
+            advs.append(ev.attack(name, x, y, eps=eps, norm=norm, **kwargs))
+            xs.append(x)
+            ys.append(y)
+        out[name] = detection_summary(ev.defended, torch.cat(xs), torch.cat(advs), torch.cat(ys))
     return out
 
 

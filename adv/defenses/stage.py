@@ -96,7 +96,8 @@ class ClassifierStage(Stage):
 
 
 def train_stage(
-    model: nn.Module, loss_fn: Callable, params: LearnedParams, data, test=None, show_progress: bool = False
+    model: nn.Module, loss_fn: Callable, params: LearnedParams, data, test=None, show_progress: bool = False,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> dict[str, Any]:
     """Train the trainable parameters of ``model`` with the foundation's ``fit`` loop.
 
@@ -105,7 +106,8 @@ def train_stage(
     from adv.train import TrainConfig, fit
 
     config = TrainConfig(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size, seed=params.seed)
-    return fit(model, data, test, config, loss_fn=loss_fn, out_dir=None, resume=False, show_progress=show_progress)
+    return fit(model, data, test, config, loss_fn=loss_fn, out_dir=None, resume=False, show_progress=show_progress,
+               on_epoch_end=on_epoch_end)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

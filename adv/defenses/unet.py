@@ -118,8 +118,11 @@ def training_adversarials(classifier: nn.Module, x: torch.Tensor, y: torch.Tenso
     return get_attack(name)(classifier, x, y, eps=eps, **kw)
 
 
-def train_unet(model: UNet, classifier: nn.Module, data, show_progress: bool = False) -> dict:
-    """Composite-loss training on clean + adversarial pairs (seed 003 §V)."""
+def train_unet(model: UNet, classifier: nn.Module, data, show_progress: bool = False, on_epoch_end=None) -> dict:
+    """Composite-loss training on clean + adversarial pairs (seed 003 §V).
+
+    ``on_epoch_end(epoch, metrics)`` is called after every epoch (the quality-vs-epochs study of seed 003).
+    """
     p: UNetParams = model.params
     freeze(classifier)
     counter = {"step": 0}
@@ -135,7 +138,7 @@ def train_unet(model: UNet, classifier: nn.Module, data, show_progress: bool = F
         adv_acc = (logits[len(x):].argmax(1) == y).float().mean().item()
         return LossOutput(loss, logits[: len(x)].detach(), {"rec": rec.item(), "cls": cls.item(), "adv_acc": adv_acc})
 
-    metrics = train_stage(model, loss_fn, p, data, show_progress=show_progress)
+    metrics = train_stage(model, loss_fn, p, data, show_progress=show_progress, on_epoch_end=on_epoch_end)
     metrics["parameters"] = parameter_count(model)
     model.trained = True
     return metrics

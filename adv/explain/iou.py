@@ -23,7 +23,12 @@ CELLS = (5, 10, 20, 30)
 
 
 def topn_mask(cam: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` highest cells of each map (ties go to the lower index, as ``topk`` breaks them)."""
+    """The ``n`` highest cells of each map, among its cells with positive attention.
+
+    Grad-CAM maps are ReLU'd and small CNNs give many exact zeros; a zero
+    cell is not "high attention", and letting ``topk`` break ties among zeros
+    by index would make two unrelated maps share those cells (inflating IoU).
+    """
     if cam.ndim != 3:
         raise ValueError(f"cam must be (N, h, w), got shape {tuple(cam.shape)}")
     cells = cam.shape[1] * cam.shape[2]
@@ -32,14 +37,14 @@ def topn_mask(cam: torch.Tensor, n: int) -> torch.Tensor:
     flat = cam.flatten(1)
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask.scatter_(1, flat.topk(n, dim=1).indices, True)
-    return mask.view_as(cam)
+    return (mask & (flat > 0)).view_as(cam)
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-example ``|a ∩ b| / |a ∪ b|`` of boolean masks (1 when both are empty)."""
+    """Per-example ``|a ∩ b| / |a ∪ b|`` of boolean masks; NaN when both are empty (undefined)."""
     inter = (a & b).flatten(1).sum(1).float()
     union = (a | b).flatten(1).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
 
 
 def attention_iou(cam_a: torch.Tensor, cam_b: torch.Tensor, *, cells: int | None = None,
@@ -62,9 +67,11 @@ def attention_iou_table(
 ) -> dict:
     """Seed 004 Table 3 for ``model``: mean clean-vs-adversarial attention IoU, split by attack outcome.
 
-    Each map explains its own predicted class. Returns ``{"rows": [{cells,
-    iou_succeed, iou_fail}], "n_succeed", "n_fail", "grid"}``; a mean over an
-    empty group is NaN.
+    Each map explains its own predicted class. Pairs whose maps are both
+    all-zero have no attention area and are left out of the means (counted in
+    ``n_no_attention``). Returns ``{"rows": [{cells, iou_succeed, iou_fail}],
+    "n_succeed", "n_fail", "n_no_attention", "grid"}``; a mean over an empty
+    group is NaN.
     """
     from adv.explain.cam import grad_cam_and_logits
 
@@ -76,8 +83,7 @@ def attention_iou_table(
     rows = []
     for n in cells:
         iou = attention_iou(cam_x, cam_adv, cells=n)
-        rows.append({"cells": n,
-                     "iou_succeed": iou[succeed].mean().item() if succeed.any() else float("nan"),
-                     "iou_fail": iou[fail].mean().item() if fail.any() else float("nan")})
+        rows.append({"cells": n, "iou_succeed": iou[succeed].nanmean().item(), "iou_fail": iou[fail].nanmean().item()})
+    empty = (cam_x.flatten(1).amax(1) <= 0) & (cam_adv.flatten(1).amax(1) <= 0)
     return {"rows": rows, "n_succeed": int(succeed.sum()), "n_fail": int(fail.sum()),
-            "grid": tuple(cam_x.shape[1:])}
+            "n_no_attention": int((empty & correct).sum()), "grid": tuple(cam_x.shape[1:])}
