@@ -195,6 +195,10 @@ def markdown(rows, exit_row, fast, info, command) -> str:
         lines.append(f"| {r['attack']} | {r['n']} | {r.get('cpu_seconds', '')} | {ips} | "
                      f"{str(r['ratio']) + 'x' if 'ratio' in r else ''} |")
     e = exit_row
+    pgd = [r["ratio"] for r in rows if "ratio" in r]
+    lines += ["", f"Target PGD >= 0.95x the bare loop: {'met' if min(pgd) >= 0.95 else 'missed'} "
+              f"({', '.join(f'{v}x' for v in pgd)}). Target early exit >= 3x faster at robust accuracy no "
+              f"higher: {'met' if e['speedup'] >= 3 and e['early_exit_robust_acc'] <= e['full_pgd40_robust_acc'] else 'missed'}."]
     lines += ["", "Worst-case evaluation on the undefended model, eps 0.3 (L∞):", "",
               "| run | CPU s | robust accuracy |", "|---|---:|---:|",
               f"| full PGD-40 on all {e['n']} points | {e['full_pgd40_s']} | {e['full_pgd40_robust_acc']:.2%} |",

@@ -147,7 +147,8 @@ def robust_accuracy(
     device = torch.device(device) if device is not None else _model_device(model)
     net = fast_model(model, amp, channels_last)
     config = {"attacks": [[r.label, r.kwargs] for r in runs], "eps": eps, "norm": norm, "batch_size": batch_size,
-              "seed": seed, "early_stop": early_stop, "amp": amp, "model": model_fingerprint(model)}
+              "seed": seed, "early_stop": early_stop, "amp": amp,
+              "model": model_fingerprint(model) if state_path else ""}  # hashing weights costs; only to resume
     state = EvalState.load(state_path, config) if state_path else EvalState(config=config)
     for r in runs:
         state.sums.setdefault(r.label, dict.fromkeys(SUMS, 0.0))
