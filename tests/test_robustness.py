@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -113,6 +114,11 @@ def test_state_resumes_after_an_interruption(model, data, tmp_path):
     assert json.loads(state.read_text())["robust_mask"].count("1") == round(res.robust_acc * 60)
     with pytest.raises(ValueError, match="different evaluation"):
         quiet(model, data, [flaky], eps=0.2, batch_size=20, state_path=str(state))
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.fc.bias += 0.1
+    with pytest.raises(ValueError, match="different evaluation"):
+        quiet(other, data, [flaky], eps=EPS, batch_size=20, state_path=str(state))
     x, y = data
     with pytest.raises(ValueError, match="data changed"):
         quiet(model, (x.flip(0), y.flip(0)), [flaky], eps=EPS, batch_size=20, state_path=str(state))
