@@ -108,24 +108,21 @@ def rows_per_example(plan: Plan, n_defenses: int) -> int:
 def init_ray(cfg: EvalConfig) -> None:
     """Connect to ``resources.address`` / ``$RAY_ADDRESS``, else start an embedded local cluster."""
     import ray
-
-    if ray.is_initialized():  # a caller (a test session, a Tune trial) owns the connection
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    res = cfg.resources
-    address = res.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        log(f"connecting to the Ray cluster at {address}")
-        ray.init(address=address, log_to_driver=True)
-    else:
-        need = int(np.ceil(res.actors * res.cpus_per_actor)) + 1  # + 1: other stages (Ray issue #44687)
-        cpus = res.local_cpus or max(os.cpu_count() or 1, need)
-        log(f"starting an embedded local Ray cluster ({cpus} logical CPUs)")
-        ray.init(num_cpus=cpus, object_store_memory=res.object_store_memory, include_dashboard=False)
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("ADV_NO_PROGRESS") != "1"
+    if not ray.is_initialized():  # else a caller (a test session, a Tune trial) owns the connection
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        res = cfg.resources
+        address = res.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            log(f"connecting to the Ray cluster at {address}")
+            ray.init(address=address, log_to_driver=True)
+        else:
+            need = int(np.ceil(res.actors * res.cpus_per_actor)) + 1  # + 1: other stages (Ray issue #44687)
+            cpus = res.local_cpus or max(os.cpu_count() or 1, need)
+            log(f"starting an embedded local Ray cluster ({cpus} logical CPUs)")
+            ray.init(num_cpus=cpus, object_store_memory=res.object_store_memory, include_dashboard=False)
+    DataContext.get_current().enable_progress_bars = os.environ.get("ADV_NO_PROGRESS") != "1"
 
 
 def attack_stage(ds, grouped: bool, udf, kwargs: dict, cfg: EvalConfig):
@@ -273,8 +270,12 @@ def run(cfg: EvalConfig, out: str | None = None, *, loader=None, fault_after_sha
     source = make_source(cfg.dataset)
     input_size, checks = preflight(loader, plan, getattr(source, "data", None))
     store.write_json("checks.json", {"input_shape": list(input_size), "flags": checks})
-    init_ray(cfg)
-    layout = get_layout(store, lambda: source.layout(cfg.shards, cfg.resources.batch_size))
+
+    def make_layout() -> Layout:
+        init_ray(cfg)  # image folders are checked with Ray
+        return source.layout(cfg.shards, cfg.resources.batch_size)
+
+    layout = get_layout(store, make_layout)
     per_example = rows_per_example(plan, len(cfg.defenses))
     kwargs = {"loader": loader, "plan": plan, "device": "auto"}
     return _execute(cfg, store, layout, per_example, fault_after_shards, report,
@@ -295,6 +296,7 @@ def _execute(cfg, store: RunStore, layout: Layout, per_example: int, fault_after
         if pending:
             n_pending = int(sum(layout.examples_per_shard()[k] for k in pending))
             log(f"evaluating {n_pending} examples in {len(pending)} shard(s) on {cfg.resources.actors} actor(s)")
+            init_ray(cfg)
             collect(make_ds(pending), store, layout, per_example, fault_after, attempt, committed)
     finally:
         wall = time.perf_counter() - t0
@@ -349,7 +351,6 @@ def _run_reuse(cfg: EvalConfig, out, *, loader, fault_after_shards, report) -> R
     loader = loader or make_loader(base.model, cfg.defenses)
     input_size, _ = preflight(loader, plan)
     store.write_json("checks.json", {"input_shape": list(input_size), "flags": []})
-    init_ray(cfg)
     store.write_json("layout.json", layout.to_json())
     per_example = (1 + len(build_plan(base).grid)) * (1 + len(cfg.defenses))
     kwargs = {"loader": loader, "plan": plan, "device": "auto"}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -181,6 +182,7 @@ class ImageFolderSource:
         order = subset_indices(len(self.paths), self.cfg.n, self.cfg.seed).tolist() \
             if self.cfg.n is not None and self.cfg.n < len(self.paths) else range(len(self.paths))
         chosen = [self.paths[i] for i in order]
+        print(f"[evaluate] checking that {len(chosen)} image(s) decode", file=sys.stderr, flush=True)
         checked = ray.data.read_binary_files(chosen, filesystem=self.fs, include_paths=True) \
             .map_batches(check_images, batch_size=64).take_all()
         status = {r["path"]: (bool(r["ok"]), r["reason"]) for r in checked}
