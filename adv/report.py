@@ -56,6 +56,13 @@ def clean_ok(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def _nanmean(x: np.ndarray) -> float | None:
+    """Mean ignoring NaN (an IoU of two all-zero maps is undefined); None when nothing is left."""
+    x = np.asarray(x, float)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if len(x) else None
+
+
 def _finite_mean(x: np.ndarray) -> float | None:
     x = np.asarray(x, float)
     x = x[np.isfinite(x)]
@@ -158,8 +165,7 @@ def iou_entries(rows: dict[str, np.ndarray], cells: Sequence[int]) -> list[dict[
             if c > grid_cells:
                 continue
             iou = attention_iou(a, b, cells=int(c)).numpy()
-            entry["cells"][int(c)] = {"succeed": float(iou[succeed].mean()) if succeed.any() else None,
-                                      "fail": float(iou[fail].mean()) if fail.any() else None}
+            entry["cells"][int(c)] = {"succeed": _nanmean(iou[succeed]), "fail": _nanmean(iou[fail])}
         out.append(entry)
     return out
 
@@ -506,7 +512,8 @@ def render_markdown(summary: dict, meta: dict, figures: dict[str, Path | None]) 
     if summary["attention_iou"]:
         cells = sorted({c for e in summary["attention_iou"] for c in e["cells"]})
         lines += ["Mean IoU of the top-N Grad-CAM cells of the clean vs the adversarial image, among examples "
-                  "correct before the attack, for successful (succeed) and failed (fail) attacks.", "",
+                  "correct before the attack, for successful (succeed) and failed (fail) attacks; pairs of two "
+                  "all-zero maps have no attention area and are left out.", "",
                   *_table(["defense", "track", "attack", "n succeed", "n fail",
                            *(f"#cell {c} succeed / fail" for c in cells)],
                           [[e["defense"], e["track"], e["attack_key"], e["n_succeed"], e["n_fail"],
