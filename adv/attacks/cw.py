@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from adv.attacks.core import (
-    _other_max, check_inputs, check_positive, flat_norm, frozen, is_success, labels, project,
+    _other_max, check_inputs, check_positive, frozen, is_success, labels, project,
 )
 from adv.attacks.registry import register_attack
 
