@@ -209,7 +209,7 @@ def _scatter(mask: np.ndarray, where_true: np.ndarray, where_false: np.ndarray) 
     return out
 
 
-class _Scorer:
+class Scorer:
     """Predictions, detector flags and features of one model on a batch."""
 
     def __init__(self, loader: Loader, plan: Plan, device: str = "auto", threads: int | None = None):
@@ -274,7 +274,7 @@ def _quality(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, np.ndarray]:
     return {**norms, **{k: v.astype(np.float32) for k, v in q.items()}}
 
 
-class BatchEvaluator(_Scorer):
+class BatchEvaluator(Scorer):
     """``map_batches`` callable: the whole attack grid on each chunk of a batch.
 
     Construct with ``loader`` (a picklable callable returning :class:`Models`),
@@ -361,7 +361,7 @@ class BatchEvaluator(_Scorer):
         )
 
 
-class StoredEvaluator(_Scorer):
+class StoredEvaluator(Scorer):
     """``map_groups`` callable for stored runs: new defenses on stored non-adaptive adversarials.
 
     Each group is one chunk of a stored shard: its ``clean`` rows and its

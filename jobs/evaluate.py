@@ -196,10 +196,10 @@ def preflight(loader, plan: Plan, data=None) -> tuple[tuple[int, ...], list[dict
     import torch
 
     from adv.evaluate.checks import check_outputs, check_zero_gradients
-    from adv.pipeline import _Scorer
+    from adv.pipeline import Scorer
 
     try:
-        scorer = _Scorer(loader, plan, device="cpu")
+        scorer = Scorer(loader, plan, device="cpu")
     except (AdvError, ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"model/defenses: {exc}") from None
     model_size = tuple(scorer.classifier.input_size)
@@ -233,6 +233,7 @@ def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: 
             committed: list[int]) -> None:
     """Stream result blocks and commit each shard when complete, appending it to ``committed``."""
     expected = {k: n * per_example for k, n in enumerate(layout.examples_per_shard())}
+    expected_now = [k for k in expected if not store.is_done(k)]
     buffers: dict[int, list[pa.Table]] = {}
     counts: dict[int, int] = {}
     t0 = time.perf_counter()
@@ -249,8 +250,8 @@ def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: 
                     [("index", "ascending"), ("track", "ascending"), ("defense", "ascending"), ("grid", "ascending")])
                 store.commit_shard(k, table, {"attempt": attempt})
                 committed.append(k)
-                log(f"shard {k} committed ({table.num_rows} rows, {len(committed)} this attempt, "
-                    f"{time.perf_counter() - t0:.1f} s)")
+                log(f"shard {k} committed ({table.num_rows} rows; {len(committed)}/{len(expected_now)} "
+                    f"shards of this attempt, {time.perf_counter() - t0:.1f} s)")
                 if fault_after is not None and len(committed) >= fault_after:
                     raise InjectedFault(f"injected fault after {len(committed)} shard(s)")
     incomplete = {k: (counts.get(k, 0), expected[k]) for k in buffers}

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{args.config}: the main job needs model.checkpoint (trained when missing)")
         train_default(cfg)
         train_stages(cfg)
+        log(f"models ready after {time.perf_counter() - t0:.0f} s; evaluating")
         from jobs.evaluate import run
 
         result = run(cfg, out=args.out)
