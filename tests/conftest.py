@@ -21,8 +21,15 @@ def ray_cluster():
     """The session's Ray context (``ray.init`` once; shut down at the end of the session)."""
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
-    ctx = ray.init(num_cpus=4, num_gpus=0, object_store_memory=512 * 2**20, include_dashboard=True,
-                   log_to_driver=False) if started else ray.get_runtime_context()
+    if started:
+        ctx = ray.init(num_cpus=4, num_gpus=0, object_store_memory=512 * 2**20, include_dashboard=True,
+                       log_to_driver=False)
+    else:  # someone else's ray.init: expose the same field the tests read
+        from types import SimpleNamespace
+
+        from ray._private.worker import get_dashboard_url
+
+        ctx = SimpleNamespace(dashboard_url=get_dashboard_url())
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

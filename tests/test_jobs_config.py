@@ -110,3 +110,18 @@ def test_shipped_configs_validate(name):
     cfg = EvalConfig.model_validate(data)  # structure and registry names, without the checkpoint files
     assert cfg.attacks and cfg.defenses and cfg.adaptive
     assert load_config  # the loader used by the job is the same validation
+
+
+def test_main_trains_missing_stages_once(base, tmp_path, capsys):
+    from jobs.main import main as main_job, train_stages
+
+    cfg = parse_config({**base, "defenses": [f"initial_ae:checkpoint={tmp_path / 'ae.pt'},epochs=1"]})
+    written = train_stages(cfg)
+    assert written == [tmp_path / "ae.pt"] and written[0].is_file()
+    assert train_stages(cfg) == []  # present now: not retrained
+    loader = __import__("jobs.evaluate", fromlist=["build_loader"]).build_loader(cfg)
+    models = loader()
+    assert list(models.defenses) == [cfg.defenses[0].label]
+    no_ckpt = write_yaml(tmp_path / "arch.yaml", {**base, "model": {"arch": "convsmall", "weights": "w.pt"}})
+    assert main_job(["--config", str(no_ckpt)]) == 2
+    assert "needs model.checkpoint" in capsys.readouterr().err
