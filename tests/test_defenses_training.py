@@ -145,3 +145,12 @@ def test_adv_defend_train_writes_a_loadable_stage(tmp_path, capsys):
     assert main(["defend", "train", "unet", "--dataset", "digits", "--out", str(tmp_path / "u.pt")]) == 2
     err = capsys.readouterr().err
     assert "nothing to train" in err and "--checkpoint" in err and "Traceback" not in err
+
+
+def test_training_a_stage_twice_gives_the_same_weights():
+    clf = trained_classifier()
+    spec = "unet:width=0.25,epochs=1,attacks=pgd,pgd_steps=1,batch_size=32"
+    a, b = (create_defense(spec, classifier=clf, data=digits("train").subset(96)) for _ in range(2))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    c = create_defense(spec + ",seed=1", classifier=clf, data=digits("train").subset(96))
+    assert not torch.equal(a.out.weight, c.out.weight)

@@ -212,6 +212,8 @@ def create_defense(spec: str | tuple[str, Any], classifier: nn.Module | None = N
     payload = read_stage(path) if path else None
     if payload is not None:
         params = _merge_file_params(entry, params, payload, path)
+    elif data is not None and hasattr(params, "seed"):
+        torch.manual_seed(params.seed)  # the initial weights of a stage trained here are part of the run's seed
     stage = entry.build(params, classifier=classifier, data=None if payload else data)
     stage.defense_name = name
     stage.defense_spec = format_defense_spec(name, params)

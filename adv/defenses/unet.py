@@ -115,6 +115,8 @@ def training_adversarials(classifier: nn.Module, x: torch.Tensor, y: torch.Tenso
     name = p.attacks[step % len(p.attacks)]
     eps = float(torch.empty(()).uniform_(0.1, 1.0)) * p.train_eps  # a spread of budgets, not only the largest
     kw = {"steps": p.pgd_steps} if name in ("pgd", "bim") else {}
+    if name == "pgd":
+        kw["seed"] = p.seed * 1_000_003 + step  # PGD's random start: reproducible training
     return get_attack(name)(classifier, x, y, eps=eps, **kw)
 
 
