@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adv.attacks.core import check_inputs, check_positive, frozen, take
+from adv.attacks.core import check_inputs, check_positive, cw_loss, frozen, take
 from adv.attacks.fgsm import fast_gradient_step
 from adv.attacks.pgd import run_pgd
 
@@ -110,8 +110,8 @@ def adaptive_model(defended: nn.Module, eot_samples: int = 8) -> nn.Module:
 
 
 def _margin(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``z_t - max_{j != t} z_j``: positive exactly when the model predicts ``t``."""
-    return logits.gather(1, t[:, None])[:, 0] - logits.scatter(1, t[:, None], float("-inf")).amax(1)
+    """``z_t - max_{j != t} z_j``: positive exactly when the model predicts ``t`` (minus the attacks' CW loss)."""
+    return -cw_loss(logits, t)
 
 
 def detector_aware_objective(defended: nn.Module, y: torch.Tensor, kappa: float = 1.0):

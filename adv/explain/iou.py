@@ -42,6 +42,7 @@ def topn_mask(cam: torch.Tensor, n: int) -> torch.Tensor:
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-example ``|a ∩ b| / |a ∪ b|`` of boolean masks; NaN when both are empty (undefined)."""
+    # hand-written: sklearn's jaccard_score scores one flat pair per call; this is the batched form
     inter = (a & b).flatten(1).sum(1).float()
     union = (a | b).flatten(1).sum(1).float()
     return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
