@@ -219,3 +219,16 @@ def test_eps_sweep(model, data):
     assert "eps_not_to_zero" in {f.code for f in masked.flags}
     with pytest.raises(ValueError, match="ascending"):
         eps_sweep(model, data, ["fgsm"], [0.2, 0.1])
+
+
+def test_non_differentiable_model_is_flagged_not_crashed(model, data):
+    from adv.evaluate.checks import check_zero_gradients
+
+    class NumpyStage(nn.Module):  # like a pywt DWT stage: the graph is cut
+        def forward(self, x):
+            return torch.from_numpy(x.detach().numpy().copy())
+
+    x, y = data.tensors() if hasattr(data, "tensors") else data
+    flags = check_zero_gradients(nn.Sequential(NumpyStage(), model), x[:8], y[:8])
+    assert [f.code for f in flags] == ["no_gradient"] and "BPDA" in flags[0].message
+    assert check_zero_gradients(model, x[:8], y[:8]) == []

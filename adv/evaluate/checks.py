@@ -63,7 +63,13 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
     with frozen(model):
         xg = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+        loss = F.cross_entropy(model(xg), y, reduction="sum")
+        # A numpy stage (DWT, JPEG) cuts the graph: say so instead of letting autograd raise.
+        grad = torch.autograd.grad(loss, xg, allow_unused=True)[0] if loss.requires_grad else None
+    if grad is None:
+        return [Flag("no_gradient", "the loss does not depend differentiably on the input (a non-differentiable "
+                     "stage?): gradient attacks cannot run; attack it adaptively (BPDA, --adaptive)",
+                     {"fraction": 1.0})]
     zero = (grad.flatten(1).abs().amax(1) == 0).float().mean().item()
     if zero > 0:
         return [Flag("zero_gradients", f"the input gradient is exactly zero for {zero:.1%} of the checked points",
