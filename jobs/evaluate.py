@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -436,27 +436,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", metavar="RUN_DIR", help="evaluate the config's defenses on this finished run's "
                                                            "stored adversarials (same as reuse_from:)")
     args = parser.parse_args(argv)
-    try:
+    def body() -> int:
         if args.reuse:  # the stored run's dataset, model and attacks are reused
             cfg = load_config(args.config, {"reuse_from": args.reuse, "adaptive": False},
                               drop=("dataset", "model", "attacks"))
         else:
             cfg = load_config(args.config)
-        result = run(cfg, out=args.out)
+        print(run(cfg, out=args.out).report)
+        return 0
+
+    return guarded("evaluate", body, "rerun the same command to resume")
+
+
+def guarded(prog: str, body: Callable[[], int], on_interrupt: str) -> int:
+    """Run an entrypoint: a user error exits 2 and a failed Ray task 1, each with one line; Ctrl-C 130."""
+    try:
+        return body()
     except AdvError as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("evaluate: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"{prog}: interrupted; {on_interrupt}", file=sys.stderr)
         return 130
     except Exception as exc:
         msg = ray_failure(exc)
         if msg is None:
             raise
-        print(f"evaluate: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
         return 1
-    print(result.report)
-    return 0
 
 
 def ray_failure(exc: BaseException) -> str | None:

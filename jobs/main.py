@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from adv.errors import AdvError, ConfigError
+from adv.errors import ConfigError
 from jobs.config import EvalConfig, load_config
+from jobs.evaluate import guarded, run
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 STAGE_TRAIN_N = 10_000
@@ -80,35 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="run folder (default: output.path/<name>-<config hash>)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    try:
+
+    def body() -> int:
         cfg = load_config(args.config)
         if cfg.reuse_from or not cfg.model.checkpoint:
             raise ConfigError(f"{args.config}: the main job needs model.checkpoint (trained when missing)")
         train_default(cfg)
         train_stages(cfg)
         log(f"models ready after {time.perf_counter() - t0:.0f} s; evaluating")
-        from jobs.evaluate import run
-
         result = run(cfg, out=args.out)
-    except AdvError as exc:
-        print(f"main: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("main: interrupted; rerun to resume (finished shards are kept)", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        from jobs.evaluate import ray_failure
+        acc = result.summary.get("clean_accuracy", {})
+        log(f"done in {time.perf_counter() - t0:.0f} s; clean accuracy " +
+            ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+        print(result.report)
+        return 0
 
-        msg = ray_failure(exc)
-        if msg is None:
-            raise
-        print(f"main: error: {msg}", file=sys.stderr)
-        return 1
-    acc = result.summary.get("clean_accuracy", {})
-    log(f"done in {time.perf_counter() - t0:.0f} s; clean accuracy " +
-        ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
-    print(result.report)
-    return 0
+    return guarded("main", body, "rerun to resume (finished shards are kept)")
 
 
 if __name__ == "__main__":

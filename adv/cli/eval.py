@@ -18,6 +18,7 @@ import torch
 
 from adv.cli.common import add_data_args, add_model_args, load_data, load_model, nonneg_float, positive_int
 from adv.errors import ConfigError
+from adv.train import resolve_device
 
 NAME = "eval"
 HELP = "robust accuracy under one or more attacks (worst case, AutoAttack protocol)"
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--detector", metavar="NAME:k=v,...", help="detector in parallel, e.g. disagreement:checkpoint=F")
     r = parser.add_argument_group("run")
     r.add_argument("--batch-size", type=positive_int, default=256)
-    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    r.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
     r.add_argument("--checks", default="cheap", choices=["cheap", "all", "none"],
                    help="sanity checks for gradient masking; 'all' adds step and eps sweeps")
     r.add_argument("--no-early-stop", action="store_true", help="run iterative attacks for all their steps")
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from adv.evaluate import robust_accuracy
     from adv.evaluate.checks import ALL, CHEAP
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     attacks = attack_list(args)
     if args.checkpoint and (args.model or args.weights):  # before the (slow) data loading
         raise ConfigError("give either --checkpoint or --model [--weights], not both")
@@ -129,13 +130,3 @@ def _params(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key.replace("-", "_")] = value
     return out
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device

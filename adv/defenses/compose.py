@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from adv.defenses.stage import DelegatesToClassifier
 from adv.errors import ConfigError
 
 
@@ -30,7 +31,7 @@ def _stages(preprocess: nn.Module | Sequence[nn.Module] | None) -> list[nn.Modul
     return list(preprocess)
 
 
-class Defended(nn.Module):
+class Defended(DelegatesToClassifier, nn.Module):
     """``classifier(preprocess(x))`` with an optional parallel ``detector``.
 
     Learned stages that were never trained or loaded are refused unless
@@ -80,19 +81,6 @@ class Defended(nn.Module):
     @property
     def randomized(self) -> bool:
         return any(getattr(s, "randomized", False) for s in self.preprocess)
-
-    # the classifier interface (attacks, explainers and nested defenses use it)
-    @property
-    def num_classes(self) -> int:
-        return self.classifier.num_classes
-
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return self.classifier.input_size
-
-    @property
-    def cam_layer(self) -> nn.Module:
-        return self.classifier.cam_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.preprocess(x))

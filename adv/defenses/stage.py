@@ -35,6 +35,23 @@ class LearnedParams(StageParams):
     seed: int = 0
 
 
+class DelegatesToClassifier:
+    """The classifier interface (num_classes, input_size, cam_layer) read from ``self.classifier``,
+    so a wrapped or defended classifier can be attacked, wrapped again or explained."""
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return self.classifier.input_size
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.classifier.cam_layer
+
+
 class Stage(nn.Module):
     """Base of the defense stages: carries the flags and the validated params."""
 
@@ -55,7 +72,7 @@ def freeze(classifier: nn.Module) -> nn.Module:
     return classifier
 
 
-class ClassifierStage(Stage):
+class ClassifierStage(DelegatesToClassifier, Stage):
     """A stage that holds the frozen original classifier as ``self.classifier``.
 
     The classifier stays in eval mode when the stage is put in train mode (so
@@ -81,18 +98,6 @@ class ClassifierStage(Stage):
         if missing or unexpected:
             raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
-    # the classifier interface, so a wrapped classifier can be wrapped again or explained
-    @property
-    def num_classes(self) -> int:
-        return self.classifier.num_classes
-
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return self.classifier.input_size
-
-    @property
-    def cam_layer(self) -> nn.Module:
-        return self.classifier.cam_layer
 
 
 def train_stage(
