@@ -119,3 +119,24 @@ def test_real_checkpoints_reproduce_clean_accuracy(fname, arch, dataset, expecte
     data = load_dataset(dataset, split="test", root=SHARED_DATA)
     acc = evaluate_accuracy(model, data, batch_size=1000)
     assert abs(acc - expected) <= 0.003, f"{fname}: {acc:.4f} vs {expected}"
+
+
+@pytest.mark.parametrize("name", ["lenet", "lenet5", "convsmall"])
+def test_cam_layer_gives_rectified_maps(name):
+    """Grad-CAM hooks the rectified last-conv maps: non-negative activations of the right rank."""
+    model = create_model(name).eval()
+    seen = []
+    handle = model.cam_layer.register_forward_hook(lambda m, i, o: seen.append(o))
+    model(torch.rand(2, *model.input_size))
+    handle.remove()
+    assert seen and seen[0].ndim == 4 and seen[0].min() >= 0
+
+
+@needs_shared_data
+def test_gradcam_maps_of_a_real_model_are_not_blank():
+    from adv.explain.cam import grad_cam
+
+    model = load_external("lenet5", SHARED_MODELS / "mnist_lenet5_clntrained.pt")
+    x, _ = load_dataset("mnist", split="test", root=SHARED_DATA, n=64).tensors()
+    cams = grad_cam(model, x, create_graph=False)
+    assert (cams.flatten(1).amax(1) > 0).float().mean() >= 0.95
