@@ -34,7 +34,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(2, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "sgd", "adamw"] = "adam"
     momentum: float = Field(0.9, ge=0, lt=1)

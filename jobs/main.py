@@ -33,7 +33,7 @@ def train_default(cfg: EvalConfig) -> Path:
     """Train ``lenet`` on the config's dataset (Fashion-MNIST) for 2 epochs unless the checkpoint exists."""
     from adv.data import load_dataset
     from adv.models import create_model
-    from adv.train import TrainConfig, evaluate_accuracy, fit
+    from adv.train import TrainConfig, evaluate_accuracy, fit, seed_everything
 
     ckpt = Path(cfg.model.checkpoint)
     if ckpt.is_file():
@@ -42,9 +42,11 @@ def train_default(cfg: EvalConfig) -> Path:
     d = cfg.dataset
     train = load_dataset(d.name, split="train", root=d.root, download=d.download)
     test = load_dataset(d.name, split="test", root=d.root, download=d.download)
+    config = TrainConfig(epochs=2)
+    seed_everything(config.seed)  # the initial weights too, so the main job is reproducible
     model = create_model("lenet", num_classes=train.num_classes, input_size=train.input_size)
     log(f"training lenet on {d.name} ({len(train)} images, 2 epochs) -> {ckpt}")
-    fit(model, train, test, TrainConfig(epochs=2), out_dir=ckpt.parent)
+    fit(model, train, test, config, out_dir=ckpt.parent)
     log(f"test accuracy {evaluate_accuracy(model, test):.4f}")
     return ckpt
 

@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
     add_model_args(parser)
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=2)
-    g.add_argument("--batch-size", type=positive_int, default=128)
+    g.add_argument("--batch-size", type=positive_int, default=64)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--optimizer", choices=["adam", "sgd", "adamw"], default="adam")
     g.add_argument("--weight-decay", type=float, default=0.0)
