@@ -361,7 +361,7 @@ def _explain_md(iou: dict) -> list[str]:
     counts = "; ".join(f"{n.upper()} {e}: {t['n_succeed']} succeeded, {t['n_fail']} failed, {t['n_no_attention']} "
                        "without attention" for (n, e), t in iou.items())
     return lines + ["", f"({counts}. Only cells with positive attention count as attention area; pairs where both "
-                    "maps are all-zero, common for this small network, are left out.)"]
+                    "maps are all-zero are left out and counted as without attention.)"]
 
 
 def write_section(doc: Path, section: str) -> None:
