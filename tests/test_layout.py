@@ -1,0 +1,21 @@
+"""The library's import boundary: ``adv`` and every submodule load without Ray."""
+
+import pkgutil
+import subprocess
+import sys
+
+import adv
+
+
+def test_no_adv_module_imports_ray():
+    names = [m.name for m in pkgutil.walk_packages(adv.__path__, "adv.") if m.name != "adv.__main__"]  # running it would start the CLI
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
+        "print(len(bad))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(names) > 30 and proc.stdout.strip() == "0"
