@@ -32,11 +32,13 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.docs import command as command_line, markers, write_section
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ADV_SHARED_DIR", ROOT.parent / "shared")) / "data"
-BEGIN, END = "<!-- bench/attacks.py:begin -->", "<!-- bench/attacks.py:end -->"
+BEGIN, END = markers("attacks")
 
 
 def bare_pgd(model, x, y, eps: float, alpha: float, steps: int) -> torch.Tensor:
@@ -210,15 +212,6 @@ def markdown(rows, exit_row, fast, info, command) -> str:
     return "\n".join(lines + ["", END])
 
 
-def write_section(doc: Path, section: str) -> None:
-    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=1000)
@@ -238,8 +231,8 @@ def main(argv=None) -> int:
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     figure(rows, exit_row, docs / "benchmarks_attacks.png")
-    command = ".venv/bin/python -m bench.attacks " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_section(docs / "benchmarks.md", markdown(rows, exit_row, fast, info, command.strip()))
+    command = command_line("attacks", argv)
+    write_section(docs / "benchmarks.md", markdown(rows, exit_row, fast, info, command), "attacks")
     print(json.dumps({"throughput": rows, "early_exit": exit_row, "fast_paths": fast, "machine": info}))
     return 0
 

@@ -29,16 +29,17 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.docs import command as command_line, markers, write_section
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- bench/defenses.py:begin -->", "<!-- bench/defenses.py:end -->"
+BEGIN, END = markers("defenses")
 EPS = (0.05, 0.1, 0.2)
 ATTACKS = {"fgsm": {}, "bim": {"steps": 10}, "pgd": {"steps": 10, "seed": 0}}
 IOU_EPS = (0.02, 0.1)
@@ -364,16 +365,6 @@ def _explain_md(iou: dict) -> list[str]:
                     "maps are all-zero are left out and counted as without attention.)"]
 
 
-def write_section(doc: Path, section: str) -> None:
-    """Replace this bench's section between its markers; other sections are left alone."""
-    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=500, help="test images (seeded subset)")
@@ -392,8 +383,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
-    command = ".venv/bin/python -m bench.defenses" + ("" if argv is None and len(sys.argv) == 1 else
-                                                      " " + shlex.join(sys.argv[1:] if argv is None else argv))
+    command = command_line("defenses", argv)
     info = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s), "
             f"load average {os.getloadavg()[0]:.1f} at start")
     from adv.data import load_dataset
@@ -428,7 +418,7 @@ def main(argv=None) -> int:
             f" ({', '.join(LOADED)} loaded from the cache, their training not included; `--retrain` includes it)"
             if LOADED else ", training every learned stage"),
     }
-    write_section(docs / "benchmarks.md", markdown(command, info, dwt, results, det, study, iou, notes))
+    write_section(docs / "benchmarks.md", markdown(command, info, dwt, results, det, study, iou, notes), "defenses")
     raw = {"results": {r: {("/".join(map(str, k)) if isinstance(k, tuple) else k): v for k, v in c.items()}
                        for r, c in results.items()},
            "detector": {"/".join(map(str, k)): v for k, v in det.items()}, "unet_study": study,
