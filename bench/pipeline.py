@@ -164,7 +164,8 @@ def figure(result: dict, path: Path) -> None:
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.1f}", va="center")
     ax.set_xlabel("images/s (higher is better)")
-    ax.set_title(f"{result['attack']}, {result['n']} images: pipeline / best loop = {result['ratio_vs_best_loop']:.2f}")
+    ax.set_title(f"{result['attack']}, {result['n']} images\npipeline / best loop = {result['ratio_vs_best_loop']:.2f}",
+                 fontsize=10)
     ax.set_xlim(0, max(values) * 1.2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
