@@ -6,7 +6,6 @@ for "training improves the stage" and adaptive-vs-non-adaptive properties.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from adv.data import load_dataset
 from adv.models import create_model
 from adv.train import TrainConfig, fit
+from tests.attack_helpers import one_thread as single_thread
 
 SIZE = 16
 #: Fast training settings for learned stages (spec-string suffix).
@@ -45,17 +45,6 @@ def trained_classifier():
 def sample_batch(n: int = 64, seed: int = 0):
     """``n`` test digits and labels, float (N, 1, 16, 16) in [0, 1]."""
     return digits("test").subset(n, seed).tensors()
-
-
-@contextlib.contextmanager
-def single_thread():
-    """One intra-op thread: on the shared 2-core machine two threads contend and run ~5-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
