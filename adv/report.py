@@ -530,9 +530,14 @@ def render_markdown(summary: dict, meta: dict, figures: dict[str, Path | None]) 
         [[t["attack_key"], t["track"], t["attacked"], t["images"], f"{t['seconds']:.1f}",
           f"{t['images_per_second']:.1f}"] for t in summary["throughput"]])]
     lines += ["", "Attempts (a resumed run has several):", "", *_table(
-        ["attempt", "shards", "examples", "wall s", "images/s (whole grid)", "actors", "GPUs/actor"],
+        ["attempt", "shards", "examples", "wall s", "first result s", "images/s (whole grid)",
+         "steady images/s", "actors", "GPUs/actor"],
         [[a.get("attempt"), len(a.get("shards", [])), a.get("examples"), f"{a.get('wall_seconds', 0):.1f}",
-          _num(a.get("images_per_second"), ".2f"), a.get("actors"), a.get("gpus_per_actor")] for a in attempts])]
+          _num(a.get("first_result_seconds"), ".1f"), _num(a.get("images_per_second"), ".2f"),
+          _num(a.get("steady_images_per_second"), ".2f"), a.get("actors"), a.get("gpus_per_actor")]
+         for a in attempts])]
+    lines += ["", "*First result*: seconds until the first result reached the driver (actor start-up: process, "
+              "imports, model load, first batch). *Steady*: images/s after that; the whole-grid rate includes it."]
     skipped = meta.get("skipped", [])
     lines += ["", "## Run", "", f"- wall time (all attempts, attack stage): {wall:.1f} s",
               f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),

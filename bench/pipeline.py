@@ -1,6 +1,6 @@
 """Images/s through the Ray Data pipeline vs the same per-batch work in a single-process loop.
 
-    .venv/bin/python -m bench.pipeline [--n 1200] [--attack pgd --eps 0.1 --steps 10] [--actors 2]
+    .venv/bin/python -m bench.pipeline [--n 10000] [--attack pgd --eps 0.1 --steps 10] [--actors 2]
 
 Both sides run :class:`adv.pipeline.BatchEvaluator` on the same Fashion-MNIST
 images with the same model and grid point:
@@ -15,7 +15,10 @@ images with the same model and grid point:
   included), not only the attacks.
 
 The two are alternated ``--repeats`` times and the median of each is
-reported, with the ratio pipeline/loop (target >= 0.9 on one node).
+reported, with the ratio pipeline/loop (target >= 0.9 on one node), and the
+pipeline's two parts apart: seconds until its first result reached the
+driver (start-up: worker processes, imports, model load, first batch) and
+its steady images/s after that.
 Prints a JSON line and rewrites its section of docs/benchmarks.md (table, figure, command).
 """
 
@@ -82,20 +85,19 @@ def time_loop(cfg, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_pipeline(cfg, out: str) -> float:
-    """Wall seconds of the pipeline's attack stage (from the run's attempt record)."""
+def time_pipeline(cfg, out: str) -> dict:
+    """The run's attempt record: wall seconds of the attack stage, seconds to the first result, steady images/s."""
     from jobs.evaluate import run
 
     result = run(cfg, out=out, report=False)
-    attempt = json.loads((Path(out) / "attempts" / "0001.json").read_text())
     if not result.computed:
         raise RuntimeError("the pipeline computed nothing")
-    return attempt["wall_seconds"]
+    return json.loads((Path(out) / "attempts" / "0001.json").read_text())
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1200)
+    p.add_argument("--n", type=int, default=10000, help="images (default: the whole Fashion-MNIST test split)")
     p.add_argument("--attack", default="pgd")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=10)
@@ -121,23 +123,29 @@ def main(argv=None) -> int:
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
-        loop_n, loop_1, pipe = [], [], []
+        loop_n, loop_1, pipe, first, steady = [], [], [], [], []
         for r in range(args.repeats):
-            pipe.append(time_pipeline(cfg, str(tmp / f"run{r}")))
+            attempt = time_pipeline(cfg, str(tmp / f"run{r}"))
+            pipe.append(attempt["wall_seconds"])
+            first.append(attempt["first_result_seconds"])
+            steady.append(attempt["steady_images_per_second"])
             loop_n.append(time_loop(cfg, threads=cores))
             loop_1.append(time_loop(cfg, threads=1))
-            print(f"[bench] repeat {r + 1}: pipeline {pipe[-1]:.1f} s, loop {loop_n[-1]:.1f} s ({cores} threads), "
-                  f"{loop_1[-1]:.1f} s (1 thread)", file=sys.stderr)
+            print(f"[bench] repeat {r + 1}: pipeline {pipe[-1]:.1f} s (first result after {first[-1]:.1f} s), "
+                  f"loop {loop_n[-1]:.1f} s ({cores} threads), {loop_1[-1]:.1f} s (1 thread)", file=sys.stderr)
         ray.shutdown()
     torch.set_num_threads(cores)
     t_n, t_1, t_pipe = statistics.median(loop_n), statistics.median(loop_1), statistics.median(pipe)
-    t_loop = min(t_n, t_1)
+    best_loop = args.n / min(t_n, t_1)
+    steady_rate = statistics.median(steady)
     result = {
         "n": args.n, "attack": f"{args.attack} eps={args.eps} steps={args.steps}", "batch_size": args.batch_size,
         "actors": args.actors, "cores": cores, "repeats": args.repeats,
         "loop_seconds": {f"{cores}_threads": loop_n, "1_thread": loop_1}, "pipeline_seconds": pipe,
+        "pipeline_first_result_seconds": first, "pipeline_steady_images_per_s": steady,
         "loop_images_per_s": {f"{cores}_threads": args.n / t_n, "1_thread": args.n / t_1},
-        "pipeline_images_per_s": args.n / t_pipe, "ratio_vs_best_loop": t_loop / t_pipe,
+        "pipeline_images_per_s": args.n / t_pipe, "ratio_vs_best_loop": args.n / t_pipe / best_loop,
+        "steady_ratio_vs_best_loop": steady_rate / best_loop, "startup_seconds": statistics.median(first),
         "load_average": os.getloadavg(),
     }
     print(json.dumps(result))
@@ -156,15 +164,17 @@ def figure(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cores = result["cores"]
-    labels = [f"loop, {cores} threads", "loop, 1 thread", f"Ray Data, {result['actors']} actors"]
+    labels = [f"loop, {cores} threads", "loop, 1 thread", f"Ray Data, {result['actors']} actors\n(whole stage)",
+              "Ray Data, steady\n(after first result)"]
     values = [result["loop_images_per_s"][f"{cores}_threads"], result["loop_images_per_s"]["1_thread"],
-              result["pipeline_images_per_s"]]
-    fig, ax = plt.subplots(figsize=(6, 2.6))
-    ax.barh(labels, values, color=["#999999", "#999999", "#1f77b4"])
+              result["pipeline_images_per_s"], statistics.median(result["pipeline_steady_images_per_s"])]
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    ax.barh(labels, values, color=["#999999", "#999999", "#1f77b4", "#9ecae1"])
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.1f}", va="center")
     ax.set_xlabel("images/s (higher is better)")
-    ax.set_title(f"{result['attack']}, {result['n']} images\npipeline / best loop = {result['ratio_vs_best_loop']:.2f}",
+    ax.set_title(f"{result['attack']}, {result['n']} images\npipeline / best loop = {result['ratio_vs_best_loop']:.2f} "
+                 f"(steady {result['steady_ratio_vs_best_loop']:.2f}; start-up {result['startup_seconds']:.1f} s)",
                  fontsize=10)
     ax.set_xlim(0, max(values) * 1.2)
     fig.tight_layout()
@@ -176,27 +186,33 @@ def markdown(result: dict, command: str, torch_version: str, ray_version: str) -
     cores, n = result["cores"], result["n"]
     loop = result["loop_images_per_s"]
     load = ", ".join(f"{x:.1f}" for x in result["load_average"])
+    steady = statistics.median(result["pipeline_steady_images_per_s"])
     return "\n".join([
         BEGIN, "## Pipeline", "",
-        "Images/s through the Ray Data pipeline (`jobs.evaluate`: `from_arrow` → actor pool of `BatchEvaluator` → "
+        "Images/s through the Ray Data pipeline (`jobs.evaluate`: `from_blocks` → actor pool of `BatchEvaluator` → "
         "results streamed to the driver → Parquet shards committed) vs the same per-batch work "
         "(`adv.pipeline.BatchEvaluator`, same model, data, chunks and attack) in a single-process loop.", "",
         f"Produced by `{command}` on {cores} cores, no GPU, torch {torch_version}, Ray {ray_version} "
         f"(load average {load} at the end).", "",
         "![pipeline throughput](benchmarks_pipeline.png)", "",
-        "| attack | images | batch | single-process loop, images/s | Ray Data pipeline, images/s | pipeline / best loop |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| attack | images | batch | single-process loop, images/s | Ray Data pipeline, images/s (whole stage) "
+        "| pipeline / best loop | pipeline start-up, s | pipeline steady, images/s | steady / best loop |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {result['attack']} | {n} | {result['batch_size']} | {loop[f'{cores}_threads']:.1f} ({cores} threads) / "
         f"{loop['1_thread']:.1f} (1 thread) | {result['pipeline_images_per_s']:.1f} ({result['actors']} actors x 1 core) "
-        f"| **{result['ratio_vs_best_loop']:.2f}** |", "",
-        f"Target: >= 0.9 of the faster single-process loop on one node; median of {result['repeats']} alternated "
-        "repeats. The pipeline time is the whole attack stage of a run: embedded-cluster actor start-up, "
-        "scheduling, result transfer and Parquet commits included, so the ratio grows with the number of images "
-        "(start-up is a fixed cost of ~15 s here). The baseline is the faster of the two loops: on a 2-core machine "
-        "the OpenMP threads of one process can be slower than one thread.", "",
+        f"| **{result['ratio_vs_best_loop']:.2f}** | {result['startup_seconds']:.1f} | {steady:.1f} "
+        f"| {result['steady_ratio_vs_best_loop']:.2f} |", "",
+        f"Target: >= 0.9 of the faster single-process loop on one node, measured on the **whole stage** (the bold "
+        f"column); median of {result['repeats']} alternated repeats. The whole stage is what a user waits for: "
+        "actor start-up (worker processes, imports, model load, first batch), scheduling, result transfer and "
+        "Parquet commits included. The loop is timed warm (torch imported, model built), so start-up is a fixed "
+        "cost only the pipeline pays, and the whole-stage ratio grows with the number of images toward the steady "
+        "ratio. The baseline is the faster of the two loops: on a 2-core machine the OpenMP threads of one process "
+        "can be slower than one thread.", "",
         "No GPU was lent to the session that produced this, so the 1-GPU-actor run is still to be measured "
         "(`resources.gpus_per_actor: 1`, `actors` = number of GPUs).", "", END,
     ])
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -229,8 +229,32 @@ def preflight(loader, plan: Plan, data=None) -> tuple[tuple[int, ...], list[dict
     return model_size, checks
 
 
+@dataclass
+class Arrivals:
+    """When result rows reached the driver, to separate the pool's start-up from its steady throughput."""
+
+    t0: float
+    first: float | None = None  # seconds from the stage start to the first result block
+    last: float | None = None
+    rows_after_first: int = 0  # rows that arrived after the first block
+
+    def add(self, rows: int) -> None:
+        now = time.perf_counter() - self.t0
+        if self.first is None:
+            self.first = now
+        else:
+            self.rows_after_first += rows
+        self.last = now
+
+    def record(self, per_example: int) -> dict[str, float | None]:
+        steady = None
+        if self.first is not None and self.last > self.first:
+            steady = self.rows_after_first / per_example / (self.last - self.first)
+        return {"first_result_seconds": self.first, "steady_images_per_second": steady}
+
+
 def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: int | None, attempt: int,
-            committed: list[int]) -> None:
+            committed: list[int], arrivals: Arrivals) -> None:
     """Stream result blocks and commit each shard when complete, appending it to ``committed``."""
     expected = {k: n * per_example for k, n in enumerate(layout.examples_per_shard())}
     expected_now = [k for k in expected if not store.is_done(k)]
@@ -238,6 +262,7 @@ def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: 
     counts: dict[int, int] = {}
     t0 = time.perf_counter()
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+        arrivals.add(block.num_rows)
         shard_col = block.column("shard").to_numpy()
         for k in np.unique(shard_col).tolist():
             part = block.filter(pa.array(shard_col == k))
@@ -293,18 +318,20 @@ def _execute(cfg, store: RunStore, layout: Layout, per_example: int, fault_after
         log(f"resuming: {len(done)}/{layout.shards} shards already finished, {len(pending)} to go")
     t0 = time.perf_counter()
     committed: list[int] = []
+    arrivals = Arrivals(t0)
     try:
         if pending:
             n_pending = int(sum(layout.examples_per_shard()[k] for k in pending))
             log(f"evaluating {n_pending} examples in {len(pending)} shard(s) on {cfg.resources.actors} actor(s)")
             init_ray(cfg)
-            collect(make_ds(pending), store, layout, per_example, fault_after, attempt, committed)
+            collect(make_ds(pending), store, layout, per_example, fault_after, attempt, committed, arrivals)
     finally:
         wall = time.perf_counter() - t0
         examples = int(sum(layout.examples_per_shard()[k] for k in committed))
         store.write_json(f"attempts/{attempt:04d}.json", {
             "attempt": attempt, "shards": committed, "examples": examples, "wall_seconds": wall,
             "images_per_second": examples / wall if wall > 0 and examples else None,
+            **arrivals.record(per_example),
             "finished": sorted(set(done) | set(committed)) == list(range(layout.shards)),
             "actors": cfg.resources.actors, "gpus_per_actor": cfg.resources.gpus_per_actor,
         })

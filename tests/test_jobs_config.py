@@ -125,3 +125,17 @@ def test_main_trains_missing_stages_once(base, tmp_path, capsys):
     no_ckpt = write_yaml(tmp_path / "arch.yaml", {**base, "model": {"arch": "convsmall", "weights": "w.pt"}})
     assert main_job(["--config", str(no_ckpt)]) == 2
     assert "needs model.checkpoint" in capsys.readouterr().err
+
+
+def test_arrivals_split_start_up_from_steady_throughput(monkeypatch):
+    import jobs.evaluate as evaluate
+
+    clock = iter([10.0, 14.0, 16.0, 18.0])  # stage start, then three result blocks
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(clock))
+    arrivals = evaluate.Arrivals(evaluate.time.perf_counter())
+    for rows in (30, 60, 60):  # 3 rows per example: 10, 20, 20 examples
+        arrivals.add(rows)
+    record = arrivals.record(per_example=3)
+    assert record["first_result_seconds"] == 4.0
+    assert record["steady_images_per_second"] == 40 / 4.0  # the first block's 10 examples belong to start-up
+    assert evaluate.Arrivals(0.0).record(3) == {"first_result_seconds": None, "steady_images_per_second": None}

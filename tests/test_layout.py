@@ -19,3 +19,14 @@ def test_no_adv_module_imports_ray():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(names) > 30 and proc.stdout.strip() == "0"
+
+
+def test_actors_do_not_import_torchvision_to_evaluate_small_models():
+    """Every Ray actor imports adv.pipeline and builds models; torchvision (~2 s: torch._dynamo) is only
+    for ImageNet models, so it loads on first use, not with the model registry."""
+    code = ("import sys, adv.pipeline, adv.models, adv.defenses, adv.attacks\n"
+            "adv.models.create_model('lenet', num_classes=10, input_size=(1, 28, 28))\n"
+            "print('torchvision' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"

@@ -103,6 +103,10 @@ def test_resume_computes_only_the_missing_shards_and_matches_a_clean_run(clean_r
         assert np.array_equal(a[col], b[col]), col
     attempts = json.loads((Path(out) / "results.json").read_text())["attempts"]
     assert [len(x["shards"]) for x in attempts] == [1, 2]
+    for attempt in attempts:  # start-up and steady throughput are recorded apart
+        assert 0 < attempt["first_result_seconds"] <= attempt["wall_seconds"]
+    assert attempts[1]["steady_images_per_second"] > 0  # two shards: results arrived after the first block
+    assert "| first result s |" in (Path(out) / "report.md").read_text()
 
 
 def test_a_folder_of_another_config_is_refused(clean_run):

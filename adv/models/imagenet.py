@@ -8,7 +8,6 @@ the cache folder to put the file in.
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 from adv.errors import CheckpointError
@@ -30,6 +29,8 @@ def torchvision_backbone(name: str, pretrained: bool) -> nn.Module:
 
     Raises CheckpointError (not a URLError traceback) when the download fails.
     """
+    import torchvision  # here, not at module level: it costs ~2 s (torch._dynamo) in every process that lists models
+
     weights_name = _TORCHVISION[name][0]
     kwargs = {"aux_logits": False, "init_weights": False} if name == "inception_v3" else {}
     if not pretrained:
