@@ -30,13 +30,18 @@ class QueryOracle:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        self.accept(x, rows)
+        outs = [self.model(chunk) for chunk in x.split(self.batch_size)]
+        logits = torch.cat(outs) if outs else x.new_zeros((0, 0))
+        return logits.softmax(1) if self.output == "probs" else logits.argmax(1)
+
+    def accept(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Check and count one call's queries; returns their example ids (default 0..n-1) on the CPU."""
         rows = torch.arange(len(x)) if rows is None else rows.detach().cpu().long()
         if len(rows) != len(x):
             raise ValueError(f"rows has {len(rows)} entries for {len(x)} queries")
         self._count(rows)
-        outs = [self.model(chunk) for chunk in x.split(self.batch_size)]
-        logits = torch.cat(outs) if outs else x.new_zeros((0, 0))
-        return logits.softmax(1) if self.output == "probs" else logits.argmax(1)
+        return rows
 
     def _count(self, rows: torch.Tensor) -> None:
         if len(rows) == 0:

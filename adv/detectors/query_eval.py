@@ -56,10 +56,7 @@ class MonitoredOracle(QueryOracle):
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        rows = torch.arange(len(x)) if rows is None else rows.detach().cpu().long()
-        if len(rows) != len(x):
-            raise ValueError(f"rows has {len(rows)} entries for {len(x)} queries")
-        self._count(rows)
+        rows = self.accept(x, rows)
         users = []
         for r in rows.tolist():
             k = self._sent.get(r, 0)
