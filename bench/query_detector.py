@@ -135,6 +135,7 @@ def markdown(rows: list[dict], args, command: str, info: str, meta: dict) -> str
                 f"{_pct(r['false_positive_rate']) if r['benign_users'] else 'not measured'} | {r['threat_model']} |")
 
     cfg = rows[0]["config"]
+    first = [r for r in rows if r["accounts"] == 1 and r["metric"] == "ssim"]
     return "\n".join([
         BEGIN, "## Query-attack detector", "",
         "The prediction-similarity layer of seed 002 §4.3 (`adv.detectors`): per-user history, distance and "
@@ -153,12 +154,16 @@ def markdown(rows: list[dict], args, command: str, info: str, meta: dict) -> str
         "with layer | attack success, no layer | mean queries | benign users flagged | threat model |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         *[line(r) for r in rows], "",
-        "Reading it: with one account per attacker the layer flags Square and HopSkipJump within a few dozen "
-        "queries, since both query near-duplicates of one image, and `deceive` ends the search on a wrong answer. "
-        "Rotating the queries over enough accounts that none receives `distance_alarm_limit` near-duplicates "
-        "evades it completely; that is the adaptive number to quote. Per-account history cannot see a "
-        "distributed attacker: linking accounts (by IP, payment, or a global near-duplicate index) is outside "
-        "this layer.", "", END,
+        "Reading it: with one account per attacker the layer flags " + ", ".join(
+            f"{_pct(r['detection_rate'])} of the {r['attack']} attackers (median {r['median_queries_to_detection']:.0f} "
+            f"queries)" for r in first if r["median_queries_to_detection"] is not None) +
+        ", since both attacks query near-duplicates of one image, and `deceive` ends the search on a wrong answer. "
+        "An attack that succeeds in fewer near-duplicate queries than `distance_alarm_limit` is not stopped ("
+        + ", ".join(f"{_pct(r['true_success_with_layer'])} for {r['attack']}" for r in first) + "). Rotating the "
+        "queries over enough accounts that none receives `distance_alarm_limit` near-duplicates evades the layer "
+        "completely; that is the adaptive number to quote. Per-account history cannot see a distributed "
+        "attacker: linking accounts (by IP, payment, or a global near-duplicate index) is outside this layer.",
+        "", END,
     ])
 
 
