@@ -260,7 +260,6 @@ def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: 
     expected_now = [k for k in expected if not store.is_done(k)]
     buffers: dict[int, list[pa.Table]] = {}
     counts: dict[int, int] = {}
-    t0 = time.perf_counter()
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
         arrivals.add(block.num_rows)
         shard_col = block.column("shard").to_numpy()
@@ -276,7 +275,7 @@ def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: 
                 store.commit_shard(k, table, {"attempt": attempt})
                 committed.append(k)
                 log(f"shard {k} committed ({table.num_rows} rows; {len(committed)}/{len(expected_now)} "
-                    f"shards of this attempt, {time.perf_counter() - t0:.1f} s)")
+                    f"shards of this attempt, {time.perf_counter() - arrivals.t0:.1f} s)")
                 if fault_after is not None and len(committed) >= fault_after:
                     raise InjectedFault(f"injected fault after {len(committed)} shard(s)")
     incomplete = {k: (counts.get(k, 0), expected[k]) for k in buffers}

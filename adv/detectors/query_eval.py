@@ -33,7 +33,7 @@ from torch import nn
 
 from adv.attacks import get_attack
 from adv.attacks.oracle import QueryOracle
-from adv.detectors.query_similarity import PredictionSimilarityLayer, QueryHistory, SimilarityConfig
+from adv.detectors.query_similarity import PredictionSimilarityLayer, SimilarityConfig
 
 
 class MonitoredOracle(QueryOracle):
@@ -96,11 +96,11 @@ class QueryDetectionResult:
         return asdict(self)
 
 
-def _true_success(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> float:
+def _true_success(model: nn.Module, correct: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> float:
+    """Among the examples the model classified ``correct``ly, the fraction ``x_adv`` turns."""
     with torch.no_grad():
-        ok = model(x).argmax(1) == y
         fooled = model(x_adv).argmax(1) != y
-    return float((fooled & ok).sum() / ok.sum()) if ok.any() else float("nan")
+    return float((fooled & correct).sum() / correct.sum()) if correct.any() else float("nan")
 
 
 def benign_false_positives(layer: PredictionSimilarityLayer, benign: torch.Tensor, users: int,
@@ -141,13 +141,14 @@ def evaluate_query_detection(
                          "(adv.attacks.list_attacks(family='query'))")
     config = config or SimilarityConfig()
     model.eval()
-    layer = PredictionSimilarityLayer(model, config, fallback=fallback, history=QueryHistory(config.history))
+    layer = PredictionSimilarityLayer(model, config, fallback=fallback)
     oracle = MonitoredOracle(layer, output=spec.oracle, accounts=accounts)
     params = {**attack_params, **({"seed": seed} if spec.accepts("seed") else {})}
     x_adv, queries = spec(oracle, x, y, eps=eps, **params)
     x_free, _ = spec(QueryOracle(model, output=spec.oracle), x, y, eps=eps, **params)
-    with torch.no_grad():  # an attack on a misclassified image ends at its first query: count the others
-        attacked = (model(x).argmax(1) == y).nonzero()[:, 0].tolist()
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    attacked = correct.nonzero()[:, 0].tolist()  # an attack on a misclassified image ends at its first query
     spent = [oracle.flagged_at[r] for r in attacked if r in oracle.flagged_at]
     fpr = float("nan")
     if benign is not None:
@@ -157,8 +158,8 @@ def evaluate_query_detection(
         attack=attack, accounts=accounts, examples=len(x),
         detection_rate=len(spent) / len(attacked) if attacked else float("nan"),
         median_queries_to_detection=float(np.median(spent)) if spent else None,
-        true_success_with_layer=_true_success(model, x, x_adv, y),
-        true_success_without_layer=_true_success(model, x, x_free, y),
+        true_success_with_layer=_true_success(model, correct, x_adv, y),
+        true_success_without_layer=_true_success(model, correct, x_free, y),
         mean_queries=float(torch.as_tensor(queries).float().mean()),
         benign_users=benign_users if benign is not None else 0, false_positive_rate=fpr,
         config=config.model_dump(),

@@ -54,7 +54,7 @@ class SimilarityConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metric: Literal["ssim", "psnr", "mse"] = "ssim"
+    metric: Literal[METRICS] = "ssim"
     #: Two images are near-duplicates when the metric is at least (SSIM, PSNR dB) or at most (MSE) this;
     #: None picks DEFAULT_THRESHOLDS[metric].
     threshold: float | None = None
@@ -67,7 +67,7 @@ class SimilarityConfig(BaseModel):
     prediction_alarm_limit: int = Field(5, ge=1)
     #: "any": suspicious when either alarm reaches its limit; "both": when both do.
     rule: Literal["any", "both"] = "any"
-    action: Literal["flag", "deceive", "block", "fallback"] = "deceive"
+    action: Literal[ACTIONS] = "deceive"
 
     @model_validator(mode="after")
     def _check(self):
@@ -180,7 +180,8 @@ class PredictionSimilarityLayer:
 
     def _observe(self, image: torch.Tensor, probs: torch.Tensor, user: str) -> QueryDecision:
         cfg = self.config
-        flat = image.detach().cpu().float().flatten().numpy()
+        image = image.detach().cpu().float()
+        flat = image.flatten().numpy()
         p = probs.cpu().numpy()
         h = self.history.get(user, flat.size, p.size)
         nearest, near_dup, walked = None, False, False
@@ -192,7 +193,7 @@ class PredictionSimilarityLayer:
                 values = mse[idx]
             else:
                 earlier = torch.from_numpy(h.images[idx].reshape(k, *image.shape))
-                values = image_quality(image.detach().cpu().float().expand(k, *image.shape), earlier)[cfg.metric]
+                values = image_quality(image.expand(k, *image.shape), earlier)[cfg.metric]
             best = int(np.argmax(values) if HIGHER_IS_SIMILAR[cfg.metric] else np.argmin(values))
             nearest = float(values[best])
             near_dup = cfg.similar(nearest)
