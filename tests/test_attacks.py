@@ -73,7 +73,7 @@ def test_registry_lists_the_issue_attacks_and_variants():
                 "apgd_ce", "apgd_dlr", "square", "hopskipjump"}
     assert expected <= set(ALL)
     assert get_attack("apgd_dlr").defaults["loss"] == "dlr" and get_attack("apgd").defaults["loss"] == "ce"
-    assert list_attacks(family="query") == ["hopskipjump", "square"]
+    assert list_attacks(family="query") == ["hopskipjump", "square", "square_l2"]
     with pytest.raises(ValueError, match="nope"):
         get_attack("nope")
     from adv.attacks import describe_attack

@@ -18,8 +18,11 @@ from adv.attacks.apgd import apgd
 from adv.attacks.a3 import a3
 from adv.attacks.square import square
 from adv.attacks.hopskipjump import hopskipjump
+from adv.attacks.apgd_t import apgd_t
+from adv.attacks.fab import fab_t
+from adv.attacks.square_l2 import square_l2
 
 __all__ = [
-    "AttackSpec", "QueryOracle", "a3", "apgd", "bim", "cw", "deepfool", "describe_attack", "fgsm", "get_attack", "hopskipjump",
-    "iter_stepll", "list_attacks", "pgd", "register_attack", "square", "stepll",
+    "AttackSpec", "QueryOracle", "a3", "apgd", "apgd_t", "bim", "cw", "deepfool", "describe_attack", "fab_t", "fgsm", "get_attack", "hopskipjump",
+    "iter_stepll", "list_attacks", "pgd", "register_attack", "square", "square_l2", "stepll",
 ]

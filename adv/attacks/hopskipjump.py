@@ -4,8 +4,11 @@ From an adversarial starting point (uniform noise, then a binary search
 towards ``x``), repeat: binary-search to the decision boundary, estimate the
 boundary's normal by Monte-Carlo sign queries, take a geometric step along
 it, and search back to the boundary. Examples leave the batch once within
-``eps``. Threat model: black-box, hard labels only; minimal perturbation
-(``eps=inf``) or a budget the result is projected onto.
+``eps``. Targeted runs (``y_target``) start from ``x_init``, an image of
+the target class per example (the paper's targeted setting); without it,
+from an image of the batch that the oracle labels as the target, else from
+uniform noise. Threat model: black-box, hard labels only; minimal
+perturbation (``eps=inf``) or a budget the result is projected onto.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def _toward(x, x_adv, alpha, norm):
     return (1 - a) * x + a * x_adv if norm == "l2" else torch.minimum(torch.maximum(x_adv, x - a), x + a)
 
 
-@register_attack("hopskipjump", family="query", norms=("l2", "linf"), targeted=False, minimal=True,
+@register_attack("hopskipjump", family="query", norms=("l2", "linf"), targeted=True, minimal=True,
                  oracle="labels", description="HopSkipJump: decision-based boundary walk (Chen et al. 2020)")
 def hopskipjump(
     oracle: QueryOracle,
@@ -48,12 +51,13 @@ def hopskipjump(
     max_evals: int = 10000,
     gamma: float = 1.0,
     init_trials: int = 100,
+    x_init: torch.Tensor | None = None,
     seed: int | torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shape: x (N, C, H, W) in [0, 1]; y (N,) -> (x_adv like x, n_queries (N,) int64)."""
-    if targeted:
-        raise ValueError(f"HopSkipJump is untargeted here, got targeted={targeted!r}")
-    check_inputs(x, y, eps, norm, norms=("l2", "linf"), allow_inf=True)
+    """Shape: x, x_init (N, C, H, W) in [0, 1]; y, y_target (N,) -> (x_adv like x, n_queries (N,) int64)."""
+    check_inputs(x, y, eps, norm, norms=("l2", "linf"), targeted=targeted, y_target=y_target, allow_inf=True)
+    if x_init is not None and (x_init.shape != x.shape or x_init.numel() and (x_init.min() < 0 or x_init.max() > 1)):
+        raise ValueError(f"x_init must be shaped like x {tuple(x.shape)} and lie in [0, 1], got {tuple(x_init.shape)}")
     check_positive(steps=steps, init_evals=init_evals, max_evals=max_evals, gamma=gamma, init_trials=init_trials)
     oracle = as_oracle(oracle, "labels")
     n, d = len(x), x[0].numel()
@@ -62,14 +66,17 @@ def hopskipjump(
         return x.clone(), oracle.used(n) - start
     gen = make_generator(seed, x.device)
     all_rows = torch.arange(n, device=x.device)
-    if y is None:
-        y = oracle_labels(oracle, x, all_rows)
+    pred = oracle_labels(oracle, x, all_rows).to(x.device) if y is None or (targeted and x_init is None) else None
+    y = pred if y is None else y
 
     def is_adv(xq, rows):
-        return oracle_labels(oracle, xq, rows).to(y.device) != y[rows]
+        out = oracle_labels(oracle, xq, rows).to(x.device)
+        return out == y_target[rows] if targeted else out != y[rows]
 
     theta = gamma / (math.sqrt(d) * d) if norm == "l2" else gamma / d**2
-    x_adv, alive = _initialise(is_adv, x, all_rows, init_trials, gen)
+    if targeted and x_init is None:
+        x_init = _batch_starts(x, pred, y_target)
+    x_adv, alive = _initialise(is_adv, x, all_rows, init_trials, gen, x_init)
     rows = all_rows[alive]
     if len(rows):
         x_adv[rows], dist = _boundary(is_adv, x[rows], x_adv[rows], rows, norm, theta)
@@ -90,12 +97,25 @@ def hopskipjump(
     return project(x_adv, x, eps, norm), oracle.used(n) - start
 
 
-def _initialise(is_adv, x, rows, trials, gen):
-    """Uniform noise until misclassified, then a coarse L2 binary search towards ``x``."""
+def _batch_starts(x, pred, y_target):
+    """Per example, an image of the batch predicted as its target (NaN rows where the batch has none)."""
+    match = pred[None, :] == y_target[:, None]
+    first = match.float().argmax(1)
+    return torch.where(match.any(1).view(_V), x[first], torch.full_like(x, math.nan))
+
+
+def _initialise(is_adv, x, rows, trials, gen, start=None):
+    """From ``start`` where it is adversarial (finite), else uniform noise until it is; then a coarse L2
+    binary search towards ``x``."""
     x_adv = x.clone()
-    found = is_adv(x, rows)  # already misclassified: nothing to do
+    found = is_adv(x, rows)  # already adversarial: nothing to do
     done = found.clone()
     noise = torch.zeros_like(x)
+    if start is not None:
+        usable = (~done & start.flatten(1).isfinite().all(1)).nonzero()[:, 0]
+        ok = is_adv(start[usable], rows[usable]) if len(usable) else usable.bool()
+        noise[usable[ok]] = start[usable[ok]]
+        found[usable[ok]] = True
     for _ in range(int(trials)):
         todo = (~found).nonzero()[:, 0]
         if len(todo) == 0:
