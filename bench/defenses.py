@@ -3,20 +3,20 @@
     .venv/bin/python -m bench.defenses [--n 500] [--n-train 10000] [--epochs 3] [--threads 1]
 
 * **Robustness table**: clean accuracy and accuracy under FGSM, BIM-10 and
-  PGD-10 (L∞, eps 0.05/0.1/0.2) for: no defense, DWT-haar, DWT-db4 (seed 001,
+  PGD-10 (L∞, eps 0.05/0.1/0.2) for: no defense, DWT-haar, DWT-db4 (Kaminskyi, DWT study,
   parameters chosen by PSNR/MSE on 64 training images), a DWT-trained lenet
-  plus reconstruction (seed 001), the initial AE, middle AE and encoder
-  variant (seed 002 §4.2) and the U-Net (seed 003). Every cell is given
-  **non-adaptive** (the seeds' protocol: adversarials crafted on the
+  plus reconstruction (Kaminskyi, DWT study), the initial AE, middle AE and encoder
+  variant (Echeberria-Barrio et al. 2020 §4.2) and the U-Net (Himbitski et al. 2024). Every cell is given
+  **non-adaptive** (the papers' protocol: adversarials crafted on the
   undefended lenet, then fed through the defense) and **adaptive**
   (adversarials crafted on the defended pipeline: BPDA through the DWT,
   gradients through the AEs and the U-Net).
-* **Detector**: TPR/FPR of the encoder-disagreement detector (seed 002 Fig. 8),
+* **Detector**: TPR/FPR of the encoder-disagreement detector (Echeberria-Barrio et al. 2020 Fig. 8),
   non-adaptive and against the detector-aware attack.
-* **U-Net study** (seed 003): accuracy after 1..E epochs at three widths
+* **U-Net study** (Himbitski et al. 2024): accuracy after 1..E epochs at three widths
   (parameter counts).
-* **Grad-CAM** before/after the U-Net on adversarial inputs (seed 000 Figs. 3-4)
-  and the clean-vs-adversarial attention IoU of seed 004 Table 3.
+* **Grad-CAM** before/after the U-Net on adversarial inputs (Khoshbakht et al. 2024 (SFE) Figs. 3-4)
+  and the clean-vs-adversarial attention IoU of Wu et al. 2022 (AAD) Table 3.
 
 Learned stages are cached in ``--out`` (delete it or pass ``--retrain`` to
 train again). Writes ``docs/benchmarks_defenses*.png`` and the "## Defenses"
@@ -82,7 +82,7 @@ def classifier(args):
 
 
 def select_dwt(train) -> dict:
-    """Seed 001: per wavelet, the strongest DWT whose output keeps PSNR >= 30 dB / MSE <= 1e-3 on 64 images."""
+    """Kaminskyi, DWT study: per wavelet, the strongest DWT whose output keeps PSNR >= 30 dB / MSE <= 1e-3 on 64 images."""
     from adv.defenses import select_dwt_params
     from adv.defenses.dwt import DWTParams
 
@@ -115,10 +115,10 @@ def learned(spec: str, path: Path, clf, train, retrain: bool):
 
 
 def dwt_trained(params, train, args, out: Path):
-    """Seed 001's proactive half: lenet trained on x and DWT(x) (``adv train --defense dwt:...``)."""
-    from adv.defenses import format_defense_spec, training_loss
+    """Kaminskyi, DWT study's proactive half: lenet trained on x and DWT(x) (``adv train --defense dwt:...``)."""
+    from adv.defenses import format_defense_spec
     from adv.models import create_model, load_checkpoint
-    from adv.train import TrainConfig, fit
+    from adv.train import TrainConfig, fit, training_loss
 
     path = out / "dwt-trained" / "model.pt"
     if path.is_file() and not args.retrain:
@@ -128,9 +128,10 @@ def dwt_trained(params, train, args, out: Path):
     log(f"training lenet with --defense {spec} on {len(train)} images")
     torch.manual_seed(0)
     model = create_model("lenet", num_classes=10, input_size=(1, 28, 28))
-    loss_fn, spec = training_loss(spec)
-    fit(model, train, None, TrainConfig(epochs=args.epochs_classifier, seed=0), loss_fn=loss_fn, out_dir=path.parent,
-        resume=False, show_progress=False, extra_meta={"command": "bench.defenses", "defenses": [spec]})
+    loss = training_loss(spec)
+    fit(model, train, None, TrainConfig(epochs=args.epochs_classifier, seed=0), loss_fn=loss.loss_fn,
+        out_dir=path.parent, resume=False, show_progress=False,
+        extra_meta={"command": "bench.defenses", **loss.checkpoint_meta()})
     return model.eval()
 
 
@@ -162,7 +163,7 @@ def build_rows(clf, train, dwt, args, out: Path) -> tuple[dict, dict]:
 # --- measurements ---------------------------------------------------------------------------
 def robustness(rows: dict, source_adv: dict, x, y) -> dict:
     """``{row: {"clean": acc, (attack, eps): {"non-adaptive": acc, "adaptive": acc}}}``."""
-    from adv.adaptive import adaptive_model
+    from adv.evaluate.adaptive import adaptive_model
 
     out = {}
     for row, defended in rows.items():
@@ -183,8 +184,9 @@ def robustness(rows: dict, source_adv: dict, x, y) -> dict:
 
 
 def detector(clf, encoder_file: Path, source_adv: dict, x, y) -> dict:
-    from adv.adaptive import detector_aware_attack
-    from adv.defenses import Defended, create_defense, detection_summary
+    from adv.evaluate.adaptive import detector_aware_attack
+    from adv.defenses import Defended, create_defense
+    from adv.evaluate.threat import detection_summary
 
     defended = Defended(None, clf, create_defense(f"disagreement:checkpoint={encoder_file}", classifier=clf))
     out = {}
@@ -199,7 +201,7 @@ def detector(clf, encoder_file: Path, source_adv: dict, x, y) -> dict:
 
 
 def unet_study(clf, train, source_adv: dict, x, y, args) -> list[dict]:
-    """Seed 003: accuracy on non-adaptive FGSM/PGD (eps 0.1) after each epoch, for three widths."""
+    """Himbitski et al. 2024: accuracy on non-adaptive FGSM/PGD (eps 0.1) after each epoch, for three widths."""
     from adv.defenses import Defended, create_defense
     from adv.defenses.unet import parameter_count, train_unet
     from adv.metrics import image_quality
@@ -224,7 +226,7 @@ def unet_study(clf, train, source_adv: dict, x, y, args) -> list[dict]:
 
 
 def explain(clf, rows: dict, source_adv: dict, x, y, classes, docs: Path) -> dict:
-    """Grad-CAM before/after the U-Net (seed 000 Figs. 3-4) and seed 004's attention IoU (Table 3)."""
+    """Grad-CAM before/after the U-Net (Khoshbakht et al. 2024 (SFE) Figs. 3-4) and Wu et al. 2022 (AAD)'s attention IoU (Table 3)."""
     from adv.explain import attention_iou_table, save_before_after
 
     x_adv = source_adv[("pgd", 0.1)]
@@ -238,7 +240,7 @@ def explain(clf, rows: dict, source_adv: dict, x, y, classes, docs: Path) -> dic
     from adv.attacks import get_attack
 
     tables = {}
-    for eps in IOU_EPS:  # seed 004 used StepLL (its eq. 4) at small budgets; PGD for comparison
+    for eps in IOU_EPS:  # Wu et al. 2022 (AAD) used StepLL (its eq. 4) at small budgets; PGD for comparison
         tables[("stepll", eps)] = attention_iou_table(clf, x, get_attack("stepll")(clf, x, y, eps=eps), y)
         tables[("pgd", eps)] = attention_iou_table(clf, x, source_adv[("pgd", eps)] if ("pgd", eps) in source_adv
                                                    else attack(clf, "pgd", x, y, eps), y)
@@ -297,7 +299,7 @@ def _robustness_md(results: dict, dwt: dict, notes: dict) -> list[str]:
     from adv.defenses import format_defense_spec
 
     cols = [(n, e) for n in ATTACKS for e in EPS]
-    lines = ["Each robust cell is **non-adaptive / adaptive** accuracy (%). Non-adaptive is the seeds' protocol: "
+    lines = ["Each robust cell is **non-adaptive / adaptive** accuracy (%). Non-adaptive is the papers' protocol: "
              "adversarials crafted on the undefended lenet, then fed through the defense. Adaptive: crafted on "
              "the defended pipeline itself (BPDA straight-through for the DWT, gradients through the autoencoders "
              "and the U-Net; BIM/PGD stop early per example once the *defended* model is fooled, which never "
@@ -320,7 +322,7 @@ def _robustness_md(results: dict, dwt: dict, notes: dict) -> list[str]:
 
 
 def _detector_md(det: dict) -> list[str]:
-    lines = ["", "### Encoder-disagreement detector (seed 002 Fig. 8)", "",
+    lines = ["", "### Encoder-disagreement detector (Echeberria-Barrio et al. 2020 Fig. 8)", "",
              "TPR: flagged fraction of successful adversarials; FPR: flagged fraction of clean test images; "
              "undetected: points the attack turns *and* the detector misses (attacker's success, % of all). "
              "Adaptive = the detector-aware attack (per example the worse of a joint margin loss that keeps "
@@ -335,7 +337,7 @@ def _detector_md(det: dict) -> list[str]:
 
 
 def _study_md(study: list[dict]) -> list[str]:
-    lines = ["", "### U-Net: quality vs training epochs and parameter count (seed 003)", "",
+    lines = ["", "### U-Net: quality vs training epochs and parameter count (Himbitski et al. 2024)", "",
              "Non-adaptive accuracy (%) on adversarials crafted on lenet at eps 0.1; PSNR of u(x_adv) against the "
              "clean x. Trained with FGSM pairs only (the table above uses FGSM + PGD pairs).", "",
              "| width | parameters | epoch | clean | FGSM 0.1 | PGD-10 0.1 | PSNR dB |",
@@ -349,10 +351,10 @@ def _study_md(study: list[dict]) -> list[str]:
 def _explain_md(iou: dict) -> list[str]:
     keys = list(iou)
     grid = iou[keys[0]]["grid"]
-    lines = ["", "### Grad-CAM and attention IoU (seeds 000 and 004)", "",
+    lines = ["", "### Grad-CAM and attention IoU (Khoshbakht et al. 2024 (SFE) and 004)", "",
              "![Grad-CAM before and after the U-Net](benchmarks_defenses_gradcam.png)", "",
              "Attention IoU between clean and adversarial Grad-CAM maps of lenet (top-#cell cells of the raw "
-             f"{grid[0]}x{grid[1]} grid, seed 004 eq. 6, Table 3), among test images lenet classifies correctly; "
+             f"{grid[0]}x{grid[1]} grid, Wu et al. 2022 (AAD) eq. 6, Table 3), among test images lenet classifies correctly; "
              "each cell is **attack succeeded / attack failed**:", "",
              "| #cell | " + " | ".join(f"{n.upper()} eps {e}" for n, e in keys) + " |",
              "|---:|" + "---:|" * len(keys)]
@@ -411,8 +413,8 @@ def main(argv=None) -> int:
                           f"on {args.n_train_unet} of them with FGSM + PGD-3 pairs (eps ~ U(0.02, 0.2]); stage "
                           f"files in `{os.path.relpath(out, ROOT)}`",
         "DWT-trained": f"a fresh lenet trained {args.epochs_classifier} epochs on the same {args.n_train} images and their DWT-haar "
-                       "reconstructions (seed 001), reconstruction in front at inference; its non-adaptive "
-                       "adversarials are the standard lenet's, as in seed 001",
+                       "reconstructions (Kaminskyi, DWT study), reconstruction in front at inference; its non-adaptive "
+                       "adversarials are the standard lenet's, as in Kaminskyi, DWT study",
         "attacks": "FGSM, BIM-10, PGD-10 (random start, seed 0); step size 2.5·eps/steps",
         "wall time": f"{(time.time() - t_start) / 60:.1f} min" + (
             f" ({', '.join(LOADED)} loaded from the cache, their training not included; `--retrain` includes it)"

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.pipeline [--n 10000] [--attack pgd --eps 0.1 --steps 10] [--actors 2]
 
-Both sides run :class:`adv.pipeline.BatchEvaluator` on the same Fashion-MNIST
+Both sides run :class:`adv.evaluate.worker.BatchEvaluator` on the same Fashion-MNIST
 images with the same model and grid point:
 
 * **loop**: one process, chunks of ``--batch-size``, timed with torch using
@@ -70,7 +70,7 @@ def time_loop(cfg, threads: int) -> float:
     from jobs.evaluate import build_loader, build_plan
     from jobs.sources import MemorySource
 
-    from adv.pipeline import BatchEvaluator
+    from adv.evaluate.worker import BatchEvaluator
 
     data = MemorySource(cfg.dataset).data
     ev = BatchEvaluator(build_loader(cfg), build_plan(cfg), device="cpu", threads=threads)
@@ -191,7 +191,7 @@ def markdown(result: dict, command: str, torch_version: str, ray_version: str) -
         BEGIN, "## Pipeline", "",
         "Images/s through the Ray Data pipeline (`jobs.evaluate`: `from_blocks` → actor pool of `BatchEvaluator` → "
         "results streamed to the driver → Parquet shards committed) vs the same per-batch work "
-        "(`adv.pipeline.BatchEvaluator`, same model, data, chunks and attack) in a single-process loop.", "",
+        "(`adv.evaluate.worker.BatchEvaluator`, same model, data, chunks and attack) in a single-process loop.", "",
         f"Produced by `{command}` on {cores} cores, no GPU, torch {torch_version}, Ray {ray_version} "
         f"(load average {load} at the end).", "",
         "![pipeline throughput](benchmarks_pipeline.png)", "",

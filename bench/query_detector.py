@@ -1,4 +1,4 @@
-"""The prediction-similarity layer (seed 002 §4.3) against query-based attacks on Fashion-MNIST with ``lenet``.
+"""The prediction-similarity layer (Echeberria-Barrio et al. 2020 §4.3) against query-based attacks on Fashion-MNIST with ``lenet``.
 
     .venv/bin/python -m bench.query_detector [--n 20] [--queries 1000] [--benign 400]
 
@@ -49,7 +49,8 @@ def attacks(args) -> dict[str, dict]:
 
 def main(argv=None) -> int:
     from adv.data import load_dataset
-    from adv.detectors import SimilarityConfig, evaluate_query_detection
+    from adv.detectors import SimilarityConfig
+    from adv.evaluate.query_detection import evaluate_query_detection
     from bench.defenses import classifier
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -138,7 +139,7 @@ def markdown(rows: list[dict], args, command: str, info: str, meta: dict) -> str
     first = [r for r in rows if r["accounts"] == 1 and r["metric"] == "ssim"]
     return "\n".join([
         BEGIN, "## Query-attack detector", "",
-        "The prediction-similarity layer of seed 002 §4.3 (`adv.detectors`): per-user history, distance and "
+        "The prediction-similarity layer of Echeberria-Barrio et al. 2020 §4.3 (`adv.detectors`): per-user history, distance and "
         "prediction alarms, `deceive` action (a suspicious user is served another class). Each attacked image is "
         "one attacker; its queries go through the layer, and the same attack (same seed) runs without it. "
         "*Attack success* is measured on the model itself (what a fresh account is served), over the images it "

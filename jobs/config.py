@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adv.errors import AdvError, ConfigError
+from adv.evaluate.rows import FEATURES
 
-FEATURES = ("logits", "penultimate", "gradcam")
 #: The grid's ``steps`` sets whichever of these budget hyperparameters the attack has.
 BUDGET_PARAMS = ("steps", "queries")
 #: Datasets read by Ray Data from files instead of loaded in memory by ``adv.data``.
@@ -213,9 +213,9 @@ class OutputConfig(_Strict):
 class ReportConfig(_Strict):
     #: Examples in the example and Grad-CAM grids.
     examples: int = Field(4, ge=1, le=32)
-    #: Attention-IoU cell counts (seed 004 Table 3).
+    #: Attention-IoU cell counts (Wu et al. 2022 (AAD) Table 3).
     iou_cells: list[int] = Field(default_factory=lambda: [5, 10, 20, 30])
-    #: Perturbation magnification in the example grid (seed 003: x30).
+    #: Perturbation magnification in the example grid (Himbitski et al. 2024: x30).
     magnify: float = Field(30.0, gt=0)
 
 

@@ -9,13 +9,13 @@ The same job runs on an embedded local Ray (laptop) and on a cluster (set
 1. the dataset becomes a ``ray.data.Dataset`` of the shards not yet finished
    (:mod:`jobs.sources`);
 2. ``map_batches`` (in-memory sets) or ``groupby("chunk").map_groups`` (file
-   sources) runs :class:`adv.pipeline.BatchEvaluator` in an
+   sources) runs :class:`adv.evaluate.worker.BatchEvaluator` in an
    ``ActorPoolStrategy(size=N)`` pool; each actor builds its models once
    through the injected ``loader``;
 3. result blocks stream back to the driver, which commits each shard as one
    Parquet file plus a done marker (:mod:`jobs.store`) the moment its last row
    arrives, so an interrupted run resumes where it stopped;
-4. :func:`adv.report.write_report` turns the stored rows into report.md,
+4. :func:`adv.evaluate.report.write_report` turns the stored rows into report.md,
    results.json and figures.
 
 ``--reuse RUN_DIR`` (or ``reuse_from:``) evaluates new defenses on the stored
@@ -27,35 +27,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from adv.errors import AdvError, ConfigError
-from adv.pipeline import NONE, BatchEvaluator, GridPoint, ModelLoader, Plan, StoredEvaluator
+from adv.evaluate.rows import NONE, SCALAR_COLUMNS
+from adv.evaluate.worker import BatchEvaluator, GridPoint, ModelLoader, Plan, StoredEvaluator
+from jobs import common
+from jobs.common import guarded, versions
 from jobs.config import AttackConfig, EvalConfig, load_config, parse_config
 from jobs.sources import Layout, make_source
 from jobs.store import RunStore
 
-#: Columns the report reads for every row (images, features and logits are read selectively).
-SCALAR_COLUMNS = ("index", "label", "shard", "defense", "track", "grid", "attack", "attack_key", "norm", "eps",
-                  "steps", "queries", "gen_seconds", "l0", "l2", "linf", "mse", "ssim", "psnr", "pred", "correct",
-                  "detected", "robust", "success")
 
 
-class InjectedFault(RuntimeError):
-    """Raised by ``run(..., fault_after_shards=k)``: simulates a crash after k committed shards."""
-
-
-def log(msg: str) -> None:
-    print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+log = common.logger("evaluate")
 
 
 # --- config -> plan, loader --------------------------------------------------------------------
@@ -106,23 +99,11 @@ def rows_per_example(plan: Plan, n_defenses: int) -> int:
 
 # --- Ray ------------------------------------------------------------------------------------------
 def init_ray(cfg: EvalConfig) -> None:
-    """Connect to ``resources.address`` / ``$RAY_ADDRESS``, else start an embedded local cluster."""
-    import ray
-    from ray.data import DataContext
-
-    if not ray.is_initialized():  # else a caller (a test session, a Tune trial) owns the connection
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        res = cfg.resources
-        address = res.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            log(f"connecting to the Ray cluster at {address}")
-            ray.init(address=address, log_to_driver=True)
-        else:
-            need = int(np.ceil(res.actors * res.cpus_per_actor)) + 1  # + 1: other stages (Ray issue #44687)
-            cpus = res.local_cpus or max(os.cpu_count() or 1, need)
-            log(f"starting an embedded local Ray cluster ({cpus} logical CPUs)")
-            ray.init(num_cpus=cpus, object_store_memory=res.object_store_memory, include_dashboard=False)
-    DataContext.get_current().enable_progress_bars = os.environ.get("ADV_NO_PROGRESS") != "1"
+    """Connect to ``resources.address`` / ``$RAY_ADDRESS``, else start a local cluster the actor pool fits in."""
+    res = cfg.resources
+    need = int(np.ceil(res.actors * res.cpus_per_actor)) + 1  # + 1: other stages (Ray issue #44687)
+    common.init_ray(res.address, num_cpus=res.local_cpus or max(os.cpu_count() or 1, need),
+                    object_store_memory=res.object_store_memory, log=log)
 
 
 def attack_stage(ds, grouped: bool, udf, kwargs: dict, cfg: EvalConfig):
@@ -151,16 +132,6 @@ class RunResult:
     skipped: list[int] = field(default_factory=list)
     report: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def versions() -> dict[str, str]:
-    import ray
-    import torch
-
-    import adv
-
-    return {"adv": adv.__version__, "ray": ray.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def open_run(cfg: EvalConfig, out: str | None) -> RunStore:
@@ -196,7 +167,7 @@ def preflight(loader, plan: Plan, data=None) -> tuple[tuple[int, ...], list[dict
     import torch
 
     from adv.evaluate.checks import check_outputs, check_zero_gradients
-    from adv.pipeline import Scorer
+    from adv.evaluate.worker import Scorer
 
     try:
         scorer = Scorer(loader, plan, device="cpu")
@@ -253,8 +224,7 @@ class Arrivals:
         return {"first_result_seconds": self.first, "steady_images_per_second": steady}
 
 
-def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: int | None, attempt: int,
-            committed: list[int], arrivals: Arrivals) -> None:
+def collect(ds, store: RunStore, layout: Layout, per_example: int, attempt: int, committed: list[int], arrivals: Arrivals) -> None:
     """Stream result blocks and commit each shard when complete, appending it to ``committed``."""
     expected = {k: n * per_example for k, n in enumerate(layout.examples_per_shard())}
     expected_now = [k for k in expected if not store.is_done(k)]
@@ -276,18 +246,15 @@ def collect(ds, store: RunStore, layout: Layout, per_example: int, fault_after: 
                 committed.append(k)
                 log(f"shard {k} committed ({table.num_rows} rows; {len(committed)}/{len(expected_now)} "
                     f"shards of this attempt, {time.perf_counter() - arrivals.t0:.1f} s)")
-                if fault_after is not None and len(committed) >= fault_after:
-                    raise InjectedFault(f"injected fault after {len(committed)} shard(s)")
     incomplete = {k: (counts.get(k, 0), expected[k]) for k in buffers}
     if incomplete:
         raise RuntimeError(f"shards {sorted(incomplete)} did not receive all rows: {incomplete}")
 
 
-def run(cfg: EvalConfig, out: str | None = None, *, loader=None, fault_after_shards: int | None = None,
-        report: bool = True) -> RunResult:
+def run(cfg: EvalConfig, out: str | None = None, *, loader=None, report: bool = True) -> RunResult:
     """Run (or resume) the evaluation ``cfg`` describes; ``loader`` replaces the config's model loader."""
     if cfg.reuse_from:
-        return _run_reuse(cfg, out, loader=loader, fault_after_shards=fault_after_shards, report=report)
+        return _run_reuse(cfg, out, loader=loader, report=report)
     store = open_run(cfg, out)
     log(f"run {store.uri} (key {cfg.run_key()[:12]})")
     plan = build_plan(cfg)
@@ -303,12 +270,12 @@ def run(cfg: EvalConfig, out: str | None = None, *, loader=None, fault_after_sha
     layout = get_layout(store, make_layout)
     per_example = rows_per_example(plan, len(cfg.defenses))
     kwargs = {"loader": loader, "plan": plan, "device": "auto"}
-    return _execute(cfg, store, layout, per_example, fault_after_shards, report,
+    return _execute(cfg, store, layout, per_example, report,
                     lambda pending: attack_stage(source.dataset(layout, pending, input_size), source.grouped,
                                                  BatchEvaluator, kwargs, cfg))
 
 
-def _execute(cfg, store: RunStore, layout: Layout, per_example: int, fault_after, report: bool, make_ds) -> RunResult:
+def _execute(cfg, store: RunStore, layout: Layout, per_example: int, report: bool, make_ds) -> RunResult:
     done = store.finished(layout.shards)
     pending = [k for k in range(layout.shards) if k not in done]
     attempt = len(_attempts(store)) + 1
@@ -323,7 +290,7 @@ def _execute(cfg, store: RunStore, layout: Layout, per_example: int, fault_after
             n_pending = int(sum(layout.examples_per_shard()[k] for k in pending))
             log(f"evaluating {n_pending} examples in {len(pending)} shard(s) on {cfg.resources.actors} actor(s)")
             init_ray(cfg)
-            collect(make_ds(pending), store, layout, per_example, fault_after, attempt, committed, arrivals)
+            collect(make_ds(pending), store, layout, per_example, attempt, committed, arrivals)
     finally:
         wall = time.perf_counter() - t0
         examples = int(sum(layout.examples_per_shard()[k] for k in committed))
@@ -368,7 +335,7 @@ def _stored_run(uri: str) -> tuple[RunStore, EvalConfig, Layout]:
     return stored, cfg, layout
 
 
-def _run_reuse(cfg: EvalConfig, out, *, loader, fault_after_shards, report) -> RunResult:
+def _run_reuse(cfg: EvalConfig, out, *, loader, report) -> RunResult:
     import ray
 
     stored, base, layout = _stored_run(cfg.reuse_from)
@@ -389,7 +356,7 @@ def _run_reuse(cfg: EvalConfig, out, *, loader, fault_after_shards, report) -> R
         ds = ds.filter(expr=(col("defense") == NONE) & (col("track") != "adaptive"))
         return attack_stage(ds, True, StoredEvaluator, kwargs, cfg)
 
-    result = _execute(cfg, store, layout, per_example, fault_after_shards, report, make_ds)
+    result = _execute(cfg, store, layout, per_example, report, make_ds)
     return result
 
 
@@ -430,7 +397,7 @@ def load_rows(store: RunStore, layout: Layout, examples: int) -> tuple[dict[str,
 
 
 def write_run_report(store: RunStore, cfg: EvalConfig, layout: Layout) -> tuple[str, dict]:
-    from adv.report import write_report
+    from adv.evaluate.report import write_report
 
     log("writing the report")
     rows, examples = load_rows(store, layout, cfg.report.examples)
@@ -472,33 +439,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return guarded("evaluate", body, "rerun the same command to resume")
-
-
-def guarded(prog: str, body: Callable[[], int], on_interrupt: str) -> int:
-    """Run an entrypoint: a user error exits 2 and a failed Ray task 1, each with one line; Ctrl-C 130."""
-    try:
-        return body()
-    except AdvError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; {on_interrupt}", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        msg = ray_failure(exc)
-        if msg is None:
-            raise
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 1
-
-
-def ray_failure(exc: BaseException) -> str | None:
-    """One line for a failed Ray task (its root cause), or None for other exceptions (real bugs)."""
-    if not type(exc).__module__.startswith("ray"):
-        return None
-    cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-    return (f"the Ray pipeline failed: {cause} (finished shards are kept; rerun to resume; "
-            "worker logs under /tmp/ray/session_latest/logs)")
 
 
 if __name__ == "__main__":

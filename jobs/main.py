@@ -19,7 +19,8 @@ from pathlib import Path
 
 from adv.errors import ConfigError
 from jobs.config import EvalConfig, load_config
-from jobs.evaluate import guarded, run
+from jobs.common import guarded
+from jobs.evaluate import run
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 STAGE_TRAIN_N = 10_000

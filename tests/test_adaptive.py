@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adv.adaptive import BPDA, EOT, adaptive_model, detector_aware_attack
+from adv.evaluate.adaptive import BPDA, EOT, adaptive_model, detector_aware_attack
 from adv.attacks import get_attack
-from adv.defenses import Defended, build_evaluated_model, create_defense, save_stage
+from adv.defenses import Defended, create_defense, save_stage
+from adv.evaluate.threat import build_evaluated_model
 from tests.test_defenses_helpers import (  # noqa: F401  (one_thread: autouse fixture)
     FAST, digits, one_thread, sample_batch, single_thread, trained_classifier,
 )

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from adv.cli import main
-from adv.defenses import Defended, build_evaluated_model, checkpoint_defenses, create_defense, training_loss
+from adv.defenses import Defended, create_defense
+from adv.evaluate.threat import build_evaluated_model
+from adv.train import checkpoint_defenses, training_loss
 from adv.defenses.dwt import DWTParams, dwt_transform
 from adv.errors import ConfigError
 from adv.models import create_model, load_checkpoint
@@ -100,8 +102,9 @@ def test_unet_composite_loss_falls_and_restores_adversarials():
 
 def test_dwt_augmented_training_learns_the_transformed_images():
     params = DWTParams(wavelet="haar", level=2)
-    loss_fn, spec = training_loss("dwt:level=2")
-    assert spec == "dwt:level=2"
+    loss = training_loss("dwt:level=2")
+    loss_fn = loss.loss_fn
+    assert loss.spec == "dwt:level=2" and loss.stages == ["dwt:level=2"]
     torch.manual_seed(0)
     model = create_model("lenet5", input_size=(1, SIZE, SIZE))
     metrics = fit(model, digits("train").subset(800), None, TrainConfig(epochs=2, batch_size=32, lr=3e-3),
@@ -110,7 +113,7 @@ def test_dwt_augmented_training_learns_the_transformed_images():
     x, y = digits("test").tensors()
     with torch.no_grad():
         assert (model(dwt_transform(x, params)).argmax(1) == y).float().mean() > 0.8
-    with pytest.raises(ConfigError, match="no training-time loss"):
+    with pytest.raises(ConfigError, match="unknown training defense 'unet'.*dwt"):
         training_loss("unet")
 
 
@@ -119,13 +122,14 @@ def test_adv_train_defense_records_the_spec_and_eval_recreates_it(tmp_path, caps
                  "--defense", "dwt:wavelet=db2", "--out", str(tmp_path), "--quiet"])
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["defenses"] == ["dwt:wavelet=db2"]
+    assert summary["training_loss"] == "dwt:wavelet=db2"
     model, meta = load_checkpoint(tmp_path / "model.pt")
     assert checkpoint_defenses(meta) == ["dwt:wavelet=db2"]
     evaluated = build_evaluated_model(model, [], checkpoint_meta=meta)
     assert evaluated.defended.specs == ["dwt:wavelet=db2"] and "re-created" in evaluated.describe()["notes"][0]
     assert main(["train", "--dataset", "digits", "--model", "lenet5", "--n", "50", "--defense", "unet",
                  "--out", str(tmp_path / "x"), "--quiet"]) == 2
-    assert "no training-time loss" in capsys.readouterr().err
+    assert "unknown training defense 'unet'" in capsys.readouterr().err
 
 
 def test_adv_defend_train_writes_a_loadable_stage(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Grad-CAM heatmaps through pytorch-grad-cam (before/after a defense) and seed 004's attention IoU."""
+"""Grad-CAM heatmaps through pytorch-grad-cam (before/after a defense) and Wu et al. 2022 (AAD)'s attention IoU."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from adv.explain.iou import attention_iou, attention_iou_table, mask_iou, topn_m
 from tests.test_defenses_helpers import one_thread, sample_batch, trained_classifier  # noqa: F401
 
 
-# --- attention IoU (seed 004 eq. 6, Table 3) --------------------------------------------------
+# --- attention IoU (Wu et al. 2022 (AAD) eq. 6, Table 3) --------------------------------------------------
 def test_topn_mask_keeps_exactly_the_n_highest_cells():
     cam = torch.arange(16.0).view(1, 4, 4)
     mask = topn_mask(cam, 3)

@@ -22,9 +22,9 @@ def test_no_adv_module_imports_ray():
 
 
 def test_actors_do_not_import_torchvision_to_evaluate_small_models():
-    """Every Ray actor imports adv.pipeline and builds models; torchvision (~2 s: torch._dynamo) is only
+    """Every Ray actor imports adv.evaluate.worker and builds models; torchvision (~2 s: torch._dynamo) is only
     for ImageNet models, so it loads on first use, not with the model registry."""
-    code = ("import sys, adv.pipeline, adv.models, adv.defenses, adv.attacks\n"
+    code = ("import sys, adv.evaluate.worker, adv.models, adv.defenses, adv.attacks\n"
             "adv.models.create_model('lenet', num_classes=10, input_size=(1, 28, 28))\n"
             "print('torchvision' in sys.modules)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

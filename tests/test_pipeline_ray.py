@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adv.pipeline import ROW_SCHEMA
+from adv.evaluate.rows import ROW_SCHEMA
 from jobs.config import parse_config
-from jobs.evaluate import InjectedFault, run
+from jobs.evaluate import run
 from jobs.store import RunStore
 from tests.pipeline_helpers import REPO, tiny_config, train_tiny
 
@@ -86,11 +86,25 @@ def test_parquet_schema_matches_the_documented_one(clean_run):
         assert re.search(rf"`{name}`", doc), f"{name} undocumented"
 
 
-def test_resume_computes_only_the_missing_shards_and_matches_a_clean_run(clean_run, tmp_path):
+class InjectedFault(RuntimeError):
+    """The driver crashing right after its first shard commit (injected from the test, not the job)."""
+
+
+def test_resume_computes_only_the_missing_shards_and_matches_a_clean_run(clean_run, tmp_path, monkeypatch):
     cfg, clean = clean_run
     out = str(tmp_path / "resumed")
-    with pytest.raises(InjectedFault):
-        run(cfg, out=out, fault_after_shards=1, report=False)
+    real_commit, calls = RunStore.commit_shard, []
+
+    def crash_on_second_commit(self, k, table, info):
+        calls.append(k)
+        if len(calls) > 1:
+            raise InjectedFault(f"injected fault after {len(calls) - 1} shard(s)")
+        real_commit(self, k, table, info)
+
+    with monkeypatch.context() as m:  # commits happen in the driver, so patching reaches them
+        m.setattr(RunStore, "commit_shard", crash_on_second_commit)
+        with pytest.raises(InjectedFault):
+            run(cfg, out=out, report=False)
     store = RunStore(out)
     first = store.finished(3)
     assert len(first) == 1

@@ -1,4 +1,4 @@
-"""The per-batch work of the distributed evaluation, without Ray (adv.pipeline)."""
+"""The per-batch work of the distributed evaluation, without Ray (adv.evaluate.worker)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from adv.data import load_dataset
-from adv.pipeline import NONE, ROW_SCHEMA, BatchEvaluator, GridPoint, ModelLoader, Plan, chunk_seed
+from adv.evaluate.rows import NONE, ROW_SCHEMA
+from adv.evaluate.worker import BatchEvaluator, GridPoint, ModelLoader, Plan, chunk_seed
 from tests.pipeline_helpers import batch_of, train_tiny
 
 GRID = (GridPoint("fgsm", 0.0), GridPoint("fgsm", 0.3),

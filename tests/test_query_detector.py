@@ -1,4 +1,4 @@
-"""The prediction-similarity layer (seed 002 §4.3): per-user history, distance and prediction alarms,
+"""The prediction-similarity layer (Echeberria-Barrio et al. 2020 §4.3): per-user history, distance and prediction alarms,
 actions, ageing out, and its evaluation against a query attack, adaptive (Sybil) included."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from pydantic import ValidationError
 from skimage.metrics import peak_signal_noise_ratio
 from torch import nn
 
-from adv.detectors import (
-    PredictionSimilarityLayer, QueryHistory, SimilarityConfig, evaluate_query_detection,
-)
+from adv.detectors import PredictionSimilarityLayer, QueryHistory, SimilarityConfig
+from adv.evaluate.query_detection import evaluate_query_detection
 from tests.test_defenses_helpers import one_thread, sample_batch, trained_classifier  # noqa: F401
 
 

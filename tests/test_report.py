@@ -1,4 +1,4 @@
-"""The report (adv.report) on hand-made rows: the arithmetic, the flags, the files."""
+"""The report (adv.evaluate.report) on hand-made rows: the arithmetic, the flags, the files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from adv.report import masking_flags, summarize, write_report
+from adv.evaluate.report import masking_flags, summarize, write_report
 
 N = 4  # examples
 

@@ -1,4 +1,4 @@
-"""Attention-Augmented Adversarial Attack, A3Attack (Wu et al. 2022; seed 004 §4.3, eq. 11-13).
+"""Attention-Augmented Adversarial Attack, A3Attack (Wu et al. 2022; Wu et al. 2022 (AAD) §4.3, eq. 11-13).
 
 Adds the attention-deviation term ``sigma · ||Att(x) - g(x_adv)||_1`` to the
 loss a base attack ascends (FGSM, StepLL, PGD or Iter-StepLL): ``Att(x)`` is

@@ -1,4 +1,4 @@
-"""Basic Iterative Method / I-FGSM (Kurakin et al. 2017), seed 003 eq. 7-10.
+"""Basic Iterative Method / I-FGSM (Kurakin et al. 2017), Himbitski et al. 2024 eq. 7-10.
 
 ``x_{t+1} = clip_eps(x_t ± α · sign(∇ L(x_t, y)))`` from ``x_0 = x``: PGD
 without the random start. Threat model: white-box, L∞ (or L2).

@@ -1,4 +1,4 @@
-"""Fast Gradient Sign Method (Goodfellow et al. 2015), seed 003 eq. 5-6.
+"""Fast Gradient Sign Method (Goodfellow et al. 2015), Himbitski et al. 2024 eq. 5-6.
 
 Untargeted: ``x + eps * sign(grad_x L(x, y))`` (eq. 5); targeted:
 ``x - eps * sign(grad_x L(x, y_target))`` (eq. 6). With ``norm="l2"`` the

@@ -2,7 +2,7 @@
 
 ``x_{t+1} = Π_{B(x, eps) ∩ [0,1]}(x_t + α · dir(∇ L(x_t)))`` from a random
 start in the ball, with restarts and a choice of loss: ``ce``, ``cw``
-(the margin loss; PGD on it is the "CW-k" column of seed 004's tables) or
+(the margin loss; PGD on it is the "CW-k" column of Wu et al. 2022 (AAD)'s tables) or
 ``dlr`` (Croce & Hein 2020). Threat model: white-box, L∞ or L2.
 """
 

@@ -1,4 +1,4 @@
-"""StepLL and Iter-StepLL (Kurakin et al. 2017; Tramèr et al. 2018), seed 004 eq. 4.
+"""StepLL and Iter-StepLL (Kurakin et al. 2017; Tramèr et al. 2018), Wu et al. 2022 (AAD) eq. 4.
 
 ``x_adv = x - eps · sign(∇_x L(f(x), y_LL))``: a targeted FGSM step towards
 the least-likely class ``y_LL`` of the clean input. Iter-StepLL iterates it

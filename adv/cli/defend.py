@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
     train.add_argument("--out", required=True, help="stage file to write (e.g. runs/fm-lenet/unet.pt)")
     train.add_argument("--quiet", action="store_true")
 
-    select = sub.add_parser("select-dwt", help="choose DWT parameters by PSNR/MSE on a sample (seed 001)")
+    select = sub.add_parser("select-dwt", help="choose DWT parameters by PSNR/MSE on a sample (Kaminskyi, DWT study)")
     add_data_args(select, default_split="train")
     select.add_argument("--psnr-min", type=float, default=30.0)
     select.add_argument("--mse-max", type=float, default=1e-3)

@@ -5,8 +5,10 @@
 
 Attacks run in the given order, each on the points still standing (the
 AutoAttack protocol); hyperparameter flags apply to every attack that takes
-them. The evaluated model is built in one place, ``build_model``, so
-defenses and detectors can wrap it there.
+them. ``--suite standard`` (or ``l2``, ``rand``) appends AutoAttack's fixed
+suite after them (``adv eval --checkpoint M --suite standard --eps 0.3``).
+The evaluated model is built in one place, ``build_model``, so defenses and
+detectors can wrap it there.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from adv.cli.common import add_data_args, add_model_args, load_data, load_model, nonneg_float, positive_int
 from adv.errors import ConfigError
-from adv.train import resolve_device
+from adv.models.device import resolve_device
 
 NAME = "eval"
 HELP = "robust accuracy under one or more attacks (worst case, AutoAttack protocol)"
@@ -32,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser, required=False)
     add_data_args(parser)
     g = parser.add_argument_group("attacks")
-    g.add_argument("--attack", action="append", required=True, metavar="NAME",
+    g.add_argument("--attack", action="append", default=[], metavar="NAME",
                    help="registered attack (repeat for a worst-case sequence); see `adv info attacks`")
+    g.add_argument("--suite", choices=["standard", "l2", "rand"],
+                   help="AutoAttack-style suite run after the --attack list (standard: L-inf; l2; rand: EOT)")
     g.add_argument("--eps", type=nonneg_float, required=True, help="perturbation budget")
     g.add_argument("--norm", default="linf", choices=["linf", "l2"])
     g.add_argument("--steps", type=positive_int, help="iterations, for attacks that iterate")
@@ -63,12 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from adv.defenses import defense_report, evaluation_setup, robust_accuracy_inputs
+    from adv.evaluate.threat import defense_report, evaluation_setup, robust_accuracy_inputs
     from adv.evaluate import robust_accuracy
     from adv.evaluate.checks import ALL, CHEAP
 
     device = resolve_device(args.device)
+    if not (args.attack or args.suite):
+        raise ConfigError("give --attack NAME (repeatable) and/or --suite standard|l2|rand")
     attacks = attack_list(args)
+    suite = _suite_pairs(args.suite, args.norm) if args.suite else []  # checks the norm before data loading
     if args.checkpoint and (args.model or args.weights):  # before the (slow) data loading
         raise ConfigError("give either --checkpoint or --model [--weights], not both")
     if not (args.checkpoint or args.model):
@@ -78,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
     evaluated = evaluation_setup(model, args.defense, adaptive=args.adaptive, detector=args.detector,
                                  checkpoint=args.checkpoint, device=device)
     if evaluated is not None:  # the defended model is scored; the threat model decides what is attacked
-        model, attacks_run = robust_accuracy_inputs(evaluated, attacks, seed=args.seed)
+        # the defended threat model wraps each attack; an adaptive randomized pipeline already averages draws
+        model, attacks_run = robust_accuracy_inputs(evaluated, attacks + suite, seed=args.seed)
     result = robust_accuracy(
-        model, data, attacks_run if evaluated else attacks, eps=args.eps, norm=args.norm, batch_size=args.batch_size, device=device,
+        model, data, attacks_run if evaluated else attacks, suite=None if evaluated else args.suite, eps=args.eps, norm=args.norm, batch_size=args.batch_size, device=device,
         seed=args.seed, early_stop=not args.no_early_stop, state_path=args.state, progress=not args.quiet,
         checks={"cheap": CHEAP, "all": ALL, "none": ()}[args.checks], amp=args.amp,
         channels_last=args.channels_last,
@@ -117,6 +125,15 @@ def attack_list(args: argparse.Namespace) -> list[tuple[str, dict]]:
         if not any(key in spec.defaults for spec in specs):
             raise ConfigError(f"no chosen attack takes {key!r} (attacks: {', '.join(s.name for s in specs)})")
     return [(spec.name, {k: v for k, v in hyper.items() if k in spec.defaults}) for spec in specs]
+
+
+def _suite_pairs(name: str, norm: str) -> list[tuple[str, dict]]:
+    from adv.evaluate.suites import suite_attacks
+
+    try:
+        return suite_attacks(name, norm, eot=False)
+    except ValueError as exc:
+        raise ConfigError(f"--suite: {exc}") from None
 
 
 def _params(items: list[str]) -> dict:

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from adv.cli.common import add_data_args, add_model_args, load_data, load_model, positive_int
 from adv.errors import ConfigError
-from adv.train import TrainConfig, cross_entropy_loss, fit, seed_everything
+from adv.train.loop import TrainConfig, cross_entropy_loss, fit, seed_everything
 
 NAME = "train"
 HELP = "train a classifier; writes OUT/model.pt and OUT/metrics.json"
@@ -50,11 +50,11 @@ def run(args) -> int:
     model = load_model(args, train)
     loss_fn, extra = cross_entropy_loss, {"command": "adv train"}
     if args.defense:
-        from adv.defenses import training_loss
-        from adv.defenses.dwt_training import META_KEY
+        from adv.train import training_loss
 
-        loss_fn, spec = training_loss(args.defense)
-        extra[META_KEY] = [spec]
+        loss = training_loss(args.defense)
+        loss_fn = loss.loss_fn
+        extra.update(loss.checkpoint_meta())
     out = Path(args.out or f"runs/{args.dataset}-{model.arch}")
     metrics = fit(
         model, train, test, config, loss_fn=loss_fn, out_dir=out, resume=not args.no_resume,

@@ -14,19 +14,11 @@ from adv.defenses.registry import (
 )
 from adv.defenses.compose import Defended, build_defended
 # importing the stage modules registers them
-from adv.defenses import autoencoders, detectors, dwt, dwt_training, quantize, random_noise, unet  # noqa: F401,E402
+from adv.defenses import autoencoders, dwt, quantize, random_noise, sfe, unet  # noqa: F401,E402
 from adv.defenses.dwt import select_dwt_params
-from adv.defenses.dwt_training import DWTAugmentedLoss, checkpoint_defenses, training_loss
-from adv.defenses.evaluation import (
-    THREATS, EvaluatedModel, build_evaluated_model, defense_report, detection_report, detection_summary,
-    evaluation_setup,
-    robust_accuracy_inputs,
-)
 
 __all__ = [
-    "DWTAugmentedLoss", "Defended", "EvaluatedModel", "THREATS", "build_defended", "build_evaluated_model",
-    "checkpoint_defenses", "create_defense", "defense_schema", "describe_defense", "format_defense_spec", "get_defense",
-    "list_defenses", "load_stage", "parse_defense_spec", "register_defense", "save_stage",
-    "select_dwt_params", "training_loss", "defense_report", "detection_report", "detection_summary", "evaluation_setup",
-    "robust_accuracy_inputs",
+    "Defended", "build_defended", "create_defense", "defense_schema", "describe_defense", "format_defense_spec",
+    "get_defense", "list_defenses", "load_stage", "parse_defense_spec", "register_defense", "save_stage",
+    "select_dwt_params",
 ]

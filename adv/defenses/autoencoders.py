@@ -1,4 +1,4 @@
-"""Dimensionality-reduction defenses of seed 002 §4.2 (Echeberria-Barrio et al.).
+"""Dimensionality-reduction defenses of Echeberria-Barrio et al. 2020 §4.2 (Echeberria-Barrio et al.).
 
 * **initial autoencoder** (Fig. 7): a conv autoencoder trained on the data,
   inserted before the classifier, whose weights stay as they were;
@@ -22,7 +22,7 @@ from torch import nn
 
 from adv.defenses.registry import register_defense
 from adv.defenses.stage import ClassifierStage, LearnedParams, Stage, crop_to, freeze, pad_to_multiple, train_stage
-from adv.train import LossOutput
+from adv.train.loop import LossOutput
 
 
 # --- initial autoencoder (pixel space) ---------------------------------------------------
@@ -33,7 +33,7 @@ class InitialAEParams(LearnedParams):
 
 
 class InitialAE(Stage):
-    """Conv autoencoder in front of the classifier (seed 002 Fig. 7).
+    """Conv autoencoder in front of the classifier (Echeberria-Barrio et al. 2020 Fig. 7).
 
     Shape: (N, C, H, W) in [0, 1] -> (N, C, H, W) in [0, 1]; code (N, latent, H/4, W/4)
     """
@@ -56,7 +56,7 @@ class InitialAE(Stage):
 
 
 @register_defense("initial_ae", params=InitialAEParams, kind="preprocess", learned=True,
-                  description="conv autoencoder before the classifier, trained on the data (seed 002 Fig. 7)")
+                  description="conv autoencoder before the classifier, trained on the data (Echeberria-Barrio et al. 2020 Fig. 7)")
 def initial_ae(params: InitialAEParams, classifier=None, data=None) -> InitialAE:
     channels = data.input_size[0] if data is not None else (classifier.input_size[0] if classifier is not None else 1)
     ae = InitialAE(channels, params)
@@ -109,7 +109,7 @@ class FeatureAE(nn.Module):
 
 
 class MiddleAEClassifier(ClassifierStage):
-    """``head(AE(features(x)))`` with the original CNN and head frozen (seed 002 Fig. 5).
+    """``head(AE(features(x)))`` with the original CNN and head frozen (Echeberria-Barrio et al. 2020 Fig. 5).
 
     Shape: (N, C, H, W) in [0, 1] -> logits (N, num_classes)
     """
@@ -141,7 +141,7 @@ def _feature_dim(classifier: nn.Module) -> int:
 
 
 @register_defense("middle_ae", params=FeatureAEParams, kind="classifier", learned=True, needs_classifier=True,
-                  description="dense autoencoder on penultimate features, before the frozen head (seed 002 Fig. 5)")
+                  description="dense autoencoder on penultimate features, before the frozen head (Echeberria-Barrio et al. 2020 Fig. 5)")
 def middle_ae(params: FeatureAEParams, classifier=None, data=None) -> MiddleAEClassifier:
     _feature_dim(classifier)
     model = MiddleAEClassifier(classifier, params)
@@ -172,7 +172,7 @@ class EncoderParams(FeatureAEParams):
 
 
 class EncoderClassifier(ClassifierStage):
-    """``new_head(encoder(features(x)))``: the middle AE's encoder and a new dense head (seed 002 Fig. 6).
+    """``new_head(encoder(features(x)))``: the middle AE's encoder and a new dense head (Echeberria-Barrio et al. 2020 Fig. 6).
 
     Shape: (N, C, H, W) in [0, 1] -> logits (N, num_classes); code (N, bottleneck)
     """
@@ -200,7 +200,7 @@ class EncoderClassifier(ClassifierStage):
 
 
 @register_defense("encoder", params=EncoderParams, kind="classifier", learned=True, needs_classifier=True,
-                  description="middle-AE encoder + a new dense head trained on its code (seed 002 Fig. 6)")
+                  description="middle-AE encoder + a new dense head trained on its code (Echeberria-Barrio et al. 2020 Fig. 6)")
 def encoder(params: EncoderParams, classifier=None, data=None) -> EncoderClassifier:
     model = EncoderClassifier(classifier, params)
     model.trained = False

@@ -3,7 +3,7 @@
 ``preprocess`` stages (DWT, autoencoders, U-Net, ...) run in order as an
 ``nn.Sequential``; ``classifier`` may itself be a wrapped classifier (middle
 autoencoder, encoder variant); an optional ``detector`` runs in parallel on
-the same input the classifier sees and flags suspicious inputs (seed 002,
+the same input the classifier sees and flags suspicious inputs (Echeberria-Barrio et al. 2020,
 Fig. 8).
 
 Shape:

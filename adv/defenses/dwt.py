@@ -1,4 +1,4 @@
-"""Discrete-wavelet-transform input reconstruction (seed 001, "Input Reconstruction").
+"""Discrete-wavelet-transform input reconstruction (Kaminskyi, DWT study, "Input Reconstruction").
 
 Each image is decomposed with a 2-D DWT, its detail coefficients are
 shrunk (soft or hard thresholding) and the image is reconstructed: the
@@ -8,7 +8,7 @@ VisuShrink thresholds), or by ``pywt`` with a fixed threshold.
 
 Threat model: a preprocessing defense against small L∞/L2 perturbations. It
 is a numpy stage (``differentiable = False``): evaluated adaptively it is
-attacked through BPDA (:mod:`adv.adaptive`), against which it is known to
+attacked through BPDA (:mod:`adv.evaluate.adaptive`), against which it is known to
 give little (Athalye et al. 2018).
 """
 
@@ -95,7 +95,7 @@ def dwt_transform(x: torch.Tensor, p: DWTParams) -> torch.Tensor:
 
 
 class DWTDenoise(Stage):
-    """Input reconstruction by wavelet denoising (seed 001).
+    """Input reconstruction by wavelet denoising (Kaminskyi, DWT study).
 
     Shape: (N, C, H, W) in [0, 1] -> (N, C, H, W) in [0, 1]
     """
@@ -113,12 +113,12 @@ class DWTDenoise(Stage):
 
 
 @register_defense("dwt", params=DWTParams, kind="preprocess",
-                  description="DWT wavelet-denoising input reconstruction (skimage/pywt), seed 001")
+                  description="DWT wavelet-denoising input reconstruction (skimage/pywt), Kaminskyi, DWT study")
 def dwt(params: DWTParams, classifier=None, data=None) -> DWTDenoise:
     return DWTDenoise(params)
 
 
-# --- parameter selection (seed 001: "images must visually look the same, PSNR high") ---------
+# --- parameter selection (Kaminskyi, DWT study: "images must visually look the same, PSNR high") ---------
 DEFAULT_GRID = {
     "wavelet": ["haar", "db2", "db4", "sym4", "coif1"],
     "level": [1, 2, 3],
@@ -134,7 +134,7 @@ def select_dwt_params(
     psnr_min: float = 30.0,
     mse_max: float = 1e-3,
 ) -> tuple[DWTParams | None, list[dict]]:
-    """Search DWT parameters on a small sample ``x`` as seed 001 does (PSNR/MSE between x and DWT(x)).
+    """Search DWT parameters on a small sample ``x`` as Kaminskyi, DWT study does (PSNR/MSE between x and DWT(x)).
 
     A candidate is admissible when its mean PSNR >= ``psnr_min`` and mean MSE
     <= ``mse_max``. Among admissible candidates the one that changes the

@@ -2,7 +2,7 @@
 
 Threat model: a randomized preprocessing defense; its point here is to be
 the stage EOT is for (Athalye et al. 2018, §4.3): an adaptive attacker
-averages gradients over the randomness (:class:`adv.adaptive.EOT`).
+averages gradients over the randomness (:class:`adv.evaluate.adaptive.EOT`).
 """
 
 from __future__ import annotations

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from torch import nn
 
 from adv.errors import CheckpointError, ConfigError
+from adv.specs import build_params, format_spec, params_schema, parse_spec
 
 KINDS = ("preprocess", "classifier", "detector")
 STAGE_FORMAT = "adv-stage/1"
@@ -49,8 +50,6 @@ class DefenseSpec:
     needs_classifier: bool = False
     #: Has weights that must be trained (``checkpoint=`` or ``data=``).
     learned: bool = False
-    #: ``fn(params) -> BatchLoss`` for ``adv train --defense`` (proactive training), if any.
-    training_loss: Callable | None = field(default=None, repr=False)
 
 
 _DEFENSES: dict[str, DefenseSpec] = {}
@@ -78,19 +77,10 @@ def register_defense(
     return wrap
 
 
-def register_training_loss(name: str):
-    """Attach ``fn(params) -> BatchLoss`` to a registered defense (``adv train --defense``)."""
-
-    def wrap(fn: Callable) -> Callable:
-        spec = get_defense(name)
-        _DEFENSES[name] = DefenseSpec(**{**spec.__dict__, "training_loss": fn})
-        return fn
-
-    return wrap
-
-
 def _load_all() -> None:
-    import adv.defenses  # noqa: F401  (importing the package registers every defense)
+    # Stages and per-input detectors share this registry (both compose into ``Defended``).
+    import adv.defenses  # noqa: F401
+    import adv.detectors  # noqa: F401
 
 
 def get_defense(name: str) -> DefenseSpec:
@@ -119,69 +109,24 @@ def defense_schema(name: str) -> dict[str, Any]:
     return {
         "name": spec.name, "kind": spec.kind, "description": spec.description,
         "learned": spec.learned, "needs_classifier": spec.needs_classifier,
-        "trainable_with_adv_train": spec.training_loss is not None,
-        "params": {k: {"default": f.default, "type": _type_name(f.annotation), "description": f.description or ""}
-                   for k, f in spec.params.model_fields.items()},
+        "params": params_schema(spec.params),
     }
 
 
-def _type_name(annotation) -> str:
-    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
-
-
-# --- spec strings ------------------------------------------------------------------
+# --- spec strings (grammar shared with the training-loss registry: adv.specs) ----------------
 def parse_defense_spec(text: str) -> tuple[str, dict[str, str]]:
-    """``"dwt:wavelet=haar,level=1"`` -> ``("dwt", {"wavelet": "haar", "level": "1"})``.
-
-    Values stay strings; the defense's pydantic model coerces and validates them.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise ConfigError(f"defense spec must be a non-empty string NAME[:k=v,...], got {text!r}")
-    name, _, rest = text.strip().partition(":")
-    params: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"defense spec {text!r}: expected k=v, got {item!r}")
-        if key.strip() in params:
-            raise ConfigError(f"defense spec {text!r}: {key.strip()!r} given twice")
-        params[key.strip()] = value.strip()
-    return name.strip(), params
+    """``"dwt:wavelet=haar,level=1"`` -> ``("dwt", {"wavelet": "haar", "level": "1"})``."""
+    return parse_spec(text, "defense")
 
 
 def validate_params(name: str, params: dict[str, Any] | BaseModel | None) -> BaseModel:
     """The defense's params model built from ``params``; errors name the defense and key."""
-    spec = get_defense(name)
-    if isinstance(params, spec.params):
-        return params
-    raw = dict(params or {})
-    for key, value in raw.items():
-        # "+"-joined strings are lists on the command line (unet:attacks=fgsm+pgd)
-        annotation = str(spec.params.model_fields[key].annotation) if key in spec.params.model_fields else ""
-        if isinstance(value, str) and annotation.startswith(("list", "tuple")):
-            raw[key] = [v for v in value.split("+") if v]
-        elif isinstance(value, str) and value.lower() in ("none", "null") and "None" in annotation:
-            raw[key] = None
-    try:
-        return spec.params(**raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(map(str, err["loc"])) or "params"
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        raise ConfigError(f"defense {name!r}: {loc}: {err['msg']}{got}; "
-                          f"known params: {', '.join(spec.params.model_fields)}") from None
+    return build_params(get_defense(name).params, params, f"defense {name!r}")
 
 
 def format_defense_spec(name: str, params: BaseModel | dict[str, Any] | None = None) -> str:
     """The canonical spec string: only the values that differ from the defaults."""
-    model = validate_params(name, params)
-    defaults = type(model)()
-    parts = []
-    for key in type(model).model_fields:
-        value = getattr(model, key)
-        if value != getattr(defaults, key):
-            parts.append(f"{key}={'+'.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
-    return name + (":" + ",".join(parts) if parts else "")
+    return format_spec(name, validate_params(name, params))
 
 
 def resolve(spec: str | tuple[str, Any] | None) -> tuple[str, BaseModel]:

@@ -2,7 +2,7 @@
 classifier inside feature-space stages, the training hyperparameters of
 learned stages, and padding to the size a conv stage needs.
 
-Flags (class attributes, read by :mod:`adv.adaptive`):
+Flags (class attributes, read by :mod:`adv.evaluate.adaptive`):
 
 * ``differentiable`` – False for numpy/rounding stages: BPDA replaces their backward;
 * ``randomized`` – True for stages that draw random numbers: EOT averages them;
@@ -65,7 +65,7 @@ class Stage(nn.Module):
 
 
 def freeze(classifier: nn.Module) -> nn.Module:
-    """Freeze the original weights (seed 002 §4.2 keeps them): eval mode, no parameter grads."""
+    """Freeze the original weights (Echeberria-Barrio et al. 2020 §4.2 keeps them): eval mode, no parameter grads."""
     classifier.eval()
     for p in classifier.parameters():
         p.requires_grad_(False)
@@ -108,7 +108,7 @@ def train_stage(
 
     Shape: ``loss_fn(model, x, y) -> LossOutput`` on batches of ``data`` (an ``ImageData``).
     """
-    from adv.train import TrainConfig, fit
+    from adv.train.loop import TrainConfig, fit
 
     config = TrainConfig(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size, seed=params.seed)
     return fit(model, data, test, config, loss_fn=loss_fn, out_dir=None, resume=False, show_progress=show_progress,

@@ -1,4 +1,4 @@
-"""U-Net-like preprocessor of seed 003 (Himbitski et al., Table III) with its composite loss.
+"""U-Net-like preprocessor of Himbitski et al. 2024 (Himbitski et al., Table III) with its composite loss.
 
 Architecture (channels × ``width``; each conv halves H and W):
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from adv.defenses.registry import register_defense
 from adv.defenses.stage import LearnedParams, Stage, crop_to, freeze, pad_to_multiple, train_stage
-from adv.train import LossOutput
+from adv.train.loop import LossOutput
 
 #: Four stride-2 convolutions: inputs are padded to a multiple of 2**4.
 DOWNSAMPLING = 16
@@ -57,7 +57,7 @@ def _channels(width: float) -> list[int]:
 
 
 class UNet(Stage):
-    """Seed 003 Table III preprocessor.
+    """Himbitski et al. 2024 Table III preprocessor.
 
     Shape: (N, C, H, W) in [0, 1] -> (N, C, H, W) in [0, 1]
     """
@@ -98,7 +98,7 @@ def parameter_count(module: nn.Module) -> int:
 
 
 @register_defense("unet", params=UNetParams, kind="preprocess", learned=True, needs_classifier=True,
-                  description="U-Net-like preprocessor with a composite loss (seed 003 Table III)")
+                  description="U-Net-like preprocessor with a composite loss (Himbitski et al. 2024 Table III)")
 def unet(params: UNetParams, classifier=None, data=None) -> UNet:
     size = data.input_size if data is not None else classifier.input_size
     model = UNet(tuple(size), params)
@@ -121,9 +121,9 @@ def training_adversarials(classifier: nn.Module, x: torch.Tensor, y: torch.Tenso
 
 
 def train_unet(model: UNet, classifier: nn.Module, data, show_progress: bool = False, on_epoch_end=None) -> dict:
-    """Composite-loss training on clean + adversarial pairs (seed 003 §V).
+    """Composite-loss training on clean + adversarial pairs (Himbitski et al. 2024 §V).
 
-    ``on_epoch_end(epoch, metrics)`` is called after every epoch (the quality-vs-epochs study of seed 003).
+    ``on_epoch_end(epoch, metrics)`` is called after every epoch (the quality-vs-epochs study of Himbitski et al. 2024).
     """
     p: UNetParams = model.params
     freeze(classifier)

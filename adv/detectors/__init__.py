@@ -1,9 +1,17 @@
-"""Detectors that watch a stream of queries rather than one input.
+"""Everything that flags inputs.
 
-The per-input encoder-disagreement detector (seed 002 Fig. 8) composes into a
-defended model, so it lives with the defenses (:mod:`adv.defenses.detectors`).
+* Per-input detectors compose into a defended model, ``Defended(..., detector=...)``,
+  and are registered as ``kind="detector"`` in the stage registry: the
+  encoder-disagreement detector (:mod:`adv.detectors.disagreement`,
+  Echeberria-Barrio et al. 2020 Fig. 8) and AdvD on salient/trivial features
+  (:mod:`adv.detectors.advd`, Khoshbakht et al. 2024 after Chen et al. 2021).
+* Query-stream detectors watch a sequence of queries for query-based attacks:
+  the per-user prediction-similarity layer (:mod:`adv.detectors.query_similarity`,
+  Echeberria-Barrio et al. 2020 §4.3). Their evaluation is
+  :mod:`adv.evaluate.query_detection`.
 """
 
+from adv.detectors import advd, disagreement  # noqa: F401  (registers the detectors)
 from adv.detectors.query_similarity import (
     ACTIONS,
     DEFAULT_THRESHOLDS,
@@ -13,9 +21,8 @@ from adv.detectors.query_similarity import (
     QueryHistory,
     SimilarityConfig,
 )
-from adv.detectors.query_eval import MonitoredOracle, QueryDetectionResult, evaluate_query_detection
 
 __all__ = [
-    "ACTIONS", "DEFAULT_THRESHOLDS", "METRICS", "MonitoredOracle", "PredictionSimilarityLayer", "QueryDecision",
-    "QueryDetectionResult", "QueryHistory", "SimilarityConfig", "evaluate_query_detection",
+    "ACTIONS", "DEFAULT_THRESHOLDS", "METRICS", "PredictionSimilarityLayer", "QueryDecision", "QueryHistory",
+    "SimilarityConfig",
 ]

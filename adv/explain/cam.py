@@ -1,8 +1,8 @@
-"""Differentiable Grad-CAM (Selvaraju et al. 2017; seed 004 eq. 2) and the attention area (eq. 3).
+"""Differentiable Grad-CAM (Selvaraju et al. 2017; Wu et al. 2022 (AAD) eq. 2) and the attention area (eq. 3).
 
 ``L^c = ReLU(sum_k alpha_k^c A^k)`` with ``alpha_k^c`` the spatial mean of
 ``d z_c / d A^k``. With ``create_graph=True`` the map is a differentiable
-function of the input and the weights, which A3Attack (seed 004 §4.3) and the
+function of the input and the weights, which A3Attack (Wu et al. 2022 (AAD) §4.3) and the
 AAD defense (eq. 9) need.
 """
 
@@ -99,7 +99,7 @@ def normalize_cam(cam: torch.Tensor) -> torch.Tensor:
 
 
 def attention_area(cam: torch.Tensor, kappa: str | float = "mean", soft: bool | float = False) -> torch.Tensor:
-    """``Att(x) = g(x) >= kappa`` (seed 004 eq. 3); kappa is the map's mean or a fixed value.
+    """``Att(x) = g(x) >= kappa`` (Wu et al. 2022 (AAD) eq. 3); kappa is the map's mean or a fixed value.
 
     ``soft=True`` (or a temperature) returns ``sigmoid((g - kappa) / T)``
     instead, a differentiable stand-in; ``T`` defaults to a tenth of the map's max.

@@ -1,4 +1,4 @@
-"""Grad-CAM heatmaps and overlays before and after a defense (seed 000, Figs. 3-4).
+"""Grad-CAM heatmaps and overlays before and after a defense (Khoshbakht et al. 2024 (SFE), Figs. 3-4).
 
 The maps come from pytorch-grad-cam (``GradCAM``, ``show_cam_on_image``):
 normalised to [0, 1] per image and resized to the input. "Before" explains

@@ -1,7 +1,7 @@
-"""Attention IoU between clean and adversarial Grad-CAM maps (seed 004, eq. 6 and Table 3).
+"""Attention IoU between clean and adversarial Grad-CAM maps (Wu et al. 2022 (AAD), eq. 6 and Table 3).
 
 The attention area of each map keeps its ``#cell`` highest grid cells of
-the raw Grad-CAM grid (seed 004: "keeping the same number of grid cells with
+the raw Grad-CAM grid (Wu et al. 2022 (AAD): "keeping the same number of grid cells with
 the highest attention score", #cell = 5, 10, 20, 30); the IoU of the clean
 and adversarial areas is averaged separately over the images the attack
 turned (I_succeed) and those it did not (I_fail), among images classified
@@ -66,7 +66,7 @@ def attention_iou_table(
     model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
     cells: Sequence[int] = CELLS, layer: nn.Module | None = None,
 ) -> dict:
-    """Seed 004 Table 3 for ``model``: mean clean-vs-adversarial attention IoU, split by attack outcome.
+    """Wu et al. 2022 (AAD) Table 3 for ``model``: mean clean-vs-adversarial attention IoU, split by attack outcome.
 
     Each map explains its own predicted class. Pairs whose maps are both
     all-zero have no attention area and are left out of the means (counted in

@@ -3,6 +3,7 @@
 from adv.models import cifar, imagenet, small  # noqa: F401  (register the architectures)
 from adv.models.base import ImageClassifier, Normalize
 from adv.models.checkpoint import load_checkpoint, load_external, save_checkpoint
+from adv.models.device import resolve_device
 from adv.models.registry import ModelSpec, create_model, get_spec, list_models, register_model
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "load_checkpoint",
     "load_external",
     "register_model",
+    "resolve_device",
     "save_checkpoint",
 ]

@@ -8,7 +8,7 @@ Each classifier also exposes the internals later methods need:
 
 * ``features(x)`` – penultimate features, shape (N, feature_dim);
 * ``head(f)`` – the dense head that maps those features to logits, so a
-  middle autoencoder (seed 002) or SFE (seed 000) can run the head on
+  middle autoencoder (Echeberria-Barrio et al. 2020) or SFE (Khoshbakht et al. 2024 (SFE)) can run the head on
   features it produced itself;
 * ``cam_layer`` – the default Grad-CAM target layer (the last conv stage).
 """

@@ -1,4 +1,4 @@
-"""CIFAR-style residual networks and the VGG16 + dense head of seed 002."""
+"""CIFAR-style residual networks and the VGG16 + dense head of Echeberria-Barrio et al. 2020."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class CifarResNet(ImageClassifier):
 
 
 class VGG16Dense(ImageClassifier):
-    """VGG16 convolutional features plus a trainable dense head (seed 002, Fig. 3).
+    """VGG16 convolutional features plus a trainable dense head (Echeberria-Barrio et al. 2020, Fig. 3).
 
     Inputs smaller than 32 pixels are upsampled inside the model (VGG's five
     pools need at least 32), which keeps the [0, 1] contract for attacks.
@@ -122,7 +122,7 @@ def resnet18(**kw) -> CifarResNet:
 @register_model(
     ModelSpec(
         name="vgg16_dense",
-        description="VGG16 features + dense head (seed 002); pretrained=True loads ImageNet VGG16 features",
+        description="VGG16 features + dense head (Echeberria-Barrio et al. 2020); pretrained=True loads ImageNet VGG16 features",
         pretrained="VGG16_Weights.IMAGENET1K_V1",
         **_CIFAR,
     )

@@ -125,8 +125,11 @@ def detector_aware_objective(defended: nn.Module, y: torch.Tensor, kappa: float 
     misclassified *and* the disagreement detector stays silent.
     """
     detector = getattr(defended, "detector", None)
+    if detector is not None and hasattr(detector, "evasion_margin"):
+        return _evasion_objective(defended, y, kappa)
     if detector is None or not hasattr(detector, "logits_pair"):
-        raise ValueError("the detector-aware attack needs a Defended model with a disagreement detector")
+        raise ValueError("the detector-aware attack needs a Defended model with a disagreement detector "
+                         "(logits_pair) or a detector with a differentiable evasion_margin (AdvD)")
     pre = adaptive_preprocess(defended)
     shared = defended.classifier is detector.classifier
 
@@ -137,6 +140,24 @@ def detector_aware_objective(defended: nn.Module, y: torch.Tensor, kappa: float 
         joint = (z_cls.log_softmax(1) + z_enc.log_softmax(1)).detach()
         t = joint.scatter(1, take(y, rows)[:, None], float("-inf")).argmax(1)
         return torch.minimum(_margin(z_cls, t), _margin(z_enc, t)).clamp(max=kappa), z_cls
+
+    return obj
+
+
+def _evasion_objective(defended: nn.Module, y: torch.Tensor, kappa: float):
+    """The joint objective for a detector with ``evasion_margin(x)`` (> 0 exactly when not flagged, e.g. AdvD).
+
+    Ascends ``min(margin_f(t), evasion_margin)`` capped at ``kappa``, ``t`` the
+    defended classifier's likeliest wrong class: positive exactly when the
+    input is misclassified *and* unflagged (Carlini & Wagner 2017's margin on both).
+    """
+    pre = adaptive_preprocess(defended)
+
+    def obj(x_adv: torch.Tensor, rows: torch.Tensor | None = None):
+        xp = pre(x_adv)
+        z = defended.classifier(xp)
+        t = z.detach().scatter(1, take(y, rows)[:, None], float("-inf")).argmax(1)
+        return torch.minimum(_margin(z, t), defended.detector.evasion_margin(xp)).clamp(max=kappa), z
 
     return obj
 
@@ -168,7 +189,7 @@ def detector_aware_attack(
     step_size: float | None = None,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """The worst case, per example, of two attacks on a defended model with a disagreement detector.
+    """The worst case, per example, of two attacks on a defended model with a detector (disagreement or AdvD).
 
     1. the joint attack on :func:`detector_aware_objective` (fool and evade);
     2. the plain attack (cross-entropy) on the BPDA-wrapped pipeline.

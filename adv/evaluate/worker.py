@@ -11,12 +11,12 @@ Per example and *chunk* (the unit of seeding, ``batch_size`` examples) a
 
 * ``clean``: the clean image through every defended model;
 * ``non-adaptive``: adversarials crafted once on the undefended classifier,
-  then fed through every defense (the seeds' protocol; reusable later);
+  then fed through every defense (the papers' protocol; reusable later);
 * ``adaptive``: adversarials crafted on each defended pipeline
   (:class:`adv.defenses.EvaluatedModel`: BPDA/EOT, detector-aware loss),
   or by querying it for query-based attacks.
 
-The row layout is documented in docs/parquet-schema.md.
+The row layout is :mod:`adv.evaluate.rows` (docs/parquet-schema.md).
 
 Shape:
     batch["image"]: (N, C, H, W) float in [0, 1] or uint8; batch["label"|"index"|"shard"|"chunk"]: (N,)
@@ -34,27 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from adv.evaluate.rows import ATTACK_COLUMNS, FEATURES, KEY_COLUMNS, NONE
 from adv.metrics import image_quality, perturbation_norms
-
-NONE = "none"
-TRACKS = ("clean", "non-adaptive", "adaptive")
-FEATURES = ("logits", "penultimate", "gradcam")
-#: Columns every input batch carries (``image`` aside).
-KEY_COLUMNS = ("index", "label", "shard", "chunk")
-
-#: The result rows: column -> Arrow type as stored. Tensor columns are fixed-shape
-#: (ArrowTensorTypeV2); ``logits``/``features``/``cam`` only with those features,
-#: ``image`` only with ``store_images``. docs/parquet-schema.md explains each.
-ROW_SCHEMA = {
-    "index": "int64", "label": "int64", "shard": "int64", "chunk": "int64",
-    "defense": "string", "track": "string", "grid": "int32", "attack": "string", "attack_key": "string",
-    "norm": "string", "eps": "double", "steps": "int64", "queries": "int64", "gen_seconds": "double",
-    "l0": "float", "l2": "float", "linf": "float", "mse": "float", "ssim": "float", "psnr": "float",
-    "pred": "int64", "correct": "bool", "detected": "bool", "robust": "bool", "success": "bool",
-    "logits": "tensor float32 (K,)", "features": "tensor float32 (D,)", "cam": "tensor float32 (h, w)",
-    "image": "tensor float32 (C, H, W)",
-}
-
+from adv.models.device import resolve_device
 
 @dataclass(frozen=True)
 class GridPoint:
@@ -139,7 +121,7 @@ class ModelLoader:
         raise ValueError("ModelLoader needs checkpoint=, or arch= with weights=")
 
     def __call__(self) -> Models:
-        from adv.defenses import build_evaluated_model
+        from adv.evaluate.threat import build_evaluated_model
 
         model, meta = self.classifier()
         model.eval()
@@ -155,11 +137,6 @@ def chunk_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed for (run seed, chunk, grid point, defense): independent of batching and actors."""
     digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                        "cpu" if device == "auto" else device)
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -370,9 +347,6 @@ class StoredEvaluator(Scorer):
     its own rows, with ``gen_seconds`` 0 (nothing is regenerated).
     """
 
-    PASS = ("index", "label", "shard", "chunk", "track", "grid", "attack", "attack_key", "norm", "eps", "steps",
-            "queries", "gen_seconds", "l0", "l2", "linf", "mse", "ssim", "psnr")
-
     def __call__(self, group: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in group:
             raise ValueError("the stored run has no images (store_images was false); it cannot be reused")
@@ -384,7 +358,7 @@ class StoredEvaluator(Scorer):
         track = np.asarray(group["track"])
         index = np.asarray(group["index"])
         is_clean = track == "clean"
-        passed = {k: np.asarray(group[k]) for k in self.PASS if k in group}
+        passed = {k: np.asarray(group[k]) for k in ATTACK_COLUMNS if k in group}
         passed["gen_seconds"] = np.zeros(len(index))
         for label in self.defenses:
             clean = self.score(label, x_all[is_clean], y_all[is_clean], None)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from adv.data.base import ImageData
 from adv.models.base import ImageClassifier
 from adv.models.checkpoint import save_checkpoint
+from adv.models.device import resolve_device
 from adv.progress import progress
 
 
@@ -72,18 +73,6 @@ class BatchLoss(Protocol):
 def cross_entropy_loss(model: ImageClassifier, x: torch.Tensor, y: torch.Tensor) -> LossOutput:
     logits = model(x)
     return LossOutput(F.cross_entropy(logits, y), logits)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def seed_everything(seed: int) -> None:

@@ -2,12 +2,12 @@
 
 Two threat models, always named in reports:
 
-* ``non-adaptive`` – the seeds' protocol (seed 001 Tables 2.x, seed 002
+* ``non-adaptive`` – the papers' protocol (Kaminskyi, DWT study Tables 2.x, Echeberria-Barrio et al. 2020
   "initial adversarials"): adversarials are crafted on the *undefended*
   model, then fed through the defense;
 * ``adaptive`` – adversarials are crafted on the defended pipeline itself
   (BPDA/EOT for non-differentiable/randomized stages, and a joint loss when
-  a detector is present; see :mod:`adv.adaptive`).
+  a detector is present; see :mod:`adv.evaluate.adaptive`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from adv.defenses.compose import Defended, build_defended
-from adv.defenses.dwt_training import checkpoint_defenses
+from adv.train.registry import checkpoint_defenses
 
 THREATS = ("non-adaptive", "adaptive")
 
@@ -44,7 +44,7 @@ class EvaluatedModel:
 
         Shape: x (N, C, H, W) in [0, 1], y (N,) -> x_adv like x
         """
-        from adv.adaptive import JOINT_ATTACKS, detector_aware_attack
+        from adv.evaluate.adaptive import JOINT_ATTACKS, detector_aware_attack
         from adv.attacks import get_attack
 
         if self.threat == "adaptive" and self.defended.detector is not None and name in JOINT_ATTACKS:
@@ -84,7 +84,7 @@ def build_evaluated_model(
     defenses a proactively trained classifier was saved with (``adv train
     --defense dwt:...``) in front of ``defense_specs``. ``source`` is the
     model non-adaptive adversarials are crafted on (default: ``classifier``;
-    seed 001 uses the standard network for every defended one). ``data``
+    Kaminskyi, DWT study uses the standard network for every defended one). ``data``
     trains learned stages that have no ``checkpoint=``.
     """
     specs = list(defense_specs)
@@ -95,7 +95,7 @@ def build_evaluated_model(
             notes.append(f"{spec} re-created from the checkpoint's training defense")
     defended = build_defended(classifier, specs, detector=detector, data=data).eval()
     if adaptive:
-        from adv.adaptive import adaptive_model
+        from adv.evaluate.adaptive import adaptive_model
 
         target = adaptive_model(defended, eot_samples=eot_samples)
         if not defended.differentiable:
@@ -125,7 +125,7 @@ class TransferAttack:
 
 
 class DetectorAwareAttack:
-    """FGSM/BIM/PGD on the joint classifier + detector objective (:func:`adv.adaptive.detector_aware_attack`)."""
+    """FGSM/BIM/PGD on the joint classifier + detector objective (:func:`adv.evaluate.adaptive.detector_aware_attack`)."""
 
     ALLOWED = ("steps", "step_size", "seed", "kappa")
 
@@ -134,7 +134,7 @@ class DetectorAwareAttack:
         self.__name__ = f"{name}@detector-aware"
 
     def __call__(self, model, x, y, *, eps, norm="linf", **kwargs):
-        from adv.adaptive import detector_aware_attack
+        from adv.evaluate.adaptive import detector_aware_attack
 
         kw = {k: v for k, v in kwargs.items() if k in self.ALLOWED}
         return detector_aware_attack(self.defended, x, y, attack=self.name, eps=eps, norm=norm, **kw)
@@ -148,7 +148,7 @@ def robust_accuracy_inputs(ev: EvaluatedModel, attacks: list[tuple[str, dict]], 
     forward is the defended forward); with a detector, FGSM/BIM/PGD use the
     detector-aware loss.
     """
-    from adv.adaptive import JOINT_ATTACKS, bpda_pipeline
+    from adv.evaluate.adaptive import JOINT_ATTACKS, bpda_pipeline
     from adv.attacks import get_attack
 
     if ev.threat == "non-adaptive":

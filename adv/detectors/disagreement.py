@@ -1,4 +1,4 @@
-"""Encoder-disagreement detector (seed 002 §4.2, Fig. 8).
+"""Encoder-disagreement detector (Echeberria-Barrio et al. 2020 §4.2, Fig. 8).
 
 The original classifier and its encoder variant (middle-AE encoder + new
 head, :mod:`adv.defenses.autoencoders`) predict in parallel; an input is
@@ -8,7 +8,7 @@ outputs.
 
 Threat model: detection of perturbations crafted against the original
 classifier. An adaptive attacker who knows the detector makes both models
-agree on a wrong class (:func:`adv.adaptive.detector_aware_attack`).
+agree on a wrong class (:func:`adv.evaluate.adaptive.detector_aware_attack`).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class DisagreementDetector(ClassifierStage):
 
 
 @register_defense("disagreement", params=DisagreementParams, kind="detector", learned=True, needs_classifier=True,
-                  description="flags inputs where the classifier and its encoder variant disagree (seed 002 Fig. 8)")
+                  description="flags inputs where the classifier and its encoder variant disagree (Echeberria-Barrio et al. 2020 Fig. 8)")
 def disagreement(params: DisagreementParams, classifier=None, data=None) -> DisagreementDetector:
     variant = EncoderClassifier(classifier, params)
     detector = DisagreementDetector(classifier, variant, params)

@@ -1,0 +1,41 @@
+"""The Parquet row contract of the evaluation job: one owner for names, tracks and columns.
+
+One row per (example, defense, track, grid point); docs/parquet-schema.md
+explains each column. The grid worker (:mod:`adv.evaluate.worker`) writes these
+rows, ``jobs.evaluate`` stores them, and the report (:mod:`adv.evaluate.report`)
+reads them back.
+"""
+
+from __future__ import annotations
+
+#: The ``defense`` label of the undefended classifier.
+NONE = "none"
+#: ``clean``: the clean image; ``non-adaptive``: crafted on the undefended model, then fed through the defense;
+#: ``adaptive``: crafted on (or queried from) the defended pipeline itself.
+TRACKS = ("clean", "non-adaptive", "adaptive")
+#: Track names as the report prints them; "any" is the per-example worst over both attack tracks.
+TRACK_LABEL = {"clean": "clean", "non-adaptive": "non-adaptive", "adaptive": "adaptive", "any": "worst of both"}
+TRACK_ORDER = {"clean": 0, "non-adaptive": 1, "adaptive": 2, "any": 3}
+#: Optional per-row features (``logits``, ``features``, ``cam`` columns).
+FEATURES = ("logits", "penultimate", "gradcam")
+#: Columns every input batch carries (``image`` aside).
+KEY_COLUMNS = ("index", "label", "shard", "chunk")
+
+#: The result rows: column -> Arrow type as stored. Tensor columns are fixed-shape
+#: (ArrowTensorTypeV2); ``logits``/``features``/``cam`` only with those features,
+#: ``image`` only with ``store_images``.
+ROW_SCHEMA = {
+    "index": "int64", "label": "int64", "shard": "int64", "chunk": "int64",
+    "defense": "string", "track": "string", "grid": "int32", "attack": "string", "attack_key": "string",
+    "norm": "string", "eps": "double", "steps": "int64", "queries": "int64", "gen_seconds": "double",
+    "l0": "float", "l2": "float", "linf": "float", "mse": "float", "ssim": "float", "psnr": "float",
+    "pred": "int64", "correct": "bool", "detected": "bool", "robust": "bool", "success": "bool",
+    "logits": "tensor float32 (K,)", "features": "tensor float32 (D,)", "cam": "tensor float32 (h, w)",
+    "image": "tensor float32 (C, H, W)",
+}
+#: Columns that describe the attack and the adversarial itself, independent of the defense that scored it:
+#: a stored run's non-adaptive rows pass them through unchanged when a new defense is scored.
+ATTACK_COLUMNS = ("index", "label", "shard", "chunk", "track", "grid", "attack", "attack_key", "norm", "eps",
+                  "steps", "queries", "gen_seconds", "l0", "l2", "linf", "mse", "ssim", "psnr")
+#: Scalar columns the report reads for every row (images, features and logits are read selectively).
+SCALAR_COLUMNS = tuple(k for k, v in ROW_SCHEMA.items() if not v.startswith("tensor") and k != "chunk")

@@ -1,0 +1,81 @@
+"""Spec strings ``NAME:k=v,k=v`` and their typed parameters: the grammar every registry shares.
+
+The defense-stage registry (:mod:`adv.defenses.registry`) and the training-loss
+registry (:mod:`adv.train.registry`) both name a component and its
+hyperparameters this way on the command line and in YAML; list values are
+joined with ``+`` (``unet:attacks=fgsm+pgd``). Parameters are a pydantic model
+per component, so a bad key or value fails with one line that names it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from adv.errors import ConfigError
+
+
+def parse_spec(text: str, what: str = "defense") -> tuple[str, dict[str, str]]:
+    """``"dwt:wavelet=haar,level=1"`` -> ``("dwt", {"wavelet": "haar", "level": "1"})``.
+
+    Values stay strings; the component's pydantic model coerces and validates them.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{what} spec must be a non-empty string NAME[:k=v,...], got {text!r}")
+    name, _, rest = text.strip().partition(":")
+    params: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{what} spec {text!r}: expected k=v, got {item!r}")
+        if key.strip() in params:
+            raise ConfigError(f"{what} spec {text!r}: {key.strip()!r} given twice")
+        params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
+def build_params(model: type[BaseModel], raw: dict[str, Any] | BaseModel | None, where: str) -> BaseModel:
+    """``model(**raw)`` with ``+``-joined lists and ``none`` understood; errors name ``where`` and the key."""
+    if isinstance(raw, model):
+        return raw
+    values = dict(raw or {})
+    for key, value in values.items():
+        annotation = str(model.model_fields[key].annotation) if key in model.model_fields else ""
+        if isinstance(value, str) and annotation.startswith(("list", "tuple")):
+            values[key] = [v for v in value.split("+") if v]
+        elif isinstance(value, str) and value.lower() in ("none", "null") and "None" in annotation:
+            values[key] = None
+    renamed = getattr(model, "renamed_keys", {})
+    for old, new in renamed.items():
+        if old in values:
+            raise ConfigError(f"{where}: {old!r} was renamed to {new!r}")
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(map(str, err["loc"])) or "params"
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        raise ConfigError(f"{where}: {loc}: {err['msg']}{got}; "
+                          f"known params: {', '.join(model.model_fields)}") from None
+
+
+def format_spec(name: str, params: BaseModel) -> str:
+    """The canonical spec string: only the values that differ from the defaults."""
+    defaults = type(params)()
+    parts = []
+    for key in type(params).model_fields:
+        value = getattr(params, key)
+        if value != getattr(defaults, key):
+            parts.append(f"{key}={'+'.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    return name + (":" + ",".join(parts) if parts else "")
+
+
+def params_schema(model: type[BaseModel]) -> dict[str, dict[str, Any]]:
+    """Every hyperparameter with its type, default and meaning (``adv info`` and the Tune search space)."""
+    return {k: {"default": f.default, "type": _type_name(f.annotation), "description": f.description or ""}
+            for k, f in model.model_fields.items()}
+
+
+def _type_name(annotation) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
