@@ -9,7 +9,7 @@ from adv.data import describe_dataset, list_datasets
 from adv.models import get_spec, list_models
 
 NAME = "info"
-HELP = "list datasets, models, attacks and defenses"
+HELP = "list datasets, models, attacks, defenses and evaluation suites"
 
 
 def add_arguments(parser) -> None:
@@ -34,6 +34,7 @@ def collect() -> dict[str, dict[str, str]]:
         "models": {n: get_spec(n).description for n in list_models()},
         "attacks": _optional_registry("adv.attacks", "list_attacks", "describe_attack"),
         "defenses": _optional_registry("adv.defenses", "list_defenses", "describe_defense"),
+        "suites": _optional_registry("adv.evaluate.suites", "list_suites", "describe_suite"),
     }
 
 

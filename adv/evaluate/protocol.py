@@ -64,6 +64,8 @@ def resolve_attacks(attacks: Sequence, norm: str) -> list[AttackRun]:
 
 
 def _resolve(item, norm: str) -> AttackRun:
+    if isinstance(item, AttackRun):  # built by a caller, e.g. a suite's EOT entries
+        return item
     kwargs: dict[str, Any] = {}
     if isinstance(item, tuple) and len(item) == 2:
         item, kwargs = item
@@ -107,9 +109,10 @@ def iter_batches(data, batch_size: int) -> tuple[Iterator[tuple[torch.Tensor, to
 def robust_accuracy(
     model: nn.Module,
     data,
-    attacks: Sequence,
+    attacks: Sequence = (),
     *,
     eps: float,
+    suite: str | None = None,
     norm: str = "linf",
     batch_size: int = 256,
     device: str | torch.device | None = None,
@@ -128,7 +131,9 @@ def robust_accuracy(
     attacks get a seed derived from ``seed`` and the batch, so results are
     reproducible and resumable. ``early_stop`` lets attacks that support it
     stop on an example once it is fooled. ``checks`` selects sanity checks
-    (``"all"`` adds the costly steps and eps-sweep checks). Pass an
+    (``"all"`` adds the costly steps and eps-sweep checks). ``suite``
+    (``"standard"``, ``"l2"``, ``"rand"``; see :mod:`adv.evaluate.suites`)
+    appends an AutoAttack-style suite after ``attacks``. Pass an
     eval-mode model: the evaluation never changes its mode.
 
     Shape: data images (N, C, H, W) in [0, 1], labels (N,)
@@ -143,6 +148,11 @@ def robust_accuracy(
     unknown = set(checks) - set(C.ALL)
     if unknown:
         raise ValueError(f"unknown checks {sorted(unknown)}; known: {C.ALL}")
+    if suite is not None:
+        from adv.evaluate.suites import suite_attacks  # the suites build on this module
+
+        attacks = [*([attacks] if isinstance(attacks, (str, AttackSpec)) or callable(attacks) else attacks),
+                   *suite_attacks(suite, norm)]
     runs = resolve_attacks(attacks, norm)
     device = torch.device(device) if device is not None else _model_device(model)
     net = fast_model(model, amp, channels_last)
