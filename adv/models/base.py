@@ -55,13 +55,16 @@ class ImageClassifier(nn.Module):
         x: (N, C, H, W) float in [0, 1]; features: (N, feature_dim); logits: (N, num_classes)
     """
 
-    #: Set by the registry: channels, height, width the model expects.
-    input_size: tuple[int, int, int] = (1, 28, 28)
-    num_classes: int = 10
     feature_dim: int = 0
 
-    def __init__(self, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+    def __init__(self, arch: str, num_classes: int, input_size: tuple[int, int, int],
+                 mean: Sequence[float], std: Sequence[float]):
         super().__init__()
+        #: The registry name (``create_model(arch)`` rebuilds it; checkpoints record it).
+        self.arch = arch
+        self.num_classes = int(num_classes)
+        #: Channels, height, width the model expects.
+        self.input_size = tuple(input_size)
         self.normalize = Normalize(mean, std)
 
     # --- to implement -------------------------------------------------------

@@ -42,8 +42,8 @@ class _BasicBlock(nn.Module):
 class CifarResNet(ImageClassifier):
     """ResNet for 32x32 inputs: a 3x3 stem and no initial max-pool."""
 
-    def __init__(self, num_classes, input_size, mean, std, widths, depths, shortcut, linear_name="linear"):
-        super().__init__(mean, std)
+    def __init__(self, arch, num_classes, input_size, mean, std, widths, depths, shortcut, linear_name="linear"):
+        super().__init__(arch, num_classes, input_size, mean, std)
         self.conv1 = nn.Conv2d(input_size[0], widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         in_planes = widths[0]
@@ -79,8 +79,8 @@ class VGG16Dense(ImageClassifier):
     pools need at least 32), which keeps the [0, 1] contract for attacks.
     """
 
-    def __init__(self, num_classes, input_size, mean, std, hidden: int = 256, pretrained: bool = False):
-        super().__init__(mean, std)
+    def __init__(self, arch, num_classes, input_size, mean, std, hidden: int = 256, pretrained: bool = False):
+        super().__init__(arch, num_classes, input_size, mean, std)
         from adv.models.imagenet import torchvision_backbone
 
         vgg = torchvision_backbone("vgg16", pretrained)

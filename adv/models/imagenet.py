@@ -69,8 +69,8 @@ def _set(module: nn.Module, path: str, value: nn.Module) -> None:
 
 
 class TorchvisionClassifier(ImageClassifier):
-    def __init__(self, name, num_classes, input_size, mean, std, pretrained: bool = False):
-        super().__init__(mean, std)
+    def __init__(self, name, arch, num_classes, input_size, mean, std, pretrained: bool = False):
+        super().__init__(arch, num_classes, input_size, mean, std)
         _, self._head_path, self._cam_path, _ = _TORCHVISION[name]
         self.backbone = torchvision_backbone(name, pretrained)
         last = _get(self.backbone, self._head_path)

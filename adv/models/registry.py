@@ -37,7 +37,10 @@ _SPECS: dict[str, ModelSpec] = {}
 
 
 def register_model(spec: ModelSpec):
-    """Register ``fn(num_classes, input_size, mean, std, **kw) -> ImageClassifier``."""
+    """Register ``fn(arch, num_classes, input_size, mean, std, **kw) -> ImageClassifier``.
+
+    ``arch`` is the registered name; builders pass all five to the ``ImageClassifier`` constructor.
+    """
 
     def wrap(fn: Callable[..., ImageClassifier]) -> Callable[..., ImageClassifier]:
         if spec.name in _BUILDERS:
@@ -88,8 +91,4 @@ def create_model(
         mean, std = spec.mean, spec.std
         if len(mean) != channels:  # e.g. lenet (grey) built for RGB input
             mean, std = (mean[0],) * channels, (std[0],) * channels
-    model = _BUILDERS[name](num_classes=num_classes, input_size=input_size, mean=mean, std=std, **kwargs)
-    model.input_size = input_size
-    model.num_classes = num_classes
-    model.arch = name
-    return model
+    return _BUILDERS[name](arch=name, num_classes=num_classes, input_size=input_size, mean=mean, std=std, **kwargs)

@@ -17,8 +17,8 @@ from adv.models.registry import MNIST_MEAN_STD, ModelSpec, register_model
 class MadryLeNet(ImageClassifier):
     """conv32(5x5)-pool-conv64(5x5)-pool-fc1024 (Madry et al. 2018, MNIST challenge)."""
 
-    def __init__(self, num_classes, input_size, mean, std):
-        super().__init__(mean, std)
+    def __init__(self, arch, num_classes, input_size, mean, std):
+        super().__init__(arch, num_classes, input_size, mean, std)
         c, h, w = input_size
         self.conv1 = nn.Conv2d(c, 32, 5, padding=2)
         self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
@@ -45,8 +45,8 @@ class MadryLeNet(ImageClassifier):
 class LeNet5(ImageClassifier):
     """advertorch's LeNet5: conv32(3x3)-pool-conv64(3x3)-pool-fc200."""
 
-    def __init__(self, num_classes, input_size, mean, std):
-        super().__init__(mean, std)
+    def __init__(self, arch, num_classes, input_size, mean, std):
+        super().__init__(arch, num_classes, input_size, mean, std)
         c, h, w = input_size
         self.conv1 = nn.Conv2d(c, 32, 3, padding=1)
         self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
@@ -71,8 +71,8 @@ class LeNet5(ImageClassifier):
 class ConvSmall(ImageClassifier):
     """Wong & Kolter's provably robust "small" net: two stride-2 convs and fc100."""
 
-    def __init__(self, num_classes, input_size, mean, std):
-        super().__init__(mean, std)
+    def __init__(self, arch, num_classes, input_size, mean, std):
+        super().__init__(arch, num_classes, input_size, mean, std)
         c, h, w = input_size
         # Indices match the nn.Sequential the convex_adversarial checkpoints were saved from.
         self.layers = nn.Sequential(
