@@ -7,7 +7,10 @@
   (:mod:`adv.detectors.advd`, Khoshbakht et al. 2024 after Chen et al. 2021).
 * Query-stream detectors watch a sequence of queries for query-based attacks:
   the per-user prediction-similarity layer (:mod:`adv.detectors.query_similarity`,
-  Echeberria-Barrio et al. 2020 §4.3). Their evaluation is
+  Echeberria-Barrio et al. 2020 §4.3), the account-agnostic fingerprint index
+  (:mod:`adv.detectors.fingerprint`, Li et al. 2022 "Blacklight"), and
+  :class:`QueryDetector`, which combines both, is thread-safe and keeps durable
+  state (:mod:`adv.detectors.state`). Their evaluation is
   :mod:`adv.evaluate.query_detection`.
 """
 
@@ -21,8 +24,11 @@ from adv.detectors.query_similarity import (
     QueryHistory,
     SimilarityConfig,
 )
+from adv.detectors.detector import Decision, DetectorConfig, QueryDetector
+from adv.detectors.fingerprint import FingerprintIndex, IndexConfig
+from adv.detectors.state import StateError
 
 __all__ = [
-    "ACTIONS", "DEFAULT_THRESHOLDS", "METRICS", "PredictionSimilarityLayer", "QueryDecision", "QueryHistory",
-    "SimilarityConfig",
+    "ACTIONS", "DEFAULT_THRESHOLDS", "Decision", "DetectorConfig", "FingerprintIndex", "IndexConfig", "METRICS",
+    "PredictionSimilarityLayer", "QueryDecision", "QueryDetector", "QueryHistory", "SimilarityConfig", "StateError",
 ]

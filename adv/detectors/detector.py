@@ -1,0 +1,302 @@
+"""One owner of query-attack detection: the per-user layer and the global fingerprint index, combined.
+
+Two detectors, two threat models:
+
+* the **per-user layer** (Echeberria-Barrio et al. 2022, §4.3;
+  :class:`PredictionSimilarityLayer`) compares a query with the same
+  account's earlier images (SSIM) and predictions. It sees a walk toward
+  the decision boundary, but only inside one account;
+* the **global index** (Li et al. 2022, "Blacklight";
+  :class:`FingerprintIndex`) compares a query's fingerprint with every
+  account's recent queries, so a Sybil attacker who rotates accounts is
+  still one near-duplicate chain. It keeps hashes, not images.
+
+A query is suspicious when either raises an alarm; the action applies to that
+query. Under ``flag``, ``deceive`` and ``fallback`` the answer has the same
+fields, types and status as a normal one (an attacker must not learn that it
+was flagged: Feng et al., CCS 2023, show that a visible rejection is itself an
+oracle an adaptive attacker samples against); ``deceive`` returns the model's
+probabilities with the top two classes swapped, a plausible vector for the
+deceptive class. ``block`` refuses openly (``status: "refused"``): the
+honest choice, at the price of telling the attacker which queries were caught.
+
+The per-user history of one account never affects another account's
+decisions; only the index spans accounts. ``observe`` is thread-safe: a
+lock serialises the updates (a batch at a time), and the fingerprints are
+computed outside it.
+
+Shape:
+    x: (N, C, H, W) in [0, 1]; users: N strings; probs: (N, K) rows summing to 1
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from adv.detectors.fingerprint import FingerprintIndex, IndexConfig, IndexMatch, digests, fingerprints
+from adv.detectors.query_similarity import (
+    ACTIONS, PredictionSimilarityLayer, QueryDecision, QueryHistory, SimilarityConfig, serve, stored_image,
+)
+from adv.detectors.state import StateError, StateStore, corrupt
+from adv.errors import ConfigError
+
+
+class DetectorConfig(BaseModel):
+    """Both detectors and the action; ``None`` switches a detector off. Validated at the boundary."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Per-user prediction-similarity layer (its own ``action`` is unused: ``action`` below decides).
+    per_user: SimilarityConfig | None = Field(default_factory=SimilarityConfig)
+    #: Global Blacklight index.
+    index: IndexConfig | None = Field(default_factory=IndexConfig)
+    action: Literal[ACTIONS] = "deceive"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The detector's verdict on one query and the answer to return."""
+
+    user: str
+    suspicious: bool
+    #: Alarms that fired: "distance", "prediction" (per-user layer), "index" (global index).
+    alarms: tuple[str, ...]
+    action: str  # "none" unless suspicious
+    predicted: int  # the model's class
+    label: int  # the class to return; -1 when blocked
+    probs: np.ndarray  # the probabilities to return, (K,) float32; empty when blocked
+    per_user: QueryDecision | None
+    index: IndexMatch | None
+
+    def response(self) -> dict:
+        """What the caller sees: the same keys and types whatever the decision; ``block`` says "refused"."""
+        status = "refused" if self.action == "block" else "ok"
+        return {"status": status, "label": int(self.label), "probabilities": [float(v) for v in self.probs]}
+
+
+class QueryDetector:
+    """``detector.observe(x, users, probs, now=None) -> list[Decision]``; state saved with ``save``/``flush``.
+
+    ``fallback`` (a model, for ``action="fallback"``) answers flagged queries.
+    """
+
+    def __init__(self, config: DetectorConfig | None = None, *, fallback: nn.Module | None = None):
+        self.config = config if config is not None else DetectorConfig()
+        if not isinstance(self.config, DetectorConfig):
+            raise ConfigError(f"config must be a DetectorConfig, got {type(self.config).__name__}")
+        if self.config.action == "fallback" and fallback is None:
+            raise ConfigError("action 'fallback' needs a fallback model: QueryDetector(config, fallback=model)")
+        self.fallback = fallback
+        cfg = self.config
+        self.users = PredictionSimilarityLayer(None, cfg.per_user) if cfg.per_user else None
+        self.index = FingerprintIndex(cfg.index) if cfg.index else None
+        self._lock = threading.Lock()  # guards the state and the pending log
+        self._flush_lock = threading.Lock()  # orders log writes
+        self._pending: list[dict] = []
+        self._store: StateStore | None = None
+
+    # ---- observing ----------------------------------------------------------------------------------------
+
+    def observe(self, x, users: list[str], probs, now: float | None = None) -> list[Decision]:
+        """Record a batch of queries in order and decide each one."""
+        x, probs = _check(x, users, probs)
+        users = [str(u) for u in users]
+        now = time.time() if now is None else float(now)
+        cfg = self.config
+        if self.index is not None:
+            hashes, _ = fingerprints(x.numpy(), cfg.index)
+            digest = digests(x.numpy())
+        stored = [stored_image(im, cfg.per_user.downscale).flatten().numpy() for im in x] if self.users else None
+        with self._lock:
+            per_user = self.users.observe(x, users, probs, now=now) if self.users else [None] * len(x)
+            matches = []
+            for i in range(len(x)):
+                match = None
+                if self.index is not None:
+                    match = self.index.lookup(hashes[i], int(digest[i]), now)
+                    self.index.insert(hashes[i], int(digest[i]), now, match.chain)
+                matches.append(match)
+                self._pending.append(_record(users[i], now, hashes[i] if self.index else None,
+                                             int(digest[i]) if self.index else 0, match, per_user[i],
+                                             stored[i] if stored else None, probs[i]))
+        return [self._decide(u, x[i : i + 1], probs[i], p, m) for i, (u, p, m) in enumerate(zip(users, per_user,
+                                                                                               matches))]
+
+    def _decide(self, user: str, x: torch.Tensor, probs: torch.Tensor, pu: QueryDecision | None,
+                match: IndexMatch | None) -> Decision:
+        alarms = []
+        if pu is not None and pu.suspicious:
+            limits = self.config.per_user
+            alarms += ["distance"] * (pu.distance_alarms >= limits.distance_alarm_limit)
+            alarms += ["prediction"] * (pu.prediction_alarms >= limits.prediction_alarm_limit)
+        if match is not None and match.suspicious:
+            alarms.append("index")
+        suspicious = bool(alarms)
+        action = self.config.action if suspicious else "none"
+        fallback = None
+        if action == "fallback":
+            with torch.no_grad():
+                fallback = self.fallback(x).softmax(1)[0].float()
+        served = serve(action, probs, fallback)
+        blocked = action == "block"
+        return Decision(user=user, suspicious=suspicious, alarms=tuple(alarms), action=action,
+                        predicted=int(probs.argmax()), label=-1 if blocked else int(served.argmax()),
+                        probs=np.zeros(0, np.float32) if blocked else served.numpy().astype(np.float32),
+                        per_user=pu, index=match)
+
+    def __len__(self) -> int:
+        """Queries the index holds (0 without an index)."""
+        return len(self.index) if self.index is not None else 0
+
+    # ---- persistence --------------------------------------------------------------------------------------
+
+    def save(self, path: str | None = None, *, log_mode: Literal["auto", "append", "objects"] = "auto") -> None:
+        """Write a snapshot atomically to ``path`` (a local path or any pyarrow URI) and log there from now on.
+
+        Without ``path``, snapshot where the detector already logs (compacting the log).
+        """
+        with self._flush_lock, self._lock:
+            store = StateStore(path, log_mode) if path is not None else self._store
+            if store is None:
+                raise StateError("save() needs a path the first time (a local path or a URI such as s3://b/k)")
+            store.write_snapshot({"config": self.config.model_dump(mode="json")}, self._arrays())
+            self._store, self._pending = store, []
+
+    def flush(self) -> int:
+        """Make every update so far durable in the log (one appended segment, or one object); returns rows."""
+        with self._flush_lock:
+            with self._lock:
+                if self._store is None:
+                    raise StateError("flush() needs a state location: call save(path) or QueryDetector.load first")
+                pending, self._pending = self._pending, []
+            if not pending:
+                return 0
+            try:
+                self._store.append_log(_batch(pending))
+            except Exception:
+                with self._lock:  # not written: keep them for the next flush, in order
+                    self._pending = pending + self._pending
+                raise
+            return len(pending)
+
+    @classmethod
+    def load(cls, path: str, on_corrupt: Literal["fail", "empty"] = "fail", *, fallback: nn.Module | None = None,
+             log_mode: Literal["auto", "append", "objects"] = "auto") -> "QueryDetector":
+        """Snapshot plus log from ``path``. A damaged state raises :class:`StateError` naming the file, or with
+        ``on_corrupt="empty"`` warns and starts empty (same config when the manifest is readable) at ``path``."""
+        if on_corrupt not in ("fail", "empty"):
+            raise ConfigError(f"on_corrupt must be 'fail' or 'empty', got {on_corrupt!r}")
+        store = StateStore(path, log_mode)
+        config = None
+        try:
+            config = _manifest_config(store, store.read_manifest())
+            arrays, batches = store.read()
+            det = cls(config, fallback=fallback)
+            det._restore(arrays, store.snapshot_path(store.generation))
+            det._replay(batches, store.location)
+        except StateError as e:
+            if on_corrupt == "fail" or "no detector state" in str(e):
+                raise
+            warnings.warn(f"{e}; starting empty", RuntimeWarning, stacklevel=2)
+            det = cls(config, fallback=fallback)
+            store.write_snapshot({"config": det.config.model_dump(mode="json")}, det._arrays(), keep_previous=True)
+        det._store = store
+        return det
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        out = {}
+        if self.index is not None:
+            out.update({f"index.{k}": v for k, v in self.index.arrays().items()})
+        if self.users is not None:
+            out.update({f"users.{k}": v for k, v in self.users.history.arrays().items()})
+        return out
+
+    def _restore(self, arrays: dict[str, np.ndarray], path: str) -> None:
+        try:
+            if self.index is not None:
+                part = {k[6:]: v for k, v in arrays.items() if k.startswith("index.")}
+                self.index = FingerprintIndex.from_arrays(self.config.index, part)
+            if self.users is not None:
+                part = {k[6:]: v for k, v in arrays.items() if k.startswith("users.")}
+                self.users.history.restore(part)
+        except (KeyError, ValueError, IndexError) as e:
+            raise corrupt(path, f"snapshot does not fit the config: {e}") from None
+
+    def _replay(self, batches: list[pa.RecordBatch], location: str) -> None:
+        """Redo the logged updates in order: the same inserts and adds, so the same state."""
+        try:
+            for batch in batches:
+                for r in batch.to_pylist():
+                    if self.index is not None and r["hashes"] is not None:
+                        h = np.zeros(self.config.index.top_k, np.uint64)
+                        h[: len(r["hashes"])] = r["hashes"]
+                        self.index.insert(h, r["digest"], r["time"], r["chain"])
+                    if self.users is not None and r["image"] is not None:
+                        self.users.history.add(r["user"], np.asarray(r["image"], np.float32),
+                                               np.asarray(r["probs"], np.float32), r["distance"],
+                                               r["prediction"], r["time"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise corrupt(f"{location} (log)", f"log record does not fit the config: {e}") from None
+
+
+def _check(x, users, probs) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(x).detach().cpu().float()
+    probs = torch.as_tensor(probs).detach().cpu().float()
+    if x.ndim != 4:
+        raise ConfigError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
+    if len(users) != len(x) or probs.ndim != 2 or len(probs) != len(x):
+        raise ConfigError(f"{len(x)} images need {len(x)} users and probs (N, K); got {len(users)} users, "
+                          f"probs of shape {tuple(probs.shape)}")
+    if len(x) and (x.min() < 0 or x.max() > 1):
+        raise ConfigError("images must lie in [0, 1]")
+    return x, probs
+
+
+def _record(user, now, hashes, digest, match, pu, image, probs) -> dict:
+    """One logged update: the index insert and the per-user add this query made (None: that detector is off)."""
+    return {"user": user, "time": now,
+            "hashes": None if hashes is None else hashes[hashes != 0], "digest": digest,
+            "chain": match.chain if match is not None else 0,
+            "image": image, "probs": probs.numpy() if image is not None else None,
+            "distance": bool(pu.near_duplicate) if pu is not None else False,
+            "prediction": bool(pu.walked) if pu is not None else False}
+
+
+def _lists(values: list, dtype, pa_type) -> pa.Array:
+    """A list column from numpy rows (None = null) without going through Python floats."""
+    lengths = np.array([0 if v is None else len(v) for v in values], np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    parts = [np.asarray(v, dtype).ravel() for v in values if v is not None]
+    flat = pa.array(np.concatenate(parts) if parts else np.zeros(0, dtype), pa_type)
+    mask = pa.array([v is None for v in values])
+    return pa.ListArray.from_arrays(offsets, flat, mask=mask)
+
+
+def _batch(records: list[dict]) -> pa.RecordBatch:
+    col = {k: [r[k] for r in records] for k in records[0]}
+    return pa.RecordBatch.from_pydict({
+        "user": pa.array(col["user"], pa.string()), "time": pa.array(col["time"], pa.float64()),
+        "hashes": _lists(col["hashes"], np.uint64, pa.uint64()), "digest": pa.array(col["digest"], pa.uint64()),
+        "chain": pa.array(col["chain"], pa.int32()),
+        "image": _lists(col["image"], np.float32, pa.float32()),
+        "probs": _lists(col["probs"], np.float32, pa.float32()),
+        "distance": pa.array(col["distance"], pa.bool_()), "prediction": pa.array(col["prediction"], pa.bool_()),
+    })
+
+
+def _manifest_config(store: StateStore, manifest: dict) -> DetectorConfig:
+    try:
+        return DetectorConfig.model_validate(manifest["config"])
+    except (KeyError, ValidationError) as e:
+        raise corrupt(store.path("manifest.json"), f"bad config: {json.dumps(str(e))[:200]}") from None

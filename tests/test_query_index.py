@@ -1,0 +1,238 @@
+"""The account-agnostic fingerprint index (Li et al. 2022, Blacklight), the combined QueryDetector and its
+persistent state: matching across accounts, bounded memory, exact round trips, clear errors on damage,
+per-account isolation, thread safety, and answers that do not reveal a flag."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from adv.detectors import DetectorConfig, QueryDetector
+from adv.detectors.fingerprint import FingerprintIndex, IndexConfig, fingerprints
+from adv.detectors.query_similarity import SimilarityConfig
+from adv.detectors.state import StateError
+
+SMALL = IndexConfig(window=8, top_k=20, match_threshold=10, capacity=64, max_age=None)
+
+
+def _images(n: int, seed: int = 0, size: int = 12) -> torch.Tensor:
+    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _probs(n: int, k: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, k, generator=torch.Generator().manual_seed(seed)).softmax(1)
+
+
+def _nudge(x: torch.Tensor, seed: int, eps: float = 0.02) -> torch.Tensor:
+    """A query-attack step: a few pixels change a little."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(x.shape, generator=g) < 0.05
+    return (x + mask * eps * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+
+def _index_only(**kw) -> QueryDetector:
+    return QueryDetector(DetectorConfig(per_user=None, index=SMALL.model_copy(update=kw), action="flag"))
+
+
+def test_the_same_image_from_different_accounts_matches_and_a_chain_is_flagged():
+    det = _index_only()
+    x = _images(1)
+    steps = torch.cat([x] + [_nudge(x, s) for s in range(1, 4)])
+    d = det.observe(steps, users=["k1", "k2", "k3", "k4"], probs=_probs(4), now=0.0)
+    assert d[0].index.chain == 1 and not d[0].suspicious
+    assert all(r.index.shared >= SMALL.match_threshold for r in d[1:])
+    assert [r.index.chain for r in d] == [1, 2, 3, 4]
+    assert [r.alarms for r in d[1:]] == [("index",)] * 3
+    again = det.observe(x, users=["k9"], probs=_probs(1), now=1.0)[0]  # exact repeat, a fifth account
+    assert again.index.exact_repeat and again.index.shared == SMALL.top_k and again.index.chain == 1
+    assert not again.suspicious  # a repeat teaches an attacker nothing: a popular image is not an attack
+
+
+def test_unrelated_images_do_not_match_even_on_a_shared_blank_background():
+    det = _index_only()
+    d = det.observe(_images(40, seed=1), users=[f"u{i}" for i in range(40)], probs=_probs(40), now=0.0)
+    assert not any(r.suspicious for r in d) and max(r.index.shared for r in d) < SMALL.match_threshold
+    blank = torch.zeros(30, 1, 24, 24)  # plain background, a different small object in each image
+    blank[:, :, 8:14, 8:14] = _images(30, seed=2, size=6)
+    d = det.observe(blank, users=["v"] * 30, probs=_probs(30), now=0.0)
+    assert not any(r.suspicious for r in d)
+    hashes, counts = fingerprints(blank.numpy(), SMALL)
+    assert counts.max() <= SMALL.top_k and (hashes[:, : counts.min()] != 0).all()
+
+
+def test_capacity_and_age_bound_the_index_and_per_user_retention_drops_old_images():
+    index = FingerprintIndex(IndexConfig(window=8, top_k=20, match_threshold=10, capacity=8, max_age=10.0))
+    before = sum(a.nbytes for a in index.arrays().values())
+    x = _images(30, seed=3)
+    hashes, _ = fingerprints(x.numpy(), index.config)
+    for i in range(30):
+        index.insert(hashes[i], i, now=0.0, chain=1)
+    assert len(index) == 8 and sum(a.nbytes for a in index.arrays().values()) == before
+    assert not index.lookup(hashes[0], 0, now=0.0).chain > 1  # pushed out by count
+    assert index.lookup(hashes[29], 29, now=5.0).exact_repeat  # still there
+    assert not index.lookup(hashes[29], 29, now=11.0).exact_repeat  # older than max_age
+    assert IndexConfig().bytes_per_query() < 1024
+    cfg = DetectorConfig(per_user=SimilarityConfig(metric="mse", max_age=10.0, downscale=2), index=None)
+    det = QueryDetector(cfg)
+    det.observe(_images(3, seed=4), users=["a"] * 3, probs=_probs(3), now=0.0)
+    h = det.users.history
+    assert h.stored("a") == 3 and h.arrays()["images"].shape[1] == 6 * 6  # 12x12 kept at 6x6
+    det.observe(_images(1, seed=5), users=["a"], probs=_probs(1), now=20.0)
+    assert h.stored("a") == 1  # the three old images are gone, not just ignored
+
+
+def _state(det: QueryDetector) -> dict[str, np.ndarray]:
+    return det._arrays()
+
+
+def _assert_same_state(a: QueryDetector, b: QueryDetector):
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+def _combined(capacity: int = 64) -> DetectorConfig:
+    return DetectorConfig(per_user=SimilarityConfig(metric="mse", history=16, distance_alarm_limit=3),
+                          index=SMALL.model_copy(update={"capacity": capacity}), action="deceive")
+
+
+@pytest.mark.parametrize("log_mode", ["append", "objects"])
+def test_save_load_and_the_log_round_trip_exactly(tmp_path, log_mode):
+    det = QueryDetector(_combined())
+    x = _images(6, seed=6)
+    burst = torch.cat([x[:1]] + [_nudge(x[:1], s) for s in range(5)])
+    det.observe(torch.cat([x, burst]), users=list("abcdef") + ["m"] * 6, probs=_probs(12), now=1.0)
+    det.save(str(tmp_path / "state"), log_mode=log_mode)
+    _assert_same_state(det, QueryDetector.load(str(tmp_path / "state"), log_mode=log_mode))
+    det.observe(_nudge(burst, 9), users=[f"s{i}" for i in range(6)], probs=_probs(6, seed=1), now=2.0)
+    assert det.flush() == 6
+    det.observe(_images(2, seed=7), users=["a", "b"], probs=_probs(2, seed=2), now=3.0)
+    assert det.flush() == 2 and det.flush() == 0
+    back = QueryDetector.load(f"file://{tmp_path / 'state'}", log_mode=log_mode)  # a URI works too
+    _assert_same_state(det, back)
+    probe = _nudge(burst, 11)
+    mine = det.observe(probe, users=["m"] * 6, probs=_probs(6, seed=3), now=4.0)
+    theirs = back.observe(probe, users=["m"] * 6, probs=_probs(6, seed=3), now=4.0)
+    assert [d.response() for d in mine] == [d.response() for d in theirs]
+    assert [d.alarms for d in mine] == [d.alarms for d in theirs] and any(d.suspicious for d in mine)
+    det.save()  # compaction: a new snapshot, the old generation's files are gone
+    names = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert names == ["manifest.json", "snapshot-000002.arrow"]
+
+
+def test_a_truncated_or_damaged_state_file_is_a_clear_error_naming_it(tmp_path):
+    det = QueryDetector(_combined())
+    det.observe(_images(4), users=list("abcd"), probs=_probs(4), now=0.0)
+    det.save(str(tmp_path), log_mode="append")
+    det.observe(_images(2, seed=1), users=["a", "b"], probs=_probs(2), now=1.0)
+    det.flush()
+    log = tmp_path / "log-000001.log"
+    data = log.read_bytes()
+    log.write_bytes(data[:-7])
+    with pytest.raises(StateError, match=r"log-000001\.log: corrupt or truncated .*truncated"):
+        QueryDetector.load(str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="starting empty"):
+        empty = QueryDetector.load(str(tmp_path), on_corrupt="empty")
+    assert len(empty) == 0 and empty.config == det.config
+    assert len(QueryDetector.load(str(tmp_path))) == 0  # the fresh empty generation is what loads now
+    snap = tmp_path / "snapshot-000002.arrow"
+    snap.write_bytes(snap.read_bytes()[:100])
+    with pytest.raises(StateError, match=r"snapshot-000002\.arrow: corrupt or truncated"):
+        QueryDetector.load(str(tmp_path))
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(StateError, match=r"manifest\.json: corrupt"):
+        QueryDetector.load(str(tmp_path))
+    with pytest.raises(StateError, match="no detector state"):
+        QueryDetector.load(str(tmp_path / "nothing"), on_corrupt="empty")
+    with pytest.raises(StateError, match="flush"):
+        QueryDetector(_combined()).flush()
+
+
+def test_one_accounts_history_never_changes_another_accounts_decisions():
+    cfg = DetectorConfig(per_user=SimilarityConfig(metric="mse", history=8, distance_alarm_limit=2), index=None,
+                         action="deceive")
+    mine = torch.cat([_images(1, seed=8)] + [_nudge(_images(1, seed=8), s) for s in range(4)])
+    theirs = _nudge(mine, 20)  # the same walk, from another account
+    alone = QueryDetector(cfg).observe(mine, users=["alice"] * 5, probs=_probs(5), now=0.0)
+    mixed_det = QueryDetector(cfg)
+    mixed = []
+    for i in range(5):
+        mixed_det.observe(theirs[i : i + 1], users=["mallory"], probs=_probs(1, seed=i), now=0.0)
+        mixed += mixed_det.observe(mine[i : i + 1], users=["alice"], probs=_probs(5)[i : i + 1], now=0.0)
+    assert [d.response() for d in alone] == [d.response() for d in mixed]
+    assert [d.per_user for d in alone] == [d.per_user for d in mixed]
+    assert any(d.suspicious for d in alone)
+
+
+def test_concurrent_observe_calls_lose_no_update(tmp_path):
+    det = QueryDetector(_combined(capacity=256))
+    det.save(str(tmp_path))
+    x = _images(160, seed=9)
+    logged = []
+
+    def send(t: int):
+        for b in range(20):
+            rows = slice(t * 40 + 2 * b, t * 40 + 2 * b + 2)
+            det.observe(x[rows], users=[f"t{t}", f"t{t}"], probs=_probs(2, seed=b), now=float(b))
+            if b % 5 == 4:
+                logged.append(det.flush())
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    logged.append(det.flush())
+    assert len(det) == 160 and det.index.next_id == 160 and sum(logged) == 160
+    assert sum(det.users.history.stored(u) for u in det.users.history.users()) == 16 * 4  # history=16 per user
+    back = QueryDetector.load(str(tmp_path))
+    _assert_same_state(det, back)
+
+
+class _Model(nn.Module):
+    def forward(self, x):
+        m = x.flatten(1).mean(1, keepdim=True)
+        return torch.cat([4 * m, 2 * m, 1 - m], dim=1)
+
+
+@pytest.mark.parametrize("action", ["flag", "deceive", "fallback", "block"])
+def test_a_flagged_answer_has_the_same_fields_types_and_status_as_a_normal_one(action):
+    det = QueryDetector(DetectorConfig(per_user=None, index=SMALL, action=action), fallback=_Model())
+    x = _images(1, seed=10)
+    xs = torch.cat([x, _nudge(x, 1)])
+    probs = _Model()(xs).softmax(1)
+    normal, flagged = det.observe(xs, users=["a", "b"], probs=probs, now=0.0)
+    assert not normal.suspicious and flagged.suspicious and flagged.action == action
+    r0, r1 = normal.response(), flagged.response()
+    assert r0.keys() == r1.keys() and r0["status"] == "ok"
+    if action == "block":  # the one open refusal
+        assert r1["status"] == "refused" and r1["label"] == -1 and r1["probabilities"] == []
+        return
+    assert r1["status"] == "ok" and {k: type(v) for k, v in r0.items()} == {k: type(v) for k, v in r1.items()}
+    assert len(r1["probabilities"]) == 3 and sum(r1["probabilities"]) == pytest.approx(1, abs=1e-5)
+    assert r1["label"] == int(np.argmax(r1["probabilities"]))
+    if action == "deceive":  # another class, with the confidence the true class had: plausible
+        assert r1["label"] != flagged.predicted
+        assert max(r1["probabilities"]) == pytest.approx(float(probs[1].max()))
+
+
+def test_bad_configs_and_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(ValidationError, match="match_threshold"):
+        IndexConfig(top_k=10, match_threshold=11)
+    with pytest.raises(ValidationError, match="extra"):
+        DetectorConfig(indx=None)
+    with pytest.raises(ValueError, match="fallback model"):
+        QueryDetector(DetectorConfig(action="fallback"))
+    det = _index_only()
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        det.observe(torch.rand(4, 4), users=["a"], probs=_probs(1))
+    with pytest.raises(ValueError, match="users"):
+        det.observe(_images(2), users=["a"], probs=_probs(2))
+    with pytest.raises(ValueError, match="on_corrupt"):
+        QueryDetector.load(str(tmp_path), on_corrupt="maybe")
