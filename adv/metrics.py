@@ -77,3 +77,13 @@ def detection_metrics(scores: np.ndarray, is_adversarial: np.ndarray, flags: np.
         out["tpr"] = float(flags[is_adv].mean()) if is_adv.any() else float("nan")
         out["fpr"] = float(flags[~is_adv].mean()) if (~is_adv).any() else float("nan")
     return out
+
+
+def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of the proportion ``correct / n`` (scipy's binomtest); ``(0, 1)`` when ``n == 0``."""
+    from scipy.stats import binomtest
+
+    if n <= 0:
+        return 0.0, 1.0
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)

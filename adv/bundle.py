@@ -1,0 +1,346 @@
+"""The defense bundle: everything needed to rebuild and serve one defended model, with its numbers.
+
+A bundle is a folder (a local path or any pyarrow URI, ``s3://bucket/run/best``)::
+
+    manifest.json            schema_version, specs, numbers, provenance, sha256 of every file
+    classifier.pt            the adv classifier checkpoint
+    stages/00-<name>.pt      learned stage files, in pipeline order
+    detector/<name>.pt       the per-input detector's stage file (when it has one)
+
+Stage specs in the manifest name their files relative to the bundle
+(``ae:checkpoint=stages/00-ae.pt``); ``Bundle.build`` resolves them. The
+manifest also holds the query-attack detector's configuration (a dict, see
+``adv.detectors``) when one is shipped, and the clean / non-adaptive /
+adaptive accuracies, each with a 95% interval, its size, a label and the
+data subset it was measured on. ``Ray Tune`` (``jobs.tune``) writes bundles
+to ``<run>/best/``; ``adv bundle create`` writes them without a sweep;
+``adv eval --bundle`` and the Serve stage load them.
+
+    b = write_bundle("out/best", checkpoint="model.pt", stages=["dwt:wavelet=haar"],
+                     numbers={...}, provenance={...})
+    b = load_bundle("out/best")          # verifies schema_version and every sha256
+    model = b.build(device="cpu")        # adv.defenses.Defended
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from adv.errors import AdvError
+
+SCHEMA_VERSION = 1
+FORMAT = "adv-bundle"
+MANIFEST = "manifest.json"
+NUMBER_KEYS = ("clean", "non_adaptive", "adaptive")
+
+
+class BundleError(AdvError):
+    """A bundle is missing, incomplete, tampered with or of an unknown schema; the message names the file."""
+
+
+class Number(BaseModel):
+    """One accuracy with its 95% interval, the number of examples, what it measures and on which data."""
+
+    model_config = ConfigDict(extra="forbid")
+    value: float = Field(ge=0.0, le=1.0)
+    ci95: tuple[float, float]
+    n: int = Field(ge=0)
+    label: str = Field(min_length=1, description="what was measured, e.g. 'adaptive (BPDA+PGD, eps=0.1)'")
+    subset: str = Field(min_length=1, description="the data it was measured on, e.g. 'test[seed=0,n=500]'")
+
+    @field_validator("ci95")
+    @classmethod
+    def _ordered(cls, v):
+        lo, hi = v
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"ci95 must satisfy 0 <= lo <= hi <= 1, got {list(v)}")
+        return v
+
+
+def check_numbers(numbers: dict[str, Any]) -> dict[str, dict]:
+    """Validated numbers (``clean`` is required; ``non_adaptive`` / ``adaptive`` when measured); errors name the key."""
+    if not isinstance(numbers, dict) or "clean" not in numbers:
+        raise BundleError("bundle numbers need at least 'clean' (and 'non_adaptive' / 'adaptive' when measured)")
+    out = {}
+    for key, value in numbers.items():
+        if value is None:
+            continue
+        try:
+            out[key] = Number.model_validate(value).model_dump(mode="json")
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise BundleError(f"bundle numbers.{key}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return out
+
+
+# --- locations: a local folder or a pyarrow URI ------------------------------------------------------------
+def _is_uri(location: str | os.PathLike) -> bool:
+    return "://" in str(location)  # file:// too: it takes the same download path as s3:// (tests use it)
+
+
+def _filesystem(uri: str):
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError, OSError) as exc:
+        raise BundleError(f"cannot open bundle location {uri!r}: {exc}") from None
+
+
+def _local_path(location: str | os.PathLike) -> Path:
+    return Path(location)
+
+
+def cache_dir() -> Path:
+    """Where URI bundles are downloaded before building (``$ADV_CACHE_DIR``, else ~/.cache/adv)."""
+    root = os.environ.get("ADV_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "adv")
+    return Path(root) / "bundles"
+
+
+def _download(uri: str) -> Path:
+    """Copy the bundle at ``uri`` into a fresh cache folder (hashes are checked after the copy)."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(uri)
+    if fs.get_file_info(f"{path.rstrip('/')}/{MANIFEST}").type != pafs.FileType.File:
+        raise BundleError(f"{uri}: no {MANIFEST} (not a bundle)")
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    target = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=cache_dir()))
+    pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return target
+
+
+def _upload(local: Path, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    # manifest.json last, so a reader never sees a manifest whose files are still missing
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == MANIFEST)
+    for p in files:
+        dest = f"{path.rstrip('/')}/{p.relative_to(local).as_posix()}"
+        fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(str(p), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+# --- hashing and spec rewriting -------------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_fields(name: str) -> list[str]:
+    """The parameters of a stage that name a file (``checkpoint``, ``ae_checkpoint``, ...)."""
+    from adv.defenses.registry import get_defense
+
+    return [k for k in get_defense(name).params.model_fields if k == "checkpoint" or k.endswith("_checkpoint")]
+
+
+def _rewrite_spec(spec: str, target: Path, folder: str, index: int | None) -> str:
+    """Copy the files ``spec`` names into ``target/folder`` and return the spec naming them bundle-relative."""
+    from adv.defenses.registry import format_defense_spec, resolve
+
+    name, params = resolve(spec)  # validates the spec before anything is copied
+    values = params.model_dump()
+    for key in _file_fields(name):
+        source = values.get(key)
+        if not source:
+            continue
+        if not Path(source).is_file():
+            raise BundleError(f"stage {spec!r}: {key}={source} is not a file")
+        stem = f"{index:02d}-{name}" if index is not None else name
+        rel = f"{folder}/{stem}{'' if key == 'checkpoint' else '-' + key}.pt"
+        (target / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target / rel)
+        values[key] = rel
+    return format_defense_spec(name, values)
+
+
+def _absolute_spec(spec: str, root: Path) -> str:
+    """A manifest spec with its bundle-relative files made absolute under ``root``."""
+    from adv.defenses.registry import format_defense_spec, parse_defense_spec, validate_params
+
+    name, raw = parse_defense_spec(spec)
+    values = validate_params(name, raw).model_dump()
+    for key in _file_fields(name):
+        if values.get(key):
+            values[key] = str(root / values[key])
+    return format_defense_spec(name, values)
+
+
+# --- the bundle ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded (and, unless ``verify=False``, verified) bundle in a local folder."""
+
+    root: Path
+    manifest: dict[str, Any]
+    location: str
+
+    @property
+    def stages(self) -> list[str]:
+        return list(self.manifest["stages"])
+
+    @property
+    def detector(self) -> str | None:
+        return self.manifest.get("detector")
+
+    @property
+    def query_detector(self) -> dict | None:
+        return self.manifest.get("query_detector")
+
+    @property
+    def numbers(self) -> dict[str, dict]:
+        return self.manifest["numbers"]
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / self.manifest["classifier"]["file"]
+
+    def specs(self) -> tuple[list[str], str | None]:
+        """The stage specs and the detector spec with absolute file paths (what ``build`` composes)."""
+        det = _absolute_spec(self.detector, self.root) if self.detector else None
+        return [_absolute_spec(s, self.root) for s in self.stages], det
+
+    def build(self, device: str = "cpu"):
+        """The defended model (stages, classifier, optional detector) in eval mode on ``device``."""
+        from adv.defenses.compose import build_defended
+        from adv.models.checkpoint import load_checkpoint
+        from adv.models.device import resolve_device
+
+        classifier, _ = load_checkpoint(self.checkpoint)
+        stages, detector = self.specs()
+        model = build_defended(classifier, stages, detector=detector)
+        return model.to(resolve_device(device)).eval()
+
+    def public_manifest(self) -> dict[str, Any]:
+        """The manifest without detector parameters (thresholds) and file hashes: safe to show clients."""
+        out = json.loads(json.dumps(self.manifest))
+        out.pop("files", None)
+        if out.get("detector"):
+            out["detector"] = out["detector"].partition(":")[0]
+        if out.get("query_detector") is not None:
+            out["query_detector"] = {"enabled": True}
+        return out
+
+
+def write_bundle(
+    out: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike,
+    stages: list[str],
+    detector: str | None = None,
+    query_detector: dict | None = None,
+    numbers: dict[str, Any],
+    provenance: dict[str, Any],
+) -> Bundle:
+    """Write a bundle to ``out`` (a folder or a pyarrow URI) and return it loaded (verified)."""
+    from adv.models.checkpoint import load_checkpoint
+
+    checked = check_numbers(numbers)
+    if query_detector is not None and not isinstance(query_detector, dict):
+        raise BundleError(f"query_detector must be a dict (a DetectorConfig.model_dump()), got "
+                          f"{type(query_detector).__name__}")
+    _, meta = load_checkpoint(checkpoint)  # a bundle never ships a checkpoint that does not load
+    uri = _is_uri(out)
+    staging = Path(tempfile.mkdtemp(prefix="adv-bundle-")) if uri else _local_path(out)
+    if not uri:
+        if (staging / MANIFEST).exists():
+            _remove_bundle_files(staging)
+        staging.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint, staging / "classifier.pt")
+    specs = [_rewrite_spec(s, staging, "stages", i) for i, s in enumerate(stages)]
+    det = _rewrite_spec(detector, staging, "detector", None) if detector else None
+    files = {p.relative_to(staging).as_posix(): sha256_file(p)
+             for p in sorted(staging.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest = {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "classifier": {"file": "classifier.pt", "arch": meta["arch"], "num_classes": meta["num_classes"],
+                       "input_size": meta["input_size"], "dataset": meta.get("dataset", "")},
+        "stages": specs, "detector": det, "query_detector": query_detector,
+        "numbers": checked, "provenance": provenance, "files": files,
+    }
+    tmp = staging / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, staging / MANIFEST)
+    if uri:
+        _upload(staging, str(out))
+        shutil.rmtree(staging, ignore_errors=True)
+        return load_bundle(str(out))
+    return load_bundle(staging)
+
+
+def _remove_bundle_files(folder: Path) -> None:
+    """Overwriting a bundle: remove what the old manifest listed, so no stale stage file stays behind."""
+    try:
+        old = json.loads((folder / MANIFEST).read_text()).get("files", {})
+    except (OSError, ValueError):
+        old = {}
+    for rel in old:
+        (folder / rel).unlink(missing_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+
+
+def load_bundle(location: str | os.PathLike, verify: bool = True) -> Bundle:
+    """Load the bundle at ``location``; a URI is downloaded to :func:`cache_dir` first.
+
+    Checks the format and ``schema_version`` and, with ``verify``, that every
+    listed file exists with its sha256 and that no unlisted stage file was added.
+    """
+    root = _download(str(location)) if _is_uri(location) else _local_path(location)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{location}: no {MANIFEST} (not a bundle; write one with `adv bundle create`)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{manifest_path}: unreadable manifest ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path}: not an adv bundle manifest (no format {FORMAT!r})")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{manifest_path}: schema_version {version!r} is not supported "
+                          f"(this adv reads {SCHEMA_VERSION})")
+    for key in ("classifier", "stages", "numbers", "files"):
+        if key not in manifest:
+            raise BundleError(f"{manifest_path}: missing key {key!r}")
+    if verify:
+        _verify(root, manifest["files"])
+    return Bundle(root=root, manifest=manifest, location=str(location))
+
+
+def _verify(root: Path, files: dict[str, str]) -> None:
+    for rel, digest in sorted(files.items()):
+        path = root / rel
+        if not path.is_file():
+            raise BundleError(f"bundle file missing: {path}")
+        if sha256_file(path) != digest:
+            raise BundleError(f"bundle file {path} does not match its sha256 in {MANIFEST} (changed or corrupt)")
+    listed = set(files) | {MANIFEST}
+    for path in root.rglob("*.pt"):
+        if path.relative_to(root).as_posix() not in listed:
+            raise BundleError(f"bundle file {path} is not listed in {MANIFEST} (added after the bundle was made)")
+
+
+def accuracy_number(correct: int, n: int, *, label: str, subset: str) -> dict[str, Any]:
+    """A manifest number from counts: the accuracy with its Wilson 95% interval."""
+    from adv.metrics import wilson_interval
+
+    lo, hi = wilson_interval(correct, n)
+    return {"value": correct / n if n else 0.0, "ci95": [lo, hi], "n": int(n), "label": label, "subset": subset}

@@ -1,0 +1,114 @@
+"""The defense bundle: round trip, hashes, missing files, schema version, URIs (Ray-free)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adv.bundle import BundleError, accuracy_number, load_bundle, write_bundle
+from adv.data import load_dataset
+from adv.defenses.registry import create_defense, save_stage
+from adv.errors import AdvError
+from tests.pipeline_helpers import random_checkpoint
+
+
+def _numbers():
+    subset = "digits test[seed=0,n=40]"
+    return {"clean": accuracy_number(36, 40, label="clean", subset=subset),
+            "non_adaptive": accuracy_number(20, 40, label="non-adaptive (pgd, eps=0.1)", subset=subset),
+            "adaptive": accuracy_number(10, 40, label="adaptive (BPDA+pgd, eps=0.1)", subset=subset)}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A random classifier checkpoint and a learned stage file trained one epoch on a few digits."""
+    d = tmp_path_factory.mktemp("parts")
+    ckpt = random_checkpoint(d / "model.pt")
+    data = load_dataset("digits", split="train", n=64, seed=0)
+    stage = create_defense("initial_ae:epochs=1,width=4,latent=2", data=data)
+    stage_file = save_stage(d / "ae.pt", stage)
+    return ckpt, stage_file
+
+
+@pytest.fixture()
+def bundle(parts, tmp_path):
+    ckpt, stage_file = parts
+    return write_bundle(tmp_path / "b", checkpoint=str(ckpt),
+                        stages=[f"initial_ae:checkpoint={stage_file}", "dwt:wavelet=db2,level=1"],
+                        query_detector={"threshold": 0.25, "window": 10}, numbers=_numbers(),
+                        provenance={"sweep": "t", "trial": "x"})
+
+
+def test_round_trip_rebuilds_the_same_model(parts, bundle):
+    ckpt, stage_file = parts
+    m = bundle.manifest
+    assert m["schema_version"] == 1 and m["stages"][0] == "initial_ae:checkpoint=stages/00-initial_ae.pt"
+    assert set(m["files"]) == {"classifier.pt", "stages/00-initial_ae.pt"}
+    assert m["numbers"]["adaptive"]["value"] == 0.25 and m["numbers"]["adaptive"]["ci95"][0] < 0.25
+    again = load_bundle(bundle.root)
+    model = again.build()
+    assert model.specs[1] == "dwt:wavelet=db2" and model.preprocess[0].trained
+    from adv.defenses.compose import build_defended
+    from adv.models.checkpoint import load_checkpoint
+
+    ref = build_defended(load_checkpoint(ckpt)[0], [f"initial_ae:checkpoint={stage_file}", "dwt:wavelet=db2"])
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(model(x), ref.eval()(x))
+    assert again.query_detector == {"threshold": 0.25, "window": 10}
+    public = again.public_manifest()
+    assert "threshold" not in json.dumps(public) and "files" not in public and public["numbers"]
+
+
+def test_tampered_file_is_rejected_and_named(bundle):
+    path = bundle.root / "stages/00-initial_ae.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # one flipped bit
+    with pytest.raises(BundleError, match="00-initial_ae.pt does not match its sha256"):
+        load_bundle(bundle.root)
+    assert load_bundle(bundle.root, verify=False).manifest["stages"]
+
+
+def test_missing_and_added_files(bundle):
+    (bundle.root / "classifier.pt").rename(bundle.root / "elsewhere.bin")
+    with pytest.raises(BundleError, match="missing: .*classifier.pt"):
+        load_bundle(bundle.root)
+    (bundle.root / "elsewhere.bin").rename(bundle.root / "classifier.pt")
+    (bundle.root / "stages/extra.pt").write_bytes(b"x")
+    with pytest.raises(BundleError, match="extra.pt is not listed"):
+        load_bundle(bundle.root)
+
+
+def test_bad_schema_version_and_not_a_bundle(bundle, tmp_path):
+    manifest = bundle.root / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "schema_version": 99}))
+    with pytest.raises(BundleError, match="schema_version 99 is not supported"):
+        load_bundle(bundle.root)
+    with pytest.raises(AdvError, match="no manifest.json"):
+        load_bundle(tmp_path / "nothing")
+
+
+def test_bad_inputs_fail_before_writing(parts, tmp_path):
+    ckpt, _ = parts
+    with pytest.raises(BundleError, match=r"numbers.adaptive.ci95"):
+        write_bundle(tmp_path / "x", checkpoint=str(ckpt), stages=[], numbers={
+            **_numbers(), "adaptive": {"value": 0.5, "ci95": [0.6, 0.4], "n": 4, "label": "a", "subset": "s"}},
+            provenance={})
+    with pytest.raises(AdvError, match="dwt"):
+        write_bundle(tmp_path / "y", checkpoint=str(ckpt), stages=["dwt:level=0"], numbers=_numbers(), provenance={})
+    assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_uri_bundle_is_downloaded_and_verified(parts, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADV_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt, stage_file = parts
+    uri = f"file://{tmp_path}/remote"  # written and read through pyarrow.fs, like s3://
+    b = write_bundle(uri, checkpoint=str(ckpt), stages=[f"initial_ae:checkpoint={stage_file}"],
+                     numbers=_numbers(), provenance={})
+    assert (tmp_path / "remote/manifest.json").is_file() and (tmp_path / "remote/stages/00-initial_ae.pt").is_file()
+    assert b.root.is_relative_to(tmp_path / "cache") and b.build().preprocess[0].trained
+    (tmp_path / "remote/classifier.pt").write_bytes(b"tampered")
+    with pytest.raises(BundleError, match="classifier.pt does not match"):
+        load_bundle(uri)
