@@ -21,3 +21,7 @@ class CheckpointError(AdvError):
 
 class ConfigError(AdvError, ValueError):
     """A configuration value is invalid; the message names the key."""
+
+
+class InputError(AdvError, ValueError):
+    """A model, data or budget handed to an evaluation that it cannot use as given; the message names the fix."""

@@ -5,6 +5,7 @@ from adv.models.base import ImageClassifier, Normalize
 from adv.models.checkpoint import load_checkpoint, load_external, save_checkpoint
 from adv.models.device import resolve_device
 from adv.models.registry import ModelSpec, create_model, get_spec, list_models, register_model
+from adv.models.wrap import SelectOutput
 
 __all__ = [
     "ImageClassifier",
@@ -18,4 +19,5 @@ __all__ = [
     "register_model",
     "resolve_device",
     "save_checkpoint",
+    "SelectOutput",
 ]

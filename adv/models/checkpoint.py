@@ -93,13 +93,22 @@ def load_external(name: str, path: str | os.PathLike, **model_kw) -> ImageClassi
     payload = _read(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         return load_checkpoint(path, **model_kw)[0]
-    state_dict = payload.get("state_dict", payload) if isinstance(payload, dict) else None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"{path} holds no state_dict of tensors")
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = state_dict_of(payload, path)
     model = create_model(name, **model_kw)
     _load_into(model, state_dict, path, external=True)
     return model.eval()
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file: a bare state_dict, ``{"state_dict": ...}`` or an adv checkpoint."""
+    return state_dict_of(_read(path), path)
+
+
+def state_dict_of(payload: Any, path) -> dict[str, torch.Tensor]:
+    state_dict = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} holds no state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}  # nn.DataParallel's prefix
 
 
 def _load_into(model: ImageClassifier, state_dict: dict, path, external: bool = False) -> None:
