@@ -19,6 +19,7 @@ SYSTEM_DIRS: dict[str, tuple[str, ...]] = {
     "fashion-mnist": ("/usr/share/datasets/fashion-mnist",),
     "mnist": ("/usr/share/datasets/mnist",),
     "cifar10": (),
+    "fashion-mnist-a": (),
 }
 
 #: Sub-folders tried under each search root, so one data dir can hold every set.
@@ -26,12 +27,15 @@ SUBDIRS: dict[str, tuple[str, ...]] = {
     "fashion-mnist": ("", "fashion-mnist", "FashionMNIST/raw", "fashion_mnist"),
     "mnist": ("", "mnist", "MNIST/raw"),
     "cifar10": ("", "cifar10", "cifar-10"),
+    "fashion-mnist-a": ("fashion-mnist-a", ""),
 }
 
 FIXES: dict[str, str] = {
     "fashion-mnist": "apt-get install -y dataset-fashion-mnist, or pass --download (needs internet)",
     "mnist": "pass --data-dir DIR with the four MNIST IDX .gz files, or pass --download (needs internet)",
     "cifar10": "pass --data-dir DIR holding cifar-10-batches-py/, or pass --download (needs internet)",
+    "fashion-mnist-a": ("build it with `adv data filter --dataset fashion-mnist --split test --checkpoint M1 "
+                        "--checkpoint M2 --out $ADV_DATA_DIR/fashion-mnist-a` (models not the one you evaluate)"),
 }
 
 
