@@ -147,6 +147,18 @@ def test_stage_files_round_trip_without_the_classifier(tmp_path):
         create_defense("unet:checkpoint=/no/such.pt", classifier=clf)
 
 
+def test_stages_get_their_registry_info_at_construction_and_leave_the_classifier_as_it_was(tmp_path):
+    clf = create_model("lenet5").train()  # a caller's model in train mode, with parameter gradients on
+    stage = create_defense("middle_ae:bottleneck=16", classifier=clf)
+    assert (stage.info.name, stage.info.spec, stage.info.kind) == ("middle_ae", "middle_ae:bottleneck=16", "classifier")
+    assert not stage.trained and stage.stage_meta == {}
+    stage.eval()
+    loaded = load_stage(save_stage(tmp_path / "m.pt", stage, meta={"note": "x"}), classifier=clf)
+    Defended(None, loaded).eval().train()
+    assert loaded.trained and loaded.info.meta == {"note": "x"} and loaded.classifier is clf
+    assert all(m.training for m in clf.modules()) and all(p.requires_grad for p in clf.parameters())
+
+
 def test_encoder_files_serve_the_disagreement_detector(tmp_path):
     clf = _classifier()
     enc = create_defense("encoder:bottleneck=8", classifier=clf)

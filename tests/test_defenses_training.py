@@ -45,11 +45,12 @@ def test_initial_ae_learns_to_reconstruct():
 
 
 def test_middle_ae_learns_and_leaves_the_classifier_alone():
-    clf = trained_classifier()
+    clf = trained_classifier().train()  # the caller's mode and gradient flags come back as they were
     before = {k: v.clone() for k, v in clf.state_dict().items()}
     untrained = create_defense(f"middle_ae:{FAST}", classifier=trained_classifier())
     stage = create_defense(f"middle_ae:epochs=2,{FAST}", classifier=clf, data=digits("train"))
     assert all(torch.equal(before[k], v) for k, v in clf.state_dict().items())
+    assert clf.training and all(p.requires_grad for p in clf.parameters())
     assert _losses(stage)[-1] < _losses(stage)[0]
     assert _accuracy_through(stage, clf) > _accuracy_through(untrained, clf) + 0.3
 

@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from adv.defenses.registry import register_defense
-from adv.defenses.stage import ClassifierStage, LearnedParams, Stage, crop_to, freeze, pad_to_multiple, train_stage
+from adv.defenses.stage import ClassifierStage, LearnedParams, Stage, StageInfo, crop_to, pad_to_multiple, train_stage
 from adv.train.loop import LossOutput
 
 
@@ -38,8 +38,8 @@ class InitialAE(Stage):
     Shape: (N, C, H, W) in [0, 1] -> (N, C, H, W) in [0, 1]; code (N, latent, H/4, W/4)
     """
 
-    def __init__(self, channels: int, params: InitialAEParams):
-        super().__init__(params)
+    def __init__(self, channels: int, params: InitialAEParams, info: StageInfo | None = None):
+        super().__init__(params, info)
         w, k = params.width, params.latent
         self.encoder = nn.Sequential(
             nn.Conv2d(channels, w, 3, stride=2, padding=1), nn.ReLU(),
@@ -57,20 +57,17 @@ class InitialAE(Stage):
 
 @register_defense("initial_ae", params=InitialAEParams, kind="preprocess", learned=True,
                   description="conv autoencoder before the classifier, trained on the data (Echeberria-Barrio et al. 2020 Fig. 7)")
-def initial_ae(params: InitialAEParams, classifier=None, data=None) -> InitialAE:
+def initial_ae(params: InitialAEParams, classifier=None, data=None, info: StageInfo | None = None) -> InitialAE:
     channels = data.input_size[0] if data is not None else (classifier.input_size[0] if classifier is not None else 1)
-    ae = InitialAE(channels, params)
-    ae.trained = False
+    ae = InitialAE(channels, params, info)
     if data is not None:
-        ae.train_metrics = train_initial_ae(ae, data, classifier)
+        train_initial_ae(ae, data, classifier)
     return ae
 
 
 def train_initial_ae(ae: InitialAE, data, classifier: nn.Module | None = None, show_progress: bool = False) -> dict:
     """Reconstruction training ``MSE(ae(x + noise), x)``; the classifier (if any) only logs accuracy."""
     p: InitialAEParams = ae.params
-    if classifier is not None:
-        freeze(classifier)
     num_classes = getattr(classifier, "num_classes", 1)
 
     def loss_fn(_model, x, y):
@@ -80,11 +77,10 @@ def train_initial_ae(ae: InitialAE, data, classifier: nn.Module | None = None, s
             logits = classifier(recon) if classifier is not None else x.new_zeros(len(x), num_classes)
         return LossOutput(F.mse_loss(recon, x), logits)
 
-    metrics = train_stage(ae, loss_fn, p, data, show_progress=show_progress)
+    metrics = train_stage(ae, loss_fn, p, data, show_progress=show_progress, classifier=classifier)
     if classifier is None:
         metrics.pop("train_acc", None)  # no classifier: the loop's accuracy would be of zeros
-    ae.trained = True
-    return metrics
+    return ae.finish_training(metrics)
 
 
 # --- middle autoencoder (feature space) -----------------------------------------------------
@@ -114,8 +110,8 @@ class MiddleAEClassifier(ClassifierStage):
     Shape: (N, C, H, W) in [0, 1] -> logits (N, num_classes)
     """
 
-    def __init__(self, classifier: nn.Module, params: FeatureAEParams):
-        super().__init__(classifier, params)
+    def __init__(self, classifier: nn.Module, params: FeatureAEParams, info: StageInfo | None = None):
+        super().__init__(classifier, params, info)
         self.ae = FeatureAE(classifier.feature_dim, params.hidden, params.bottleneck)
 
     @property
@@ -142,12 +138,11 @@ def _feature_dim(classifier: nn.Module) -> int:
 
 @register_defense("middle_ae", params=FeatureAEParams, kind="classifier", learned=True, needs_classifier=True,
                   description="dense autoencoder on penultimate features, before the frozen head (Echeberria-Barrio et al. 2020 Fig. 5)")
-def middle_ae(params: FeatureAEParams, classifier=None, data=None) -> MiddleAEClassifier:
+def middle_ae(params: FeatureAEParams, classifier=None, data=None, info: StageInfo | None = None) -> MiddleAEClassifier:
     _feature_dim(classifier)
-    model = MiddleAEClassifier(classifier, params)
-    model.trained = False
+    model = MiddleAEClassifier(classifier, params, info)
     if data is not None:
-        model.train_metrics = train_middle_ae(model, data)
+        train_middle_ae(model, data)
     return model
 
 
@@ -160,9 +155,7 @@ def train_middle_ae(model: MiddleAEClassifier, data, show_progress: bool = False
         recon = model.ae(f)
         return LossOutput(F.mse_loss(recon, f), model.classifier.head(recon).detach())
 
-    metrics = train_stage(model, loss_fn, model.params, data, show_progress=show_progress)
-    model.trained = True
-    return metrics
+    return model.finish_training(train_stage(model, loss_fn, model.params, data, show_progress=show_progress))
 
 
 # --- encoder variant -------------------------------------------------------------------------
@@ -177,8 +170,8 @@ class EncoderClassifier(ClassifierStage):
     Shape: (N, C, H, W) in [0, 1] -> logits (N, num_classes); code (N, bottleneck)
     """
 
-    def __init__(self, classifier: nn.Module, params: EncoderParams):
-        super().__init__(classifier, params)
+    def __init__(self, classifier: nn.Module, params: EncoderParams, info: StageInfo | None = None):
+        super().__init__(classifier, params, info)
         dim, k = _feature_dim(classifier), params.bottleneck
         self.encoder = FeatureAE(dim, params.hidden, k).encoder
         n = classifier.num_classes
@@ -201,11 +194,10 @@ class EncoderClassifier(ClassifierStage):
 
 @register_defense("encoder", params=EncoderParams, kind="classifier", learned=True, needs_classifier=True,
                   description="middle-AE encoder + a new dense head trained on its code (Echeberria-Barrio et al. 2020 Fig. 6)")
-def encoder(params: EncoderParams, classifier=None, data=None) -> EncoderClassifier:
-    model = EncoderClassifier(classifier, params)
-    model.trained = False
+def encoder(params: EncoderParams, classifier=None, data=None, info: StageInfo | None = None) -> EncoderClassifier:
+    model = EncoderClassifier(classifier, params, info)
     if data is not None:
-        model.train_metrics = train_encoder_variant(model, data)
+        train_encoder_variant(model, data)
     return model
 
 
@@ -233,6 +225,5 @@ def train_encoder_variant(model: EncoderClassifier, data, show_progress: bool = 
         return LossOutput(F.cross_entropy(logits, y), logits.detach())
 
     metrics = train_stage(model, loss_fn, p, data, show_progress=show_progress)
-    metrics["middle_ae"] = {k: v for k, v in getattr(middle, "train_metrics", {}).items() if k != "history"}
-    model.trained = True
-    return metrics
+    metrics["middle_ae"] = {k: v for k, v in middle.train_metrics.items() if k != "history"}
+    return model.finish_training(metrics)

@@ -64,7 +64,7 @@ class Defended(DelegatesToClassifier, nn.Module):
     def stages(self) -> list[nn.Module]:
         """Every defense stage: preprocessing, a wrapped classifier, the detector."""
         out = list(self.preprocess)
-        if hasattr(self.classifier, "defense_name"):
+        if getattr(self.classifier, "defense_name", None) is not None:
             out.append(self.classifier)
         if self.detector is not None:
             out.append(self.detector)

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from skimage.restoration import denoise_wavelet
 
 from adv.defenses.registry import register_defense
-from adv.defenses.stage import Stage, StageParams
+from adv.defenses.stage import Stage, StageInfo, StageParams
 
 
 class DWTParams(StageParams):
@@ -102,9 +102,6 @@ class DWTDenoise(Stage):
 
     differentiable = False
 
-    def __init__(self, params: DWTParams):
-        super().__init__(params)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dwt_transform(x, self.params)
 
@@ -114,8 +111,8 @@ class DWTDenoise(Stage):
 
 @register_defense("dwt", params=DWTParams, kind="preprocess",
                   description="DWT wavelet-denoising input reconstruction (skimage/pywt), Kaminskyi, DWT study")
-def dwt(params: DWTParams, classifier=None, data=None) -> DWTDenoise:
-    return DWTDenoise(params)
+def dwt(params: DWTParams, classifier=None, data=None, info: StageInfo | None = None) -> DWTDenoise:
+    return DWTDenoise(params, info)
 
 
 # --- parameter selection (Kaminskyi, DWT study: "images must visually look the same, PSNR high") ---------

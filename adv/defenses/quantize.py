@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from adv.defenses.registry import register_defense
-from adv.defenses.stage import Stage, StageParams
+from adv.defenses.stage import Stage, StageInfo, StageParams
 
 
 class QuantizeParams(StageParams):
@@ -26,9 +26,6 @@ class Quantize(Stage):
 
     differentiable = False
 
-    def __init__(self, params: QuantizeParams):
-        super().__init__(params)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         levels = 2**self.params.bits - 1
         return torch.round(x * levels) / levels
@@ -36,5 +33,5 @@ class Quantize(Stage):
 
 @register_defense("quantize", params=QuantizeParams, kind="preprocess",
                   description="bit-depth reduction (feature squeezing, Xu et al. 2018)")
-def quantize(params: QuantizeParams, classifier=None, data=None) -> Quantize:
-    return Quantize(params)
+def quantize(params: QuantizeParams, classifier=None, data=None, info: StageInfo | None = None) -> Quantize:
+    return Quantize(params, info)

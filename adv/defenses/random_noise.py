@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from adv.defenses.registry import register_defense
-from adv.defenses.stage import Stage, StageParams
+from adv.defenses.stage import Stage, StageInfo, StageParams
 
 
 class NoiseParams(StageParams):
@@ -26,14 +26,11 @@ class GaussianNoise(Stage):
 
     randomized = True
 
-    def __init__(self, params: NoiseParams):
-        super().__init__(params)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x + self.params.sigma * torch.randn_like(x)).clamp(0.0, 1.0)
 
 
 @register_defense("noise", params=NoiseParams, kind="preprocess",
                   description="additive Gaussian noise, a randomized stage (attack it with EOT)")
-def noise(params: NoiseParams, classifier=None, data=None) -> GaussianNoise:
-    return GaussianNoise(params)
+def noise(params: NoiseParams, classifier=None, data=None, info: StageInfo | None = None) -> GaussianNoise:
+    return GaussianNoise(params, info)

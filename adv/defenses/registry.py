@@ -29,13 +29,14 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from adv.defenses.stage import Stage, StageInfo, frozen_classifier
 from adv.errors import CheckpointError, ConfigError
 from adv.specs import build_params, format_spec, params_schema, parse_spec
 
 KINDS = ("preprocess", "classifier", "detector")
 STAGE_FORMAT = "adv-stage/1"
 
-#: ``build(params, classifier=None, data=None) -> nn.Module``
+#: ``build(params, classifier=None, data=None, info=None) -> Stage``
 Builder = Callable[..., nn.Module]
 
 
@@ -64,7 +65,10 @@ def register_defense(
     needs_classifier: bool = False,
     learned: bool = False,
 ):
-    """Register ``build(params, classifier=None, data=None) -> nn.Module`` under ``name``."""
+    """Register ``build(params, classifier=None, data=None, info=None) -> Stage`` under ``name``.
+
+    ``info`` is the ``StageInfo`` the builder passes to the stage's constructor.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
@@ -159,13 +163,13 @@ def create_defense(spec: str | tuple[str, Any], classifier: nn.Module | None = N
         params = _merge_file_params(entry, params, payload, path)
     elif data is not None and hasattr(params, "seed"):
         torch.manual_seed(params.seed)  # the initial weights of a stage trained here are part of the run's seed
-    stage = entry.build(params, classifier=classifier, data=None if payload else data)
-    stage.defense_name = name
-    stage.defense_spec = format_defense_spec(name, params)
-    stage.defense_kind = entry.kind
+    info = StageInfo(name, format_defense_spec(name, params), entry.kind, entry.learned,
+                     payload["meta"] if payload is not None else {})
+    # a stage trained here holds the caller's classifier fixed and gives it back as it was
+    with frozen_classifier(classifier):
+        stage = entry.build(params, classifier=classifier, data=None if payload else data, info=info)
     if payload is not None:
         load_stage_weights(stage, payload["state_dict"], path)
-        stage.stage_meta = payload["meta"]
         stage.eval()
     return stage
 
@@ -194,7 +198,7 @@ def save_stage(path: str | os.PathLike, stage: nn.Module, *, meta: dict[str, Any
         raise ValueError("save_stage needs a stage built by create_defense (it has no defense_name)")
     params = validate_params(name, getattr(stage, "params", None)).model_dump()
     params.pop("checkpoint", None)
-    state = stage.stage_state_dict() if hasattr(stage, "stage_state_dict") else stage.state_dict()
+    state = stage.stage_state_dict()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -226,11 +230,9 @@ def load_stage(path: str | os.PathLike, classifier: nn.Module | None = None) -> 
     return create_defense((read_stage(path)["name"], {"checkpoint": str(path)}), classifier=classifier)
 
 
-def load_stage_weights(stage: nn.Module, state_dict: dict[str, torch.Tensor], path) -> None:
-    loader = getattr(stage, "load_stage_state_dict", None) or (lambda sd: stage.load_state_dict(sd, strict=True))
+def load_stage_weights(stage: Stage, state_dict: dict[str, torch.Tensor], path) -> None:
     try:
-        loader(state_dict)
+        stage.load_trained(state_dict)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match stage {stage.defense_spec!r}: "
                               f"{' '.join(str(exc).splitlines()[:3])[:400]}") from None
-    stage.trained = True

@@ -7,11 +7,17 @@ Flags (class attributes, read by :mod:`adv.evaluate.adaptive`):
 * ``differentiable`` – False for numpy/rounding stages: BPDA replaces their backward;
 * ``randomized`` – True for stages that draw random numbers: EOT averages them;
 * ``trained`` – False for a learned stage nobody trained or loaded yet.
+
+What the registry knows about a stage (its name, spec string, kind, stage-file
+metadata) is a frozen :class:`StageInfo` handed to the constructor, never set
+on the module afterwards.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -52,41 +58,118 @@ class DelegatesToClassifier:
         return self.classifier.cam_layer
 
 
+@dataclass(frozen=True)
+class StageInfo:
+    """What the registry knows about a stage before it is built; builders pass it to the constructor.
+
+    ``spec`` is the canonical spec string, ``meta`` the stage file's metadata
+    (empty unless the stage was loaded from a file), ``learned`` whether the
+    stage has weights that must be trained or loaded before it is used.
+    """
+
+    name: str
+    spec: str
+    kind: str
+    learned: bool = False
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
 class Stage(nn.Module):
-    """Base of the defense stages: carries the flags and the validated params."""
+    """Base of the defense stages: carries the flags, the validated params and the registry's ``StageInfo``.
+
+    A stage built outside the registry (``info=None``) has no defense name and
+    counts as trained.
+    """
 
     differentiable = True
     randomized = False
 
-    def __init__(self, params: BaseModel | None = None):
+    def __init__(self, params: BaseModel | None = None, info: StageInfo | None = None):
         super().__init__()
         self.params = params
+        self.info = info
+        self.trained = not (info is not None and info.learned)
+        #: What the last training run reported (``adv defend train`` prints it); empty when loaded.
+        self.train_metrics: dict[str, Any] = {}
+
+    @property
+    def defense_name(self) -> str | None:
+        return self.info.name if self.info else None
+
+    @property
+    def defense_spec(self) -> str:
+        return self.info.spec if self.info else type(self).__name__
+
+    @property
+    def defense_kind(self) -> str | None:
+        return self.info.kind if self.info else None
+
+    @property
+    def stage_meta(self) -> dict[str, Any]:
+        return dict(self.info.meta) if self.info else {}
+
+    def finish_training(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Record a finished training run: the stage is trained from now on; returns ``metrics``."""
+        self.train_metrics = metrics
+        self.trained = True
+        return metrics
+
+    def stage_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a stage file holds (``ClassifierStage`` leaves out the classifier it wraps)."""
+        return self.state_dict()
+
+    def load_stage_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state_dict, strict=True)
+
+    def load_trained(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load trained weights (a stage file's); RuntimeError when they do not fit."""
+        self.load_stage_state_dict(state_dict)
         self.trained = True
 
 
-def freeze(classifier: nn.Module) -> nn.Module:
-    """Freeze the original weights (Echeberria-Barrio et al. 2020 §4.2 keeps them): eval mode, no parameter grads."""
-    classifier.eval()
-    for p in classifier.parameters():
-        p.requires_grad_(False)
-    return classifier
+@contextlib.contextmanager
+def frozen_classifier(classifier: nn.Module | None) -> Iterator[nn.Module | None]:
+    """Hold the original classifier fixed while a stage trains around it; restore it on exit.
+
+    Echeberria-Barrio et al. 2020 §4.2 keep the original weights: eval mode (its
+    BatchNorm statistics never move) and no parameter gradients (the optimizer
+    skips them). The classifier is the caller's, so its modes and
+    ``requires_grad`` flags are put back afterwards (as the attacks' ``frozen``).
+    """
+    if classifier is None:
+        yield None
+        return
+    from adv.attacks.core import frozen
+
+    modes = [(m, m.training) for m in classifier.modules()]
+    with frozen(classifier):
+        classifier.eval()
+        try:
+            yield classifier
+        finally:
+            for module, mode in modes:
+                module.training = mode
 
 
 class ClassifierStage(DelegatesToClassifier, Stage):
-    """A stage that holds the frozen original classifier as ``self.classifier``.
+    """A stage that holds the original classifier as ``self.classifier``, unchanged.
 
-    The classifier stays in eval mode when the stage is put in train mode (so
-    BatchNorm statistics of the original never move), and it is left out of
-    the stage's own state_dict: a stage file holds only what was trained.
+    The classifier is the caller's: putting the stage in train or eval mode
+    leaves the classifier's mode alone (training holds it in eval mode through
+    :func:`frozen_classifier`, so BatchNorm statistics of the original never
+    move), and it is left out of the stage's own state_dict: a stage file
+    holds only what was trained.
     """
 
-    def __init__(self, classifier: nn.Module, params: BaseModel | None = None):
-        super().__init__(params)
-        self.classifier = freeze(classifier)
+    def __init__(self, classifier: nn.Module, params: BaseModel | None = None, info: StageInfo | None = None):
+        super().__init__(params, info)
+        self.classifier = classifier
 
     def train(self, mode: bool = True):
-        super().train(mode)
-        self.classifier.eval()
+        self.training = mode
+        for name, child in self.named_children():
+            if name != "classifier":
+                child.train(mode)
         return self
 
     def stage_state_dict(self) -> dict[str, torch.Tensor]:
@@ -99,20 +182,23 @@ class ClassifierStage(DelegatesToClassifier, Stage):
             raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
-
 def train_stage(
-    model: nn.Module, loss_fn: Callable, params: LearnedParams, data, test=None, show_progress: bool = False,
-    on_epoch_end: Callable[[int, dict], None] | None = None,
+    model: Stage, loss_fn: Callable, params: LearnedParams, data, test=None, show_progress: bool = False,
+    on_epoch_end: Callable[[int, dict], None] | None = None, classifier: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train the trainable parameters of ``model`` with the foundation's ``fit`` loop.
+
+    ``classifier`` (default: the one a ``ClassifierStage`` wraps) is held in
+    eval mode without gradients while the stage trains, and restored after.
 
     Shape: ``loss_fn(model, x, y) -> LossOutput`` on batches of ``data`` (an ``ImageData``).
     """
     from adv.train.loop import TrainConfig, fit
 
     config = TrainConfig(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size, seed=params.seed)
-    return fit(model, data, test, config, loss_fn=loss_fn, out_dir=None, resume=False, show_progress=show_progress,
-               on_epoch_end=on_epoch_end)
+    with frozen_classifier(classifier if classifier is not None else getattr(model, "classifier", None)):
+        return fit(model, data, test, config, loss_fn=loss_fn, out_dir=None, resume=False,
+                   show_progress=show_progress, on_epoch_end=on_epoch_end)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from adv.defenses.registry import register_defense
-from adv.defenses.stage import LearnedParams, Stage, crop_to, freeze, pad_to_multiple, train_stage
+from adv.defenses.stage import LearnedParams, Stage, StageInfo, crop_to, pad_to_multiple, train_stage
 from adv.train.loop import LossOutput
 
 #: Four stride-2 convolutions: inputs are padded to a multiple of 2**4.
@@ -62,8 +62,8 @@ class UNet(Stage):
     Shape: (N, C, H, W) in [0, 1] -> (N, C, H, W) in [0, 1]
     """
 
-    def __init__(self, input_size: tuple[int, int, int], params: UNetParams):
-        super().__init__(params)
+    def __init__(self, input_size: tuple[int, int, int], params: UNetParams, info: StageInfo | None = None):
+        super().__init__(params, info)
         c, h, w = input_size
         c1, c2, c3, c4 = _channels(params.width)
         ph, pw = -(-h // DOWNSAMPLING), -(-w // DOWNSAMPLING)
@@ -99,12 +99,11 @@ def parameter_count(module: nn.Module) -> int:
 
 @register_defense("unet", params=UNetParams, kind="preprocess", learned=True, needs_classifier=True,
                   description="U-Net-like preprocessor with a composite loss (Himbitski et al. 2024 Table III)")
-def unet(params: UNetParams, classifier=None, data=None) -> UNet:
+def unet(params: UNetParams, classifier=None, data=None, info: StageInfo | None = None) -> UNet:
     size = data.input_size if data is not None else classifier.input_size
-    model = UNet(tuple(size), params)
-    model.trained = False
+    model = UNet(tuple(size), params, info)
     if data is not None:
-        model.train_metrics = train_unet(model, classifier, data)
+        train_unet(model, classifier, data)
     return model
 
 
@@ -126,7 +125,6 @@ def train_unet(model: UNet, classifier: nn.Module, data, show_progress: bool = F
     ``on_epoch_end(epoch, metrics)`` is called after every epoch (the quality-vs-epochs study of Himbitski et al. 2024).
     """
     p: UNetParams = model.params
-    freeze(classifier)
     counter = {"step": 0}
 
     def loss_fn(_model, x, y):
@@ -140,7 +138,7 @@ def train_unet(model: UNet, classifier: nn.Module, data, show_progress: bool = F
         adv_acc = (logits[len(x):].argmax(1) == y).float().mean().item()
         return LossOutput(loss, logits[: len(x)].detach(), {"rec": rec.item(), "cls": cls.item(), "adv_acc": adv_acc})
 
-    metrics = train_stage(model, loss_fn, p, data, show_progress=show_progress, on_epoch_end=on_epoch_end)
+    metrics = train_stage(model, loss_fn, p, data, show_progress=show_progress, on_epoch_end=on_epoch_end,
+                          classifier=classifier)
     metrics["parameters"] = parameter_count(model)
-    model.trained = True
-    return metrics
+    return model.finish_training(metrics)

@@ -20,7 +20,7 @@ from torch import nn
 
 from adv.defenses.autoencoders import EncoderClassifier, EncoderParams, train_encoder_variant
 from adv.defenses.registry import register_defense
-from adv.defenses.stage import ClassifierStage
+from adv.defenses.stage import ClassifierStage, StageInfo
 
 
 class DisagreementParams(EncoderParams):
@@ -34,8 +34,9 @@ class DisagreementDetector(ClassifierStage):
     Shape: x (N, C, H, W) in [0, 1] -> flags (N,) bool; score (N,) in [0, 1]
     """
 
-    def __init__(self, classifier: nn.Module, variant: EncoderClassifier, params: DisagreementParams):
-        super().__init__(classifier, params)
+    def __init__(self, classifier: nn.Module, variant: EncoderClassifier, params: DisagreementParams,
+                 info: StageInfo | None = None):
+        super().__init__(classifier, params, info)
         self.variant = variant
 
     def logits_pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,11 +62,10 @@ class DisagreementDetector(ClassifierStage):
 
 @register_defense("disagreement", params=DisagreementParams, kind="detector", learned=True, needs_classifier=True,
                   description="flags inputs where the classifier and its encoder variant disagree (Echeberria-Barrio et al. 2020 Fig. 8)")
-def disagreement(params: DisagreementParams, classifier=None, data=None) -> DisagreementDetector:
+def disagreement(params: DisagreementParams, classifier=None, data=None,
+                 info: StageInfo | None = None) -> DisagreementDetector:
     variant = EncoderClassifier(classifier, params)
-    detector = DisagreementDetector(classifier, variant, params)
-    detector.trained = False
+    detector = DisagreementDetector(classifier, variant, params, info)
     if data is not None:
-        detector.train_metrics = train_encoder_variant(variant, data)
-        detector.trained = True
+        detector.finish_training(train_encoder_variant(variant, data))
     return detector
