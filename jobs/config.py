@@ -67,13 +67,26 @@ class ModelConfig(_Strict):
     arch: str | None = None
     #: An adv checkpoint (``model.pt``); mutually exclusive with ``weights``.
     checkpoint: str | None = None
-    #: A foreign state_dict loaded into ``arch`` (advertorch, convex_adversarial, ...).
+    #: A foreign state_dict loaded into ``arch`` or into the module ``factory`` builds.
     weights: str | None = None
+    #: Your own architecture: ``"mypkg.nets:make_net"``, a function returning the nn.Module; importable on the
+    #: driver (the job's working directory) and shipped to the workers. Optional ``weights`` fill it.
+    factory: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self):
         from adv.models import list_models
 
+        if self.factory:
+            if self.arch or self.checkpoint:
+                raise ValueError("give factory (with optional weights), or arch/checkpoint, not both")
+            from adv.models.factory import parse_factory
+
+            try:
+                parse_factory(self.factory)
+            except AdvError as exc:
+                raise ValueError(f"factory: {exc}") from None
+            return self
         if self.checkpoint and (self.weights or self.arch):
             raise ValueError("give checkpoint, or arch (with optional weights), not both")
         if not self.checkpoint and not (self.arch and self.weights):

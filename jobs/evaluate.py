@@ -84,12 +84,34 @@ def _abs_spec(spec: str | None) -> str | None:
 
 def make_loader(model, defenses) -> ModelLoader:
     return ModelLoader(checkpoint=_abs(model.checkpoint), arch=model.arch, weights=_abs(model.weights),
+                       factory=model.factory,
                        defenses=tuple((d.label, tuple(_abs_spec(s) for s in d.stages), _abs_spec(d.detector))
                                       for d in defenses))
 
 
 def build_loader(cfg: EvalConfig) -> ModelLoader:
     return make_loader(cfg.model, cfg.defenses)
+
+
+def factory_env(cfg: EvalConfig) -> dict[str, Any]:
+    """Ship a ``model.factory`` module to the actors: its package (or file), found where the driver imports it.
+
+    Submitted with ``--working-dir .`` the module is already in every worker's working directory; a driver
+    started elsewhere (or joining a cluster with ``RAY_ADDRESS``) would leave remote actors unable to import it.
+    """
+    factory = cfg.model.factory if cfg.model else None
+    if not factory:
+        return {}
+    from adv.models.factory import factory_root, import_factory
+
+    if "" not in sys.path and os.getcwd() not in sys.path:  # `python -m jobs.evaluate` from the project folder
+        sys.path.insert(0, os.getcwd())
+    try:
+        import_factory(factory)
+    except AdvError as exc:
+        raise ConfigError(f"model.factory: {exc}") from None
+    root = factory_root(factory)
+    return {"runtime_env": {"py_modules": [root]}} if root else {}
 
 
 def rows_per_example(plan: Plan, n_defenses: int) -> int:
@@ -106,6 +128,24 @@ def init_ray(cfg: EvalConfig) -> None:
                     object_store_memory=res.object_store_memory, log=log)
 
 
+class _ActorThreads:
+    """An actor owns its process, so it sets the process-wide torch thread count (the library leaves it alone)."""
+
+    def __init__(self, *args, threads: int = 1, **kwargs):
+        import torch
+
+        torch.set_num_threads(threads)
+        super().__init__(*args, **kwargs)
+
+
+class BatchActor(_ActorThreads, BatchEvaluator):
+    """:class:`BatchEvaluator` as a Ray Data actor running ``threads`` torch threads."""
+
+
+class StoredActor(_ActorThreads, StoredEvaluator):
+    """:class:`StoredEvaluator` as a Ray Data actor running ``threads`` torch threads."""
+
+
 def attack_stage(ds, grouped: bool, udf, kwargs: dict, cfg: EvalConfig):
     """The actor-pool stage; GPU requests stay configurable down to 0 (resources.gpus_per_actor)."""
     import ray
@@ -116,6 +156,7 @@ def attack_stage(ds, grouped: bool, udf, kwargs: dict, cfg: EvalConfig):
         fn_constructor_kwargs={**kwargs, "threads": max(1, int(res.cpus_per_actor))},
         num_cpus=res.cpus_per_actor,
         num_gpus=res.gpus_per_actor,
+        **factory_env(cfg),
     )
     if grouped:
         return ds.groupby("chunk").map_groups(udf, batch_format="numpy", **common)
@@ -173,12 +214,12 @@ def preflight(loader, plan: Plan, data=None) -> tuple[tuple[int, ...], list[dict
         scorer = Scorer(loader, plan, device="cpu")
     except (AdvError, ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"model/defenses: {exc}") from None
-    model_size = tuple(scorer.classifier.input_size)
+    model_size = _input_size(scorer.classifier, data)
     if data is not None:
         if tuple(data.input_size) != model_size:
             raise ConfigError(f"dataset: images are {'x'.join(map(str, data.input_size))} but the model expects "
                               f"{'x'.join(map(str, model_size))}")
-        k = scorer.classifier.num_classes
+        k = getattr(scorer.classifier, "num_classes", None) or _outputs(scorer.classifier, data)
         if data.num_classes > k:
             raise ConfigError(f"dataset: {data.num_classes} classes but the model has {k}")
         x, y = data.tensors()
@@ -198,6 +239,31 @@ def preflight(loader, plan: Plan, data=None) -> tuple[tuple[int, ...], list[dict
         flags = check_outputs(scorer.model(label), x) + check_zero_gradients(target, x, y)
         checks += [{"flag": f.code, "where": label, "detail": f.message} for f in flags]
     return model_size, checks
+
+
+def _input_size(classifier, data) -> tuple[int, ...]:
+    """The registry's input size; a factory's module without one takes the in-memory dataset's."""
+    size = getattr(classifier, "input_size", None)
+    if size is not None:
+        return tuple(size)
+    if data is None:
+        raise ConfigError("model.factory: the module has no input_size attribute (C, H, W), which file datasets "
+                          "need to size the images; set one on the module or use a registered dataset")
+    return tuple(data.input_size)
+
+
+def _outputs(classifier, data) -> int:
+    import torch
+
+    from adv.evaluate.inputs import check_model
+
+    x, y = next(data.batches(2))
+    try:
+        check_model(classifier, x, y)
+    except AdvError as exc:
+        raise ConfigError(f"model.factory: {exc}") from None
+    with torch.no_grad():
+        return int(classifier(x).shape[1])
 
 
 @dataclass
@@ -272,7 +338,7 @@ def run(cfg: EvalConfig, out: str | None = None, *, loader=None, report: bool = 
     kwargs = {"loader": loader, "plan": plan, "device": "auto"}
     return _execute(cfg, store, layout, per_example, report,
                     lambda pending: attack_stage(source.dataset(layout, pending, input_size), source.grouped,
-                                                 BatchEvaluator, kwargs, cfg))
+                                                 BatchActor, kwargs, cfg))
 
 
 def _execute(cfg, store: RunStore, layout: Layout, per_example: int, report: bool, make_ds) -> RunResult:
@@ -354,7 +420,7 @@ def _run_reuse(cfg: EvalConfig, out, *, loader, report) -> RunResult:
 
         ds = ray.data.read_parquet(stored.shard_paths(pending), filesystem=stored.fs)
         ds = ds.filter(expr=(col("defense") == NONE) & (col("track") != "adaptive"))
-        return attack_stage(ds, True, StoredEvaluator, kwargs, cfg)
+        return attack_stage(ds, True, StoredActor, kwargs, cfg)
 
     result = _execute(cfg, store, layout, per_example, report, make_ds)
     return result

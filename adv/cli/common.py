@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from fractions import Fraction
 from pathlib import Path
 
 from adv.data import ImageData, list_datasets, load_dataset
@@ -48,9 +51,13 @@ def load_data(args: argparse.Namespace, split: str | None = None, n: int | None 
     )
 
 
-def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True, factory: bool = False) -> None:
     g = parser.add_argument_group("model (a registry name, with --weights for foreign files, or --checkpoint)")
     g.add_argument("--model", choices=list_models(), help="registered architecture")
+    if factory:
+        g.add_argument("--model-factory", metavar="MODULE:FUNCTION",
+                       help="your own architecture: a function that returns the nn.Module (logits of [0, 1] images), "
+                            "imported from the working directory, e.g. mypkg.nets:make_net; --weights fills it")
     g.add_argument("--weights", help="foreign state_dict to load into --model (advertorch, torchvision, ...)")
     g.add_argument("--checkpoint", help="adv checkpoint (model.pt written by adv train)")
     g.add_argument("--pretrained", action="store_true", help="torchvision ImageNet weights (needs internet)")
@@ -58,6 +65,8 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
 
 def load_model(args: argparse.Namespace, data: ImageData | None = None) -> ImageClassifier:
     """Build the model the arguments describe; size and classes follow ``data`` for fresh models."""
+    if getattr(args, "model_factory", None):
+        return _factory_model(args)
     if args.checkpoint:
         if args.model or args.weights:
             raise AdvError("give either --checkpoint or --model [--weights], not both")
@@ -74,6 +83,37 @@ def load_model(args: argparse.Namespace, data: ImageData | None = None) -> Image
             raise AdvError(f"weights file not found: {args.weights}")
         return load_external(args.model, args.weights, **kw)
     return create_model(args.model, **kw)
+
+
+def factory_on_path(spec: str):
+    """Import a --model-factory from the working directory: console scripts do not put it on sys.path."""
+    from adv.models.factory import import_factory
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return import_factory(spec)
+
+
+def _factory_model(args: argparse.Namespace):
+    from adv.models.factory import build_from_factory
+
+    if args.model or args.checkpoint or args.pretrained:
+        raise AdvError("give --model-factory (with --weights), or --model/--checkpoint, not both")
+    if args.weights and not Path(args.weights).is_file():
+        raise AdvError(f"weights file not found: {args.weights}")
+    factory_on_path(args.model_factory)
+    return build_from_factory(args.model_factory, args.weights)
+
+
+def budget(text: str) -> float:
+    """A perturbation budget: a number or a fraction such as ``8/255``."""
+    try:
+        value = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative budget, got {text}")
+    return value
 
 
 def print_json(obj) -> None:

@@ -2,6 +2,7 @@
 
     adv eval --model lenet5 --weights mnist_lenet5_advtrained.pt --dataset mnist --n 1000 \\
         --attack fgsm --attack pgd --eps 0.3 --steps 40 --step-size 0.01 --json
+    adv eval --model-factory mypkg.nets:make_net --weights net.pt --dataset cifar10 --suite standard --eps 8/255
 
 Attacks run in the given order, each on the points still standing (the
 AutoAttack protocol); hyperparameter flags apply to every attack that takes
@@ -18,7 +19,9 @@ import json
 
 import torch
 
-from adv.cli.common import add_data_args, add_model_args, load_data, load_model, nonneg_float, positive_int
+from adv.cli.common import (
+    add_data_args, add_model_args, budget, factory_on_path, load_data, load_model, nonneg_float, positive_int,
+)
 from adv.errors import ConfigError
 from adv.models.device import resolve_device
 
@@ -31,14 +34,14 @@ HYPER_FLAGS = {"steps": "steps", "step_size": "step_size", "restarts": "restarts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_args(parser, required=False)
+    add_model_args(parser, required=False, factory=True)
     add_data_args(parser)
     g = parser.add_argument_group("attacks")
     g.add_argument("--attack", action="append", default=[], metavar="NAME",
                    help="registered attack (repeat for a worst-case sequence); see `adv info attacks`")
     g.add_argument("--suite", choices=["standard", "l2", "rand"],
                    help="AutoAttack-style suite run after the --attack list (standard: L-inf; l2; rand: EOT)")
-    g.add_argument("--eps", type=nonneg_float, required=True, help="perturbation budget")
+    g.add_argument("--eps", type=budget, required=True, help="perturbation budget: a number or a fraction (8/255)")
     g.add_argument("--norm", default="linf", choices=["linf", "l2"])
     g.add_argument("--steps", type=positive_int, help="iterations, for attacks that iterate")
     g.add_argument("--step-size", type=nonneg_float, help="step size, for attacks that take one")
@@ -78,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
     suite = _suite_pairs(args.suite, args.norm) if args.suite else []  # checks the norm before data loading
     if args.checkpoint and (args.model or args.weights):  # before the (slow) data loading
         raise ConfigError("give either --checkpoint or --model [--weights], not both")
-    if not (args.checkpoint or args.model):
-        raise ConfigError("give --model NAME (with --weights PATH) or --checkpoint PATH")
+    if args.model_factory:  # import it before the data loads: a typo fails at once
+        factory_on_path(args.model_factory)
+    elif not (args.checkpoint or args.model):
+        raise ConfigError("give --model NAME (with --weights PATH), --checkpoint PATH or --model-factory MODULE:FUNCTION")
     data = load_data(args)
     model = build_model(args, data, device)
     evaluated = evaluation_setup(model, args.defense, adaptive=args.adaptive, detector=args.detector,
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                            seed=args.seed) if evaluated else {}
     if args.json:
         source = args.checkpoint or args.weights or ""
-        print(json.dumps({"model": args.model or "", "weights": source, "dataset": args.dataset,
+        print(json.dumps({"model": args.model or args.model_factory or "", "weights": source, "dataset": args.dataset,
                           "split": args.split, **result.to_dict(), **extra}, default=str))
     else:
         print(result)

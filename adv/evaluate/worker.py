@@ -98,7 +98,7 @@ Loader = Callable[[], Models]
 
 @dataclass(frozen=True)
 class ModelLoader:
-    """The default loader: an adv checkpoint (or a registry name plus foreign weights) and
+    """The default loader: an adv checkpoint (a registry name plus foreign weights, or a user's factory) and
     defended models composed from stage specs. Picklable, so it travels to every actor.
 
     ``defenses`` holds ``(label, stage_specs, detector_spec)``; learned stages
@@ -110,10 +110,16 @@ class ModelLoader:
     weights: str | None = None
     defenses: tuple[tuple[str, tuple[str, ...], str | None], ...] = ()
     eot_samples: int = 8
+    #: A user's architecture, ``"mypkg.nets:make_net"`` (:mod:`adv.models.factory`); ``weights`` fill it.
+    factory: str | None = None
 
     def classifier(self) -> tuple[nn.Module, dict]:
         from adv.models import load_checkpoint, load_external
 
+        if self.factory:
+            from adv.models.factory import build_from_factory
+
+            return build_from_factory(self.factory, self.weights), {}
         if self.checkpoint:
             return load_checkpoint(self.checkpoint)
         if self.arch and self.weights:
@@ -189,9 +195,8 @@ def _scatter(mask: np.ndarray, where_true: np.ndarray, where_false: np.ndarray) 
 class Scorer:
     """Predictions, detector flags and features of one model on a batch."""
 
-    def __init__(self, loader: Loader, plan: Plan, device: str = "auto", threads: int | None = None):
-        if threads:
-            torch.set_num_threads(int(threads))
+    def __init__(self, loader: Loader, plan: Plan, device: str = "auto"):
+        # the torch thread count is process-wide: the job's actor sets it, not the library
         self.plan = plan
         self.device = resolve_device(device)
         models = loader()
@@ -255,7 +260,7 @@ class BatchEvaluator(Scorer):
     """``map_batches`` callable: the whole attack grid on each chunk of a batch.
 
     Construct with ``loader`` (a picklable callable returning :class:`Models`),
-    the :class:`Plan`, a device and the torch thread count of the actor.
+    the :class:`Plan` and a device (``jobs.evaluate`` sets the actor's torch thread count).
     """
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -305,9 +310,10 @@ class BatchEvaluator(Scorer):
     def run_attack(self, gp: GridPoint, model, evaluated, x, y, seed: int):
         """``(x_adv, queries (N,) int64 with -1 for white-box attacks, seconds)`` of one grid point.
 
-        White-box attacks run on ``model``, or through ``evaluated.attack`` (the
-        adaptive target and the detector-aware loss); query attacks query the
-        model that answers: the classifier, or the defended pipeline itself.
+        The attack runs on ``model`` (the classifier), or under ``evaluated``'s
+        threat model (:meth:`adv.evaluate.threat.EvaluatedModel.craft`: the
+        adaptive target, the detector-aware loss, or queries to the defended
+        pipeline itself).
         """
         from adv.attacks import get_attack
 
@@ -316,13 +322,11 @@ class BatchEvaluator(Scorer):
         if spec.randomized:
             kw["seed"] = seed
         t0 = time.perf_counter()
-        if spec.family == "query":
-            target = model if evaluated is None else evaluated.defended
-            x_adv, queries = spec(target, x, y, **kw)
-            queries = _np(queries).astype(np.int64)
+        if evaluated is None:
+            x_adv, queries = spec.run(model, x, y, **kw)
         else:
-            x_adv = spec(model, x, y, **kw) if evaluated is None else evaluated.attack(gp.attack, x, y, **kw)
-            queries = np.full(len(x), -1, np.int64)
+            x_adv, queries = evaluated.craft(gp.attack, x, y, **kw)
+        queries = np.full(len(x), -1, np.int64) if queries is None else _np(queries).astype(np.int64)
         return x_adv.detach(), queries, time.perf_counter() - t0
 
     def _add(self, rows, meta, x_img, cols, quality, label, track, gp: GridPoint | None, gi, gen_seconds, queries):
