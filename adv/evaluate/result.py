@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+import torch
+
+from adv.evaluate.stats import fmt_ci
 
 
 @dataclass
@@ -35,10 +39,54 @@ class AttackReport:
     mean_linf: float | None = None
     #: Query attacks: mean queries per attacked point.
     mean_queries: float | None = None
+    #: 95% Wilson interval of ``robust_acc_after``.
+    robust_acc_after_ci: tuple[float, float] | None = None
 
     @property
     def success_rate(self) -> float:
         return self.n_fooled / self.n_attacked if self.n_attacked else 0.0
+
+
+#: Per-example marks of one attack in the resume state: not attacked, attacked and survived, fooled.
+NOT_ATTACKED, SURVIVED, FOOLED = "-", "0", "1"
+
+
+@dataclass
+class PerExample:
+    """Each example's fate, in data order (the order of the data the evaluation read).
+
+    Shape: clean, robust and every mask (N,) bool; x_adv (N, C, H, W) float in [0, 1]
+    """
+
+    #: Correct on the clean image.
+    clean: torch.Tensor
+    #: Still correct after every attack (``robust.float().mean() == robust_acc``).
+    robust: torch.Tensor
+    #: Per attack label: the attack ran on the example (it was still standing).
+    attacked: dict[str, torch.Tensor]
+    #: Per attack label: the attack broke the example.
+    fooled: dict[str, torch.Tensor]
+    #: Only when asked for (``return_adversarials=True``): the adversarial of the attack that broke each
+    #: example, the clean image elsewhere.
+    x_adv: torch.Tensor | None = None
+
+    @classmethod
+    def from_marks(cls, clean: str, robust: str, marks: dict[str, str], x_adv=None) -> "PerExample":
+        def mask(text: str, char: str = "1") -> torch.Tensor:
+            return torch.tensor([c == char for c in text], dtype=torch.bool)
+
+        return cls(mask(clean), mask(robust), {k: ~mask(m, NOT_ATTACKED) for k, m in marks.items()},
+                   {k: mask(m, FOOLED) for k, m in marks.items()}, x_adv)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Compact strings, one character per example (the adversarial images are left out)."""
+        def text(m: torch.Tensor) -> str:
+            return "".join("1" if v else "0" for v in m.tolist())
+
+        marks = {k: "".join(FOOLED if f else SURVIVED if a else NOT_ATTACKED
+                            for a, f in zip(self.attacked[k].tolist(), self.fooled[k].tolist()))
+                 for k in self.fooled}
+        return {"clean": text(self.clean), "robust": text(self.robust), "attacks": marks}
 
 
 @dataclass
@@ -51,20 +99,26 @@ class EvalResult:
     attacks: list[AttackReport]
     flags: list[Flag] = field(default_factory=list)
     time_s: float = 0.0
+    #: 95% Wilson intervals of ``clean_acc`` and ``robust_acc``.
+    clean_acc_ci: tuple[float, float] | None = None
+    robust_acc_ci: tuple[float, float] | None = None
+    per_example: PerExample | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for rep, d in zip(self.attacks, out["attacks"]):
-            d["success_rate"] = rep.success_rate
+        # field by field: asdict would deep-copy the per-example tensors and adversarial images
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_example"}
+        out["attacks"] = [{**asdict(a), "success_rate": a.success_rate} for a in self.attacks]
+        out["flags"] = [asdict(f) for f in self.flags]
+        out["per_example"] = self.per_example.to_dict() if self.per_example is not None else None
         return out
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), default=str, **kw)
 
     def __str__(self) -> str:
-        lines = [f"n={self.n} eps={self.eps:g} ({self.norm}): clean {self.clean_acc:.2%}, "
-                 f"robust {self.robust_acc:.2%} in {self.time_s:.1f}s"]
-        lines += [f"  after {a.label:<20} {a.robust_acc_after:7.2%}  fooled {a.n_fooled}/{a.n_attacked}"
-                  f"  {a.time_s:.1f}s" for a in self.attacks]
+        lines = [f"n={self.n} eps={self.eps:g} ({self.norm}): clean {fmt_ci(self.clean_acc, self.clean_acc_ci)}, "
+                 f"robust {fmt_ci(self.robust_acc, self.robust_acc_ci)} in {self.time_s:.1f}s (95% intervals)"]
+        lines += [f"  after {a.label:<20} {fmt_ci(a.robust_acc_after, a.robust_acc_after_ci):>22}  "
+                  f"fooled {a.n_fooled}/{a.n_attacked}  {a.time_s:.1f}s" for a in self.attacks]
         lines += [f"  ! {f.code}: {f.message}" for f in self.flags]
         return "\n".join(lines)

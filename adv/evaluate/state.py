@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-VERSION = 1
+VERSION = 2  # 2: per-example clean mask and attack marks
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -48,6 +48,10 @@ class EvalState:
     flags: list[dict] = field(default_factory=list)
     #: Per example, in data order: "1" still robust, "0" not.
     robust_mask: str = ""
+    #: Per example: "1" correct on the clean image, "0" not.
+    clean_mask: str = ""
+    #: Per attack label, per example: "-" not attacked, "0" attacked and survived, "1" fooled.
+    marks: dict[str, str] = field(default_factory=dict)
     done: bool = False
 
     def save(self, path: str | os.PathLike) -> None:

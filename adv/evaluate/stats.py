@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from adv.metrics import wilson_interval
-
 #: ``query_beats_whitebox`` needs at least this many points ...
 BEATS_MIN_COUNT = 3
 #: ... and a query success rate on the white-box survivors significantly above this background rate: even a
@@ -24,6 +22,8 @@ BEATS_ALPHA = 0.01
 
 def accuracy_ci(correct: int, n: int) -> tuple[float, float]:
     """95% Wilson interval of ``correct / n`` (``(0, 1)`` when n is 0)."""
+    from adv.metrics import wilson_interval  # adv.metrics loads skimage; results need only this
+
     return wilson_interval(int(correct), int(n))
 
 
