@@ -67,13 +67,15 @@ def _config(args, ckpt: str, out: Path) -> dict:
 
 def time_loop(cfg, threads: int) -> float:
     """Seconds for the single-process loop over the same chunks the pipeline processes."""
+    import torch
     from jobs.evaluate import build_loader, build_plan
     from jobs.sources import MemorySource
 
     from adv.evaluate.worker import BatchEvaluator
 
     data = MemorySource(cfg.dataset).data
-    ev = BatchEvaluator(build_loader(cfg), build_plan(cfg), device="cpu", threads=threads)
+    torch.set_num_threads(threads)  # this bench process plays one actor (jobs.evaluate.BatchActor does the same)
+    ev = BatchEvaluator(build_loader(cfg), build_plan(cfg), device="cpu")
     images, labels = data.images.numpy(), data.labels.numpy()
     bs = cfg.resources.batch_size
     t0 = time.perf_counter()

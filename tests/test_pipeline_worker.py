@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from adv.data import load_dataset
 from adv.evaluate.rows import NONE, ROW_SCHEMA
@@ -28,7 +29,10 @@ def data():
 @pytest.fixture(scope="module")
 def evaluator(ckpt):
     loader = ModelLoader(checkpoint=str(ckpt), defenses=(("dwt", ("dwt:wavelet=haar,level=1",), None),))
-    return BatchEvaluator(loader, Plan(GRID, adaptive=True, features=("logits", "gradcam")), device="cpu", threads=1)
+    threads = torch.get_num_threads()
+    ev = BatchEvaluator(loader, Plan(GRID, adaptive=True, features=("logits", "gradcam")), device="cpu")
+    assert torch.get_num_threads() == threads  # the process-wide thread count is the job's actor's to set
+    return ev
 
 
 @pytest.fixture(scope="module")

@@ -104,11 +104,12 @@ def test_bad_config_and_bad_queries_are_clear_errors():
 
 
 def test_square_attack_is_detected_and_misled_but_enough_sybil_accounts_evade():
-    clf = trained_classifier()
+    clf = trained_classifier().train()  # the caller's mode comes back as it was (lenet5: no mode-dependent layers)
     x, y = sample_batch(40)
     cfg = SimilarityConfig(metric="mse")
     common = dict(config=cfg, attack="square", eps=0.05, queries=300, benign=x[8:], benign_users=8)
     one = evaluate_query_detection(clf, x[:8], y[:8], **common)
+    assert clf.training and all(m.training for m in clf.modules())
     assert one.threat_model.startswith("non-adaptive")
     assert one.detection_rate >= 0.75 and one.median_queries_to_detection <= 2 * cfg.distance_alarm_limit
     assert one.true_success_without_layer > 0

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from adv.models.base import eval_mode
+
 
 class StageParams(BaseModel):
     """Base of every defense's hyperparameters: unknown keys are errors, not ignored."""
@@ -141,14 +143,8 @@ def frozen_classifier(classifier: nn.Module | None) -> Iterator[nn.Module | None
         return
     from adv.attacks.core import frozen
 
-    modes = [(m, m.training) for m in classifier.modules()]
-    with frozen(classifier):
-        classifier.eval()
-        try:
-            yield classifier
-        finally:
-            for module, mode in modes:
-                module.training = mode
+    with frozen(classifier), eval_mode(classifier):
+        yield classifier
 
 
 class ClassifierStage(DelegatesToClassifier, Stage):

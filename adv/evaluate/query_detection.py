@@ -34,6 +34,7 @@ from torch import nn
 from adv.attacks import get_attack
 from adv.attacks.oracle import QueryOracle
 from adv.detectors.query_similarity import PredictionSimilarityLayer, SimilarityConfig
+from adv.models.base import eval_mode
 
 
 class MonitoredOracle(QueryOracle):
@@ -140,29 +141,29 @@ def evaluate_query_detection(
         raise ValueError(f"{attack!r} is not a query-based attack; choose one of the 'query' family "
                          "(adv.attacks.list_attacks(family='query'))")
     config = config or SimilarityConfig()
-    model.eval()
-    layer = PredictionSimilarityLayer(model, config, fallback=fallback)
-    oracle = MonitoredOracle(layer, output=spec.oracle, accounts=accounts)
-    params = {**attack_params, **({"seed": seed} if spec.accepts("seed") else {})}
-    x_adv, queries = spec(oracle, x, y, eps=eps, **params)
-    x_free, _ = spec(QueryOracle(model, output=spec.oracle), x, y, eps=eps, **params)
-    with torch.no_grad():
-        correct = model(x).argmax(1) == y
-    attacked = correct.nonzero()[:, 0].tolist()  # an attack on a misclassified image ends at its first query
-    spent = [oracle.flagged_at[r] for r in attacked if r in oracle.flagged_at]
-    fpr = float("nan")
-    if benign is not None:
-        fresh = PredictionSimilarityLayer(model, config, fallback=fallback)
-        fpr = benign_false_positives(fresh, benign, benign_users)
-    return QueryDetectionResult(
-        attack=attack, accounts=accounts, examples=len(x),
-        detection_rate=len(spent) / len(attacked) if attacked else float("nan"),
-        median_queries_to_detection=float(np.median(spent)) if spent else None,
-        true_success_with_layer=_true_success(model, correct, x_adv, y),
-        true_success_without_layer=_true_success(model, correct, x_free, y),
-        mean_queries=float(torch.as_tensor(queries).float().mean()),
-        benign_users=benign_users if benign is not None else 0, false_positive_rate=fpr,
-        config=config.model_dump(),
-        threat_model=("adaptive: queries rotated over %d accounts (Sybil)" % accounts) if accounts > 1
-        else "non-adaptive: one account per attacker",
-    )
+    with eval_mode(model):  # the caller's model: eval mode only while it is measured
+        layer = PredictionSimilarityLayer(model, config, fallback=fallback)
+        oracle = MonitoredOracle(layer, output=spec.oracle, accounts=accounts)
+        params = {**attack_params, **({"seed": seed} if spec.accepts("seed") else {})}
+        x_adv, queries = spec(oracle, x, y, eps=eps, **params)
+        x_free, _ = spec(QueryOracle(model, output=spec.oracle), x, y, eps=eps, **params)
+        with torch.no_grad():
+            correct = model(x).argmax(1) == y
+        attacked = correct.nonzero()[:, 0].tolist()  # an attack on a misclassified image ends at its first query
+        spent = [oracle.flagged_at[r] for r in attacked if r in oracle.flagged_at]
+        fpr = float("nan")
+        if benign is not None:
+            fresh = PredictionSimilarityLayer(model, config, fallback=fallback)
+            fpr = benign_false_positives(fresh, benign, benign_users)
+        return QueryDetectionResult(
+            attack=attack, accounts=accounts, examples=len(x),
+            detection_rate=len(spent) / len(attacked) if attacked else float("nan"),
+            median_queries_to_detection=float(np.median(spent)) if spent else None,
+            true_success_with_layer=_true_success(model, correct, x_adv, y),
+            true_success_without_layer=_true_success(model, correct, x_free, y),
+            mean_queries=float(torch.as_tensor(queries).float().mean()),
+            benign_users=benign_users if benign is not None else 0, false_positive_rate=fpr,
+            config=config.model_dump(),
+            threat_model=("adaptive: queries rotated over %d accounts (Sybil)" % accounts) if accounts > 1
+            else "non-adaptive: one account per attacker",
+        )

@@ -15,10 +15,26 @@ Each classifier also exposes the internals later methods need:
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; every submodule's own mode is restored on exit.
+
+    For code that runs a caller's model: the model is theirs, so it leaves as it came.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 class Normalize(nn.Module):
