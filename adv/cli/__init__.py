@@ -28,12 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"adv {__import__('adv').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module_name in COMMANDS:
-        try:
-            module = importlib.import_module(f"adv.cli.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"adv.cli.{module_name}":
-                continue  # command not built yet
-            raise
+        module = importlib.import_module(f"adv.cli.{module_name}")
         cmd = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)

@@ -51,7 +51,7 @@ def load_data(args: argparse.Namespace, split: str | None = None, n: int | None 
     )
 
 
-def add_model_args(parser: argparse.ArgumentParser, required: bool = True, factory: bool = False) -> None:
+def add_model_args(parser: argparse.ArgumentParser, factory: bool = False) -> None:
     g = parser.add_argument_group("model (a registry name, with --weights for foreign files, or --checkpoint)")
     g.add_argument("--model", choices=list_models(), help="registered architecture")
     if factory:

@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
                                        "on the train split; the classifier's weights are never changed")
     train.add_argument("spec", help="NAME:k=v,... e.g. unet:width=0.5,epochs=3")
     add_data_args(train, default_split="train")
-    add_model_args(train, required=False)
+    add_model_args(train)
     train.add_argument("--n-test", type=positive_int, default=1000, help="test images for the summary accuracy")
     train.add_argument("--out", required=True, help="stage file to write (e.g. runs/fm-lenet/unet.pt)")
     train.add_argument("--quiet", action="store_true")

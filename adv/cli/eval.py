@@ -34,7 +34,7 @@ HYPER_FLAGS = {"steps": "steps", "step_size": "step_size", "restarts": "restarts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_args(parser, required=False, factory=True)
+    add_model_args(parser, factory=True)
     add_data_args(parser)
     g = parser.add_argument_group("attacks")
     g.add_argument("--attack", action="append", default=[], metavar="NAME",

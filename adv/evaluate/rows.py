@@ -15,7 +15,7 @@ NONE = "none"
 TRACKS = ("clean", "non-adaptive", "adaptive")
 #: Track names as the report prints them; "any" is the per-example worst over both attack tracks.
 TRACK_LABEL = {"clean": "clean", "non-adaptive": "non-adaptive", "adaptive": "adaptive", "any": "worst of both"}
-TRACK_ORDER = {"clean": 0, "non-adaptive": 1, "adaptive": 2, "any": 3}
+TRACK_ORDER = {t: i for i, t in enumerate((*TRACKS, "any"))}
 #: Optional per-row features (``logits``, ``features``, ``cam`` columns).
 FEATURES = ("logits", "penultimate", "gradcam")
 #: Columns every input batch carries (``image`` aside).

@@ -21,8 +21,6 @@ from torch import nn
 from adv.defenses.compose import Defended, build_defended
 from adv.train.registry import checkpoint_defenses
 
-THREATS = ("non-adaptive", "adaptive")
-
 
 @dataclass
 class EvaluatedModel:
