@@ -81,6 +81,26 @@ def test_registry_lists_the_issue_attacks_and_variants():
     assert "query" in describe_attack("square") and "l2" in describe_attack("cw")
 
 
+def test_registry_metadata_is_data_that_list_attacks_filters_on():
+    assert list_attacks(detector_aware=True) == ["bim", "fgsm", "pgd"]  # the FGM step and PGD loop
+    assert list_attacks(training=True) == ["bim", "fgsm", "pgd"]
+    assert list_attacks(a3_base=True) == ["fgsm", "iter_stepll", "pgd", "stepll"]
+    iterative = set(list_attacks(family="whitebox", iterative=True))
+    assert {"pgd", "apgd_ce", "apgd_t", "fab_t", "bim", "iter_stepll", "cw", "deepfool", "a3"} <= iterative
+    assert not {"fgsm", "stepll", "a3_fgsm", "a3_stepll"} & iterative  # variants override the base's metadata
+    assert list_attacks("apgd*", iterative=True) == ["apgd", "apgd_ce", "apgd_dlr", "apgd_t"]
+    with pytest.raises(ValueError, match="cannot filter attacks by \\['colour'\\]"):
+        list_attacks(colour="red")
+
+
+def test_spec_run_is_the_family_dispatch(model, data):
+    x, y = data
+    x_adv, queries = get_attack("fgsm").run(model, x, y, eps=0.1)
+    assert queries is None and torch.equal(x_adv, get_attack("fgsm")(model, x, y, eps=0.1))
+    x_adv, queries = get_attack("hopskipjump").run(model, x, y, eps=1.0, steps=2, max_evals=20, seed=0)
+    assert queries.shape == (len(x),) and (queries > 0).all()  # a fresh counted label oracle of the model
+
+
 # --- properties of every attack ---------------------------------------------------------
 @pytest.mark.parametrize("name,norm", [(n, p) for n in ALL for p in get_attack(n).norms])
 def test_output_in_eps_ball_and_unit_range(model, data, name, norm):

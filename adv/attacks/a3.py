@@ -21,18 +21,17 @@ from adv.attacks.core import (
 )
 from adv.attacks.fgsm import fast_gradient_step
 from adv.attacks.pgd import run_pgd
-from adv.attacks.registry import register_attack
+from adv.attacks.registry import list_attacks, register_attack
 from adv.attacks.stepll import least_likely
 from adv.explain.cam import attention_area, cam_layer, grad_cam, grad_cam_and_logits, normalize_cam
 
-BASES = ("fgsm", "stepll", "pgd", "iter_stepll")
-
-
-@register_attack("a3", family="whitebox", norms=NORMS, targeted=False, needs_conv=True,
+@register_attack("a3", family="whitebox", norms=NORMS, targeted=False, needs_conv=True, iterative=True,
                  description="A3Attack: base attack loss + sigma * Grad-CAM attention deviation",
                  variants={"a3_fgsm": {"base": "fgsm"}, "a3_stepll": {"base": "stepll"},
                            "a3_iter_stepll": {"base": "iter_stepll"}},
-                 variant_meta={v: {"randomized": False} for v in ("a3_fgsm", "a3_stepll", "a3_iter_stepll")})
+                 variant_meta={"a3_fgsm": {"randomized": False, "iterative": False},
+                               "a3_stepll": {"randomized": False, "iterative": False},
+                               "a3_iter_stepll": {"randomized": False}})
 def a3(
     model: nn.Module,
     x: torch.Tensor,
@@ -58,7 +57,7 @@ def a3(
     if targeted:
         raise ValueError(f"A3Attack is untargeted here, got targeted={targeted!r}")
     check_inputs(x, y, eps, norm)
-    check_choice("base", base, BASES)
+    check_choice("base", base, list_attacks(a3_base=True))
     if not sigma >= 0:
         raise ValueError(f"sigma must be >= 0, got {sigma!r}")
     layer = cam_layer(model, layer)

@@ -21,7 +21,7 @@ from adv.attacks.core import (
 from adv.attacks.registry import register_attack
 
 
-@register_attack("apgd", family="whitebox", norms=NORMS, targeted=True,
+@register_attack("apgd", family="whitebox", norms=NORMS, targeted=True, iterative=True,
                  description="Auto-PGD: PGD with momentum and an adaptive step size (Croce & Hein 2020)",
                  variants={"apgd_ce": {"loss": "ce"}, "apgd_dlr": {"loss": "dlr"}})
 def apgd(

@@ -23,7 +23,7 @@ def ranked_targets(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tenso
     return logits.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)[:, :k]
 
 
-@register_attack("apgd_t", family="whitebox", norms=NORMS, targeted=True,
+@register_attack("apgd_t", family="whitebox", norms=NORMS, targeted=True, iterative=True,
                  description="APGD-T: targeted-DLR Auto-PGD over the top classes (Croce & Hein 2020)")
 def apgd_t(
     model: nn.Module,

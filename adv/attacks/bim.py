@@ -14,7 +14,8 @@ from adv.attacks.pgd import run_pgd
 from adv.attacks.registry import register_attack
 
 
-@register_attack("bim", family="whitebox", norms=NORMS, targeted=True,
+@register_attack("bim", family="whitebox", norms=NORMS, targeted=True, iterative=True,
+                 detector_aware=True, training=True,
                  description="Basic Iterative Method / I-FGSM: PGD without random start")
 def bim(
     model: nn.Module,

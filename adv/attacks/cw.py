@@ -20,7 +20,7 @@ from adv.attacks.core import (
 from adv.attacks.registry import register_attack
 
 
-@register_attack("cw", family="whitebox", norms=("l2",), targeted=True, minimal=True,
+@register_attack("cw", family="whitebox", norms=("l2",), targeted=True, minimal=True, iterative=True,
                  description="Carlini-Wagner L2: Adam in tanh space, binary search over c")
 def cw(
     model: nn.Module,

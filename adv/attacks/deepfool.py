@@ -19,7 +19,7 @@ from adv.attacks.core import NORMS, check_inputs, check_positive, flat_norm, fro
 from adv.attacks.registry import register_attack
 
 
-@register_attack("deepfool", family="whitebox", norms=NORMS, targeted=False, minimal=True,
+@register_attack("deepfool", family="whitebox", norms=NORMS, targeted=False, minimal=True, iterative=True,
                  description="DeepFool: steps onto the nearest linearised boundary (top-k classes)")
 def deepfool(
     model: nn.Module,

@@ -89,7 +89,7 @@ def _fab_run(model, x, y, t, norm, steps, alpha_max, eta, beta, hit):
     return best, best_size
 
 
-@register_attack("fab_t", family="whitebox", norms=NORMS, targeted=True, minimal=True,
+@register_attack("fab_t", family="whitebox", norms=NORMS, targeted=True, minimal=True, iterative=True,
                  description="FAB-T: targeted fast adaptive boundary attack over the top classes (Croce & Hein 2020)")
 def fab_t(
     model: nn.Module,

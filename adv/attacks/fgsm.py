@@ -21,7 +21,8 @@ def fast_gradient_step(obj: Objective, x: torch.Tensor, eps: float, norm: str) -
     return project(fgm_step(x, grad, eps, norm), x, eps, norm)
 
 
-@register_attack("fgsm", family="whitebox", norms=NORMS, targeted=True,
+@register_attack("fgsm", family="whitebox", norms=NORMS, targeted=True, detector_aware=True,
+                 training=True, a3_base=True,
                  description="Fast Gradient Sign Method, one step (Goodfellow et al. 2015)")
 def fgsm(
     model: nn.Module,

@@ -35,7 +35,7 @@ def _toward(x, x_adv, alpha, norm):
     return (1 - a) * x + a * x_adv if norm == "l2" else torch.minimum(torch.maximum(x_adv, x - a), x + a)
 
 
-@register_attack("hopskipjump", family="query", norms=("l2", "linf"), targeted=True, minimal=True,
+@register_attack("hopskipjump", family="query", norms=("l2", "linf"), targeted=True, minimal=True, iterative=True,
                  oracle="labels", description="HopSkipJump: decision-based boundary walk (Chen et al. 2020)")
 def hopskipjump(
     oracle: QueryOracle,

@@ -111,9 +111,13 @@ def run_pgd(
     return best
 
 
-@register_attack("pgd", family="whitebox", norms=NORMS, targeted=True,
+@register_attack("pgd", family="whitebox", norms=NORMS, targeted=True, iterative=True, detector_aware=True,
+                 training=True, a3_base=True,
                  description="Projected Gradient Descent with random start (Madry et al. 2018)",
-                 variants={"pgd_cw": {"loss": "cw"}, "pgd_dlr": {"loss": "dlr"}})
+                 variants={"pgd_cw": {"loss": "cw"}, "pgd_dlr": {"loss": "dlr"}},
+                 # the joint loss, U-Net training and A3 replace the loss, so the loss variants add nothing there
+                 variant_meta={v: {"detector_aware": False, "training": False, "a3_base": False}
+                               for v in ("pgd_cw", "pgd_dlr")})
 def pgd(
     model: nn.Module,
     x: torch.Tensor,

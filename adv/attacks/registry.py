@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from adv.attacks.oracle import QueryOracle
+
 FAMILIES = ("whitebox", "query")
 #: Arguments of the common signature; everything else is a hyperparameter.
 COMMON_ARGS = ("eps", "norm", "targeted", "y_target")
@@ -45,6 +47,14 @@ class AttackSpec:
     randomized: bool = False
     #: Needs a convolutional layer (Grad-CAM) in the model.
     needs_conv: bool = False
+    #: Takes many steps (gradient or search); the report expects these to beat the one-step attacks.
+    iterative: bool = False
+    #: The joint classifier + detector loss can drive it (:func:`adv.evaluate.adaptive.detector_aware_attack`).
+    detector_aware: bool = False
+    #: Makes the training adversarials of learned stages (the U-Net of Himbitski et al. 2024).
+    training: bool = False
+    #: A3Attack can add its attention term to this attack's loss (Wu et al. 2022, AAD §4.3).
+    a3_base: bool = False
 
     @property
     def hyperparameters(self) -> tuple[str, ...]:
@@ -59,6 +69,22 @@ class AttackSpec:
 
     def accepts(self, name: str) -> bool:
         return name in self.defaults or name in COMMON_ARGS
+
+    def run(self, model, x, y, **kwargs):
+        """``(x_adv, queries (N,) or None)`` of this attack on ``model`` (see :func:`call_family`)."""
+        return call_family(self, self.family, model, x, y, oracle=self.oracle, **kwargs)
+
+
+def call_family(fn: Callable, family: str, model, x, y, /, *, oracle: str | None = "probs", **kwargs):
+    """The family dispatch: ``(x_adv, queries (N,) or None)``.
+
+    A query attack gets a fresh counted :class:`~adv.attacks.oracle.QueryOracle`
+    of ``model`` answering ``oracle`` ("probs" or "labels"); a white-box
+    attack gets ``model`` itself and reports no queries.
+    """
+    if family == "query":
+        return fn(QueryOracle(model, output=oracle or "probs"), x, y, **kwargs)
+    return fn(model, x, y, **kwargs), None
 
 
 _ATTACKS: dict[str, AttackSpec] = {}
@@ -83,6 +109,10 @@ def register_attack(
     minimal: bool = False,
     oracle: str | None = None,
     needs_conv: bool = False,
+    iterative: bool = False,
+    detector_aware: bool = False,
+    training: bool = False,
+    a3_base: bool = False,
     variants: Mapping[str, Mapping[str, Any]] | None = None,
     variant_meta: Mapping[str, Mapping[str, Any]] | None = None,
 ):
@@ -107,7 +137,8 @@ def register_attack(
                 name=vname, fn=fn, family=family, norms=tuple(norms), targeted=targeted,
                 description=description if vname == name else f"{description} ({_fmt(overrides)})",
                 defaults=MappingProxyType({**base, **overrides}), minimal=minimal, oracle=oracle,
-                randomized="seed" in base, needs_conv=needs_conv,
+                randomized="seed" in base, needs_conv=needs_conv, iterative=iterative,
+                detector_aware=detector_aware, training=training, a3_base=a3_base,
             )
             _ATTACKS[vname] = AttackSpec(**{**meta, **(variant_meta or {}).get(vname, {})})
         return fn
@@ -132,13 +163,23 @@ def describe_attack(name: str) -> str:
     return f"{spec.description} [{spec.family}; {'/'.join(spec.norms)}{'; targeted' if spec.targeted else ''}]"
 
 
-def list_attacks(pattern: str = "*", *, family: str | None = None) -> list[str]:
+#: Metadata ``list_attacks`` filters on (timm's ``list_models(filter=...)``, with the metadata as data).
+FILTERS = ("family", "minimal", "oracle", "randomized", "needs_conv", "iterative", "detector_aware", "training",
+           "a3_base")
+
+
+def list_attacks(pattern: str = "*", **meta) -> list[str]:
+    """Registered names matching ``pattern`` whose metadata equal ``meta`` (None: any), e.g.
+    ``list_attacks(iterative=True)`` or ``list_attacks(family="query")``."""
     _load_all()
-    if family is not None and family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    return sorted(
-        n for n, s in _ATTACKS.items() if fnmatch.fnmatch(n, pattern) and (family is None or s.family == family)
-    )
+    bad = set(meta) - set(FILTERS)
+    if bad:
+        raise ValueError(f"cannot filter attacks by {sorted(bad)}; filters: {', '.join(FILTERS)}")
+    if meta.get("family") is not None and meta["family"] not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {meta['family']!r}")
+    meta = {k: v for k, v in meta.items() if v is not None}
+    return sorted(n for n, s in _ATTACKS.items()
+                  if fnmatch.fnmatch(n, pattern) and all(getattr(s, k) == v for k, v in meta.items()))
 
 
 def _load_all() -> None:

@@ -38,7 +38,7 @@ def _margin_and_loss(probs, y, targeted, y_target):
     return own - other, own - other
 
 
-@register_attack("square", family="query", norms=("linf",), targeted=True, oracle="probs",
+@register_attack("square", family="query", norms=("linf",), targeted=True, oracle="probs", iterative=True,
                  description="Square Attack: score-based random search over squares (L-inf)")
 def square(
     oracle: QueryOracle,

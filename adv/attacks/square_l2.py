@@ -79,7 +79,7 @@ def _candidate(xc, xb, eps, s, gen):
     return (xc + delta * (eps / flat_norm(delta).clamp_min(1e-12)).view(_V)).clamp(0.0, 1.0)
 
 
-@register_attack("square_l2", family="query", norms=("l2",), targeted=True, oracle="probs",
+@register_attack("square_l2", family="query", norms=("l2",), targeted=True, oracle="probs", iterative=True,
                  description="Square Attack: score-based random search over squares (L2)")
 def square_l2(
     oracle: QueryOracle,

@@ -21,7 +21,7 @@ def least_likely(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).argmin(1)
 
 
-@register_attack("stepll", family="whitebox", norms=NORMS, targeted=False,
+@register_attack("stepll", family="whitebox", norms=NORMS, targeted=False, a3_base=True,
                  description="StepLL: one targeted step towards the least-likely class")
 def stepll(
     model: nn.Module,
@@ -43,7 +43,7 @@ def stepll(
         return fast_gradient_step(obj, x, eps, norm).detach()
 
 
-@register_attack("iter_stepll", family="whitebox", norms=NORMS, targeted=False,
+@register_attack("iter_stepll", family="whitebox", norms=NORMS, targeted=False, iterative=True, a3_base=True,
                  description="Iter-StepLL: BIM towards the least-likely class")
 def iter_stepll(
     model: nn.Module,

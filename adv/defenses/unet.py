@@ -32,7 +32,6 @@ from adv.train.loop import LossOutput
 DOWNSAMPLING = 16
 #: The dense bottleneck has (256·w·H/16·W/16)² weights; refuse sizes that would not fit in memory.
 MAX_BOTTLENECK = 16384
-TRAIN_ATTACKS = ("fgsm", "pgd", "bim")
 
 
 class UNetParams(LearnedParams):
@@ -46,9 +45,12 @@ class UNetParams(LearnedParams):
     @field_validator("attacks")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        bad = [a for a in value if a not in TRAIN_ATTACKS]
+        from adv.attacks import list_attacks
+
+        known = list_attacks(training=True)
+        bad = [a for a in value if a not in known]
         if bad or not value:
-            raise ValueError(f"attacks must be a non-empty subset of {TRAIN_ATTACKS}, got {value}")
+            raise ValueError(f"attacks must be a non-empty subset of {known}, got {value}")
         return value
 
 
@@ -111,12 +113,12 @@ def training_adversarials(classifier: nn.Module, x: torch.Tensor, y: torch.Tenso
     """FGSM/PGD/BIM adversarials against the frozen classifier, the attack cycling per batch."""
     from adv.attacks import get_attack
 
-    name = p.attacks[step % len(p.attacks)]
+    spec = get_attack(p.attacks[step % len(p.attacks)])
     eps = float(torch.empty(()).uniform_(0.1, 1.0)) * p.train_eps  # a spread of budgets, not only the largest
-    kw = {"steps": p.pgd_steps} if name in ("pgd", "bim") else {}
-    if name == "pgd":
+    kw = {"steps": p.pgd_steps} if spec.accepts("steps") else {}
+    if spec.randomized:
         kw["seed"] = p.seed * 1_000_003 + step  # PGD's random start: reproducible training
-    return get_attack(name)(classifier, x, y, eps=eps, **kw)
+    return spec(classifier, x, y, eps=eps, **kw)
 
 
 def train_unet(model: UNet, classifier: nn.Module, data, show_progress: bool = False, on_epoch_end=None) -> dict:
