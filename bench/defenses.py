@@ -58,12 +58,19 @@ def accuracy(model, x, y, batch: int = 250) -> float:
     return float(torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]).eq(y).float().mean())
 
 
-def attack(model, name: str, x, y, eps: float, early_stop: bool = False, batch: int = 250) -> torch.Tensor:
-    from adv.attacks import get_attack
-
+def attack(ev, name: str, x, y, eps: float, early_stop: bool = False, batch: int = 250) -> torch.Tensor:
+    """Batched adversarials under ``ev``'s threat model (``adv.evaluate.threat.EvaluatedModel.attack``)."""
     kw = dict(ATTACKS[name], **({"early_stop": True} if early_stop and name != "fgsm" else {}))
-    return torch.cat([get_attack(name)(model, x[i:i + batch], y[i:i + batch], eps=eps, **kw)
+    return torch.cat([ev.attack(name, x[i:i + batch], y[i:i + batch], eps=eps, **kw)
                       for i in range(0, len(x), batch)])
+
+
+def undefended(clf):
+    """The classifier as the non-adaptive threat model's source: adversarials crafted on it alone."""
+    from adv.defenses import Defended
+    from adv.evaluate.threat import evaluated_model
+
+    return evaluated_model(Defended(None, clf), adaptive=False)
 
 
 # --- setup ----------------------------------------------------------------------------------
@@ -163,18 +170,18 @@ def build_rows(clf, train, dwt, args, out: Path) -> tuple[dict, dict]:
 # --- measurements ---------------------------------------------------------------------------
 def robustness(rows: dict, source_adv: dict, x, y) -> dict:
     """``{row: {"clean": acc, (attack, eps): {"non-adaptive": acc, "adaptive": acc}}}``."""
-    from adv.evaluate.adaptive import adaptive_model
+    from adv.evaluate.threat import evaluated_model
 
     out = {}
     for row, defended in rows.items():
         t0 = time.time()
         cells = {"clean": accuracy(defended, x, y)}
-        target = adaptive_model(defended)
+        ev = evaluated_model(defended, adaptive=True)
         for (name, eps), x_adv in source_adv.items():
             cell = {"non-adaptive": accuracy(defended, x_adv, y)}
             # the undefended row has one threat model: its adversarials *are* the adaptive ones
             cell["adaptive"] = cell["non-adaptive"] if row == "no defense" else accuracy(
-                defended, attack(target, name, x, y, eps, early_stop=True), y)
+                defended, attack(ev, name, x, y, eps, early_stop=True), y)
             cells[(name, eps)] = cell
         out[row] = cells
         pgd = cells[("pgd", 0.1)]
@@ -184,16 +191,14 @@ def robustness(rows: dict, source_adv: dict, x, y) -> dict:
 
 
 def detector(clf, encoder_file: Path, source_adv: dict, x, y) -> dict:
-    from adv.evaluate.adaptive import detector_aware_attack
     from adv.defenses import Defended, create_defense
-    from adv.evaluate.threat import detection_summary
+    from adv.evaluate.threat import detection_summary, evaluated_model
 
     defended = Defended(None, clf, create_defense(f"disagreement:checkpoint={encoder_file}", classifier=clf))
+    ev = evaluated_model(defended, adaptive=True)  # FGSM/BIM/PGD run on the detector-aware loss
     out = {}
     for (name, eps), x_adv in source_adv.items():
-        kw = {k: v for k, v in ATTACKS[name].items() if k in ("steps", "seed")}
-        joint = torch.cat([detector_aware_attack(defended, x[i:i + 250], y[i:i + 250], attack=name, eps=eps, **kw)
-                           for i in range(0, len(x), 250)])
+        joint = attack(ev, name, x, y, eps)
         out[(name, eps)] = {"non-adaptive": detection_summary(defended, x, x_adv, y),
                             "adaptive": detection_summary(defended, x, joint, y)}
     log("detector done")
@@ -243,7 +248,7 @@ def explain(clf, rows: dict, source_adv: dict, x, y, classes, docs: Path) -> dic
     for eps in IOU_EPS:  # Wu et al. 2022 (AAD) used StepLL (its eq. 4) at small budgets; PGD for comparison
         tables[("stepll", eps)] = attention_iou_table(clf, x, get_attack("stepll")(clf, x, y, eps=eps), y)
         tables[("pgd", eps)] = attention_iou_table(clf, x, source_adv[("pgd", eps)] if ("pgd", eps) in source_adv
-                                                   else attack(clf, "pgd", x, y, eps), y)
+                                                   else attack(undefended(clf), "pgd", x, y, eps), y)
     return tables
 
 
@@ -400,7 +405,7 @@ def main(argv=None) -> int:
     dwt = select_dwt(train)
     rows, extra = build_rows(clf, train, dwt, args, out)
     log("crafting non-adaptive adversarials on lenet")
-    source_adv = {(name, eps): attack(clf, name, x, y, eps) for name in ATTACKS for eps in EPS}
+    source_adv = {(name, eps): attack(undefended(clf), name, x, y, eps) for name in ATTACKS for eps in EPS}
     results = robustness(rows, source_adv, x, y)
     det = detector(clf, extra["encoder_file"], source_adv, x, y)
     study = unet_study(clf, train.subset(args.n_train_study, seed=3), source_adv, x, y, args)

@@ -34,10 +34,6 @@ from adv.attacks.core import check_inputs, check_positive, cw_loss, frozen, take
 from adv.attacks.fgsm import fast_gradient_step
 from adv.attacks.pgd import run_pgd
 
-#: Attacks the detector-aware loss can drive (they share the FGM step and PGD loop).
-JOINT_ATTACKS = ("fgsm", "bim", "pgd")
-
-
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, stage):
@@ -202,11 +198,12 @@ def detector_aware_attack(
 
     Shape: x (N, C, H, W) in [0, 1], y (N,) -> x_adv like x
     """
-    from adv.attacks import get_attack
+    from adv.attacks import get_attack, list_attacks
     from adv.attacks.core import objective
 
-    if attack not in JOINT_ATTACKS:
-        raise ValueError(f"attack must be one of {JOINT_ATTACKS} for the detector-aware loss, got {attack!r}")
+    joint = list_attacks(detector_aware=True)  # they share the FGM step and PGD loop that _run drives
+    if attack not in joint:
+        raise ValueError(f"attack must be one of {joint} for the detector-aware loss, got {attack!r}")
     check_inputs(x, y, eps, norm)
     if eps == 0:
         return x.clone()

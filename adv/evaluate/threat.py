@@ -37,19 +37,44 @@ class EvaluatedModel:
     eot_samples: int = 8
     notes: list[str] = field(default_factory=list)
 
+    def joint(self, name: str) -> bool:
+        """Whether ``name`` runs on the joint classifier + detector loss (adaptive, with a detector)."""
+        from adv.attacks import get_attack
+
+        return self.threat == "adaptive" and self.defended.detector is not None and get_attack(name).detector_aware
+
+    def on_target(self, name: str) -> bool:
+        """Whether :meth:`craft` runs ``name`` on ``attack_target`` itself (adaptive, no joint loss), so a
+        caller that scores ``attack_target`` may run it there directly."""
+        return self.threat == "adaptive" and not self.joint(name)
+
+    def craft(self, name: str, x: torch.Tensor, y: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Adversarials of registered attack ``name`` under this threat model: ``(x_adv, queries or None)``.
+
+        The one threat-model dispatch: white-box attacks run on the
+        detector-aware loss where :meth:`joint` says so, else on
+        ``attack_target``; query attacks query the model that answers (the
+        undefended source, or the defended pipeline when adaptive).
+        Keywords the joint loss does not take are dropped for it.
+
+        Shape: x (N, C, H, W) in [0, 1], y (N,) -> x_adv like x, queries (N,)
+        """
+        from adv.attacks import get_attack
+        from adv.evaluate.adaptive import detector_aware_attack
+
+        if self.joint(name):
+            kw = {k: v for k, v in kwargs.items() if k in _joint_keywords()}
+            return detector_aware_attack(self.defended, x, y, attack=name, **kw), None
+        spec = get_attack(name)
+        answers = self.defended if spec.family == "query" and self.threat == "adaptive" else self.attack_target
+        return spec.run(answers, x, y, **kwargs)
+
     def attack(self, name: str, x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Run a registered white-box attack under this threat model.
+        """The adversarials of :meth:`craft`.
 
         Shape: x (N, C, H, W) in [0, 1], y (N,) -> x_adv like x
         """
-        from adv.evaluate.adaptive import JOINT_ATTACKS, detector_aware_attack
-        from adv.attacks import get_attack
-
-        if self.threat == "adaptive" and self.defended.detector is not None and name in JOINT_ATTACKS:
-            allowed = {"eps", "norm", "steps", "step_size", "seed", "kappa"}
-            return detector_aware_attack(self.defended, x, y, attack=name,
-                                         **{k: v for k, v in kwargs.items() if k in allowed})
-        return get_attack(name)(self.attack_target, x, y, **kwargs)
+        return self.craft(name, x, y, **kwargs)[0]
 
     def describe(self) -> dict:
         """The fields every report carries next to its numbers."""
@@ -63,6 +88,33 @@ class EvaluatedModel:
                                         + (", detector-aware loss for fgsm/bim/pgd)" if det is not None else ")")),
             "notes": list(self.notes),
         }
+
+
+def _joint_keywords() -> frozenset[str]:
+    """What the joint loss takes, read from its signature (as the registry reads the attacks' defaults)."""
+    import inspect
+
+    from adv.evaluate.adaptive import detector_aware_attack
+
+    params = inspect.signature(detector_aware_attack).parameters.values()
+    return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "attack")
+
+
+def evaluated_model(defended: Defended, *, adaptive: bool, source: nn.Module | None = None, eot_samples: int = 8,
+                    notes: Iterable[str] = ()) -> EvaluatedModel:
+    """``defended`` under a threat model: adaptive (attack the BPDA/EOT pipeline) or non-adaptive (attack
+    ``source``, default the defended model's classifier)."""
+    notes = list(notes)
+    if adaptive:
+        from adv.evaluate.adaptive import adaptive_model
+
+        target = adaptive_model(defended, eot_samples=eot_samples)
+        if not defended.differentiable:
+            notes.append("non-differentiable stages attacked with BPDA (straight-through)")
+        if defended.randomized:
+            notes.append(f"randomized stages attacked with EOT over {eot_samples} samples")
+        return EvaluatedModel(defended, target, "adaptive", eot_samples, notes)
+    return EvaluatedModel(defended, (source or defended.classifier).eval(), "non-adaptive", eot_samples, notes)
 
 
 def build_evaluated_model(
@@ -92,76 +144,51 @@ def build_evaluated_model(
             specs.insert(0, spec)
             notes.append(f"{spec} re-created from the checkpoint's training defense")
     defended = build_defended(classifier, specs, detector=detector, data=data).eval()
-    if adaptive:
-        from adv.evaluate.adaptive import adaptive_model
-
-        target = adaptive_model(defended, eot_samples=eot_samples)
-        if not defended.differentiable:
-            notes.append("non-differentiable stages attacked with BPDA (straight-through)")
-        if defended.randomized:
-            notes.append(f"randomized stages attacked with EOT over {eot_samples} samples")
-        return EvaluatedModel(defended, target, "adaptive", eot_samples, notes)
-    return EvaluatedModel(defended, (source or classifier).eval(), "non-adaptive", eot_samples, notes)
+    return evaluated_model(defended, adaptive=adaptive, source=source or classifier, eot_samples=eot_samples,
+                           notes=notes)
 
 
 # --- adv eval integration --------------------------------------------------------------------
-class TransferAttack:
-    """A registered attack crafted on a fixed ``source`` model, whatever model the loop passes.
-
-    This is the non-adaptive protocol inside ``robust_accuracy``: the loop
-    scores the defended model, the attack only ever sees the undefended one.
+class ThreatAttack:
+    """A registered attack crafted under ``ev``'s threat model (:meth:`EvaluatedModel.craft`), whatever
+    model the ``robust_accuracy`` loop passes: the non-adaptive protocol (craft on the undefended
+    source, score the defended model) and the detector-aware loss inside the loop.
     """
 
-    def __init__(self, name: str, source: nn.Module):
-        self.name, self.source = name, source
-        self.__name__ = f"{name}@undefended"
+    def __init__(self, ev: EvaluatedModel, name: str):
+        self.ev, self.name = ev, name
+        self.__name__ = f"{name}@{'undefended' if ev.threat == 'non-adaptive' else 'detector-aware'}"
 
     def __call__(self, model, x, y, **kwargs):
-        from adv.attacks import get_attack
-
-        return get_attack(self.name)(self.source, x, y, **kwargs)
-
-
-class DetectorAwareAttack:
-    """FGSM/BIM/PGD on the joint classifier + detector objective (:func:`adv.evaluate.adaptive.detector_aware_attack`)."""
-
-    ALLOWED = ("steps", "step_size", "seed", "kappa")
-
-    def __init__(self, name: str, defended: Defended):
-        self.name, self.defended = name, defended
-        self.__name__ = f"{name}@detector-aware"
-
-    def __call__(self, model, x, y, *, eps, norm="linf", **kwargs):
-        from adv.evaluate.adaptive import detector_aware_attack
-
-        kw = {k: v for k, v in kwargs.items() if k in self.ALLOWED}
-        return detector_aware_attack(self.defended, x, y, attack=self.name, eps=eps, norm=norm, **kw)
+        return self.ev.attack(self.name, x, y, **kwargs)
 
 
 def robust_accuracy_inputs(ev: EvaluatedModel, attacks: list[tuple[str, dict]], seed: int = 0):
     """``(model, attacks)`` for :func:`adv.evaluate.robust_accuracy` under ``ev``'s threat model.
 
-    Non-adaptive: score the defended model, craft with :class:`TransferAttack`
-    on the source. Adaptive: attack and score the BPDA/EOT pipeline (its
-    forward is the defended forward); with a detector, FGSM/BIM/PGD use the
-    detector-aware loss.
+    Non-adaptive: score the defended model, craft on the source. Adaptive:
+    attack and score the BPDA/EOT pipeline (its forward is the defended
+    forward); with a detector, FGSM/BIM/PGD use the detector-aware loss.
+    Attacks :meth:`EvaluatedModel.on_target` keep their names, so the loop
+    seeds them per batch and counts their queries; the others become
+    :class:`ThreatAttack` callables.
     """
-    from adv.evaluate.adaptive import JOINT_ATTACKS, bpda_pipeline
+    from adv.evaluate.adaptive import bpda_pipeline
     from adv.attacks import get_attack
 
-    if ev.threat == "non-adaptive":
-        out = []
-        for name, kw in attacks:
-            kw = dict(kw)
-            if get_attack(name).randomized:
-                kw.setdefault("seed", seed)  # callables get no per-batch seed from the loop
-            out.append((TransferAttack(name, ev.attack_target), kw))
-        # same forward as the defended model, but differentiable, so the loop's gradient checks can run
-        return bpda_pipeline(ev.defended), out
-    if ev.defended.detector is None:
-        return ev.attack_target, attacks
-    return ev.attack_target, [(DetectorAwareAttack(n, ev.defended), kw) if n in JOINT_ATTACKS else (n, kw)
-                              for n, kw in attacks]
+    out = []
+    for name, kw in attacks:
+        if ev.on_target(name):
+            out.append((name, kw))
+            continue
+        kw = dict(kw)
+        if ev.threat == "non-adaptive" and get_attack(name).randomized:
+            kw.setdefault("seed", seed)  # callables get no per-batch seed from the loop
+        out.append((ThreatAttack(ev, name), kw))
+    if ev.threat == "adaptive":
+        return ev.attack_target, out
+    # same forward as the defended model, but differentiable, so the loop's gradient checks can run
+    return bpda_pipeline(ev.defended), out
 
 
 @torch.no_grad()
