@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
+from adv.attacks.core import SIZES, perturbation_norm
+
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     return (pred == y).float().mean().item() if len(y) else float("nan")
@@ -33,12 +35,7 @@ def attack_success_rate(
 
 def perturbation_norms(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example L0 (changed values, tolerance 1e-6), L2 and Linf of ``x_adv - x``."""
-    delta = (x_adv - x).flatten(1)
-    return {
-        "l0": (delta.abs() > 1e-6).sum(1).float(),
-        "l2": delta.norm(p=2, dim=1),
-        "linf": delta.abs().amax(1) if delta.shape[1] else torch.zeros(len(delta)),
-    }
+    return {k: perturbation_norm(x, x_adv, k) for k in SIZES}
 
 
 def _hwc(img: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -36,6 +36,21 @@ def test_perturbation_norms_match_torch_norms():
     assert torch.allclose(norms["linf"], torch.linalg.vector_norm(delta, ord=float("inf"), dim=1))
 
 
+def test_one_perturbation_norm_serves_metrics_checks_and_attacks():
+    from adv.attacks.core import perturbation_norm
+    from adv.evaluate.checks import check_ball
+
+    x = torch.zeros(2, 1, 2, 2)
+    x_adv = x.clone()
+    x_adv[0, 0, 0] = 0.3  # two values of 0.3: L2 0.3*sqrt(2), Linf 0.3
+    assert {k: v.tolist() for k, v in perturbation_norms(x, x_adv).items()} == {
+        k: perturbation_norm(x, x_adv, k).tolist() for k in ("l0", "l2", "linf")}
+    assert perturbation_norm(x, x_adv, "l2")[0].item() == pytest.approx(0.3 * math.sqrt(2))
+    assert check_ball(x_adv, x, 0.3, "linf", "a") == [] and check_ball(x_adv, x, 0.3, "l2", "a")[0].code == "out_of_ball"
+    with pytest.raises(ValueError, match="norm must be one of"):
+        perturbation_norm(x, x_adv, "l1")
+
+
 @pytest.mark.parametrize("shape", [(4, 1, 28, 28), (3, 3, 32, 32), (2, 1, 5, 5)])
 def test_image_quality_matches_skimage(shape):
     rng = np.random.default_rng(0)

@@ -211,6 +211,26 @@ def flat_norm(t: torch.Tensor, p: float = 2) -> torch.Tensor:
 
 def _view(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
+#: Perturbation sizes :func:`perturbation_norm` measures; an L0 change is one above this tolerance.
+SIZES = ("l0", "l2", "linf")
+L0_TOLERANCE = 1e-6
+
+
+def perturbation_norm(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example size of ``x_adv - x``: "l0" (values changed), "l2" or "linf"; the one copy every module uses.
+
+    Shape: x, x_adv (N, ...) -> (N,)
+    """
+    delta = (x_adv - x).flatten(1)
+    if norm == "l0":
+        return (delta.abs() > L0_TOLERANCE).sum(1).float()
+    if norm == "l2":
+        return delta.norm(p=2, dim=1)
+    if norm == "linf":
+        return delta.abs().amax(1) if delta.shape[1] else delta.new_zeros(len(delta))
+    raise ValueError(f"norm must be one of {SIZES}, got {norm!r}")
+
+
 
 
 def fgm_step(x_adv: torch.Tensor, grad: torch.Tensor, step_size, norm: str) -> torch.Tensor:

@@ -17,16 +17,11 @@ import math
 
 import torch
 
-from adv.attacks.core import check_inputs, check_positive, flat_norm, make_generator, project
+from adv.attacks.core import check_inputs, check_positive, flat_norm, make_generator, perturbation_norm, project
 from adv.attacks.oracle import QueryOracle, as_oracle, oracle_labels
 from adv.attacks.registry import register_attack
 
 _V = (-1, 1, 1, 1)
-
-
-def _dist(a, b, norm):
-    d = (a - b).flatten(1)
-    return d.norm(dim=1) if norm == "l2" else d.abs().amax(1)
 
 
 def _toward(x, x_adv, alpha, norm):
@@ -138,7 +133,7 @@ def _initialise(is_adv, x, rows, trials, gen, start=None):
 
 def _boundary(is_adv, x, x_adv, rows, norm, theta, max_iter: int = 64):
     """Batched binary search between ``x`` and adversarial ``x_adv``; returns (points, distances)."""
-    dist = _dist(x_adv, x, norm)
+    dist = perturbation_norm(x, x_adv, norm)
     if norm == "linf":
         high, thresh = dist.clone(), torch.clamp(dist * theta, max=theta)
     else:
@@ -153,7 +148,7 @@ def _boundary(is_adv, x, x_adv, rows, norm, theta, max_iter: int = 64):
         high[todo] = torch.where(ok, mid, high[todo])
         low[todo] = torch.where(ok, low[todo], mid)
     out = _toward(x, x_adv, high, norm)
-    return out, _dist(out, x, norm)
+    return out, perturbation_norm(x, out, norm)
 
 
 def _estimate_gradient(is_adv, xb, rows, delta, evals, norm, gen, max_elems: int = 2**25):

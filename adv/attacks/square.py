@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from adv.attacks.core import check_inputs, check_positive, make_generator
+from adv.attacks.core import check_inputs, check_positive, make_generator, take
 from adv.attacks.oracle import QueryOracle, as_oracle
 from adv.attacks.registry import register_attack
 
@@ -83,15 +83,11 @@ def square(
         vw = torch.randint(0, w - s + 1, (len(todo), 1, 1, 1), generator=gen, device=x.device)
         window = (ar_h >= vh) & (ar_h < vh + s) & (ar_w >= vw) & (ar_w < vw + s)
         x_new = _new_candidate(xc, xb, window, eps, gen)
-        m_new, l_new = _margin_and_loss(oracle(x_new, todo), take_or(y, todo), targeted, take_or(y_target, todo))
+        m_new, l_new = _margin_and_loss(oracle(x_new, todo), take(y, todo), targeted, take(y_target, todo))
         better = (l_new < loss[todo]) | (m_new <= 0)
         idx = todo[better]
         x_best[idx], margin[idx], loss[idx] = x_new[better], m_new[better], l_new[better]
     return x_best, oracle.used(n) - start
-
-
-def take_or(t, rows):
-    return None if t is None else t[rows]
 
 
 def _signs(shape, gen, like):

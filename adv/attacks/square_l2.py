@@ -16,10 +16,10 @@ import math
 
 import torch
 
-from adv.attacks.core import check_inputs, check_positive, flat_norm, make_generator
+from adv.attacks.core import check_inputs, check_positive, flat_norm, make_generator, take
 from adv.attacks.oracle import QueryOracle, as_oracle
 from adv.attacks.registry import register_attack
-from adv.attacks.square import _margin_and_loss, _signs, p_selection, take_or
+from adv.attacks.square import _margin_and_loss, _signs, p_selection
 
 _V = (-1, 1, 1, 1)
 
@@ -117,7 +117,7 @@ def square_l2(
         s = max(int(round(math.sqrt(p_selection(p_init, it, queries) * h * w))), 3)
         s = min(s + (s % 2 == 0), h, w)  # odd, as in the reference implementation
         x_new = _candidate(x[todo], x_best[todo], eps, s, gen)
-        m_new, l_new = _margin_and_loss(oracle(x_new, todo), take_or(y, todo), targeted, take_or(y_target, todo))
+        m_new, l_new = _margin_and_loss(oracle(x_new, todo), take(y, todo), targeted, take(y_target, todo))
         better = (l_new < loss[todo]) | (m_new <= 0)
         idx = todo[better]
         x_best[idx], margin[idx], loss[idx] = x_new[better], m_new[better], l_new[better]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adv.evaluate.result import Flag
+from adv.attacks.core import perturbation_norm
 
 CHEAP = ("softmax_output", "randomized_model", "zero_gradients", "query_beats_whitebox", "out_of_ball")
 EXPENSIVE = ("more_steps_weaker", "eps_sweep")
@@ -109,8 +110,7 @@ def check_sweep(eps_values: Sequence[float], accs: Sequence[float], norm: str, s
 
 def check_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, label: str) -> list[Flag]:
     """Points outside the eps-ball or [0, 1] (a custom attack's bug, or a loose tolerance)."""
-    delta = (x_adv - x).flatten(1)
-    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    size = perturbation_norm(x, x_adv, norm)
     bad = (size > eps * (1 + 1e-4) + 1e-6) | (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
     bad |= ~torch.isfinite(x_adv).flatten(1).all(1)
     if bad.any():
