@@ -60,7 +60,7 @@ def test_eot_is_the_mean_of_seeded_draws_and_the_identity_on_deterministic_model
     clf = trained_classifier()
     x, y = sample_batch(8)
     assert torch.allclose(_input_grad(EOT(clf, samples=4), x, y), _input_grad(clf, x, y), atol=1e-6)
-    defended = Defended(create_defense("noise:sigma=0.2"), clf)
+    defended = Defended(create_defense("noise:noise_std=0.2"), clf)
     model = adaptive_model(defended, eot_samples=5)
     assert isinstance(model, EOT) and model.samples == 5
     torch.manual_seed(3)
@@ -77,7 +77,7 @@ def test_eot_is_the_mean_of_seeded_draws_and_the_identity_on_deterministic_model
 def test_adaptive_attack_beats_the_non_adaptive_protocol_on_dwt():
     clf = trained_classifier()
     x, y = sample_batch(128)
-    spec = ["dwt:method=VisuShrink,sigma=0.2,level=2"]  # strong enough to help against transferred adversarials
+    spec = ["dwt:method=VisuShrink,noise_sigma=0.2,level=2"]  # strong enough to help against transferred adversarials
     non_adaptive = build_evaluated_model(clf, spec)
     adaptive = build_evaluated_model(clf, spec, adaptive=True)
     kw = dict(eps=0.1, steps=10, seed=0)

@@ -28,7 +28,7 @@ def _classifier(input_size=(1, 28, 28)):
 def test_registry_lists_every_defense_of_the_issue():
     assert {"dwt", "initial_ae", "middle_ae", "encoder", "unet", "disagreement", "quantize", "noise"} <= set(
         list_defenses())
-    assert set(list_defenses(kind="detector")) == {"disagreement"}
+    assert set(list_defenses(kind="detector")) == {"advd", "disagreement"}
     for name in list_defenses():
         schema = defense_schema(name)
         assert schema["kind"] in describe_defense(name) and schema["params"] is not None
@@ -55,6 +55,8 @@ def test_spec_strings_parse_validate_and_round_trip():
     ("dwt:level=1,level=2", "given twice"),
     ("unet:attacks=fgsm+cw", "attacks"),
     ("", "non-empty"),
+    ("dwt:sigma=0.1", "'sigma' was renamed to 'noise_sigma'"),  # issue 9: one meaning per name
+    ("noise:sigma=0.1", "'sigma' was renamed to 'noise_std'"),
 ])
 def test_bad_specs_raise_clear_errors(spec, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -180,7 +182,7 @@ def test_dwt_removes_noise_and_keeps_clean_images():
 
 
 @pytest.mark.parametrize("spec", ["dwt:method=VisuShrink,mode=hard", "dwt:method=fixed,threshold=0.1",
-                                  "dwt:per_channel=false", "dwt:sigma=0.05,wavelet=sym4", "dwt:wavelet=coif1"])
+                                  "dwt:per_channel=false", "dwt:noise_sigma=0.05,wavelet=sym4", "dwt:wavelet=coif1"])
 def test_dwt_variants_run_on_rgb(spec):
     x = torch.rand(2, 3, 32, 32)
     out = create_defense(spec)(x)
@@ -212,5 +214,5 @@ def test_quantize_lands_on_the_grid_and_noise_is_random():
     x = torch.rand(2, 1, 8, 8)
     q = create_defense("quantize:bits=2")(x)
     assert set(np.unique((q * 3).round().numpy())) <= {0.0, 1.0, 2.0, 3.0} and torch.allclose(q * 3, (q * 3).round())
-    noise = create_defense("noise:sigma=0.1")
+    noise = create_defense("noise:noise_std=0.1")
     assert noise.randomized and not torch.equal(noise(x), noise(x))

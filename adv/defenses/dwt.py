@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Iterable, Literal
+from typing import ClassVar, Iterable, Literal
 
 import numpy as np
 import pywt
@@ -35,8 +35,10 @@ class DWTParams(StageParams):
     method: Literal["BayesShrink", "VisuShrink", "fixed"] = Field(
         "BayesShrink", description="threshold rule; 'fixed' uses `threshold` on every detail band")
     threshold: float = Field(0.05, gt=0, description="the threshold of method=fixed (pixel units, [0,1] images)")
-    sigma: float | None = Field(None, gt=0, description="noise std for Bayes/VisuShrink; None estimates it")
+    noise_sigma: float | None = Field(None, gt=0, description="noise std for Bayes/VisuShrink; None estimates it")
     per_channel: bool = Field(True, description="denoise RGB channels separately; False denoises in YCbCr")
+
+    renamed_keys: ClassVar[dict[str, str]] = {"sigma": "noise_sigma"}
 
     @field_validator("wavelet")
     @classmethod
@@ -57,7 +59,7 @@ def denoise_image(img: np.ndarray, p: DWTParams) -> np.ndarray:
     else:
         ycbcr = not p.per_channel and img.shape[-1] == 3
         out = denoise_wavelet(
-            img, sigma=p.sigma, wavelet=p.wavelet, mode=p.mode, wavelet_levels=p.level,
+            img, sigma=p.noise_sigma, wavelet=p.wavelet, mode=p.mode, wavelet_levels=p.level,
             method=p.method, rescale_sigma=True, channel_axis=-1, convert2ycbcr=ycbcr,
         )
     return np.clip(out, 0.0, 1.0)

@@ -7,6 +7,8 @@ averages gradients over the randomness (:class:`adv.evaluate.adaptive.EOT`).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 
@@ -15,11 +17,13 @@ from adv.defenses.stage import Stage, StageInfo, StageParams
 
 
 class NoiseParams(StageParams):
-    sigma: float = Field(0.05, gt=0, le=1, description="std of the Gaussian noise, pixel units")
+    noise_std: float = Field(0.05, gt=0, le=1, description="std of the Gaussian noise, pixel units")
+
+    renamed_keys: ClassVar[dict[str, str]] = {"sigma": "noise_std"}
 
 
 class GaussianNoise(Stage):
-    """``clip(x + N(0, sigma²), 0, 1)``, fresh noise on every call (global torch RNG).
+    """``clip(x + N(0, noise_std²), 0, 1)``, fresh noise on every call (global torch RNG).
 
     Shape: (N, C, H, W) in [0, 1] -> (N, C, H, W) in [0, 1]
     """
@@ -27,7 +31,7 @@ class GaussianNoise(Stage):
     randomized = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x + self.params.sigma * torch.randn_like(x)).clamp(0.0, 1.0)
+        return (x + self.params.noise_std * torch.randn_like(x)).clamp(0.0, 1.0)
 
 
 @register_defense("noise", params=NoiseParams, kind="preprocess",
