@@ -117,6 +117,21 @@ def test_query_beats_whitebox_is_per_example():
     assert "1 example" in summary["masking_flags"][0]["detail"]
 
 
+def test_worst_case_and_query_beats_whitebox_helpers_agree_on_numpy_and_torch():
+    import torch
+
+    from adv.evaluate.checks import beats_whitebox, check_query_beats_whitebox, worst_case_mask
+
+    alive, index, robust = np.array([1, 1, 0, 1], bool), np.array([0, 1, 3, 1]), np.array([1, 0, 1, 1], bool)
+    assert worst_case_mask(alive, index, robust).tolist() == [True, False, False, True]
+    t = worst_case_mask(torch.from_numpy(alive), torch.from_numpy(index), torch.from_numpy(robust))
+    assert t.tolist() == [True, False, False, True] and alive.tolist() == [True, True, False, True]
+    query, white, tried = (np.array(v, bool) for v in ([1, 1, 1, 0], [0, 1, 0, 0], [1, 1, 0, 1]))
+    assert beats_whitebox(query, white, tried).tolist() == [True, False, False, False]
+    assert check_query_beats_whitebox({"square": 0}) == []
+    assert check_query_beats_whitebox({"square": 2})[0].details == {"fooled": {"square": 2}}
+
+
 def test_write_report_files_and_strict_json(tmp_path):
     rows = _rows(SPEC)
     rows["eps"] = np.where(rows["attack"] == "pgd", np.inf, rows["eps"])  # an unbounded attack in the table

@@ -23,12 +23,13 @@ import math
 import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adv.evaluate.result import Flag
 from adv.attacks.core import perturbation_norm
+from adv.evaluate.result import Flag
 
 CHEAP = ("softmax_output", "randomized_model", "zero_gradients", "query_beats_whitebox", "out_of_ball")
 EXPENSIVE = ("more_steps_weaker", "eps_sweep")
@@ -106,6 +107,41 @@ def check_sweep(eps_values: Sequence[float], accs: Sequence[float], norm: str, s
                           "a budget that reaches almost any image", {"eps": list(eps_values),
                                                                       "robust_acc": list(accs)}))
     return flags
+
+
+def worst_case_mask(alive, index, robust):
+    """AutoAttack's worst case over attacks, per example: ``alive`` after every attack row.
+
+    Example ``index[j]`` stays robust only if it was and row ``j`` (an
+    attack's outcome on it) is robust. The online protocol folds each attack
+    of a batch in as it runs; the report folds in stored rows.
+
+    Shape: alive (N,) bool; index (M,) example ids; robust (M,) bool -> (N,) bool (numpy or torch, a new array)
+    """
+    if isinstance(alive, torch.Tensor):
+        out, robust = alive.clone(), robust.bool()
+    else:
+        out, robust = alive.copy(), np.asarray(robust, bool)
+    out[index[~robust]] = False
+    return out
+
+
+def beats_whitebox(query_fooled, whitebox_fooled, whitebox_tried):
+    """Examples a query attack fooled although every white-box attack tried on them failed.
+
+    Shape: three (N,) bool masks over the same examples (numpy or torch) -> (N,) bool
+    """
+    return query_fooled & whitebox_tried & ~whitebox_fooled
+
+
+def check_query_beats_whitebox(beaten: dict[str, int]) -> list[Flag]:
+    """``query_beats_whitebox`` from ``{query attack: examples it won}`` (see :func:`beats_whitebox`)."""
+    beaten = {k: int(v) for k, v in beaten.items() if v}
+    if not beaten:
+        return []
+    won = ", ".join(f"{k}: {v} example(s)" for k, v in beaten.items())
+    return [Flag("query_beats_whitebox", f"a query-based attack fooled points that survived every white-box attack "
+                 f"({won}): the gradients may be masked", {"fooled": beaten})]
 
 
 def check_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, label: str) -> list[Flag]:

@@ -21,9 +21,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from adv.attacks.core import NORMS, project
-from adv.attacks.oracle import QueryOracle
-from adv.attacks.registry import AttackSpec, get_attack
+from adv.attacks.core import NORMS, SIZES, perturbation_norm, project
+from adv.attacks.registry import AttackSpec, call_family, get_attack
 from adv.evaluate import checks as C
 from adv.evaluate.precision import fast_model
 from adv.evaluate.result import AttackReport, EvalResult, Flag
@@ -106,6 +105,33 @@ def iter_batches(data, batch_size: int) -> tuple[Iterator[tuple[torch.Tensor, to
     return rechunk(data), None
 
 
+@dataclass(frozen=True)
+class Options:
+    """The settings every batch of one :func:`robust_accuracy` run reads, checked once at the boundary."""
+
+    eps: float
+    norm: str = "linf"
+    batch_size: int = 256
+    seed: int = 0
+    early_stop: bool = True
+    #: Sanity checks to run (:mod:`adv.evaluate.checks`).
+    checks: tuple[str, ...] = C.CHEAP
+    check_n: int = 128
+    amp: str | None = None
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        eps = self.eps
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        unknown = set(self.checks) - set(C.ALL)
+        if unknown:
+            raise ValueError(f"unknown checks {sorted(unknown)}; known: {C.ALL}")
+
+
 def robust_accuracy(
     model: nn.Module,
     data,
@@ -138,30 +164,12 @@ def robust_accuracy(
 
     Shape: data images (N, C, H, W) in [0, 1], labels (N,)
     """
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    checks = C.ALL if checks == "all" else tuple(checks or ())
-    unknown = set(checks) - set(C.ALL)
-    if unknown:
-        raise ValueError(f"unknown checks {sorted(unknown)}; known: {C.ALL}")
-    if suite is not None:
-        from adv.evaluate.suites import suite_attacks  # the suites build on this module
-
-        attacks = [*([attacks] if isinstance(attacks, (str, AttackSpec)) or callable(attacks) else attacks),
-                   *suite_attacks(suite, norm)]
-    runs = resolve_attacks(attacks, norm)
+    opts = Options(eps=eps, norm=norm, batch_size=batch_size, seed=seed, early_stop=early_stop,
+                   checks=C.ALL if checks == "all" else tuple(checks or ()), check_n=check_n, amp=amp)
+    runs = resolve_attacks(_with_suite(attacks, suite, norm), norm)
     device = torch.device(device) if device is not None else _model_device(model)
     net = fast_model(model, amp, channels_last)
-    config = {"attacks": [[r.label, r.kwargs] for r in runs], "eps": eps, "norm": norm, "batch_size": batch_size,
-              "seed": seed, "early_stop": early_stop, "amp": amp,
-              "model": model_fingerprint(model) if state_path else ""}  # hashing weights costs; only to resume
-    state = EvalState.load(state_path, config) if state_path else EvalState(config=config)
-    for r in runs:
-        state.sums.setdefault(r.label, dict.fromkeys(SUMS, 0.0))
+    state = _start(model, runs, opts, state_path)
     t0 = time.perf_counter()
     batches, total = iter_batches(data, batch_size)
     bar = _bar(batches, total, batch_size, progress)
@@ -171,14 +179,7 @@ def robust_accuracy(
             if batch_hash(x, y) != state.batch_hashes[b]:
                 raise ValueError(f"batch {b} differs from the one {state_path} recorded; the data changed")
             continue
-        flags = _first_batch_checks(net, x, y, runs, eps, norm, seed, checks, check_n) if b == 0 else []
-        robust, clean = _attack_batch(net, x, y, runs, eps, norm, seed, b, early_stop, state.sums, checks, flags)
-        state.flags += [f.__dict__ for f in flags]
-        state.batch_hashes.append(batch_hash(x, y))
-        state.n += len(y)
-        state.n_clean += int(clean.sum())
-        state.n_robust += int(robust.sum())
-        state.robust_mask += "".join("1" if r else "0" for r in robust.tolist())
+        _evaluate_batch(net, x, y, b, runs, opts, state)
         if state_path:
             state.save(state_path)
         if hasattr(bar, "set_postfix"):
@@ -186,7 +187,40 @@ def robust_accuracy(
     state.done = True
     if state_path:
         state.save(state_path)
-    return _result(state, runs, eps, norm, checks, time.perf_counter() - t0)
+    return _result(state, runs, opts, time.perf_counter() - t0)
+
+
+def _with_suite(attacks, suite: str | None, norm: str):
+    """``attacks`` followed by the suite's sequence, if one is named."""
+    if suite is None:
+        return attacks
+    from adv.evaluate.suites import suite_attacks  # the suites build on this module
+
+    return [*([attacks] if isinstance(attacks, (str, AttackSpec)) or callable(attacks) else attacks),
+            *suite_attacks(suite, norm)]
+
+
+def _start(model: nn.Module, runs: list[AttackRun], opts: Options, state_path: str | None) -> EvalState:
+    """A fresh state, or the one ``state_path`` saved for the same configuration (to resume)."""
+    config = {"attacks": [[r.label, r.kwargs] for r in runs], "eps": opts.eps, "norm": opts.norm,
+              "batch_size": opts.batch_size, "seed": opts.seed, "early_stop": opts.early_stop, "amp": opts.amp,
+              "model": model_fingerprint(model) if state_path else ""}  # hashing weights costs; only to resume
+    state = EvalState.load(state_path, config) if state_path else EvalState(config=config)
+    for r in runs:
+        state.sums.setdefault(r.label, dict.fromkeys(SUMS, 0.0))
+    return state
+
+
+def _evaluate_batch(model, x, y, b: int, runs: list[AttackRun], opts: Options, state: EvalState) -> None:
+    """The protocol on batch ``b`` (sanity checks on the first), added to ``state``."""
+    flags = _first_batch_checks(model, x, y, runs, opts) if b == 0 else []
+    robust, clean = _attack_batch(model, x, y, runs, opts, b, state.sums, flags)
+    state.flags += [f.__dict__ for f in flags]
+    state.batch_hashes.append(batch_hash(x, y))
+    state.n += len(y)
+    state.n_clean += int(clean.sum())
+    state.n_robust += int(robust.sum())
+    state.robust_mask += "".join("1" if r else "0" for r in robust.tolist())
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -212,51 +246,49 @@ def _run_kwargs(run: AttackRun, eps, norm, seed: int, b: int, i: int, early_stop
 
 
 def call_attack(run: AttackRun, model: nn.Module, x, y, kw: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(x_adv, queries or None)``: query attacks get a fresh counted oracle of ``model``."""
-    if run.family == "query":
-        x_adv, queries = run.fn(QueryOracle(model, output=run.spec.oracle if run.spec else "probs"), x, y, **kw)
-        return x_adv, queries
-    return run.fn(model, x, y, **kw), None
+    """``(x_adv, queries or None)``: query attacks get a fresh counted oracle of ``model`` (:func:`call_family`)."""
+    return call_family(run.fn, run.family, model, x, y, oracle=run.spec.oracle if run.spec else "probs", **kw)
 
 
-def _attack_batch(model, x, y, runs, eps, norm, seed, b, early_stop, sums, checks, flags):
+def _attack_batch(model, x, y, runs, opts: Options, b: int, sums, flags):
     """Run the sequence on one batch; returns (robust mask, clean-correct mask)."""
+    eps, norm = opts.eps, opts.norm
     with torch.no_grad():
         clean = model(x).argmax(1) == y
     robust = clean.clone()
-    whitebox_ran = False
+    white_tried, white_fooled = torch.zeros_like(clean), torch.zeros_like(clean)
     for i, run in enumerate(runs):
         idx = robust.nonzero()[:, 0]
         if len(idx) == 0:
             break
         xs, ys = x[idx], y[idx]
         t = time.perf_counter()
-        x_adv, queries = call_attack(run, model, xs, ys, _run_kwargs(run, eps, norm, seed, b, i, early_stop))
+        x_adv, queries = call_attack(run, model, xs, ys, _run_kwargs(run, eps, norm, opts.seed, b, i, opts.early_stop))
         s = sums[run.label]
         s["time_s"] += time.perf_counter() - t
         x_adv = x_adv.detach().to(x.device)
-        if "out_of_ball" in checks:
+        if "out_of_ball" in opts.checks:
             flags += C.check_ball(x_adv, xs, eps, norm, run.label)
         x_adv = project(torch.nan_to_num(x_adv), xs, eps, norm)
         with torch.no_grad():
             fooled = model(x_adv).argmax(1) != ys
-        robust[idx[fooled]] = False
-        delta = (x_adv - xs)[fooled].flatten(1)
+        robust = C.worst_case_mask(robust, idx, ~fooled)
         s["attacked"] += len(idx)
         s["fooled"] += int(fooled.sum())
-        s["l0"] += float((delta.abs() > 1e-6).sum())
-        s["l2"] += float(delta.norm(dim=1).sum())
-        s["linf"] += float(delta.abs().amax(1).sum()) if len(delta) else 0.0
+        for k in SIZES:
+            s[k] += float(perturbation_norm(xs[fooled], x_adv[fooled], k).sum())
         if queries is not None:
             s["queries"] += float(queries.sum())
-            if whitebox_ran:
-                s["beats_whitebox"] += int(fooled.sum())
-        whitebox_ran |= run.family == "whitebox"
+            s["beats_whitebox"] += int(C.beats_whitebox(fooled, white_fooled[idx], white_tried[idx]).sum())
+        if run.family == "whitebox":
+            white_tried[idx] = True
+            white_fooled[idx[fooled]] = True
     return robust, clean
 
 
-def _first_batch_checks(model, x, y, runs, eps, norm, seed, checks, check_n) -> list[Flag]:
-    xs, ys = x[:check_n], y[:check_n]
+def _first_batch_checks(model, x, y, runs, opts: Options) -> list[Flag]:
+    eps, norm, checks = opts.eps, opts.norm, opts.checks
+    xs, ys = x[:opts.check_n], y[:opts.check_n]
     flags: list[Flag] = []
     if {"softmax_output", "randomized_model"} & set(checks):
         flags += [f for f in C.check_outputs(model, xs) if f.code in checks]
@@ -272,12 +304,12 @@ def _first_batch_checks(model, x, y, runs, eps, norm, seed, checks, check_n) -> 
     if "more_steps_weaker" in checks and stepped:
         r = stepped[0]
         many = r.kwargs.get("steps", r.spec.defaults["steps"])
-        accs = [_acc_under(model, xs, ys, r, eps, norm, seed, steps=s) for s in (many // 4, many)]
+        accs = [_acc_under(model, xs, ys, r, eps, norm, opts.seed, steps=s) for s in (many // 4, many)]
         flags += C.check_steps(accs[0], accs[1], many // 4, many, len(ys))
     if "eps_sweep" in checks and white:
         top = C.max_eps(norm, x.shape[1:])
         values = [e for e in (eps, 2 * eps, 4 * eps) if 0 < e < top] + [top]
-        accs = [_acc_under(model, xs, ys, white[0], e, norm, seed) for e in values]
+        accs = [_acc_under(model, xs, ys, white[0], e, norm, opts.seed) for e in values]
         flags += C.check_sweep(values, accs, norm, x.shape[1:], len(ys))
     return flags
 
@@ -289,7 +321,7 @@ def _acc_under(model, x, y, run: AttackRun, eps, norm, seed, **override) -> floa
         return (model(project(x_adv.detach(), x, eps, norm)).argmax(1) == y).float().mean().item()
 
 
-def _result(state: EvalState, runs, eps, norm, checks, elapsed: float) -> EvalResult:
+def _result(state: EvalState, runs, opts: Options, elapsed: float) -> EvalResult:
     n = max(state.n, 1)
     reports, standing = [], state.n_clean
     for r in runs:
@@ -304,12 +336,12 @@ def _result(state: EvalState, runs, eps, norm, checks, elapsed: float) -> EvalRe
             mean_queries=s["queries"] / s["attacked"] if r.family == "query" and s["attacked"] else None,
         ))
     flags = _dedupe([Flag(**f) for f in state.flags])
-    beaten = {r.label: int(state.sums[r.label]["beats_whitebox"]) for r in runs if r.family == "query"}
-    if "query_beats_whitebox" in checks and any(beaten.values()):
-        flags.append(Flag("query_beats_whitebox", "a query-based attack fooled points that survived the white-box "
-                          f"attacks before it ({beaten}): the gradients may be masked", {"fooled": beaten}))
+    if "query_beats_whitebox" in opts.checks:
+        flags += C.check_query_beats_whitebox({r.label: state.sums[r.label]["beats_whitebox"]
+                                               for r in runs if r.family == "query"})
     C.warn(flags, stacklevel=4)  # warn -> _result -> robust_accuracy -> the user's call
-    return EvalResult(n=state.n, eps=eps, norm=norm, clean_acc=state.n_clean / n, robust_acc=state.n_robust / n,
+    return EvalResult(n=state.n, eps=opts.eps, norm=opts.norm, clean_acc=state.n_clean / n,
+                      robust_acc=state.n_robust / n,
                       attacks=reports, flags=flags, time_s=elapsed)
 
 

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from adv.evaluate.checks import worst_case_mask
 from adv.evaluate.report.flags import masking_flags
 from adv.evaluate.rows import NONE, TRACK_ORDER
 
@@ -89,8 +90,7 @@ def worst_case(rows: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         keys, gid = _group(rows["defense"][sel], rows["norm"][sel], rows["eps"][sel])
         for g, (defense, norm, eps) in enumerate(keys):
             r = sel[gid == g]
-            alive = ok[defense].copy()
-            np.logical_and.at(alive, rows["index"][r], rows["robust"][r])
+            alive = worst_case_mask(ok[defense], rows["index"][r], rows["robust"][r])
             tracks = sorted(set(rows["track"][r].tolist()))
             if track_sel == "any" and len(tracks) < 2:
                 continue  # identical to the single track

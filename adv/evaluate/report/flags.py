@@ -7,9 +7,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# --- gradient-masking flags -----------------------------------------------------------------------------
-ITERATIVE = ("pgd", "apgd", "bim", "iter_stepll", "cw", "deepfool")
-
 
 def _flag(code: str, where: str, detail: str) -> dict[str, str]:
     return {"flag": code, "where": where, "detail": detail}
@@ -27,38 +24,62 @@ def masking_flags(entries: list[dict[str, Any]], rows: dict[str, np.ndarray] | N
     leaves accuracy above ``margin``) and ``adaptive_much_stronger`` (the
     non-adaptive numbers overstate the defense's robustness).
     """
-    from adv.attacks import get_attack
-    from adv.evaluate.checks import check_steps, check_sweep
-
-    flags: list[dict[str, str]] = []
     n = max((e["n"] for e in entries), default=1)
     shape = tuple(input_shape) if input_shape else (10**6,)  # unknown: eps_not_to_zero never fires
-    series: dict[tuple, list[dict]] = {}
+    return [*_sweep_flags(entries, n, shape), *_step_flags(entries, n),
+            *_budget_flags(entries, rows, margin), *_adaptive_flags(entries)]
+
+
+def _series(entries: list[dict], key) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
     for e in entries:
-        if math.isfinite(e["eps"]):
-            series.setdefault((e["defense"], e["track"], e["attack"], e["norm"], e["steps"]), []).append(e)
-    for (defense, track, attack, norm, steps), s in series.items():
+        if (k := key(e)) is not None:
+            out.setdefault(k, []).append(e)
+    return out
+
+
+def _sweep_flags(entries: list[dict], n: int, shape: tuple) -> list[dict[str, str]]:
+    """Per attack, robust accuracy over its finite ε values (checks.check_sweep)."""
+    from adv.evaluate.checks import check_sweep
+
+    flags = []
+    series = _series(entries, lambda e: (e["defense"], e["track"], e["attack"], e["norm"], e["steps"])
+                     if math.isfinite(e["eps"]) else None)
+    for (defense, track, attack, norm, _steps), s in series.items():
         s = sorted(s, key=lambda e: e["eps"])
         for f in check_sweep([e["eps"] for e in s], [e["robust_accuracy"] for e in s], norm, shape, n):
             flags.append(_flag(f.code, f"{defense} ({track}), {attack} {norm}", f.message))
-    budgets: dict[tuple, list[dict]] = {}
-    for e in entries:
-        if e["steps"] > 0:
-            budgets.setdefault((e["defense"], e["track"], e["attack"], e["norm"], e["eps"]), []).append(e)
+    return flags
+
+
+def _step_flags(entries: list[dict], n: int) -> list[dict[str, str]]:
+    """Per attack and ε, robust accuracy over its step budgets (checks.check_steps)."""
+    from adv.evaluate.checks import check_steps
+
+    flags = []
+    budgets = _series(entries, lambda e: (e["defense"], e["track"], e["attack"], e["norm"], e["eps"])
+                      if e["steps"] > 0 else None)
     for (defense, track, attack, norm, eps), s in budgets.items():
         s = sorted(s, key=lambda e: e["steps"])
         for few, many in zip(s, s[1:]):
             for f in check_steps(few["robust_accuracy"], many["robust_accuracy"], few["steps"], many["steps"], n):
                 flags.append(_flag(f.code, f"{defense} ({track}), {attack} {norm} eps={eps:g}", f.message))
-    by: dict[tuple, list[dict]] = {}
-    for e in entries:
-        by.setdefault((e["defense"], e["track"], e["norm"], e["eps"]), []).append(e)
-    for (defense, track, norm, eps), group in by.items():
+    return flags
+
+
+def _budget_flags(entries: list[dict], rows, margin: float) -> list[dict[str, str]]:
+    """Per defense, track and budget: one-step vs iterative, unbounded attacks, query vs white-box."""
+    from adv.attacks import get_attack
+    from adv.evaluate.checks import check_query_beats_whitebox
+
+    flags = []
+    for (defense, track, norm, eps), group in _series(
+            entries, lambda e: (e["defense"], e["track"], e["norm"], e["eps"])).items():
         where = f"{defense} ({track}), {norm} eps={eps:g}"
         white = [e for e in group if get_attack(e["attack"]).family == "whitebox"]
-        one_step = [e for e in white if e["steps"] < 0 and e["attack"] not in ITERATIVE]
-        for o in one_step:
-            for it in (e for e in white if e["attack"] in ITERATIVE):
+        iterative = [e for e in white if get_attack(e["attack"]).iterative]
+        for o in (e for e in white if e["steps"] < 0 and not get_attack(e["attack"]).iterative):
+            for it in iterative:
                 if o["robust_accuracy"] + margin < it["robust_accuracy"]:
                     flags.append(_flag("one_step_beats_iterative", where,
                                        f"{o['attack_key']}: {o['robust_accuracy']:.1%} < "
@@ -67,11 +88,14 @@ def masking_flags(entries: list[dict[str, Any]], rows: dict[str, np.ndarray] | N
             if math.isinf(e["eps"]) and e["robust_accuracy"] > margin:
                 flags.append(_flag("unbounded_not_zero", where, f"{e['attack_key']}: {e['robust_accuracy']:.1%}"))
         if rows is not None and white and len(white) < len(group):
-            beaten = _query_beats_whitebox(rows, defense, track, norm, eps, {e["grid"] for e in white})
-            if beaten:
-                flags.append(_flag("query_beats_whitebox", where,
-                                   f"a query-based attack fooled {beaten} example(s) that survived every white-box "
-                                   "attack: the gradients may be masked"))
+            for f in check_query_beats_whitebox(_query_beats_whitebox(rows, group, white)):
+                flags.append(_flag(f.code, where, f.message))
+    return flags
+
+
+def _adaptive_flags(entries: list[dict]) -> list[dict[str, str]]:
+    """The same grid point much weaker adaptively: the non-adaptive number overstates the defense."""
+    flags = []
     pairs: dict[tuple, dict[str, dict]] = {}
     for e in entries:
         pairs.setdefault((e["defense"], e["grid"]), {})[e["track"]] = e
@@ -84,11 +108,23 @@ def masking_flags(entries: list[dict[str, Any]], rows: dict[str, np.ndarray] | N
     return flags
 
 
-def _query_beats_whitebox(rows, defense, track, norm, eps, white_grids: set[int]) -> int:
-    """Examples a query attack fooled although every white-box attack (same norm, ε) failed."""
-    sel = ((rows["defense"] == defense) & (rows["track"] == track) & (rows["norm"] == norm)
-           & (rows["eps"] == eps))
-    is_white = np.isin(rows["grid"], list(white_grids))
-    fooled_white = set(rows["index"][sel & is_white & rows["success"]].tolist())
-    fooled_query = set(rows["index"][sel & ~is_white & rows["success"]].tolist())
-    return len(fooled_query - fooled_white)
+def _query_beats_whitebox(rows, group: list[dict], white: list[dict]) -> dict[str, int]:
+    """Per query attack of ``group`` (one defense, track, norm and ε): the examples it fooled although
+    every white-box attack of the group failed on them (checks.beats_whitebox)."""
+    from adv.evaluate.checks import beats_whitebox
+
+    e0 = group[0]
+    sel = ((rows["defense"] == e0["defense"]) & (rows["track"] == e0["track"]) & (rows["norm"] == e0["norm"])
+           & (rows["eps"] == e0["eps"]))
+    n = int(rows["index"].max()) + 1
+
+    def examples(grids, fooled: bool = True) -> np.ndarray:
+        r = sel & np.isin(rows["grid"], list(grids)) & (rows["success"] if fooled else True)
+        mask = np.zeros(n, bool)
+        mask[rows["index"][r]] = True
+        return mask
+
+    white_grids = {e["grid"] for e in white}
+    tried, fooled = examples(white_grids, fooled=False), examples(white_grids)
+    return {e["attack_key"]: int(beats_whitebox(examples([e["grid"]]), fooled, tried).sum())
+            for e in group if e["grid"] not in white_grids}
