@@ -28,8 +28,8 @@ def add_arguments(parser) -> None:
     describe.add_argument("name")
 
     train = sub.add_parser("train", help="train a learned stage; writes a stage file",
-                           description="train a learned stage (initial_ae, middle_ae, encoder, disagreement, unet, sfe, advd) "
-                                       "on the train split; the classifier's weights are never changed")
+                           description="train a learned stage (initial_ae, middle_ae, encoder, disagreement, unet, "
+                                       "sfe, advd) on the train split; the classifier's weights are never changed")
     train.add_argument("spec", help="NAME:k=v,... e.g. unet:width=0.5,epochs=3")
     add_data_args(train, default_split="train")
     add_model_args(train)
