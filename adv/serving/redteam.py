@@ -1,0 +1,87 @@
+"""The red-team round: a library query attack against the live endpoint, and the same attack in-process.
+
+The attacker owns ``accounts`` keys and rotates its requests over them (the
+Sybil attacker when more than one); it learns when it was flagged only from
+the admin endpoint (an operator's view), never from the answers. Success is
+measured on the bundle's model in-process (what a fresh account would be
+served), because under ``deceive`` the endpoint's answers to a flagged
+attacker are not the truth.
+
+* HopSkipJump (Chen et al. 2020) needs only labels.
+* Square (Andriushchenko et al. 2020) needs scores: against a label-only
+  endpoint it runs on the top-1 confidence (``adv.serving.client.scores``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+from adv.attacks import get_attack
+from adv.attacks.oracle import QueryOracle
+from adv.errors import ConfigError
+from adv.serving.client import Endpoint, HttpOracle
+
+ATTACKS = ("square", "hopskipjump")
+
+
+def attack_params(attack: str, queries: int, seed: int) -> dict:
+    """The attack's budget knobs for about ``queries`` queries per example."""
+    if attack == "square":
+        return {"queries": queries, "seed": seed}
+    # HopSkipJump spends ~init_trials + 25 per step on the boundary search plus init_evals * sqrt(t) on
+    # the gradient at step t; size init_evals so the total stays near the budget
+    steps = 10
+    trials = max(5, min(100, queries // 10))
+    evals = max(5, int((queries - trials - 25 * (steps + 1)) / sum(math.sqrt(t) for t in range(1, steps + 1))))
+    return {"steps": steps, "init_evals": evals, "max_evals": 4 * evals, "init_trials": trials, "norm": "linf",
+            "seed": seed}
+
+
+def _success(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, correct: torch.Tensor) -> float:
+    with torch.no_grad():
+        fooled = model(x_adv).argmax(1) != y
+    return float((fooled & correct).sum() / correct.sum()) if correct.any() else float("nan")
+
+
+def red_team(endpoint: Endpoint, keys: list[str], users: list[str], admin_key: str, model: nn.Module,
+             x: torch.Tensor, y: torch.Tensor, *, attack: str, eps: float, queries: int, classes: int,
+             output: str, max_images: int = 16, seed: int = 0) -> dict:
+    """One round over ``keys`` (user ids ``users``); returns the report row (JSON-able)."""
+    if attack not in ATTACKS:
+        raise ConfigError(f"attack must be one of {ATTACKS}, got {attack!r}")
+    spec = get_attack(attack)
+    params = attack_params(attack, queries, seed)
+    before = {u: endpoint.get(f"/v1/admin/users/{u}", admin_key) for u in users}
+    oracle = HttpOracle(endpoint, keys, output=spec.oracle, classes=classes, max_images=max_images)
+    t0 = time.perf_counter()
+    x_adv, used = spec(oracle, x, y, eps=eps, **params)
+    seconds = time.perf_counter() - t0
+    after = {u: endpoint.get(f"/v1/admin/users/{u}", admin_key) for u in users}
+    per_account = {}
+    for i, u in enumerate(users):
+        first, base = after[u]["first_flagged_query"], before[u]["queries"]
+        if first is not None and first > base:  # flagged during this round
+            per_account[i] = first - base
+    already = [u for u in users if before[u]["first_flagged_query"] is not None]
+    x_free, used_free = spec(QueryOracle(model, output=spec.oracle), x, y, eps=eps, **params)
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    return {
+        "attack": attack, "accounts": len(keys), "n": len(x), "eps": eps, "budget": queries, "output": output,
+        "oracle": spec.oracle + (" (from top-1 confidence)" if spec.oracle == "probs" and output == "label" else ""),
+        "threat_model": f"adaptive: Sybil, requests rotated over {len(keys)} accounts" if len(keys) > 1
+        else "non-adaptive: one account",
+        "success_endpoint": _success(model, x_adv, y, correct),
+        "success_in_process": _success(model, x_free, y, correct),
+        "queries": oracle.total, "requests": oracle.requests, "mean_queries": float(used.float().mean()),
+        "mean_queries_in_process": float(used_free.float().mean()),
+        "flagged_at_query": oracle.flagged_at(per_account),
+        "accounts_flagged": len(per_account), "already_flagged_before": already,
+        "suspicious_queries": sum(after[u]["suspicious"] - before[u]["suspicious"] for u in users),
+        "blocked": oracle.blocked, "rate_limited": endpoint.rate_limited, "seconds": round(seconds, 1),
+        "params": params,
+    }

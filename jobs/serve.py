@@ -1,0 +1,461 @@
+"""Ray Serve: the defended model of a bundle behind an authenticated HTTP endpoint, with the query detector.
+
+    python -m jobs.serve --bundle DIR [--host 127.0.0.1] [--port 8000] [--keys keys.yaml] [--config serve.yaml]
+    serve run cluster/serve-config.yaml          # or: serve deploy, or KubeRay's RayService
+
+Locally it starts an embedded Ray, serves until SIGINT/SIGTERM, then shuts
+Serve down. With ``--address`` or ``$RAY_ADDRESS`` it deploys on that
+cluster and exits. The application (``build``) has three parts:
+
+* ``Gateway`` (FastAPI ingress): keys, limits, decoding, response shaping
+  (``adv.serving``); never answers 500: client errors are 4xx with one line,
+  an unreachable backend is 503 with ``Retry-After``.
+* ``DefendedModel``: the bundle's stages and classifier under ``@serve.batch``,
+  inference in a worker thread so the event loop never blocks.
+* the **state owner**: one named, detached actor (``adv-detector-<name>``)
+  holding the detector and the per-key ledger (``adv.serving.owner``). A
+  named actor rather than a Serve ``deployment_actors`` entry because it must
+  outlive any replica (no fate-sharing with the replica that created it) and
+  restart by itself (``max_restarts=-1``), reloading from its durable state;
+  replicas refresh their handle and retry while it restarts.
+"""
+
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray import serve
+
+from adv.errors import ConfigError
+from adv.serving.config import ServeConfig, owner_name
+from adv.serving.decode import RequestError, decode
+from adv.serving.keys import KeyRing
+from adv.serving.respond import BLOCKED, body as response_body
+from jobs.common import guarded, init_ray, logger
+
+NAMESPACE = "adv-serve"
+log = logger("serve")
+
+
+class OwnerUnavailable(Exception):
+    """The state owner did not answer within ``owner_timeout_s`` (it may be restarting)."""
+
+
+def parse_config(args: dict) -> ServeConfig:
+    try:
+        return ServeConfig.model_validate(args)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise ConfigError(f"serve config: {where}: {first['msg']} ({len(e.errors())} problem(s))") from None
+
+
+def detector_config(cfg: ServeConfig, bundle) -> dict:
+    """The query detector's config: the serve config's, else the bundle's, else the defaults."""
+    from adv.detectors import DetectorConfig
+
+    raw = cfg.detector if cfg.detector is not None else (bundle.query_detector or {})
+    try:
+        return DetectorConfig.model_validate(raw).model_dump(mode="json")
+    except ValidationError as e:
+        raise ConfigError(f"query detector config: {e.errors()[0]['msg']}") from None
+
+
+# ---- the state owner --------------------------------------------------------------------------------------
+
+class StateOwner:
+    """The Ray actor around :class:`adv.serving.owner.DetectorOwner`; counts alarms and actions as metrics."""
+
+    def __init__(self, config: dict, detector: dict):
+        from ray.util.metrics import Counter
+
+        from adv.detectors import DetectorConfig
+        from adv.serving.owner import DetectorOwner
+
+        self.owner = DetectorOwner(ServeConfig.model_validate(config), DetectorConfig.model_validate(detector))
+        self.alarms = Counter("adv_serve_alarms", "detector alarms raised, by kind", tag_keys=("alarm",))
+        self.actions = Counter("adv_serve_actions", "detector actions taken on suspicious queries",
+                               tag_keys=("action",))
+
+    def admit(self, user: str, overrides: dict | None = None) -> float | None:
+        return self.owner.admit(user, overrides)
+
+    def observe(self, x: np.ndarray, users: list[str], probs: np.ndarray) -> list[dict]:
+        answers = self.owner.observe(x, users, probs)
+        for a in answers:
+            for alarm in a["alarms"]:
+                self.alarms.inc(tags={"alarm": alarm})
+            if a["action"] != "none":
+                self.actions.inc(tags={"action": a["action"]})
+        return answers
+
+    def stats(self, user: str) -> dict:
+        return self.owner.stats(user)
+
+    def totals(self) -> dict:
+        return self.owner.totals()
+
+    def ping(self) -> bool:
+        return True
+
+
+def get_owner(config: dict, detector: dict):
+    """The application's owner actor, created on first use (by whichever replica asks first)."""
+    import ray
+
+    cfg = ServeConfig.model_validate(config)
+    actor = ray.remote(StateOwner).options(
+        name=owner_name(cfg), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
+        num_cpus=cfg.owner_num_cpus)
+    return actor.remote(config, detector)
+
+
+def kill_owner(cfg: ServeConfig, *, restart: bool = False) -> bool:
+    """Kill the owner actor (``restart``: let Ray restart it, as a crash would); False when there is none."""
+    import ray
+
+    try:
+        actor = ray.get_actor(owner_name(cfg), namespace=NAMESPACE)
+    except ValueError:
+        return False
+    ray.kill(actor, no_restart=not restart)
+    return True
+
+
+class OwnerClient:
+    """A replica's handle on the owner: refreshed and retried (with backoff) while the owner restarts."""
+
+    def __init__(self, config: dict, detector: dict, timeout_s: float):
+        self.config, self.detector, self.timeout_s = config, detector, timeout_s
+        self._handle = None
+
+    async def call(self, method: str, *args, timeout_s: float | None = None):
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        delay = 0.05
+        while True:
+            try:
+                if self._handle is None:
+                    self._handle = await asyncio.to_thread(get_owner, self.config, self.detector)
+                left = max(0.1, deadline - time.monotonic())
+                return await asyncio.wait_for(getattr(self._handle, method).remote(*args), left)
+            except (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError, asyncio.TimeoutError,
+                    ValueError):
+                self._handle = None  # stale: the actor died or is restarting; look it up again
+                if time.monotonic() + delay > deadline:
+                    raise OwnerUnavailable(f"detector state owner unreachable for {self.timeout_s:.0f} s") from None
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+
+
+# ---- the defended model -----------------------------------------------------------------------------------
+
+@serve.deployment
+class DefendedModel:
+    """The bundle's stages plus classifier, batched; each batch is decided by the owner before answering."""
+
+    def __init__(self, config: dict):
+        import torch
+
+        from adv.bundle import load_bundle
+
+        torch.set_num_threads(1)  # replicas get a fraction of a core; more threads only contend
+        cfg = ServeConfig.model_validate(config)
+        bundle = load_bundle(cfg.bundle)
+        self.model = bundle.build(device=cfg.device)
+        self.device = next(self.model.parameters()).device
+        self.info_ = {"shape": tuple(bundle.manifest["classifier"]["input_size"]),
+                      "classes": int(bundle.manifest["classifier"]["num_classes"]),
+                      "manifest": bundle.public_manifest()}
+        self.owner = OwnerClient(config, detector_config(cfg, bundle), cfg.owner_timeout_s)
+        self._predict.set_max_batch_size(cfg.scaling.max_batch_size)
+        self._predict.set_batch_wait_timeout_s(cfg.scaling.batch_wait_timeout_s)
+
+    def info(self) -> dict:
+        return self.info_
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.from_numpy(x).to(self.device)).softmax(1).float().cpu().numpy()
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _predict(self, items: list[tuple[np.ndarray, str]]) -> list[list[dict]]:
+        x = np.concatenate([im for im, _ in items])
+        users = [u for im, u in items for _ in range(len(im))]
+        probs = await asyncio.to_thread(self._infer, x)  # off the event loop
+        answers = await self.owner.call("observe", x, users, probs)
+        out, i = [], 0
+        for im, _ in items:  # only what the gateway needs: never the alarms
+            out.append([{"probs": a["probs"], "blocked": a["blocked"]} for a in answers[i : i + len(im)]])
+            i += len(im)
+        return out
+
+    async def predict(self, x: np.ndarray, user: str) -> list[dict]:
+        return await self._predict((x, user))
+
+    async def owner_call(self, method: str, *args, timeout_s: float | None = None):
+        return await self.owner.call(method, *args, timeout_s=timeout_s)
+
+    async def health(self) -> bool:
+        """A real check: the model answers on a blank image and the state owner is reachable."""
+        c, h, w = self.info_["shape"]
+        await asyncio.to_thread(self._infer, np.zeros((1, c, h, w), np.float32))
+        return await self.owner.call("ping", timeout_s=5.0)
+
+    def check_health(self) -> None:
+        c, h, w = self.info_["shape"]
+        self._infer(np.zeros((1, c, h, w), np.float32))
+
+
+# ---- the ingress ------------------------------------------------------------------------------------------
+
+api = FastAPI(title="adv defended model", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def error(status: int, reason: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (Serve itself sets no limit)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, "bad Content-Length header")
+        if int(declared) > limit:
+            raise RequestError(413, f"body of {declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Gateway:
+    """Authentication, per-key limits (held by the owner), decoding, and response shaping."""
+
+    def __init__(self, model, config: dict):
+        from ray.util.metrics import Counter, Histogram
+
+        self.model = model
+        self.cfg = ServeConfig.model_validate(config)
+        self.keys = KeyRing(self.cfg.keys, self.cfg.keys_env)
+        self._info: dict | None = None
+        self.requests = Counter("adv_serve_requests", "HTTP requests by route and status",
+                                tag_keys=("route", "status"))
+        self.latency = Histogram("adv_serve_latency_s", "request latency in seconds",
+                                 boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+                                 tag_keys=("route",))
+
+    async def info(self) -> dict:
+        if self._info is None:
+            self._info = await self.model.info.remote()
+        return self._info
+
+    def _identify(self, request: Request):
+        """The caller's identity, or the 401/403 answer."""
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return None, error(401, "missing API key: send Authorization: Bearer KEY",
+                               {"WWW-Authenticate": "Bearer"})
+        who = self.keys.lookup(key.strip())
+        if who is None:
+            return None, error(401, "unknown API key", {"WWW-Authenticate": "Bearer"})
+        if who.revoked:
+            return None, error(403, "this API key is revoked")
+        return who, None
+
+    def _done(self, route: str, t0: float, response: JSONResponse) -> JSONResponse:
+        self.requests.inc(tags={"route": route, "status": str(response.status_code)})
+        self.latency.observe(time.perf_counter() - t0, tags={"route": route})
+        return response
+
+    @api.post("/v1/predict")
+    async def predict(self, request: Request):
+        t0 = time.perf_counter()
+        return self._done("predict", t0, await self._predict(request))
+
+    async def _predict(self, request: Request) -> JSONResponse:
+        who, refusal = self._identify(request)
+        if refusal is not None:
+            return refusal
+        try:
+            wait = await self.model.owner_call.remote("admit", who.user, dict(who.limits))
+            if wait is not None:
+                return error(429, f"rate limit or quota exceeded; retry in {wait:.0f} s",
+                             {"Retry-After": str(int(wait))})
+            raw = await read_body(request, self.cfg.limits.max_body_bytes)
+            info = await self.info()
+            x = decode(raw, request.headers.get("content-type"), info["shape"], self.cfg.limits)
+            answers = await self.model.predict.remote(x, who.user)
+        except RequestError as e:
+            return error(e.status, e.reason)
+        except Exception as e:  # the backend, not the client: 503 with a retry hint, never a 500
+            log(f"predict failed for user {who.user}: {type(e).__name__}")  # no key, no image
+            return error(503, "temporarily unavailable; retry", {"Retry-After": "2"})
+        if any(a["blocked"] for a in answers):
+            return error(*BLOCKED)
+        return JSONResponse(response_body(answers, self.cfg.output, self.cfg.top_k))
+
+    @api.get("/v1/model")
+    async def manifest(self, request: Request):
+        t0 = time.perf_counter()
+        who, refusal = self._identify(request)
+        if refusal is not None:
+            return self._done("model", t0, refusal)
+        try:
+            info = await self.info()
+        except Exception as e:
+            log(f"model info failed: {type(e).__name__}")
+            return self._done("model", t0, error(503, "model not ready; retry", {"Retry-After": "2"}))
+        return self._done("model", t0, JSONResponse({**info["manifest"], "output": self.cfg.output,
+                                                    "max_images": self.cfg.limits.max_images}))
+
+    @api.get("/healthz")
+    async def healthz(self):
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.model.health.remote(), 15.0)
+        except Exception as e:
+            return self._done("healthz", t0, error(503, f"unhealthy: {type(e).__name__}"))
+        return self._done("healthz", t0, JSONResponse({"status": "ok"}))
+
+    @api.get("/v1/admin/users/{user}")
+    async def user_stats(self, user: str, request: Request):
+        t0 = time.perf_counter()
+        who, refusal = self._identify(request)
+        if refusal is None and who.role != "admin":
+            refusal = error(403, "admin key required")
+        if refusal is not None:
+            return self._done("admin", t0, refusal)
+        try:
+            stats = await self.model.owner_call.remote("stats", user)
+        except Exception as e:
+            log(f"admin stats failed: {type(e).__name__}")
+            return self._done("admin", t0, error(503, "state owner unavailable; retry", {"Retry-After": "2"}))
+        return self._done("admin", t0, JSONResponse(stats))
+
+    @api.get("/v1/admin/totals")
+    async def totals(self, request: Request):
+        who, refusal = self._identify(request)
+        if refusal is None and who.role != "admin":
+            refusal = error(403, "admin key required")
+        if refusal is not None:
+            return refusal
+        try:
+            return JSONResponse(await self.model.owner_call.remote("totals"))
+        except Exception as e:
+            log(f"admin totals failed: {type(e).__name__}")
+            return error(503, "state owner unavailable; retry", {"Retry-After": "2"})
+
+
+# ---- the application --------------------------------------------------------------------------------------
+
+def build(args: dict):
+    """The Serve application (``import_path: jobs.serve:build``); ``args`` is a :class:`ServeConfig`."""
+    cfg = parse_config(args)
+    config = cfg.model_dump(mode="json")
+    s = cfg.scaling
+    replicas = ({"num_replicas": s.min_replicas} if s.min_replicas == s.max_replicas else
+                {"autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                                        "target_ongoing_requests": s.target_ongoing_requests}})
+    model = DefendedModel.options(
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        max_ongoing_requests=max(s.max_ongoing_requests, s.max_batch_size), **replicas).bind(config)
+    return Gateway.options(ray_actor_options={"num_cpus": min(s.num_cpus, 0.25)},
+                           max_ongoing_requests=max(100, s.max_ongoing_requests)).bind(model, config)
+
+
+def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_s: float = 180.0) -> str:
+    """Start Serve on ``host:port`` (when not running), deploy the application, wait for ``/healthz``; the URL."""
+    import httpx
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build(cfg.model_dump(mode="json")), name=cfg.name, route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=20).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise ConfigError(f"the endpoint at {url} did not become healthy within {wait_s:.0f} s")
+        time.sleep(0.5)
+
+
+def undeploy(cfg: ServeConfig, *, shutdown: bool = True) -> None:
+    """Delete the application (and Serve with ``shutdown``), then the state owner (its state stays on disk)."""
+    if shutdown:
+        serve.shutdown()
+    else:
+        serve.delete(cfg.name)
+    kill_owner(cfg)
+
+
+def load_args(args: argparse.Namespace) -> ServeConfig:
+    raw = {}
+    if args.config:
+        with open(args.config) as fh:
+            raw = yaml.safe_load(fh) or {}
+        raw = raw.get("args", raw)  # a Serve application entry's args, or a bare ServeConfig mapping
+    overrides = {"bundle": args.bundle, "keys": args.keys, "state": args.state, "output": args.output}
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_config(raw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", help="defense bundle: a folder or a pyarrow URI")
+    parser.add_argument("--config", help="YAML with ServeConfig fields (or a Serve config's application args)")
+    parser.add_argument("--keys", help="API key file (YAML; see adv/serving/keys.py); also $ADV_SERVE_KEYS")
+    parser.add_argument("--state", help="detector state location (default runs/serve-state)")
+    parser.add_argument("--output", choices=["label", "topk", "probs"], help="what /v1/predict returns")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                        help="deploy on this Ray cluster and exit (default $RAY_ADDRESS; none: embedded Ray)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        cfg = load_args(args)
+        init_ray(args.address)
+        url = deploy(cfg, args.host, args.port)
+        if args.address:
+            log(f"deployed {cfg.name!r} at {url} on {args.address}; remove with `serve shutdown`")
+            return 0
+        log(f"serving {cfg.bundle} at {url} (Ctrl-C or SIGTERM stops)")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        log("shutting down Serve")
+        undeploy(cfg)
+        return 0
+
+    return guarded("serve", body, "Serve was shut down with the embedded Ray")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The Serve application over real HTTP on a free 127.0.0.1 port, on the shared local Ray cluster.
+
+One deployment serves the whole module (deploying costs ~20 s on 2 cores).
+Also: the Serve config and the KubeRay RayService manifest validate offline.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.serve_helpers import KEYS, SHAPE, attacker_keys, auth, free_port, make_bundle, npy, png, write_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+DETECTOR = {"index": {"capacity": 5000}, "action": "deceive"}  # a small index: quick snapshots
+NPY = {"content-type": "application/x-npy"}
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tmp_path_factory):
+    import httpx
+
+    from adv.serving import Limits, RateLimit, Scaling, ServeConfig
+    from jobs.serve import deploy, undeploy
+
+    tmp = tmp_path_factory.mktemp("serve")
+    bundle = make_bundle(tmp / "bundle", query_detector=DETECTOR)
+    keys = write_keys(tmp / "keys.yaml", revoked=("mallory",))
+    cfg = ServeConfig(bundle=str(bundle), keys=str(keys), keys_env="ADV_TEST_NO_SUCH_VAR", state=str(tmp / "state"),
+                      limits=Limits(max_body_bytes=64 * 1024, max_images=8), name="test14",
+                      rate_limit=RateLimit(rate=500, burst=1000), owner_timeout_s=60.0,
+                      scaling=Scaling(max_batch_size=8, max_ongoing_requests=16))
+    url = deploy(cfg, "127.0.0.1", free_port())
+    http = httpx.Client(base_url=url, timeout=60)
+    yield SimpleNamespace(url=url, cfg=cfg, keys=keys, http=http, tmp=tmp, bundle=bundle)
+    http.close()
+    undeploy(cfg)
+
+
+def _image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((1, *SHAPE), dtype=np.float32)
+
+
+def _predict(app, user: str, x: np.ndarray):
+    return app.http.post("/v1/predict", content=npy(x), headers={**auth(user), **NPY})
+
+
+def _stats(app, user: str) -> dict:
+    r = app.http.get(f"/v1/admin/users/{user}", headers=auth("ops"))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _until(check, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.3)
+
+
+@pytest.mark.ray
+def test_auth_401_403_and_keys_change_without_restart(app):
+    x = _image(0)
+    assert app.http.post("/v1/predict", content=npy(x), headers=NPY).status_code == 401
+    r = app.http.post("/v1/predict", content=npy(x), headers={"Authorization": "Bearer not-a-key-000", **NPY})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and r.json()["error"]
+    assert _predict(app, "mallory", x).status_code == 403  # revoked
+    assert _predict(app, "alice", x).status_code == 200
+    new = {"zed": "zed-key-000099"}
+    write_keys(app.keys, revoked=("mallory",), extra=new)  # add a key: no restart
+    zed = {"Authorization": f"Bearer {new['zed']}", **NPY}
+    _until(lambda: app.http.post("/v1/predict", content=npy(x), headers=zed).status_code == 200)
+    write_keys(app.keys, revoked=("mallory", "zed"), extra=new)  # revoke it again
+    _until(lambda: app.http.post("/v1/predict", content=npy(x), headers=zed).status_code == 403)
+
+
+@pytest.mark.ray
+def test_keys_are_isolated_and_only_admins_read_alarm_counts(app):
+    bob = _stats(app, "bob")
+    alice = _stats(app, "alice")
+    for i in range(3):
+        assert _predict(app, "alice", _image(10 + i)).status_code == 200
+    assert _stats(app, "alice")["queries"] == alice["queries"] + 3
+    assert _stats(app, "bob") == bob
+    r = app.http.get("/v1/admin/users/alice", headers=auth("bob"))
+    assert r.status_code == 403 and "queries" not in r.text
+    manifest = app.http.get("/v1/model", headers=auth("bob")).json()
+    assert manifest["numbers"]["clean"]["n"] == 100 and manifest["query_detector"] == {"enabled": True}
+    assert "capacity" not in str(manifest) and manifest["output"] == "label"
+    assert app.http.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.ray
+def test_every_malformed_request_gets_its_4xx_never_a_5xx(app):
+    x = _image(1)
+    nan = x.copy()
+    nan[0, 0, 3, 3] = np.nan
+    h = auth("bob")
+    cases = {
+        400: [(png(x[0])[:50], "image/png"), (b"{nope", "application/json"), (b'{"images": ["%%%"]}', "application/json")],
+        413: [(npy(np.zeros((9, *SHAPE), np.float32)), "application/x-npy")],
+        415: [(npy(x), "text/csv"), (b"GIF89a", "image/gif")],
+        422: [(npy(np.zeros((1, 3, 28, 28), np.float32)), "application/x-npy"), (npy(nan), "application/x-npy"),
+              (npy(x + 2), "application/x-npy")],
+    }
+    for status, bodies in cases.items():
+        for content, kind in bodies:
+            r = app.http.post("/v1/predict", content=content, headers={**h, "content-type": kind})
+            assert r.status_code == status, (status, kind, r.text)
+            reason = r.json()["error"]
+            assert reason and "\n" not in reason
+    ok = app.http.post("/v1/predict", content=png(x[0]), headers={**h, "content-type": "image/png"})
+    assert ok.status_code == 200 and len(ok.json()["predictions"]) == 1
+
+
+@pytest.mark.ray
+def test_the_body_limit_holds_declared_or_streamed(app):
+    big = b"\x93NUMPY" + b"\0" * (65 * 1024)
+    r = app.http.post("/v1/predict", content=big, headers={**auth("bob"), **NPY})
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+    def chunks():  # no Content-Length: the gateway counts while reading
+        for _ in range(70):
+            yield b"\0" * 1024
+
+    r = app.http.post("/v1/predict", content=chunks(), headers={**auth("bob"), **NPY})
+    assert r.status_code == 413
+
+
+@pytest.mark.ray
+def test_rate_limit_is_429_with_retry_after(app):
+    codes = [_predict(app, "limited", _image(20 + i)) for i in range(3)]
+    assert [r.status_code for r in codes[:2]] == [200, 200]
+    assert codes[2].status_code == 429 and int(codes[2].headers["retry-after"]) >= 1
+
+
+@pytest.mark.ray
+def test_a_flagged_answer_looks_like_any_other(app):
+    x = _image(5)
+    answers = [_predict(app, "carol", x) for _ in range(12)]  # one image again and again: flagged
+    assert _stats(app, "carol")["suspicious"] >= 1
+    fresh = _predict(app, "dave", _image(6))
+    shape = lambda r: (r.status_code, sorted(r.headers.keys() - {"date", "x-request-id"}),  # noqa: E731
+                       [sorted((k, type(v).__name__) for k, v in p.items()) for p in r.json()["predictions"]])
+    assert {str(shape(r)) for r in answers} == {str(shape(fresh))}
+
+
+@pytest.mark.ray
+def test_state_survives_a_killed_owner_with_nothing_acknowledged_lost(app):
+    from jobs.serve import kill_owner
+
+    before = _stats(app, "eve")["queries"]
+    acked = sum(_predict(app, "eve", _image(30 + i)).status_code == 200 for i in range(5))
+    assert acked == 5
+    assert kill_owner(app.cfg, restart=True)  # as a crash would: Ray restarts it, it reloads its state
+    assert _stats(app, "eve")["queries"] == before + acked  # the admin call waits for the restarted owner
+    assert _predict(app, "eve", _image(40)).status_code == 200
+    assert _stats(app, "eve")["queries"] == before + acked + 1
+
+
+@pytest.mark.ray
+def test_red_team_round_trip_with_one_and_with_several_accounts(app, tmp_path):
+    import torch
+
+    from adv.bundle import load_bundle
+    from jobs.redteam import markdown, read_keys
+    from adv.serving.client import Endpoint
+    from adv.serving.redteam import red_team
+
+    model = load_bundle(app.bundle).build()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, *SHAPE, generator=gen)
+    y = model(x).argmax(1)  # correctly classified by construction: the attack has work to do
+    rows = []
+    for users in (["sybil0"], ["sybil1", "sybil2"]):
+        keys, names, admin = read_keys(str(attacker_keys(tmp_path / "k.yaml", users)), len(users))
+        before = sum(_stats(app, u)["queries"] for u in users)
+        endpoint = Endpoint(app.url)
+        row = red_team(endpoint, keys, names, admin, model, x, y, attack="square", eps=0.3, queries=25,
+                       classes=10, output="label", max_images=8)
+        endpoint.close()
+        assert row["accounts"] == len(users) and row["requests"] >= 1 and row["queries"] >= len(x)
+        assert sum(_stats(app, u)["queries"] for u in users) - before == row["queries"]  # every query counted
+        assert 0 <= row["success_endpoint"] <= 1 and 0 <= row["success_in_process"] <= 1
+        assert row["flagged_at_query"] is None or 1 <= row["flagged_at_query"] <= row["queries"]
+        rows.append(row)
+    assert rows[1]["threat_model"].startswith("adaptive") and "top-1" in rows[0]["oracle"]
+    assert markdown(rows).count("\n") == 4
+
+
+def test_serve_config_and_rayservice_manifest_validate_offline():
+    import ray
+    from ray.serve.schema import ServeDeploySchema
+
+    from adv.serving import ServeConfig
+
+    config = yaml.safe_load((ROOT / "cluster" / "serve-config.yaml").read_text())
+    manifest = yaml.safe_load((ROOT / "cluster" / "kuberay-rayservice.yaml").read_text())
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    for doc in (config, embedded):
+        schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") \
+            else ServeDeploySchema.parse_obj(doc)
+        (application,) = schema.applications
+        assert application.import_path == "jobs.serve:build"
+        ServeConfig.model_validate(application.args)  # the args the builder will get
+        assert not (application.runtime_env or {}).get("working_dir", "").startswith(("/", "."))
+    spec = manifest["spec"]["rayClusterConfig"]
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    assert spec["rayVersion"] == ray.__version__
+    images = [c["image"] for c in spec["headGroupSpec"]["template"]["spec"]["containers"]]
+    images += [c["image"] for g in spec["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
+    assert all(img.endswith(f"ray{ray.__version__}") for img in images)

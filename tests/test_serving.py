@@ -1,0 +1,130 @@
+"""The Ray-free half of the Serve stage: decoding, keys, limits, the state owner's durability, response shape."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+
+from adv.errors import ConfigError
+from adv.serving import KeyRing, Ledger, Limits, RateLimit, RequestError, ServeConfig, decode, hash_key
+from adv.serving.client import scores
+from adv.serving.respond import body
+from tests.serve_helpers import KEYS, SHAPE, npy, png, write_keys
+
+LIMITS = Limits(max_body_bytes=64 * 1024, max_images=4, max_pixels=64 * 64)
+IMG = np.random.default_rng(0).random((1, *SHAPE), dtype=np.float32)
+
+
+def _status(body_bytes: bytes, content_type: str | None, limits: Limits = LIMITS) -> int:
+    try:
+        decode(body_bytes, content_type, SHAPE, limits)
+    except RequestError as e:
+        assert "\n" not in e.reason and len(e.reason) < 200
+        return e.status
+    return 200
+
+
+def test_decode_accepts_png_npy_and_json_batches():
+    x = decode(png(IMG[0]), "image/png", SHAPE, LIMITS)
+    assert x.shape == (1, *SHAPE) and x.dtype == np.float32 and np.abs(x - IMG).max() <= 0.5 / 255 + 1e-6
+    assert decode(npy(IMG), "application/x-npy", SHAPE, LIMITS).shape == (1, *SHAPE)
+    doc = {"images": [base64.b64encode(png(IMG[0])).decode(), base64.b64encode(npy(IMG[0])).decode()]}
+    assert decode(json.dumps(doc).encode(), "application/json; charset=utf-8", SHAPE, LIMITS).shape == (2, *SHAPE)
+    u8 = decode(npy((IMG[0, 0] * 255).astype(np.uint8)), "application/x-npy", SHAPE, LIMITS)
+    assert u8.shape == (1, *SHAPE) and u8.max() <= 1
+
+
+def test_every_class_of_malformed_body_gets_its_4xx():
+    nan = IMG.copy()
+    nan[0, 0, 0, 0] = np.nan
+    assert _status(png(IMG[0])[:40], "image/png") == 400  # truncated image
+    assert _status(b"not json", "application/json") == 400
+    assert _status(b'{"images": ["@@@"]}', "application/json") == 400  # bad base64
+    assert _status(pickle.dumps(IMG), "application/x-npy") == 400  # pickles are never loaded
+    assert _status(npy(IMG), "text/plain") == 415
+    assert _status(npy(IMG), None) == 415
+    assert _status(json.dumps({"images": [base64.b64encode(b"GIF89a....").decode()]}).encode(),
+                   "application/json") == 415
+    assert _status(npy(np.zeros((1, 3, 28, 28), np.float32)), "application/x-npy") == 422  # wrong dimensions
+    assert _status(npy(nan), "application/x-npy") == 422
+    assert _status(npy(IMG * 3), "application/x-npy") == 422
+    assert _status(npy(np.array(["a"])), "application/x-npy") == 422
+    assert _status(b'{"pictures": []}', "application/json") == 422
+    assert _status(npy(np.zeros((5, *SHAPE), np.float32)), "application/x-npy") == 413  # too many images
+    assert _status(b"\0" * (LIMITS.max_body_bytes + 1), "image/png") == 413
+    big = np.zeros((100, 100), np.float32)
+    assert _status(png(big.reshape(-1)[: 28 * 28]), "image/png") == 200
+    from PIL import Image
+    import io
+    buf = io.BytesIO()
+    Image.new("L", (200, 200)).save(buf, "PNG")  # 40,000 pixels > max_pixels: refused before decoding
+    assert _status(buf.getvalue(), "image/png") == 413
+
+
+def test_keys_are_hashed_reloaded_on_change_and_revocable(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADV_TEST_KEYS", "carol=carol-key-123,admin:root=root-key-9999")
+    path = write_keys(tmp_path / "keys.yaml")
+    ring = KeyRing(str(path), "ADV_TEST_KEYS", check_every=0.0)
+    assert ring.lookup(KEYS["alice"]).user == "alice" and ring.lookup(KEYS["ops"]).role == "admin"
+    assert ring.lookup("carol-key-123").user == "carol" and ring.lookup("root-key-9999").role == "admin"
+    assert ring.lookup("wrong-key-000") is None
+    assert KEYS["alice"] not in repr(ring._ids) and hash_key(KEYS["alice"]) in ring._ids  # hashes only
+    time.sleep(0.01)
+    write_keys(path, revoked=("alice",), extra={"dave": "dave-key-0005"})
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a visibly new mtime on coarse filesystems
+    assert ring.lookup(KEYS["alice"]).revoked and ring.lookup("dave-key-0005").user == "dave"
+    path.write_text("keys: [{user: x}]")  # a broken edit keeps the previous keys
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    assert ring.lookup("dave-key-0005").user == "dave"
+    with pytest.raises(ConfigError, match="no API keys"):
+        KeyRing(None, "ADV_TEST_NO_SUCH_VAR")
+
+
+def test_rate_limit_and_quota_answer_with_retry_after():
+    ledger = Ledger(RateLimit(rate=1.0, burst=2, quota=3, quota_window_s=100.0))
+    assert ledger.admit("a", 0.0) is None and ledger.admit("a", 0.0) is None
+    assert ledger.admit("a", 0.0) == 1  # bucket empty: one token per second
+    assert ledger.admit("b", 0.0) is None  # another key has its own bucket
+    assert ledger.admit("a", 1.0) is None  # refilled; third request of the window
+    assert ledger.admit("a", 50.0) == 50  # quota of 3 spent until the window ends at t=100
+    assert ledger.admit("a", 100.0) is None
+
+
+def test_owner_is_durable_before_answering_and_reloads(tmp_path):
+    from adv.detectors import DetectorConfig
+    from adv.serving.owner import DetectorOwner
+
+    cfg = ServeConfig(bundle="unused", state=str(tmp_path / "state"))
+    owner = DetectorOwner(cfg, DetectorConfig())
+    rng = np.random.default_rng(1)
+    x = np.repeat(rng.random((1, *SHAPE), dtype=np.float32), 12, axis=0)  # one image, again and again
+    probs = np.full((12, 10), 0.1, np.float32)
+    answers = [owner.observe(x[i : i + 1], ["eve"], probs[i : i + 1])[0] for i in range(12)]
+    owner.observe(rng.random((2, *SHAPE), dtype=np.float32), ["frank", "frank"], probs[:2])
+    stats = owner.stats("eve")
+    assert stats["queries"] == 12 and stats["suspicious"] >= 1 and stats["first_flagged_query"] is not None
+    assert owner.stats("frank")["queries"] == 2 and owner.stats("frank")["suspicious"] == 0  # isolation
+    # a new owner on the same state (what a restart after a kill does) has every acknowledged update
+    again = DetectorOwner(cfg, DetectorConfig())
+    assert again.stats("eve") == stats and again.totals()["queries"] == 14 and len(again.detector) == 14
+    flagged = [a for a in answers if a["alarms"]]
+    clean = [a for a in answers if not a["alarms"]]
+    shapes = {json.dumps(body([a], "label", 3)["predictions"][0], sort_keys=True).count(":") for a in answers}
+    assert flagged and clean and len(shapes) == 1
+
+
+@pytest.mark.parametrize("output", ["label", "topk", "probs"])
+def test_response_fields_do_not_depend_on_the_decision_and_scores_invert_them(output):
+    p = np.array([0.1, 0.6, 0.3], np.float32)
+    deceived = p[[0, 2, 1]]  # what deceive serves: top two swapped
+    a, b = body([{"probs": p}], output, 2)["predictions"][0], body([{"probs": deceived}], output, 2)["predictions"][0]
+    assert a.keys() == b.keys() and {type(v) for v in a.values()} == {type(v) for v in b.values()}
+    assert a["label"] == 1 and b["label"] == 2
+    s = scores(a, 3)
+    assert s.argmax() == 1 and abs(float(s.sum()) - 1) < 1e-5
