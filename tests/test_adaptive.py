@@ -147,6 +147,23 @@ def test_evaluated_model_routes_adaptive_attacks_to_the_joint_loss(with_detector
     assert torch.equal(plain.attack("pgd", x, y, **kw), get_attack("pgd")(clf, x, y, **kw))
 
 
+def test_craft_is_the_one_dispatch_for_both_families_and_both_threat_models(with_detector, detector_file):
+    from adv.evaluate.threat import evaluated_model
+
+    x, y = sample_batch(8)
+    clf = with_detector.classifier
+    ev = build_evaluated_model(clf, [], adaptive=True, detector=f"disagreement:checkpoint={detector_file}")
+    x_adv, queries = ev.craft("square", x, y, eps=0.1, queries=20, seed=0)
+    expected, counted = get_attack("square")(ev.defended, x, y, eps=0.1, queries=20, seed=0)
+    assert torch.equal(x_adv, expected) and torch.equal(queries, counted)  # queries the defended pipeline
+    joint, none = ev.craft("fgsm", x, y, eps=0.1, loss="ce")  # a keyword the joint loss does not take is dropped
+    assert none is None and torch.equal(joint, detector_aware_attack(ev.defended, x, y, attack="fgsm", eps=0.1))
+    assert ev.joint("pgd") and not ev.joint("pgd_cw") and not ev.on_target("bim") and ev.on_target("deepfool")
+    source = evaluated_model(ev.defended, adaptive=False, source=clf)
+    assert source.threat == "non-adaptive" and not source.joint("pgd") and not source.on_target("pgd")
+    assert torch.equal(source.attack("fgsm", x, y, eps=0.1), get_attack("fgsm")(clf, x, y, eps=0.1))
+
+
 def test_detector_aware_attack_rejects_bad_arguments(with_detector):
     x, y = sample_batch(4)
     with pytest.raises(ValueError, match="attack must be one of"):
