@@ -69,8 +69,8 @@ class ModelConfig(_Strict):
     checkpoint: str | None = None
     #: A foreign state_dict loaded into ``arch`` or into the module ``factory`` builds.
     weights: str | None = None
-    #: Your own architecture: ``"mypkg.nets:make_net"``, a function returning the nn.Module; importable on the
-    #: driver (the job's working directory) and shipped to the workers. Optional ``weights`` fill it.
+    #: Your own architecture: ``"mypkg.nets:make_net"``, a function returning the nn.Module, found in the job's
+    #: working directory (``ray job submit --working-dir .``), which Ray gives every worker. ``weights`` fill it.
     factory: str | None = None
 
     @model_validator(mode="after")
@@ -191,6 +191,7 @@ class AttackConfig(_Strict):
         reserved = {"eps", "norm", "targeted", "y_target", "seed", *BUDGET_PARAMS} & set(self.params)
         if reserved:
             raise ValueError(f"params: {sorted(reserved)} are set by the grid or the run, not params")
+        spec.check_renamed(self.params)
         unknown = [k for k in self.params if not spec.accepts(k)]
         if unknown:
             raise ValueError(f"params: {self.name} has no hyperparameter(s) {unknown}; "

@@ -93,27 +93,6 @@ def build_loader(cfg: EvalConfig) -> ModelLoader:
     return make_loader(cfg.model, cfg.defenses)
 
 
-def factory_env(cfg: EvalConfig) -> dict[str, Any]:
-    """Ship a ``model.factory`` module to the actors: its package (or file), found where the driver imports it.
-
-    Submitted with ``--working-dir .`` the module is already in every worker's working directory; a driver
-    started elsewhere (or joining a cluster with ``RAY_ADDRESS``) would leave remote actors unable to import it.
-    """
-    factory = cfg.model.factory if cfg.model else None
-    if not factory:
-        return {}
-    from adv.models.factory import factory_root, import_factory
-
-    if "" not in sys.path and os.getcwd() not in sys.path:  # `python -m jobs.evaluate` from the project folder
-        sys.path.insert(0, os.getcwd())
-    try:
-        import_factory(factory)
-    except AdvError as exc:
-        raise ConfigError(f"model.factory: {exc}") from None
-    root = factory_root(factory)
-    return {"runtime_env": {"py_modules": [root]}} if root else {}
-
-
 def rows_per_example(plan: Plan, n_defenses: int) -> int:
     models = 1 + n_defenses
     return models + len(plan.grid) * models + (len(plan.grid) * n_defenses if plan.adaptive else 0)
@@ -156,7 +135,6 @@ def attack_stage(ds, grouped: bool, udf, kwargs: dict, cfg: EvalConfig):
         fn_constructor_kwargs={**kwargs, "threads": max(1, int(res.cpus_per_actor))},
         num_cpus=res.cpus_per_actor,
         num_gpus=res.gpus_per_actor,
-        **factory_env(cfg),
     )
     if grouped:
         return ds.groupby("chunk").map_groups(udf, batch_format="numpy", **common)

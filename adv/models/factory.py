@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import os
 from typing import Any, Callable
 
@@ -44,17 +43,6 @@ def import_factory(spec: str) -> Callable[..., Any]:
     if not callable(fn):
         raise AdvError(f"model factory {spec!r} is a {type(fn).__name__}, not a callable")
     return fn
-
-
-def factory_root(spec: str) -> str | None:
-    """The folder of the factory's top-level package (or module file), for shipping it to Ray workers."""
-    top = parse_factory(spec)[0].split(".")[0]
-    found = importlib.util.find_spec(top)
-    if found is None or not found.origin or found.origin in ("built-in", "frozen"):
-        return None
-    if found.submodule_search_locations:  # a package: ship the package folder itself
-        return os.path.dirname(found.origin)
-    return found.origin  # a single module file
 
 
 def build_from_factory(spec: str, weights: str | os.PathLike | None = None,
