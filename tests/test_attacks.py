@@ -320,7 +320,7 @@ def test_losses():
     other = z.clone()
     other[torch.arange(6), y] = -math.inf
     assert torch.allclose(margin, other.amax(1) - z[torch.arange(6), y])
-    assert (cw_loss(z, y, kappa=0.0) <= 0).all()
+    assert (cw_loss(z, y, margin_cap=0.0) <= 0).all()
     with pytest.raises(ValueError, match="3 classes"):
         dlr_loss(torch.randn(2, 2), torch.zeros(2, dtype=torch.long))
 
@@ -412,11 +412,11 @@ def test_attention_area():
 
     cam = torch.tensor([[[0.0, 1.0], [3.0, 4.0]]])
     assert attention_area(cam).tolist() == [[[0.0, 0.0], [1.0, 1.0]]]  # mean 2
-    assert attention_area(cam, kappa=0.5).tolist() == [[[0.0, 1.0], [1.0, 1.0]]]
+    assert attention_area(cam, threshold=0.5).tolist() == [[[0.0, 1.0], [1.0, 1.0]]]
     soft = attention_area(cam, soft=True)
     assert ((soft > 0.5) == attention_area(cam).bool()).all() and ((soft > 0) & (soft < 1)).all()
     with pytest.raises(ValueError, match="'median'"):
-        attention_area(cam, kappa="median")
+        attention_area(cam, threshold="median")
 
 
 def test_a3_needs_a_conv_layer(data):
@@ -429,15 +429,24 @@ def test_a3_needs_a_conv_layer(data):
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6
 
 
-def test_a3_with_sigma_zero_is_its_base_attack(model, data):
+def test_a3_with_attention_weight_zero_is_its_base_attack(model, data):
     x, y = data
     a3 = get_attack("a3")
-    assert torch.allclose(a3(model, x, y, eps=0.1, sigma=0.0, steps=5, seed=1),
+    assert torch.allclose(a3(model, x, y, eps=0.1, attention_weight=0.0, steps=5, seed=1),
                           get_attack("pgd")(model, x, y, eps=0.1, steps=5, seed=1), atol=1e-6)
-    assert torch.allclose(get_attack("a3_stepll")(model, x, y, eps=0.1, sigma=0.0),
+    assert torch.allclose(get_attack("a3_stepll")(model, x, y, eps=0.1, attention_weight=0.0),
                           get_attack("stepll")(model, x, y, eps=0.1), atol=1e-6)
-    assert torch.allclose(get_attack("a3_fgsm")(model, x, y, eps=0.1, sigma=0.0),
+    assert torch.allclose(get_attack("a3_fgsm")(model, x, y, eps=0.1, attention_weight=0.0),
                           get_attack("fgsm")(model, x, y, eps=0.1), atol=1e-6)
+
+
+@pytest.mark.parametrize("attack,old,new", [
+    ("cw", "kappa", "confidence"), ("a3", "sigma", "attention_weight"), ("a3_fgsm", "kappa", "attention_threshold"),
+])
+def test_renamed_hyperparameters_fail_naming_the_new_name(model, data, attack, old, new):
+    x, y = data
+    with pytest.raises(ValueError, match=f"'{old}' was renamed to '{new}'"):
+        get_attack(attack)(model, x, y, eps=0.1, **{old: 1.0})
 
 
 def test_a3_moves_the_attention_away(model, data):
@@ -450,8 +459,8 @@ def test_a3_moves_the_attention_away(model, data):
         return (att - normalize_cam(grad_cam(model, x_adv, class_idx=y, create_graph=False))).abs().mean()
 
     # iterated (one sign step from x barely moves the max-normalised map on this model)
-    plain = get_attack("a3")(model, x, y, eps=0.1, sigma=0.0, steps=5, seed=0)
-    with_att = get_attack("a3")(model, x, y, eps=0.1, sigma=10.0, steps=5, seed=0)
+    plain = get_attack("a3")(model, x, y, eps=0.1, attention_weight=0.0, steps=5, seed=0)
+    with_att = get_attack("a3")(model, x, y, eps=0.1, attention_weight=10.0, steps=5, seed=0)
     assert deviation(with_att) > deviation(plain) + 0.01
 
 

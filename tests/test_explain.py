@@ -36,7 +36,7 @@ def test_attention_iou_on_known_maps():
     assert attention_iou(a, a, cells=2).item() == 1.0
     assert attention_iou(a, b, cells=2).item() == pytest.approx(1 / 3)  # |∩| = 1, |∪| = 3
     assert attention_iou(a, -a, cells=2).item() == 0.0
-    assert attention_iou(a, b, kappa=0.5).item() == pytest.approx(1 / 3)  # eq. 3 areas via cam.attention_area
+    assert attention_iou(a, b, threshold=0.5).item() == pytest.approx(1 / 3)  # eq. 3 areas via cam.attention_area
     assert mask_iou(torch.zeros(1, 2, 2, dtype=torch.bool), torch.zeros(1, 2, 2, dtype=torch.bool)).isnan().all()
     with pytest.raises(ValueError, match="exactly one"):
         attention_iou(a, b)

@@ -53,6 +53,20 @@ def test_bad_config_is_one_line_naming_the_key(base, key, mutate, tmp_path, caps
     assert err.startswith("evaluate: error: ") and f"{path}: {key}:" in err, err
 
 
+@pytest.mark.parametrize("key,needle,mutate", [
+    ("attacks[0]", "'kappa' was renamed to 'confidence'",
+     lambda c: c["attacks"][0].update(name="cw", norm="l2", params={"kappa": 1})),
+    ("defenses[0].stages[0]", "'sigma' was renamed to 'noise_std'", lambda c: c.update(defenses=["noise:sigma=0.1"])),
+])
+def test_renamed_keys_fail_naming_the_new_key(base, key, needle, mutate, tmp_path, capsys):
+    cfg = copy.deepcopy(base)
+    mutate(cfg)
+    path = write_yaml(tmp_path / "old.yaml", cfg)
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path}: {key}:" in err and needle in err and len(err.splitlines()) == 1, err
+
+
 def test_unreadable_files_are_one_line_errors(tmp_path, capsys):
     missing = tmp_path / "missing.yaml"
     assert main(["--config", str(missing)]) == 2

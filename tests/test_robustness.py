@@ -133,6 +133,8 @@ def test_bad_arguments(model, data):
         quiet(model, data, ["cw"], eps=EPS)
     with pytest.raises(ValueError, match="bogus"):
         quiet(model, data, [("pgd", {"bogus": 1})], eps=EPS)
+    with pytest.raises(ValueError, match="'sigma' was renamed to 'attention_weight'"):
+        quiet(model, data, [("a3", {"sigma": 1.0})], eps=EPS)
     with pytest.raises(ValueError, match="nope"):
         quiet(model, data, ["nope"], eps=EPS)
     with pytest.raises(ValueError, match="'sometimes'"):

@@ -4,10 +4,11 @@ Adds the attention-deviation term ``sigma · ||Att(x) - g(x_adv)||_1`` to the
 loss a base attack ascends (FGSM, StepLL, PGD or Iter-StepLL): ``Att(x)`` is
 the binarised Grad-CAM area of the clean input (eq. 3, threshold ``kappa``),
 ``g(x_adv)`` the differentiable Grad-CAM map of the current iterate scaled to
-max 1, both for the true class. Eq. 12 writes the StepLL loss as
+max 1, both for the true class. The paper's sigma is ``attention_weight``
+here and its kappa ``attention_threshold``. Eq. 12 writes the StepLL loss as
 ``L(f(x), y_LL) - sigma·||.||_1`` and descends it; here every loss is
 ascended, so the same attack reads ``-L(f(x), y_LL) + sigma·||.||_1``. The
-L1 norm is averaged over map cells so ``sigma`` does not depend on the map's
+L1 norm is averaged over map cells so the weight does not depend on the map's
 size. Threat model: white-box, L∞ or L2; needs a convolutional layer.
 """
 
@@ -26,7 +27,8 @@ from adv.attacks.stepll import least_likely
 from adv.explain.cam import attention_area, cam_layer, grad_cam, grad_cam_and_logits, normalize_cam
 
 @register_attack("a3", family="whitebox", norms=NORMS, targeted=False, needs_conv=True, iterative=True,
-                 description="A3Attack: base attack loss + sigma * Grad-CAM attention deviation",
+                 description="A3Attack: base attack loss + attention_weight * Grad-CAM attention deviation",
+                 renamed={"sigma": "attention_weight", "kappa": "attention_threshold"},
                  variants={"a3_fgsm": {"base": "fgsm"}, "a3_stepll": {"base": "stepll"},
                            "a3_iter_stepll": {"base": "iter_stepll"}},
                  variant_meta={"a3_fgsm": {"randomized": False, "iterative": False},
@@ -42,8 +44,8 @@ def a3(
     targeted: bool = False,
     y_target: torch.Tensor | None = None,
     base: str = "pgd",
-    sigma: float = 10.0,
-    kappa: str | float = "mean",
+    attention_weight: float = 10.0,
+    attention_threshold: str | float = "mean",
     layer: nn.Module | None = None,
     steps: int = 10,
     step_size: float | None = None,
@@ -58,15 +60,15 @@ def a3(
         raise ValueError(f"A3Attack is untargeted here, got targeted={targeted!r}")
     check_inputs(x, y, eps, norm)
     check_choice("base", base, list_attacks(a3_base=True))
-    if not sigma >= 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma!r}")
+    if not attention_weight >= 0:
+        raise ValueError(f"attention_weight must be >= 0, got {attention_weight!r}")
     layer = cam_layer(model, layer)
-    attention_area(torch.zeros(1, 1, 1), kappa)  # validate kappa before any work
+    attention_area(torch.zeros(1, 1, 1), attention_threshold)  # validate the threshold before any work
     if eps == 0:
         return x.clone()
     with frozen(model):
         y = labels(model, x, y)
-        att = attention_area(grad_cam(model, x, class_idx=y, layer=layer, create_graph=False), kappa)
+        att = attention_area(grad_cam(model, x, class_idx=y, layer=layer, create_graph=False), attention_threshold)
         if base in ("stepll", "iter_stepll"):
             target, values = least_likely(model, x), loss_values("ce", targeted=True)
         else:
@@ -75,7 +77,7 @@ def a3(
         def obj(x_adv: torch.Tensor, rows: torch.Tensor | None = None):
             cam, logits = grad_cam_and_logits(model, x_adv, take(y, rows), layer, create_graph=True)
             deviation = (take(att, rows) - normalize_cam(cam)).abs().flatten(1).mean(1)
-            return values(logits, take(y, rows), take(target, rows)) + sigma * deviation, logits
+            return values(logits, take(y, rows), take(target, rows)) + attention_weight * deviation, logits
 
         if base in ("fgsm", "stepll"):
             return fast_gradient_step(obj, x, eps, norm).detach()

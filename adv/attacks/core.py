@@ -124,9 +124,9 @@ def _other_max(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits.scatter(1, y[:, None], float("-inf")).amax(1)
 
 
-def cw_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = math.inf) -> torch.Tensor:
-    """Carlini-Wagner margin ``max_{j!=y} z_j - z_y``, capped at ``kappa`` (Madry's CW-k loss)."""
-    return (_other_max(logits, y) - logits.gather(1, y[:, None])[:, 0]).clamp(max=kappa)
+def cw_loss(logits: torch.Tensor, y: torch.Tensor, margin_cap: float = math.inf) -> torch.Tensor:
+    """Carlini-Wagner margin ``max_{j!=y} z_j - z_y``, capped at ``margin_cap`` (Madry's CW-k loss, k the cap)."""
+    return (_other_max(logits, y) - logits.gather(1, y[:, None])[:, 0]).clamp(max=margin_cap)
 
 
 def _need_classes(logits: torch.Tensor, k: int) -> None:

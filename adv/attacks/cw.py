@@ -1,9 +1,9 @@
 """Carlini-Wagner L2 attack (Carlini & Wagner 2017).
 
-Minimise ``||x' - x||_2^2 + c · max(z_y - max_{j!=y} z_j + kappa, 0)`` over
+Minimise ``||x' - x||_2^2 + c · max(z_y - max_{j!=y} z_j + confidence, 0)`` over
 ``x' = (tanh(w) + 1) / 2`` (the change of variables keeps ``x'`` in [0, 1])
 with Adam, and binary-search the constant ``c`` per example, for the whole
-batch at once. Threat model: white-box, minimal L2 perturbation; a finite
+batch at once. ``confidence`` is the paper's kappa. Threat model: white-box, minimal L2 perturbation; a finite
 ``eps`` is a budget the result is projected onto.
 """
 
@@ -21,7 +21,8 @@ from adv.attacks.registry import register_attack
 
 
 @register_attack("cw", family="whitebox", norms=("l2",), targeted=True, minimal=True, iterative=True,
-                 description="Carlini-Wagner L2: Adam in tanh space, binary search over c")
+                 description="Carlini-Wagner L2: Adam in tanh space, binary search over c",
+                 renamed={"kappa": "confidence"})
 def cw(
     model: nn.Module,
     x: torch.Tensor,
@@ -34,15 +35,15 @@ def cw(
     steps: int = 100,
     binary_steps: int = 6,
     initial_const: float = 1.0,
-    kappa: float = 0.0,
+    confidence: float = 0.0,
     lr: float = 0.01,
     abort_early: bool = True,
 ) -> torch.Tensor:
     """Shape: x (N, C, H, W) in [0, 1]; y, y_target (N,) -> x_adv like x."""
     check_inputs(x, y, eps, norm, norms=("l2",), targeted=targeted, y_target=y_target, allow_inf=True)
     check_positive(steps=steps, binary_steps=binary_steps, initial_const=initial_const, lr=lr)
-    if not kappa >= 0:
-        raise ValueError(f"kappa must be >= 0, got {kappa!r}")
+    if not confidence >= 0:
+        raise ValueError(f"confidence must be >= 0, got {confidence!r}")
     if eps == 0:
         return x.clone()
     with frozen(model):
@@ -54,7 +55,7 @@ def cw(
         best_adv = x.clone()
         w0 = torch.atanh((x * 2 - 1).clamp(-1 + 1e-6, 1 - 1e-6))
         for _ in range(binary_steps):
-            found = _optimise(model, x, w0, y, y_target, targeted, const, kappa, steps, lr, abort_early,
+            found = _optimise(model, x, w0, y, y_target, targeted, const, confidence, steps, lr, abort_early,
                               best_l2, best_adv)
             # success: try a smaller c; failure: a larger one (x10 until an upper bound is known)
             upper = torch.where(found, torch.minimum(upper, const), upper)
@@ -63,7 +64,7 @@ def cw(
         return project(best_adv, x, eps, norm)
 
 
-def _optimise(model, x, w0, y, y_target, targeted, const, kappa, steps, lr, abort_early, best_l2, best_adv):
+def _optimise(model, x, w0, y, y_target, targeted, const, confidence, steps, lr, abort_early, best_l2, best_adv):
     """One Adam run at fixed ``const``; updates ``best_l2``/``best_adv`` in place."""
     modifier = torch.zeros_like(x, requires_grad=True)
     opt = torch.optim.Adam([modifier], lr=lr)
@@ -78,7 +79,7 @@ def _optimise(model, x, w0, y, y_target, targeted, const, kappa, steps, lr, abor
             margin = _other_max(logits, y_target) - logits.gather(1, y_target[:, None])[:, 0]
         else:
             margin = logits.gather(1, y[:, None])[:, 0] - _other_max(logits, y)
-        f = (margin + kappa).clamp(min=0)
+        f = (margin + confidence).clamp(min=0)
         loss = (l2sq + const * f).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

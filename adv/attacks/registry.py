@@ -19,7 +19,7 @@ import fnmatch
 import inspect
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from adv.attacks.oracle import QueryOracle
 
@@ -56,11 +56,22 @@ class AttackSpec:
     #: A3Attack can add its attention term to this attack's loss (Wu et al. 2022, AAD §4.3).
     a3_base: bool = False
 
+    #: Hyperparameters renamed so that each name has one meaning: old name -> new name.
+    renamed: Mapping[str, str] = field(default_factory=dict)
+
     @property
     def hyperparameters(self) -> tuple[str, ...]:
         return tuple(self.defaults)
 
+    def check_renamed(self, names: Iterable[str]) -> None:
+        """ValueError that names the new name of any former hyperparameter name in ``names``."""
+        old = sorted(set(names) & set(self.renamed))
+        if old:
+            raise ValueError(f"attack {self.name!r}: " + ", ".join(f"{k!r} was renamed to {self.renamed[k]!r}"
+                                                                   for k in old))
+
     def __call__(self, model, x, y, **kwargs):
+        self.check_renamed(kwargs)
         unknown = set(kwargs) - set(self.defaults) - set(COMMON_ARGS)
         if unknown:
             raise ValueError(f"attack {self.name!r} got unknown arguments {sorted(unknown)}; "
@@ -115,12 +126,15 @@ def register_attack(
     a3_base: bool = False,
     variants: Mapping[str, Mapping[str, Any]] | None = None,
     variant_meta: Mapping[str, Mapping[str, Any]] | None = None,
+    renamed: Mapping[str, str] | None = None,
 ):
     """Register an attack function under ``name``.
 
     ``variants`` maps further names to default overrides; ``variant_meta``
     overrides a variant's metadata (e.g. ``randomized=False`` when the
-    variant's defaults make the seed irrelevant).
+    variant's defaults make the seed irrelevant). ``renamed`` maps former
+    hyperparameter names to the current ones: passing an old name is an
+    error that names the new one.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -139,6 +153,7 @@ def register_attack(
                 defaults=MappingProxyType({**base, **overrides}), minimal=minimal, oracle=oracle,
                 randomized="seed" in base, needs_conv=needs_conv, iterative=iterative,
                 detector_aware=detector_aware, training=training, a3_base=a3_base,
+                renamed=MappingProxyType(dict(renamed or {})),
             )
             _ATTACKS[vname] = AttackSpec(**{**meta, **(variant_meta or {}).get(vname, {})})
         return fn

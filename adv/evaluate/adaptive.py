@@ -110,19 +110,19 @@ def _margin(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return -cw_loss(logits, t)
 
 
-def detector_aware_objective(defended: nn.Module, y: torch.Tensor, kappa: float = 1.0):
+def detector_aware_objective(defended: nn.Module, y: torch.Tensor, detector_margin: float = 1.0):
     """``objective(x_adv, rows) -> (values, logits)`` for the joint classifier + detector attack.
 
     ``t`` is the wrong class both models find likeliest together (``y``
     excluded, re-chosen every step); the attack ascends
-    ``min(margin_f(t), margin_enc(t))`` capped at ``kappa`` (Carlini & Wagner
-    2017's margin, applied to both models): it is positive exactly when the
+    ``min(margin_f(t), margin_enc(t))`` capped at ``detector_margin`` (Carlini &
+    Wagner 2017's margin, applied to both models): it is positive exactly when the
     classifier and the encoder variant both predict ``t``, i.e. the input is
     misclassified *and* the disagreement detector stays silent.
     """
     detector = getattr(defended, "detector", None)
     if detector is not None and hasattr(detector, "evasion_margin"):
-        return _evasion_objective(defended, y, kappa)
+        return _evasion_objective(defended, y, detector_margin)
     if detector is None or not hasattr(detector, "logits_pair"):
         raise ValueError("the detector-aware attack needs a Defended model with a disagreement detector "
                          "(logits_pair) or a detector with a differentiable evasion_margin (AdvD)")
@@ -135,15 +135,15 @@ def detector_aware_objective(defended: nn.Module, y: torch.Tensor, kappa: float 
         z_cls = z_orig if shared else defended.classifier(xp)
         joint = (z_cls.log_softmax(1) + z_enc.log_softmax(1)).detach()
         t = joint.scatter(1, take(y, rows)[:, None], float("-inf")).argmax(1)
-        return torch.minimum(_margin(z_cls, t), _margin(z_enc, t)).clamp(max=kappa), z_cls
+        return torch.minimum(_margin(z_cls, t), _margin(z_enc, t)).clamp(max=detector_margin), z_cls
 
     return obj
 
 
-def _evasion_objective(defended: nn.Module, y: torch.Tensor, kappa: float):
+def _evasion_objective(defended: nn.Module, y: torch.Tensor, detector_margin: float):
     """The joint objective for a detector with ``evasion_margin(x)`` (> 0 exactly when not flagged, e.g. AdvD).
 
-    Ascends ``min(margin_f(t), evasion_margin)`` capped at ``kappa``, ``t`` the
+    Ascends ``min(margin_f(t), evasion_margin)`` capped at ``detector_margin``, ``t`` the
     defended classifier's likeliest wrong class: positive exactly when the
     input is misclassified *and* unflagged (Carlini & Wagner 2017's margin on both).
     """
@@ -153,7 +153,7 @@ def _evasion_objective(defended: nn.Module, y: torch.Tensor, kappa: float):
         xp = pre(x_adv)
         z = defended.classifier(xp)
         t = z.detach().scatter(1, take(y, rows)[:, None], float("-inf")).argmax(1)
-        return torch.minimum(_margin(z, t), defended.detector.evasion_margin(xp)).clamp(max=kappa), z
+        return torch.minimum(_margin(z, t), defended.detector.evasion_margin(xp)).clamp(max=detector_margin), z
 
     return obj
 
@@ -180,7 +180,7 @@ def detector_aware_attack(
     attack: str = "pgd",
     eps: float,
     norm: str = "linf",
-    kappa: float = 1.0,
+    detector_margin: float = 1.0,
     steps: int | None = None,
     step_size: float | None = None,
     seed: int | None = None,
@@ -210,7 +210,8 @@ def detector_aware_attack(
     steps = steps or get_attack(attack).defaults.get("steps", 1)
     pipeline = bpda_pipeline(defended)
     with frozen(defended):
-        joint = _run(detector_aware_objective(defended, y, kappa), x, y, attack, eps, norm, steps, step_size, seed)
+        joint = _run(detector_aware_objective(defended, y, detector_margin), x, y, attack, eps, norm, steps,
+                     step_size, seed)
         plain = _run(objective(pipeline, y), x, y, attack, eps, norm, steps, step_size, seed)
     evade_j, fooled_j = _evades(defended, joint, y)
     evade_p, fooled_p = _evades(defended, plain, y)

@@ -76,6 +76,7 @@ def _resolve(item, norm: str) -> AttackRun:
     if isinstance(item, AttackSpec):
         if norm not in item.norms:
             raise ValueError(f"attack {item.name!r} supports norms {item.norms}, got {norm!r}")
+        item.check_renamed(kwargs)
         bad = [k for k in kwargs if not item.accepts(k) or k in ("eps", "norm")]
         if bad:
             raise ValueError(f"attack {item.name!r} does not take {sorted(bad)}; it takes {sorted(item.defaults)}")

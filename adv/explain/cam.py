@@ -98,26 +98,27 @@ def normalize_cam(cam: torch.Tensor) -> torch.Tensor:
     return cam / cam.amax((-2, -1), keepdim=True).clamp_min(1e-12)
 
 
-def attention_area(cam: torch.Tensor, kappa: str | float = "mean", soft: bool | float = False) -> torch.Tensor:
-    """``Att(x) = g(x) >= kappa`` (Wu et al. 2022 (AAD) eq. 3); kappa is the map's mean or a fixed value.
+def attention_area(cam: torch.Tensor, threshold: str | float = "mean", soft: bool | float = False) -> torch.Tensor:
+    """``Att(x) = g(x) >= kappa`` (Wu et al. 2022 (AAD) eq. 3); ``threshold`` (the paper's kappa) is the map's
+    mean or a fixed value.
 
-    ``soft=True`` (or a temperature) returns ``sigmoid((g - kappa) / T)``
+    ``soft=True`` (or a temperature) returns ``sigmoid((g - threshold) / T)``
     instead, a differentiable stand-in; ``T`` defaults to a tenth of the map's max.
     """
-    if isinstance(kappa, str):
-        if kappa != "mean":
-            raise ValueError(f"kappa must be 'mean' or a number, got {kappa!r}")
-        threshold = cam.mean((-2, -1), keepdim=True)
-    elif isinstance(kappa, (int, float)) and not isinstance(kappa, bool):
-        threshold = torch.as_tensor(float(kappa), dtype=cam.dtype, device=cam.device)
+    if isinstance(threshold, str):
+        if threshold != "mean":
+            raise ValueError(f"threshold must be 'mean' or a number, got {threshold!r}")
+        level = cam.mean((-2, -1), keepdim=True)
+    elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        level = torch.as_tensor(float(threshold), dtype=cam.dtype, device=cam.device)
     else:
-        raise ValueError(f"kappa must be 'mean' or a number, got {kappa!r}")
+        raise ValueError(f"threshold must be 'mean' or a number, got {threshold!r}")
     if soft is False:
-        return (cam >= threshold).to(cam.dtype)
+        return (cam >= level).to(cam.dtype)
     if soft is True:
         temperature = 0.1 * cam.detach().amax((-2, -1), keepdim=True).clamp_min(1e-12)
     elif isinstance(soft, (int, float)) and soft > 0:
         temperature = float(soft)
     else:
         raise ValueError(f"soft must be a bool or a temperature > 0, got {soft!r}")
-    return torch.sigmoid((cam - threshold) / temperature)
+    return torch.sigmoid((cam - level) / temperature)

@@ -5,8 +5,8 @@ the raw Grad-CAM grid (Wu et al. 2022 (AAD): "keeping the same number of grid ce
 the highest attention score", #cell = 5, 10, 20, 30); the IoU of the clean
 and adversarial areas is averaged separately over the images the attack
 turned (I_succeed) and those it did not (I_fail), among images classified
-correctly before the attack (I_att). The thresholded area of eq. 3 (``kappa``)
-is available too.
+correctly before the attack (I_att). The thresholded area of eq. 3 (the
+paper's kappa, ``threshold=`` here) is available too.
 
 Shape:
     cam: (N, h, w) raw Grad-CAM grid; masks (N, h, w) bool; iou (N,)
@@ -49,17 +49,17 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def attention_iou(cam_a: torch.Tensor, cam_b: torch.Tensor, *, cells: int | None = None,
-                  kappa: str | float | None = None) -> torch.Tensor:
-    """IoU of two maps' attention areas: top-``cells`` (Table 3) or ``g >= kappa`` (eq. 3)."""
+                  threshold: str | float | None = None) -> torch.Tensor:
+    """IoU of two maps' attention areas: top-``cells`` (Table 3) or ``g >= threshold`` (eq. 3's kappa)."""
     if cam_a.shape != cam_b.shape:
         raise ValueError(f"maps differ in shape: {tuple(cam_a.shape)} vs {tuple(cam_b.shape)}")
-    if (cells is None) == (kappa is None):
-        raise ValueError("give exactly one of cells= (top-N cells) or kappa= (threshold)")
+    if (cells is None) == (threshold is None):
+        raise ValueError("give exactly one of cells= (top-N cells) or threshold= (eq. 3 area)")
     if cells is not None:
         return mask_iou(topn_mask(cam_a, cells), topn_mask(cam_b, cells))
     from adv.explain.cam import attention_area
 
-    return mask_iou(attention_area(cam_a, kappa) > 0, attention_area(cam_b, kappa) > 0)
+    return mask_iou(attention_area(cam_a, threshold) > 0, attention_area(cam_b, threshold) > 0)
 
 
 def attention_iou_table(
