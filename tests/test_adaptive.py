@@ -164,6 +164,20 @@ def test_craft_is_the_one_dispatch_for_both_families_and_both_threat_models(with
     assert torch.equal(source.attack("fgsm", x, y, eps=0.1), get_attack("fgsm")(clf, x, y, eps=0.1))
 
 
+def test_non_adaptive_query_attacks_in_the_loop_query_the_source_and_report_queries():
+    from adv.evaluate import robust_accuracy, robust_accuracy_inputs
+
+    clf = trained_classifier()
+    x, y = sample_batch(16)
+    ev = build_evaluated_model(clf, ["quantize:bits=2"])
+    model, attacks = robust_accuracy_inputs(ev, [("square", {"queries": 20}), ("fgsm", {})], seed=0)
+    res = robust_accuracy(model, (x, y), attacks, eps=0.1, progress=False, checks=())
+    square, fgsm = res.attacks
+    assert (square.label, square.family, fgsm.label, fgsm.family) == (
+        "square@undefended", "query", "fgsm@undefended", "whitebox")
+    assert square.n_attacked > 0 and square.mean_queries > 0
+
+
 def test_detector_aware_attack_rejects_bad_arguments(with_detector):
     x, y = sample_batch(4)
     with pytest.raises(ValueError, match="attack must be one of"):

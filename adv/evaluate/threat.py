@@ -12,6 +12,7 @@ Two threat models, always named in reports:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -90,6 +91,7 @@ class EvaluatedModel:
         }
 
 
+@functools.cache
 def _joint_keywords() -> frozenset[str]:
     """What the joint loss takes, read from its signature (as the registry reads the attacks' defaults)."""
     import inspect
@@ -160,7 +162,8 @@ class ThreatAttack:
         self.__name__ = f"{name}@{'undefended' if ev.threat == 'non-adaptive' else 'detector-aware'}"
 
     def __call__(self, model, x, y, **kwargs):
-        return self.ev.attack(self.name, x, y, **kwargs)
+        x_adv, queries = self.ev.craft(self.name, x, y, **kwargs)
+        return x_adv if queries is None else (x_adv, queries)  # the family's return, as the loop expects
 
 
 def robust_accuracy_inputs(ev: EvaluatedModel, attacks: list[tuple[str, dict]], seed: int = 0):
@@ -170,10 +173,11 @@ def robust_accuracy_inputs(ev: EvaluatedModel, attacks: list[tuple[str, dict]], 
     attack and score the BPDA/EOT pipeline (its forward is the defended
     forward); with a detector, FGSM/BIM/PGD use the detector-aware loss.
     Attacks :meth:`EvaluatedModel.on_target` keep their names, so the loop
-    seeds them per batch and counts their queries; the others become
-    :class:`ThreatAttack` callables.
+    seeds them per batch; the others run as :class:`ThreatAttack` entries
+    of their own family (query attacks report their queries).
     """
     from adv.evaluate.adaptive import bpda_pipeline
+    from adv.evaluate.protocol import AttackRun
     from adv.attacks import get_attack
 
     out = []
@@ -181,10 +185,10 @@ def robust_accuracy_inputs(ev: EvaluatedModel, attacks: list[tuple[str, dict]], 
         if ev.on_target(name):
             out.append((name, kw))
             continue
-        kw = dict(kw)
-        if ev.threat == "non-adaptive" and get_attack(name).randomized:
-            kw.setdefault("seed", seed)  # callables get no per-batch seed from the loop
-        out.append((ThreatAttack(ev, name), kw))
+        kw, spec, fn = dict(kw), get_attack(name), ThreatAttack(ev, name)
+        if ev.threat == "non-adaptive" and spec.randomized:
+            kw.setdefault("seed", seed)  # no spec on the run: the loop gives it no per-batch seed
+        out.append(AttackRun(fn.__name__, fn.__name__, spec.family, fn, kw))
     if ev.threat == "adaptive":
         return ev.attack_target, out
     # same forward as the defended model, but differentiable, so the loop's gradient checks can run
