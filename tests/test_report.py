@@ -150,6 +150,7 @@ def test_write_report_files_and_strict_json(tmp_path):
     assert loaded["skipped"]["count"] == 1 and loaded["wall_seconds"] == 2.0
     assert result["clean_accuracy"]["dwt"] == 1.0
     report = (tmp_path / "report.md").read_text()
-    assert "| none | white-box | 75.0% |" in report
+    assert "| none | white-box | 75.0% [30.1, 95.4] |" in report  # with its 95% Wilson interval (3 of 4)
+    assert "95% Wilson intervals" in report and loaded["clean_accuracy_ci"]["none"] == pytest.approx([0.301, 0.954], abs=1e-3)
     assert "skipped (corrupt or unreadable) images: 1" in report and "a/bad.jpg" in report
     assert "Not computed: add `gradcam`" in report

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adv.attacks.seeding import RowSeeds
+
 NORMS = ("linf", "l2")
 
 #: ``objective(x_adv, rows) -> (values, logits)``: per-example values to *ascend*.
@@ -209,8 +211,6 @@ def flat_norm(t: torch.Tensor, p: float = 2) -> torch.Tensor:
     return t.flatten(1).norm(p=p, dim=1)
 
 
-def _view(v: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, 1, 1, 1)
 #: Perturbation sizes :func:`perturbation_norm` measures; an L0 change is one above this tolerance.
 SIZES = ("l0", "l2", "linf")
 L0_TOLERANCE = 1e-6
@@ -231,6 +231,8 @@ def perturbation_norm(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.
     raise ValueError(f"norm must be one of {SIZES}, got {norm!r}")
 
 
+def _view(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
 
 
 def fgm_step(x_adv: torch.Tensor, grad: torch.Tensor, step_size, norm: str) -> torch.Tensor:
@@ -269,7 +271,13 @@ def ball_bounds(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
 
 
 def random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) -> torch.Tensor:
-    """Uniform point of the L∞ ball, or uniform point of the L2 ball, clipped to [0, 1]."""
+    """Uniform point of the L∞ ball, or uniform point of the L2 ball, clipped to [0, 1].
+
+    With a :class:`RowSeeds` generator for exactly these rows, each example's start
+    comes from its own stream, whatever else shares the batch.
+    """
+    if isinstance(gen, RowSeeds) and len(gen) == len(x):
+        return torch.cat([random_start(x[i : i + 1], eps, norm, g) for i, g in enumerate(gen.streams())])
     if norm == "linf":
         noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype).mul_(2).sub_(1).mul_(eps)
         return (x + noise).clamp_(0.0, 1.0)

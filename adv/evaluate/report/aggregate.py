@@ -9,6 +9,7 @@ import numpy as np
 from adv.evaluate.checks import worst_case_mask
 from adv.evaluate.report.flags import masking_flags
 from adv.evaluate.rows import NONE, TRACK_ORDER
+from adv.evaluate.stats import accuracy_ci, overlap_note
 
 
 
@@ -66,6 +67,7 @@ def accuracy_entries(rows: dict[str, np.ndarray]) -> list[dict[str, Any]]:
             "defense": defense, "track": track, "grid": int(grid), "attack": rows["attack"][r[0]],
             "attack_key": rows["attack_key"][r[0]], "norm": rows["norm"][r[0]], "eps": float(rows["eps"][r[0]]),
             "steps": int(rows["steps"][r[0]]), "n": len(r), "robust_accuracy": float(robust.mean()),
+            "robust_accuracy_ci": list(accuracy_ci(int(robust.sum()), len(r))),
             "success_rate": float(rows["success"][r].sum() / c_ok.sum()) if c_ok.any() else None,
             "mean_l2": _finite_mean(rows["l2"][r]), "mean_linf": _finite_mean(rows["linf"][r]),
             "mean_ssim": _finite_mean(rows["ssim"][r]), "mean_psnr": _finite_mean(rows["psnr"][r]),
@@ -96,8 +98,18 @@ def worst_case(rows: dict[str, np.ndarray]) -> list[dict[str, Any]]:
                 continue  # identical to the single track
             out.append({"defense": defense, "track": track_sel, "norm": norm, "eps": float(eps),
                         "attacks": sorted(set(rows["attack_key"][r].tolist())),
-                        "robust_accuracy": float(alive[present].mean())})
+                        "robust_accuracy": float(alive[present].mean()),
+                        "robust_accuracy_ci": list(accuracy_ci(int(alive[present].sum()), len(present)))})
     return out
+
+
+def interval_overlaps(worst: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (track, norm, ε) with several defenses: the note naming those whose 95% intervals overlap."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for w in worst:
+        groups.setdefault((w["track"], w["norm"], w["eps"]), {})[w["defense"]] = w["robust_accuracy_ci"]
+    return [{"track": t, "norm": n, "eps": e, "note": note} for (t, n, e), cis in groups.items()
+            if len(cis) > 1 and (note := overlap_note(cis))]
 
 
 def throughput(rows: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -163,11 +175,16 @@ def summarize(rows: dict[str, np.ndarray], cells: Sequence[int] = (5, 10, 20, 30
 
     entries = order(accuracy_entries(rows))
     clean = clean_accuracy(rows)
+    present = np.unique(rows["index"])
+    worst = order(worst_case(rows))
     return {
-        "examples": int(len(np.unique(rows["index"]))),
+        "examples": int(len(present)),
         "clean_accuracy": dict(sorted(clean.items(), key=lambda kv: rank.get(kv[0], len(rank)))),
+        "clean_accuracy_ci": {d: list(accuracy_ci(int(ok[present].sum()), len(present)))
+                              for d, ok in clean_ok(rows).items()},
         "attacks": entries,
-        "worst_case": order(worst_case(rows)),
+        "worst_case": worst,
+        "interval_overlaps": interval_overlaps(worst),
         "throughput": order(throughput(rows)),
         "attention_iou": order(iou_entries(rows, cells)),
         "masking_flags": masking_flags(entries, rows, input_shape),

@@ -22,11 +22,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
             *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
 
 
+def _pct_ci(x: float | None, ci) -> str:
+    """An accuracy with its 95% interval: ``51.0% [46.6, 55.4]``."""
+    return _pct(x) if x is None or not ci else f"{_pct(x)} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
 def accuracy_markdown(summary: dict) -> list[str]:
     keys = list(dict.fromkeys(e["attack_key"] for e in summary["attacks"]))
     eps_groups = list(dict.fromkeys((w["norm"], w["eps"]) for w in summary["worst_case"]))
-    acc = {(e["defense"], e["track"], e["attack_key"]): e["robust_accuracy"] for e in summary["attacks"]}
-    worst = {(w["defense"], w["track"], w["norm"], w["eps"]): w["robust_accuracy"] for w in summary["worst_case"]}
+    acc = {(e["defense"], e["track"], e["attack_key"]): _pct_ci(e["robust_accuracy"], e.get("robust_accuracy_ci"))
+           for e in summary["attacks"]}
+    worst = {(w["defense"], w["track"], w["norm"], w["eps"]): _pct_ci(w["robust_accuracy"], w.get("robust_accuracy_ci"))
+             for w in summary["worst_case"]}
+    clean_ci = summary.get("clean_accuracy_ci", {})
     header = ["defense", "track", "clean", *keys, *(f"worst case {n} eps={e:g}" for n, e in eps_groups)]
     rows = []
     for d, clean in summary["clean_accuracy"].items():
@@ -35,9 +43,12 @@ def accuracy_markdown(summary: dict) -> list[str]:
                                      else [])
         for t in tracks:
             label = "white-box" if d == NONE else TRACK_LABEL[t]
-            rows.append([d, label, _pct(clean), *(_pct(acc.get((d, t, k))) for k in keys),
-                         *(_pct(worst.get((d, t, n, e))) for n, e in eps_groups)])
-    return _table(header, rows)
+            rows.append([d, label, _pct_ci(clean, clean_ci.get(d)), *(acc.get((d, t, k), "–") for k in keys),
+                         *(worst.get((d, t, n, e), "–") for n, e in eps_groups)])
+    notes = [f"- {TRACK_LABEL[o['track']]}, {o['norm']} eps={o['eps']:g}: {o['note']}."
+             for o in summary.get("interval_overlaps", [])]
+    return [*_table(header, rows), *(["", "Accuracies carry 95% Wilson intervals (binomial, over the examples).",
+                                      *notes] if rows else [])]
 
 
 def render_markdown(summary: dict, meta: dict, figures: dict[str, Path | None]) -> str:
@@ -73,7 +84,8 @@ def _attacks_section(summary: dict) -> list[str]:
     return ["", "## Attacks", "", *_table(
         ["defense", "track", "attack", "robust acc", "success rate", "mean L2", "mean Linf", "SSIM", "PSNR dB",
          "queries", "detected"],
-        [[e["defense"], e["track"], e["attack_key"], _pct(e["robust_accuracy"]), _pct(e["success_rate"]),
+        [[e["defense"], e["track"], e["attack_key"], _pct_ci(e["robust_accuracy"], e.get("robust_accuracy_ci")),
+          _pct(e["success_rate"]),
           _num(e["mean_l2"]), _num(e["mean_linf"]), _num(e["mean_ssim"]), _num(e["mean_psnr"], ".1f"),
           _num(e["mean_queries"], ".0f"), _pct(e["detected_rate"])] for e in summary["attacks"]])]
 
