@@ -236,3 +236,30 @@ def test_bad_configs_and_inputs_are_clear_errors(tmp_path):
         det.observe(_images(2), users=["a"], probs=_probs(2))
     with pytest.raises(ValueError, match="on_corrupt"):
         QueryDetector.load(str(tmp_path), on_corrupt="maybe")
+
+
+def test_the_index_sees_a_sybil_attacker_the_per_user_layer_misses_but_not_one_slowed_past_expiry():
+    from adv.evaluate.query_detection import Transform, benign_traffic, evaluate_query_detection
+    from tests.test_defenses_helpers import sample_batch, single_thread, trained_classifier
+
+    clf = trained_classifier()
+    x, y = sample_batch(40)
+    index = IndexConfig(window=10, top_k=30, match_threshold=15, max_age=100.0)
+    combined = DetectorConfig(per_user=SimilarityConfig(metric="mse"), index=index)
+    common = dict(attack="square", eps=0.05, queries=200, accounts=300)
+    with single_thread():
+        per_user = evaluate_query_detection(clf, x[:8], y[:8], config=SimilarityConfig(metric="mse"), **common)
+        both = evaluate_query_detection(clf, x[:8], y[:8], config=combined, baseline=None, **common)
+        slow = evaluate_query_detection(clf, x[:8], y[:8], config=combined.model_copy(update={"per_user": None}),
+                                        interval=101.0, **common)
+        noisy = evaluate_query_detection(clf, x[:8], y[:8], config=combined, transform=Transform(noise=0.2),
+                                         **common)
+        kinds = {k: benign_traffic(clf, combined, x[8:], kind=k, users=8) for k in ("distinct", "popular")}
+    assert per_user.detection_rate == 0.0 and per_user.true_success_with_layer > 0
+    assert both.detector == "per-user MSE + index" and both.detection_rate >= 0.75
+    assert both.true_success_with_layer < per_user.true_success_with_layer
+    assert slow.detection_rate == 0.0 and "one query every" in slow.threat_model and slow.attack_days > 0
+    assert "random transforms (noise 0.2)" in noisy.threat_model
+    assert noisy.detection_rate < both.detection_rate  # heavy noise breaks the hash matches...
+    assert kinds["distinct"].users_flagged == 0.0 and kinds["popular"].queries == 5 * 8
+    assert kinds["popular"].users_flagged == 0.0  # exact repeats of a popular image are never flagged
