@@ -64,7 +64,7 @@ def make_bundle(args, out: Path) -> str:
     from bench.defenses import classifier
 
     _, meta = classifier(args)
-    acc = float(meta.get("metrics", {}).get("test_accuracy", 0.5) or 0.5)
+    acc = float(meta["metrics"]["test_acc"])
     numbers = {"clean": accuracy_number(round(acc * 10000), 10000, label="clean (classifier alone, from training)",
                                         subset="fashion-mnist test[n=10000]")}
     write_bundle(out, checkpoint=args.classifier, stages=["dwt:wavelet=haar"], numbers=numbers,

@@ -30,13 +30,18 @@ from jobs.common import guarded, logger
 log = logger("redteam")
 
 
-def read_keys(path: str, accounts: int) -> tuple[list[str], list[str], str]:
-    """(keys, users) of the first ``accounts`` user entries, and the admin key, from a plain-key file."""
+def read_keys(path: str, accounts: int, only: list[str] | None = None) -> tuple[list[str], list[str], str]:
+    """(keys, users) of the first ``accounts`` user entries (or of the users ``only``), and the admin key,
+    from a plain-key file."""
     try:
         entries = KeyFile.model_validate(yaml.safe_load(Path(path).read_text())).keys
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read the attacker's key file ({type(e).__name__})") from None
-    users = [e for e in entries if e.role == "user" and not e.revoked and e.key]
+    users = [e for e in entries if e.role == "user" and not e.revoked and e.key and (only is None or e.user in only)]
+    if only is not None:
+        if len(users) != len(only):
+            raise ConfigError(f"{path}: no plain key for {sorted(set(only) - {e.user for e in users})}")
+        accounts = len(only)
     admins = [e for e in entries if e.role == "admin" and e.key]
     if len(users) < accounts:
         raise ConfigError(f"{path}: {accounts} accounts asked, {len(users)} plain user keys given")
@@ -47,14 +52,15 @@ def read_keys(path: str, accounts: int) -> tuple[list[str], list[str], str]:
 
 
 def run(url: str, keys_file: str, *, attack: str, accounts: int, n: int, dataset: str, eps: float, queries: int,
-        bundle: str, seed: int = 0, data_root: str | None = None) -> dict:
-    """One red-team round against ``url``; the report row."""
+        bundle: str, seed: int = 0, data_root: str | None = None, users: list[str] | None = None) -> dict:
+    """One red-team round against ``url`` (as ``users``, default the file's first ``accounts``); the row."""
+    import numpy as np
     import torch
 
     from adv.bundle import load_bundle
     from adv.data import load_dataset
 
-    keys, users, admin = read_keys(keys_file, accounts)
+    keys, names, admin = read_keys(keys_file, accounts, users)
     b = load_bundle(bundle)
     model = b.build("cpu")
     data = load_dataset(dataset, split="test", n=n, seed=seed, **({"root": data_root} if data_root else {}))
@@ -65,9 +71,12 @@ def run(url: str, keys_file: str, *, attack: str, accounts: int, n: int, dataset
             f"endpoint output {info['output']!r}")
         with torch.no_grad():
             torch.manual_seed(seed)
-            return red_team(endpoint, keys, users, admin, model, data.images, data.labels, attack=attack, eps=eps,
-                            queries=queries, classes=int(b.manifest["classifier"]["num_classes"]),
-                            output=info["output"], max_images=int(info.get("max_images", 16)), seed=seed)
+            x, y = data.tensors()
+            row = red_team(endpoint, keys, names, admin, model, x, y, attack=attack, eps=eps,
+                           queries=queries, classes=int(b.manifest["classifier"]["num_classes"]),
+                           output=info["output"], max_images=int(info.get("max_images", 16)), seed=seed)
+        lat = 1000 * np.array(endpoint.latencies or [0.0])
+        return {**row, "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}}
     finally:
         endpoint.close()
 
@@ -83,6 +92,135 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['mean_queries']:.0f} / {r['mean_queries_in_process']:.0f} | {flagged} | "
                      f"{r['accounts_flagged']}/{r['accounts']} |")
     return "\n".join(lines) + "\n"
+
+
+# ---- the main job's serving story: deploy, red-team with one account and many, report, shut down ---------
+
+ROUNDS = (  # (endpoint output, attack, accounts: 1 or the Sybil count)
+    ("label", "hopskipjump", 1), ("label", "hopskipjump", "sybil"), ("label", "square", 1),
+    ("probs", "square", 1), ("probs", "square", "sybil"),
+)
+
+
+def _story_keys(folder: Path, accounts: int) -> tuple[Path, Path, dict]:
+    """Fresh random keys: the server's file (hashes only) and the attacker's (plain keys, mode 600)."""
+    import secrets
+
+    from adv.serving.keys import hash_key
+
+    users = [f"attacker{r}-{j}" for r in range(len(ROUNDS)) for j in range(accounts)] + ["operator"]
+    keys = {u: secrets.token_urlsafe(24) for u in users}
+    role = lambda u: "admin" if u == "operator" else "user"  # noqa: E731
+    server, attacker = folder / "keys.yaml", folder / "attacker-keys.yaml"
+    server.write_text(yaml.safe_dump({"keys": [{"user": u, "sha256": hash_key(k), "role": role(u)}
+                                               for u, k in keys.items()]}))
+    attacker.touch(mode=0o600)
+    attacker.write_text(yaml.safe_dump({"keys": [{"user": u, "key": k, "role": role(u)} for u, k in keys.items()]}))
+    return server, attacker, keys
+
+
+def story(bundle: str, out: str | Path, *, dataset: str = "fashion-mnist", n: int = 4, queries: int = 300,
+          accounts: int = 4, eps: float = 0.1, data_root: str | None = None) -> Path:
+    """Deploy ``bundle`` on local Serve, red-team it (label-only and probabilities endpoints, one account and
+    ``accounts``), write ``serve-report.md`` with a figure under ``out``, shut Serve down; the report's path."""
+    import shutil
+
+    from adv.serving import RateLimit, ServeConfig
+    from jobs.common import init_ray
+    from jobs.serve import deploy, undeploy
+
+    folder = Path(out)
+    shutil.rmtree(folder / "state", ignore_errors=True)  # a fresh detector: the story starts from no history
+    folder.mkdir(parents=True, exist_ok=True)
+    server_keys, attacker_keys, _ = _story_keys(folder, accounts)
+    cfg = ServeConfig(bundle=str(bundle), keys=str(server_keys), keys_env="ADV_STORY_NO_KEYS",
+                      state=str(folder / "state"), name="main", rate_limit=RateLimit(rate=1000, burst=1000))
+    init_ray()
+    rows, port = [], _free_port()
+    try:
+        for output in ("label", "probs"):
+            cfg = cfg.model_copy(update={"output": output})
+            url = deploy(cfg, "127.0.0.1", port)  # the same application, updated in place
+            log(f"endpoint at {url}, output {output!r}")
+            for r, (out_kind, attack, acc) in enumerate(ROUNDS):
+                if out_kind != output:
+                    continue
+                k = accounts if acc == "sybil" else 1
+                row = run(url, str(attacker_keys), attack=attack, accounts=k, n=n, dataset=dataset, eps=eps,
+                          queries=queries, bundle=str(bundle), seed=r, data_root=data_root,
+                          users=[f"attacker{r}-{j}" for j in range(k)])
+                rows.append(row)
+    finally:
+        undeploy(cfg)
+    (folder / "redteam.json").write_text(json.dumps(rows, indent=2))
+    return write_story(folder, rows, bundle, cfg)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_story(folder: Path, rows: list[dict], bundle: str, cfg) -> Path:
+    from adv.bundle import load_bundle
+    from jobs.serve import detector_config
+
+    loaded = load_bundle(bundle)
+    manifest, action = loaded.public_manifest(), detector_config(cfg, loaded)["action"]
+    plot_story(rows, folder / "serve-report.png")
+    numbers = "\n".join(f"| {k} | {v['value']:.1%} [{v['ci95'][0]:.1%}, {v['ci95'][1]:.1%}] | {v['n']} | {v['label']} | "
+                        f"{v['subset']} |" for k, v in manifest["numbers"].items())
+    lat = [r["latency_ms"] for r in rows]
+    text = "\n".join([
+        "# Serve report", "",
+        f"Bundle `{bundle}` served by `jobs.serve` on local Ray Serve (127.0.0.1), detector action "
+        f"`{action}`; stages {manifest['stages'] or 'none'}; endpoint output per row.", "",
+        "| number | value [95% CI] | n | measured as | on |", "|---|---|---|---|---|", numbers, "",
+        "## Red team through the endpoint", "",
+        "Each row is one attacker (`jobs.redteam`): the library's attack through a counting HTTP oracle, "
+        "rotating over its accounts; the flag time comes from the admin endpoint, never from the answers. "
+        "Success is measured on the bundle's model in-process (what a fresh account is served); "
+        "'in-process' is the same attack without the endpoint or its detector.", "",
+        markdown(rows),
+        "Endpoint figures per round (one request per oracle call of up to 16 images): "
+        + "; ".join(f"{r['attack']}/{r['output']}/{r['accounts']} acc: {r['requests']} requests, "
+                    f"p50 {l['p50']:.0f} ms, p99 {l['p99']:.0f} ms" for r, l in zip(rows, lat)) + ".", "",
+        "![red team](serve-report.png)", ""])
+    path = folder / "serve-report.md"
+    path.write_text(text)
+    return path
+
+
+def plot_story(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [f"{r['attack']}\n{r['output']}, {r['accounts']} acc" for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    i = np.arange(len(rows))
+    a.bar(i - 0.2, [r["success_endpoint"] for r in rows], 0.4, label="through the endpoint")
+    a.bar(i + 0.2, [r["success_in_process"] for r in rows], 0.4, color="gray", label="in-process, no detector")
+    a.set_xticks(i, names, fontsize=7)
+    a.set_ylim(0, 1.05)
+    a.set_ylabel("attack success (true, on the model)")
+    a.legend(fontsize=8)
+    b.bar(i, [r["queries"] for r in rows], 0.6, color="lightgray", label="queries sent")
+    flagged = [(j, r["flagged_at_query"]) for j, r in enumerate(rows) if r["flagged_at_query"] is not None]
+    if flagged:
+        b.plot(*zip(*flagged), "rv", ms=9, label="first flagged at query")
+    b.set_xticks(i, names, fontsize=7)
+    b.set_ylabel("queries (all attacked images)")
+    b.legend(fontsize=8)
+    fig.suptitle("Red team against the served bundle", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ class Endpoint:
         self.url, self.max_waits = url.rstrip("/"), max_waits
         self.http = httpx.Client(timeout=timeout)
         self.rate_limited = 0  # 429 answers waited out
+        self.latencies: list[float] = []  # seconds per answered predict request
 
     def close(self) -> None:
         self.http.close()
@@ -46,7 +47,9 @@ class Endpoint:
         np.save(buf, np.ascontiguousarray(x, np.float32), allow_pickle=False)
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-npy"}
         for _ in range(self.max_waits):
+            t0 = time.perf_counter()
             r = self.http.post(f"{self.url}/v1/predict", content=buf.getvalue(), headers=headers)
+            self.latencies.append(time.perf_counter() - t0)
             if r.status_code == 429:
                 self.rate_limited += 1
                 time.sleep(float(r.headers.get("Retry-After", "1")))
