@@ -13,7 +13,6 @@ from torch import nn
 from adv.cli import main
 from adv.data import ImageData, load_dataset
 from adv.defenses import Defended, create_defense, save_stage
-from adv.defenses.stage import Stage
 from adv.defenses.sfe import FeatureSet, SFENets, SFEParams, fit_sfe, train_sfe
 from adv.defenses.stage import Stage
 from adv.defenses.sfe_sources import craft, pair_features
@@ -221,6 +220,7 @@ def test_bad_configurations_fail_with_one_clear_line(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="feature width mismatch") as err:
         create_defense(f"advd:checkpoint={path}", classifier=other)
     assert "\n" not in str(err.value)
+    capsys.readouterr()  # the helper's classifier training logs its epochs
     assert main(["defend", "train", "sfe:source=natural", "--dataset", "digits", "--model", "lenet5",
                  "--out", str(tmp_path / "s.pt")]) == 2
     err = capsys.readouterr().err
@@ -261,7 +261,8 @@ def test_imagenet_path_runs_on_the_sample_with_random_weights(tmp_path, capsys):
     x, _ = benign.tensors()
     with torch.no_grad():
         assert stage(x[:4]).shape == (4, 1000)
-    code = main(["defend", "train", "sfe:source=natural", "--dataset", "imagefolder", "--data-dir", str(sample),
+    code = main(["defend", "train", f"sfe:source=natural,natural={sample}", "--dataset", "imagefolder",
+                 "--data-dir", str(sample),
                  "--model", "inception_v3", "--pretrained", "--out", str(tmp_path / "s.pt")])
     err = capsys.readouterr().err
     assert code == 2 and "Fix:" in err and "Traceback" not in err

@@ -53,7 +53,8 @@ def read_stored_pairs(run_dir: str, attack_key: str | None = None) -> tuple[torc
         raise DataNotFoundError(f"{run_dir} has no attack_key {key!r}; it has {keys}")
     images = _tensor_column(table, "image")
     clean_rows = {int(i): r for r, i in enumerate(cols["index"]) if undefended[r] and cols["track"][r] == "clean"}
-    adv_rows = [r for r in np.flatnonzero(undefended & (cols["attack_key"] == key)) if int(cols["index"][r]) in clean_rows]
+    adv_rows = [r for r in np.flatnonzero(undefended & (cols["attack_key"] == key))
+                if int(cols["index"][r]) in clean_rows]
     clean = [clean_rows[int(cols["index"][r])] for r in adv_rows]
     return _float(images[clean]), _float(images[adv_rows]), torch.from_numpy(cols["label"][adv_rows].astype(np.int64))
 

@@ -64,7 +64,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from adv.defenses.registry import register_defense
@@ -94,9 +94,26 @@ class SFEParams(LearnedParams):
     eps: float = Field(0.1, gt=0, description="source=attack: L∞ budget")
     attack_steps: int = Field(10, ge=1, description="source=attack: iterations, for attacks that iterate")
     natural: str | None = Field(None, description="source=natural: image folder (adv data filter output, ImageNet-A)")
-    label_space: str = Field("folder", description="source=natural on image folders: folder|imagenet1k|imagenet-a|imagenet-o")
+    label_space: Literal["folder", "imagenet1k", "imagenet-a", "imagenet-o"] = Field(
+        "folder", description="source=natural on image folders; imagenet-a/-o add the 200-class logit mask")
     stored: str | None = Field(None, description="source=stored: a jobs.evaluate run folder (images stored)")
     stored_attack: str | None = Field(None, description="source=stored: attack_key to use (default: the first)")
+
+    @field_validator("attack")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from adv.attacks import list_attacks
+
+        if value not in list_attacks():
+            raise ValueError(f"unknown attack {value!r}; known: {', '.join(list_attacks())}")
+        return value
+
+    @model_validator(mode="after")
+    def _source_given(self):
+        needs = {"natural": self.natural, "stored": self.stored}
+        if self.source in needs and not needs[self.source]:
+            raise ValueError(f"source={self.source} needs {self.source}=DIR")
+        return self
 
 
 # --- networks ---------------------------------------------------------------------------------
@@ -147,7 +164,7 @@ class SFENets(nn.Module):
 def feature_dim(classifier: nn.Module) -> int:
     """The classifier's penultimate width; a clear error when it has no ``features``/``head``."""
     dim = getattr(classifier, "feature_dim", 0)
-    if not dim or not callable(getattr(classifier, "features", None)) or not callable(getattr(classifier, "head", None)):
+    if not dim or not all(callable(getattr(classifier, m, None)) for m in ("features", "head")):
         raise ConfigError(f"SFE needs penultimate features: {type(classifier).__name__} exposes no "
                           "features(x)/head(f)/feature_dim (use an adv ImageClassifier)")
     return int(dim)

@@ -27,8 +27,6 @@ def training_features(classifier: nn.Module, data, p: SFEParams) -> FeatureSet:
     if p.source == "stored":
         from adv.data.stored import read_stored_pairs
 
-        if not p.stored:
-            raise ConfigError("sfe: source=stored needs stored=RUN_DIR (a jobs.evaluate run with images)")
         x, x_adv, y = read_stored_pairs(p.stored, p.stored_attack)
     else:
         x_adv = craft(classifier, x, y, p)
@@ -75,8 +73,6 @@ def natural_features(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, p:
     """Benign training features against a natural-adversarial set's features, class by class."""
     from adv.data.filter import load_natural_set
 
-    if not p.natural:
-        raise ConfigError("sfe: source=natural needs natural=DIR (adv data filter output or ImageNet-A)")
     nat = load_natural_set(p.natural, label_space=p.label_space, input_size=classifier.input_size)
     fb = extract_features(classifier, x, p.batch_size, "benign features")
     fa = extract_features(classifier, nat.tensors()[0], p.batch_size, "natural-adversarial features")
