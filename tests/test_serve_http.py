@@ -77,6 +77,21 @@ def test_auth_401_403_and_keys_change_without_restart(app):
     _until(lambda: app.http.post("/v1/predict", content=npy(x), headers=zed).status_code == 200)
     write_keys(app.keys, revoked=("mallory", "zed"), extra=new)  # revoke it again
     _until(lambda: app.http.post("/v1/predict", content=npy(x), headers=zed).status_code == 403)
+    _assert_not_logged([*KEYS.values(), new["zed"]])
+
+
+def _assert_not_logged(secrets: list[str]) -> None:
+    """No key appears in this cluster's Serve, replica or worker logs."""
+    from ray._private import worker
+
+    node = worker._global_node
+    if node is None:  # connected to someone else's cluster: its logs are not ours to read
+        return
+    logs = Path(node.get_session_dir_path()) / "logs"
+    for f in logs.rglob("*"):
+        if f.is_file() and f.stat().st_size < 50 * 2**20:
+            text = f.read_text(errors="ignore")
+            assert not any(k in text for k in secrets), f"an API key leaked into {f}"
 
 
 @pytest.mark.ray
