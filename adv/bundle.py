@@ -37,6 +37,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adv.errors import AdvError
+from adv.io import atomic_write_json
 
 SCHEMA_VERSION = 1
 FORMAT = "adv-bundle"
@@ -209,6 +210,11 @@ class Bundle:
         return self.manifest["numbers"]
 
     @property
+    def evaluation(self) -> dict[str, Any]:
+        """How the numbers were measured (test subset, eps, norm, attacks); empty when not recorded."""
+        return dict(self.manifest.get("evaluation") or {})
+
+    @property
     def checkpoint(self) -> Path:
         return self.root / self.manifest["classifier"]["file"]
 
@@ -248,8 +254,13 @@ def write_bundle(
     query_detector: dict | None = None,
     numbers: dict[str, Any],
     provenance: dict[str, Any],
+    evaluation: dict[str, Any] | None = None,
 ) -> Bundle:
-    """Write a bundle to ``out`` (a folder or a pyarrow URI) and return it loaded (verified)."""
+    """Write a bundle to ``out`` (a folder or a pyarrow URI) and return it loaded (verified).
+
+    ``evaluation`` says how the numbers were measured (``dataset``, ``split``, ``n``, ``seed`` of the test
+    subset, ``eps``, ``norm``, ``attacks``): ``adv eval --bundle`` defaults to it.
+    """
     from adv.models.checkpoint import load_checkpoint
 
     checked = check_numbers(numbers)
@@ -274,11 +285,9 @@ def write_bundle(
         "classifier": {"file": "classifier.pt", "arch": meta["arch"], "num_classes": meta["num_classes"],
                        "input_size": meta["input_size"], "dataset": meta.get("dataset", "")},
         "stages": specs, "detector": det, "query_detector": query_detector,
-        "numbers": checked, "provenance": provenance, "files": files,
+        "numbers": checked, "provenance": provenance, "evaluation": evaluation or {}, "files": files,
     }
-    tmp = staging / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, staging / MANIFEST)
+    atomic_write_json(staging / MANIFEST, manifest, indent=2, sort_keys=True)
     if uri:
         _upload(staging, str(out))
         shutil.rmtree(staging, ignore_errors=True)
@@ -344,3 +353,23 @@ def accuracy_number(correct: int, n: int, *, label: str, subset: str) -> dict[st
 
     lo, hi = wilson_interval(correct, n)
     return {"value": correct / n if n else 0.0, "ci95": [lo, hi], "n": int(n), "label": label, "subset": subset}
+
+
+def provenance_defaults() -> dict[str, Any]:
+    """Library versions and the source commit when known (a git checkout), for a manifest's provenance."""
+    import platform
+    import subprocess
+
+    import torch
+
+    import adv
+
+    commit = None
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(adv.__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        commit = out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"versions": {"adv": adv.__version__, "torch": torch.__version__, "python": platform.python_version()},
+            "commit": commit}

@@ -1,0 +1,425 @@
+"""Ray Tune: sweep defense settings on validation data, select on adaptive robustness, export a bundle.
+
+    python -m jobs.tune --config jobs/configs/tune-default.yaml
+    ray job submit --working-dir . -- python -m jobs.tune --config jobs/configs/tune-gpu.yaml
+
+Stages (the Ray-free logic is :mod:`adv.tuning`):
+
+1. the validation subset is drawn from the split minus the test subset
+   (:mod:`adv.tuning.splits`); ``stored`` sweeps generate their stored
+   non-adaptive set on it once with the Ray Data job (``jobs.evaluate.run``)
+   unless ``stored.run`` names one made on the same subset;
+2. Tune runs the trials (grid search when every dimension is discrete, else
+   Optuna; ASHA on evaluated examples or epochs) into ``<run>/sweep``;
+3. ``stored`` sweeps re-check their best few trials adaptively (``<run>/recheck``);
+4. the selected configuration is measured on the disjoint test subset and
+   written as a bundle to ``<run>/best``, next to ``<run>/report.md``.
+
+Kill the driver and rerun the same command: each phase resumes with
+``Tuner.restore`` and finished trials are not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from adv.errors import ConfigError
+from adv.tuning.objective import TrialRecord, numbers_from_flat, select
+from adv.tuning.space import Candidate, SearchSpace
+from adv.tuning.splits import Split, check_disjoint, make_split, take
+from adv.tuning.trials import Setting
+from jobs import common
+from jobs.store import RunStore
+from jobs.tune_config import TuneConfig, load_tune_config
+
+log = common.logger("tune")
+
+
+@dataclass
+class TuneResult:
+    run_dir: str
+    report: str
+    bundle: str
+    selected: TrialRecord
+    records: list[TrialRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- data, grid, stored set --------------------------------------------------------------------------------
+def _abs(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def run_uri(cfg: TuneConfig) -> str:
+    return f"{_abs(cfg.storage_path).rstrip('/')}/{cfg.name}"
+
+
+def load_split(cfg: TuneConfig, store: RunStore):
+    """The full split, the disjoint subsets (checked against a resumed run's split.json) and the grid."""
+    from adv.data import load_dataset
+    from jobs.evaluate import build_plan
+
+    d = cfg.data
+    full = load_dataset(d.name, split=d.split, root=d.root, download=d.download)
+    split = make_split(d.name, d.split, len(full), d.test.n, d.test.seed, d.validation.n, d.validation.seed)
+    if store.exists("split.json") and store.read_json("split.json") != split.to_json():
+        raise ConfigError(f"data: {store.uri} was run with other subsets (split.json differs); use another name")
+    store.write_json("split.json", split.to_json())
+    grid = build_plan(SimpleNamespace(attacks=cfg.attacks, adaptive=True, features=[], store_images=False,
+                                      seed=cfg.seed)).grid
+    return full, split, grid
+
+
+def ensure_stored(cfg: TuneConfig, split: Split, val, uri: str) -> str:
+    """The stored non-adaptive set on the validation subset: ``stored.run`` (checked) or generated once."""
+    from jobs.config import parse_config
+    from jobs.evaluate import run as evaluate
+    from jobs.sources import export_dataset
+
+    if cfg.stored.run:
+        check_stored(cfg.stored.run, split)
+        return cfg.stored.run
+    vstore, root = RunStore(uri), f"{uri}/validation"
+    if not vstore.exists("validation.json"):  # beside the Parquet folder: Parquet readers take every file in it
+        export_dataset(val, root)
+        vstore.write_json("validation.json", split.to_json())
+    ecfg = parse_config({
+        "name": f"{cfg.name}-validation", "seed": cfg.seed, "dataset": {"name": "parquet", "root": root},
+        "model": {"checkpoint": _abs(cfg.checkpoint)}, "defenses": [], "adaptive": False, "features": [],
+        "attacks": [a.model_dump(mode="json") for a in cfg.attacks], "store_images": True,
+        "shards": min(4, len(val)), "resources": {"actors": cfg.resources.generate_actors,
+                                                  "batch_size": cfg.resources.batch_size},
+    }, "stored set")
+    out = f"{uri}/stored"
+    log(f"stored set: the {len(val)} validation images attacked once by the Ray Data job (resumed if partial) -> {out}")
+    evaluate(ecfg, out=out, report=False)
+    return out
+
+
+def check_stored(run: str, split: Split) -> None:
+    """A reused ``jobs.evaluate`` run must have been made on this sweep's validation subset."""
+    import numpy as np
+
+    store = RunStore(run)
+    if not store.exists("run.json"):
+        raise ConfigError(f"stored.run: {run} is not a jobs.evaluate run folder (no run.json)")
+    dataset = store.read_json("run.json")["config"].get("dataset") or {}
+    root = dataset.get("root") if dataset.get("name") == "parquet" else None
+    marker = RunStore(root.rstrip("/").rsplit("/", 1)[0]) if root and root.rstrip("/").endswith("/validation") else None
+    if marker is None or not marker.exists("validation.json"):
+        raise ConfigError(f"stored.run: {run} was not made on a validation subset written by jobs.tune; "
+                          "tuning on its images could tune on the test set")
+    made = marker.read_json("validation.json")
+    if made["validation"]["sha256"] != split.to_json()["validation"]["sha256"]:
+        raise ConfigError(f"stored.run: {run} was made on another validation subset than data.validation")
+    check_disjoint(split.test, np.asarray(made["validation"]["indices"]))
+
+
+def stored_groups(uri: str):
+    """The stored run's clean and non-adaptive rows of the undefended classifier, one chunk at a time."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import ray.data  # noqa: F401  (registers the tensor column types)
+
+    from jobs.evaluate import _to_numpy
+
+    store = RunStore(uri)
+    shards = len(set(store.read_json("layout.json")["chunk_shard"]))
+    for k in range(shards):
+        table = store.read_table([k])
+        table = table.filter(pc.and_(pc.equal(table["defense"], "none"), pc.not_equal(table["track"], "adaptive")))
+        cols = _to_numpy(table)
+        for c in np.unique(cols["chunk"]):
+            sel = cols["chunk"] == c
+            yield {name: v[sel] for name, v in cols.items()}
+
+
+# --- the trainable ------------------------------------------------------------------------------------------
+def trainable(config: dict, ctx: dict) -> None:
+    """One trial: resolve its candidate, run the trial body of its kind, report through ``tune.report``."""
+    import torch
+    from ray import tune
+
+    from adv.tuning import trials
+
+    torch.set_num_threads(ctx["threads"])
+    space: SearchSpace = ctx["space"]
+    cand = Candidate.from_dict(config["candidate"]) if "candidate" in config else space.candidate(config)
+    cand_json = json.dumps(cand.to_dict(), default=str)
+    _trace("start", cand)
+
+    def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
+        m = {**metrics, "candidate": cand_json}
+        tune.report(m, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    setting, kind = ctx["setting"], ctx["kind"]
+    if kind == "stored":
+        loader = trials.stage_loader(ctx["checkpoint"], cand.stages, cand.detector)
+        trials.run_stored(loader, stored_groups(ctx["stored"]), setting, report)
+    elif kind == "adaptive":
+        loader = trials.stage_loader(ctx["checkpoint"], cand.stages, cand.detector)
+        trials.run_adaptive(loader, ctx["val"], setting, report, grace=ctx["grace"], factor=ctx["factor"])
+    else:
+        work = tempfile.mkdtemp(prefix="adv-trial-")
+        restored = tune.get_checkpoint()
+        if restored is not None:
+            restored.to_directory(work)
+        t = ctx["training"]
+        trials.run_training(cand.loss, ctx["checkpoint"], ctx["train"], ctx["val"], setting, report,
+                            epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], work_dir=work)
+    _trace("end", cand)
+
+
+def _trace(event: str, cand: Candidate) -> None:
+    """``$ADV_TUNE_TRACE``: one JSON line per trial start/end (how the resume test sees what ran)."""
+    path = os.environ.get("ADV_TUNE_TRACE")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"event": event, "candidate": cand.label}) + "\n")
+
+
+# --- Tune phases ------------------------------------------------------------------------------------------------
+def tune_phase(cfg: TuneConfig, uri: str, phase: str, ctx: dict, param_space: dict, *, search_alg=None,
+               scheduler=None, num_samples: int = 1):
+    """Run (or resume with ``Tuner.restore``) one Tune experiment at ``<run>/<phase>``."""
+    from ray import tune
+
+    res = cfg.resources
+    fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx),
+                             {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+    path = f"{uri}/{phase}"
+    if tune.Tuner.can_restore(path):
+        log(f"{phase}: resuming {path} (finished trials are kept)")
+        tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True, param_space=param_space)
+    else:
+        tuner = tune.Tuner(
+            fn, param_space=param_space,
+            tune_config=tune.TuneConfig(metric="objective", mode="max", search_alg=search_alg, scheduler=scheduler,
+                                        num_samples=num_samples, max_concurrent_trials=res.max_concurrent,
+                                        trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(name=phase, storage_path=uri, verbose=0 if os.environ.get("ADV_NO_PROGRESS") == "1" else 1,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    return tuner.fit()
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"  # the default name embeds the whole candidate dict
+
+
+def search_setup(cfg: TuneConfig, space: SearchSpace) -> tuple[dict, Any, int, str]:
+    """``(param_space, search_alg, num_samples, description)``: grid search, or Optuna over tune domains."""
+    from ray import tune
+
+    algorithm = cfg.search.algorithm
+    if algorithm == "auto":
+        algorithm = "grid" if space.discrete else "optuna"
+    if algorithm == "grid":
+        grid = space.grid()
+        return {"candidate": tune.grid_search([c.to_dict() for c in grid])}, None, 1, f"grid ({len(grid)} configurations)"
+    from ray.tune.search.optuna import OptunaSearch
+
+    domains = {}
+    for key, dim in space.choices().items():
+        if dim.kind in ("choice", "fixed"):
+            domains[key] = tune.choice(list(dim.values))  # OptunaSearch refuses grid_search (Ray 2.60)
+        elif dim.kind == "randint":
+            domains[key] = tune.randint(int(dim.low), int(dim.high))
+        else:
+            domains[key] = getattr(tune, dim.kind)(dim.low, dim.high)
+    return domains, OptunaSearch(seed=cfg.search.seed), cfg.search.num_samples, \
+        f"Optuna (TPE), {cfg.search.num_samples} samples"
+
+
+def asha(cfg: TuneConfig, resource: str, max_t: int, grace: int):
+    from ray.tune.schedulers import ASHAScheduler
+
+    if not cfg.asha.enabled:
+        return None, "none"
+    sched = ASHAScheduler(time_attr=resource, max_t=max_t, grace_period=grace,
+                          reduction_factor=cfg.asha.reduction_factor)  # metric/mode come from TuneConfig
+    return sched, f"ASHA on {resource} (grace {grace}, reduction factor {cfg.asha.reduction_factor}, max {max_t})"
+
+
+def records_of(results, full: int, resource: str) -> list[TrialRecord]:
+    out = []
+    for r in results:
+        m = r.metrics or {}
+        if "candidate" not in m:
+            cand = Candidate.from_dict(r.config["candidate"]) if "candidate" in (r.config or {}) else None
+            out.append(TrialRecord(os.path.basename(r.path or "?"), cand.to_dict() if cand else {},
+                                   {}, math.nan, math.nan, 0, status=f"error: {str(r.error)[:120]}"))
+            continue
+        got = m.get(resource, 0)
+        status = "finished" if got >= full else f"stopped early by ASHA at {got} {resource}"
+        out.append(TrialRecord(m.get("trial_id", "?"), json.loads(m["candidate"]), numbers_from_flat(m),
+                               float(m["objective"]), float(m["clean_ref"]), float(got), status,
+                               r.checkpoint.path if r.checkpoint else None))
+    return sorted(out, key=lambda r: r.trial_id)
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+def run(cfg: TuneConfig) -> TuneResult:
+    t0 = time.perf_counter()
+    space = SearchSpace.parse(cfg.space, kind=cfg.kind)
+    uri = run_uri(cfg)
+    store = RunStore(uri)
+    store.write_json("config.json", cfg.model_dump(mode="json"))
+    res = cfg.resources
+    need = int(math.ceil(res.cpus_per_trial * res.max_concurrent)) + 1
+    common.init_ray(res.address, num_cpus=res.local_cpus or max(os.cpu_count() or 1, need), log=log)
+    full, split, grid = load_split(cfg, store)
+    val = take(full, split.validation)
+    threads = max(1, int(res.cpus_per_trial))
+    setting = Setting(grid, cfg.objective.max_clean_drop, split.describe("validation"), cfg.seed, res.batch_size)
+    ctx = {"space": space, "setting": setting, "kind": cfg.kind, "checkpoint": _abs(cfg.checkpoint), "val": val,
+           "threads": threads, "grace": cfg.asha.grace or 64, "factor": cfg.asha.reduction_factor,
+           "training": cfg.training.model_dump()}
+    param_space, search_alg, samples, search_desc = search_setup(cfg, space)
+    if cfg.kind == "stored":
+        ctx["stored"] = ensure_stored(cfg, split, val, uri)
+        scheduler, sched_desc, resource, full_t = None, "none (one report per trial)", "examples", len(val)
+    elif cfg.kind == "adaptive":
+        resource, full_t = "examples", len(val)
+        scheduler, sched_desc = asha(cfg, resource, full_t, cfg.asha.grace or 64)
+    else:
+        ctx["train"] = _train_data(cfg)
+        ctx["val"] = val if cfg.training.eval_n is None else take(val, range(min(cfg.training.eval_n, len(val))))
+        resource, full_t = "epoch", cfg.training.epochs
+        scheduler, sched_desc = asha(cfg, resource, full_t, cfg.asha.grace or 1)
+    log(f"sweep: {search_desc}, scheduler {sched_desc}, {len(val)} validation images")
+    records = records_of(tune_phase(cfg, uri, "sweep", ctx, param_space, search_alg=search_alg,
+                                    scheduler=scheduler, num_samples=samples), full_t, resource)
+    if cfg.kind == "stored":
+        recheck(cfg, uri, ctx, records)
+    selected, warnings = select(records, cfg.kind)
+    log(f"selected {selected.trial_id}: {selected.label}")
+    for w in warnings:
+        log(f"warning: {w}")
+    final, bundle = export(cfg, uri, full, split, grid, selected, ctx)
+    meta = _meta(cfg, split, grid, search_desc, sched_desc, time.perf_counter() - t0)
+    report = _write_report(store, meta, records, selected, warnings, final, bundle)
+    log(f"done in {time.perf_counter() - t0:.0f} s; report {report}; bundle {bundle}")
+    return TuneResult(uri, report, bundle, selected, records, warnings)
+
+
+def recheck(cfg: TuneConfig, uri: str, ctx: dict, records: list[TrialRecord]) -> None:
+    """Adaptive re-check of the best ``objective.recheck`` stored trials (no early stopping)."""
+    from ray import tune
+
+    ranked = sorted((r for r in records if not math.isnan(r.objective)), key=lambda r: -r.objective)
+    top = ranked[:cfg.objective.recheck]
+    log(f"adaptive re-check of the best {len(top)} non-adaptive trial(s): {', '.join(r.trial_id for r in top)}")
+    space = {"candidate": tune.grid_search([r.candidate for r in top])}
+    # the experiment is named after the candidates it re-checks, so a resumed run never mixes two selections
+    phase = "recheck-" + hashlib.sha256("\n".join(key(r.candidate) for r in top).encode()).hexdigest()[:8]
+    results = tune_phase(cfg, uri, phase, {**ctx, "kind": "adaptive", "grace": len(ctx["val"]) + 1}, space)
+    by_cand = {key(r.candidate): r for r in top}
+    for res in results:
+        m = res.metrics or {}
+        rec = by_cand.get(key(json.loads(m["candidate"]))) if "candidate" in m else None
+        if rec is not None:
+            rec.recheck, rec.recheck_objective = numbers_from_flat(m), float(m["objective"])
+
+
+def key(candidate: dict) -> str:
+    return json.dumps(candidate, sort_keys=True, default=str)
+
+
+def _train_data(cfg: TuneConfig):
+    from adv.data import load_dataset
+
+    d = cfg.data
+    return load_dataset(d.name, split="train", n=d.train_n, seed=cfg.seed, root=d.root, download=d.download)
+
+
+def export(cfg: TuneConfig, uri: str, full, split: Split, grid, selected: TrialRecord, ctx: dict):
+    """Measure the selected configuration on the test subset and write the bundle to ``<run>/best``."""
+    from adv.bundle import provenance_defaults, write_bundle
+    from adv.tuning import trials
+
+    cand = Candidate.from_dict(selected.candidate)
+    test = take(full, split.test)
+    setting = Setting(grid, cfg.objective.max_clean_drop, split.describe("test") + ", disjoint from validation",
+                      cfg.seed, cfg.resources.batch_size)
+    checkpoint, stages = ctx["checkpoint"], list(cand.stages)
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.kind == "training":
+            from ray import tune
+
+            from adv.models import load_checkpoint
+            from adv.train.registry import training_loss
+
+            tune.Checkpoint(selected.checkpoint).to_directory(tmp)
+            checkpoint, stages = f"{tmp}/model.pt", training_loss(cand.loss).stages
+            loader = trials.TrainedLoader(load_checkpoint(ctx["checkpoint"])[0], load_checkpoint(checkpoint)[0],
+                                          tuple(stages))
+        else:
+            loader = trials.stage_loader(checkpoint, stages, cand.detector)
+        log(f"final numbers of {selected.trial_id} on the test subset ({len(test)} images)")
+        final = trials.measure(loader, test, setting)
+        linf = [gp.eps for gp in grid if gp.norm == "linf"] or [grid[0].eps]
+        bundle = write_bundle(
+            f"{uri}/best", checkpoint=checkpoint, stages=stages, detector=cand.detector, numbers=final,
+            provenance={**provenance_defaults(), "versions": common.versions(), "sweep": cfg.name, "run": uri,
+                        "trial": selected.trial_id, "kind": cfg.kind, "candidate": selected.candidate,
+                        "validation": split.describe("validation"), "test": split.describe("test"),
+                        "selected_on": "adaptive robust accuracy under the clean-accuracy constraint"},
+            evaluation={"dataset": split.dataset, "split": split.split, "n": len(split.test),
+                        "seed": split.test_seed, "eps": max(linf), "norm": "linf" if grid[0].norm == "linf" else
+                        grid[0].norm, "attacks": [gp.key for gp in grid]},
+        )
+    return final, bundle.location
+
+
+def _meta(cfg: TuneConfig, split: Split, grid, search: str, sched: str, wall: float) -> dict:
+    objective = (f"maximize adaptive robust accuracy subject to a clean-accuracy drop of at most "
+                 f"{cfg.objective.max_clean_drop:g} (penalty: robust - 1 - breach below the allowed clean accuracy)"
+                 + (f"; stored trials rank on the non-adaptive number, the best {cfg.objective.recheck} are "
+                    "re-checked adaptively and the selection uses the re-check" if cfg.kind == "stored" else ""))
+    return {"name": cfg.name, "kind": cfg.kind, "search": search, "scheduler": sched,
+            "validation": split.describe("validation"), "test": split.describe("test"), "objective": objective,
+            "grid": "; ".join(gp.key for gp in grid), "wall_seconds": wall, "versions": common.versions(),
+            "max_clean_drop": cfg.objective.max_clean_drop}
+
+
+def _write_report(store: RunStore, meta, records, selected, warnings, final, bundle) -> str:
+    from adv.tuning.report import write_report
+
+    local = store.local_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_report(local or Path(tmp), meta=meta, records=records, selected=selected, warnings=warnings,
+                            final=final, bundle=bundle)
+        if local is None:
+            store.put_folder(tmp)
+            return f"{store.uri.rstrip('/')}/report.md"
+    return str(path)
+
+
+# --- entrypoint ----------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="sweep YAML (docs/tuning.md lists the keys)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        result = run(load_tune_config(args.config))
+        print(result.report)
+        return 0
+
+    return common.guarded("tune", body, "rerun the same command to resume (finished trials are kept)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

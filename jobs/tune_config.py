@@ -1,0 +1,154 @@
+"""The typed config of a sweep (``python -m jobs.tune --config sweep.yaml``); docs/tuning.md lists every key.
+
+Validation happens here, before Ray starts: unknown keys, bad resources and a
+search space whose values the parameter models forbid all fail with one line
+naming the key (``jobs.tune`` formats pydantic's first error).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from adv.errors import ConfigError
+from jobs.config import AttackConfig, format_validation_error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SubsetConfig(_Strict):
+    n: int = Field(ge=1)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    #: A registered in-memory dataset (``adv info datasets``); the validation and test subsets come from ``split``.
+    name: str = "fashion-mnist"
+    split: Literal["train", "test"] = "test"
+    root: str | None = None
+    download: bool = False
+    #: The subset the exported bundle's final numbers use (same form as ``adv eval --n N --seed S``).
+    test: SubsetConfig = SubsetConfig(n=300, seed=0)
+    #: The subset every trial sees: a seeded draw from the rest of ``split``, disjoint from ``test``.
+    validation: SubsetConfig = SubsetConfig(n=200, seed=1)
+    #: Training-time trials: a seeded subset of the training split (all when null).
+    train_n: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _known(self):
+        from adv.data import list_datasets
+
+        if self.name not in list_datasets():
+            raise ValueError(f"name: unknown dataset {self.name!r}; known: {', '.join(list_datasets())}")
+        return self
+
+
+class ObjectiveConfig(_Strict):
+    #: The largest clean-accuracy drop (vs the undefended classifier on the same examples) a trial may cost.
+    max_clean_drop: float = Field(0.05, ge=0, le=1)
+    #: Stored (non-adaptive) sweeps: re-check the best K trials adaptively; the selection uses the re-check.
+    recheck: int = Field(3, ge=1)
+
+
+class SearchConfig(_Strict):
+    #: ``auto``: grid search when every dimension is discrete, else Optuna (``ray.tune.search.optuna``).
+    algorithm: Literal["auto", "grid", "optuna"] = "auto"
+    #: Trials Optuna samples (ignored by grid search, which runs every combination once).
+    num_samples: int = Field(8, ge=1)
+    seed: int = 0
+
+
+class AshaConfig(_Strict):
+    """Early stopping (ASHA) on the trial's resource: evaluated examples (adaptive) or epochs (training)."""
+
+    enabled: bool = True
+    #: First rung: 64 examples (adaptive: rungs at 64, 128, 256, ...) or 1 epoch (training).
+    grace: int | None = Field(None, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+
+
+class TrainingConfig(_Strict):
+    """Training-time trials: a fresh classifier of the base checkpoint's architecture, trained with the loss."""
+
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    #: Validation examples evaluated after every epoch (all of ``data.validation`` when null).
+    eval_n: int | None = Field(None, ge=1)
+
+
+class ResourcesConfig(_Strict):
+    cpus_per_trial: float = Field(1, gt=0)
+    #: Fractional GPUs are allowed (they share memory; Ray does not isolate it); 0 on CPU machines.
+    gpus_per_trial: float = Field(0, ge=0)
+    max_concurrent: int = Field(2, ge=1)
+    #: Examples per attack call.
+    batch_size: int = Field(64, ge=1)
+    #: Ray address; null = ``$RAY_ADDRESS`` if set, else an embedded local cluster.
+    address: str | None = None
+    local_cpus: int | None = Field(None, ge=1)
+    #: Actors of the Ray Data job that generates a missing stored set.
+    generate_actors: int = Field(2, ge=1)
+
+
+class StoredConfig(_Strict):
+    #: A finished ``jobs.evaluate`` run made on this sweep's validation subset; null = generate it once.
+    run: str | None = None
+
+
+class TuneConfig(_Strict):
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    #: ``stored``: inference stages on stored non-adaptive adversarials; ``adaptive``: each trial attacks its own
+    #: pipeline (ASHA on examples); ``training``: each trial trains a classifier (ASHA on epochs).
+    kind: Literal["stored", "adaptive", "training"]
+    data: DataConfig = DataConfig()
+    #: The classifier (an adv checkpoint) the stages defend, or whose architecture training trials train.
+    checkpoint: str
+    #: The attack grid (the ``attacks`` schema of jobs.evaluate); the numbers are worst cases over it.
+    attacks: list[AttackConfig] = Field(min_length=1)
+    #: Namespaced dimensions (``pipeline``, ``stage.NAME.PARAM``, ``loss.NAME.PARAM``, ``detector.NAME.PARAM``).
+    space: dict[str, Any]
+    objective: ObjectiveConfig = ObjectiveConfig()
+    search: SearchConfig = SearchConfig()
+    asha: AshaConfig = AshaConfig()
+    training: TrainingConfig = TrainingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    stored: StoredConfig = StoredConfig()
+    #: Where runs go: a local folder or a pyarrow URI (``s3://bucket/prefix``); a run is ``<storage_path>/<name>``.
+    storage_path: str = "runs/tune"
+
+    @model_validator(mode="after")
+    def _space(self):
+        from adv.tuning.space import SearchSpace
+
+        SearchSpace.parse(self.space, kind=self.kind)  # raises "space.<key>: ..." before any trial
+        return self
+
+
+def parse_tune_config(data: Any, source: str = "") -> TuneConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    try:
+        return TuneConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_tune_config(path: str | Path) -> TuneConfig:
+    """Read and validate a sweep's YAML; every error is one line naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"{path}:{f' line {mark.line + 1}' if mark else ''} invalid YAML: "
+                          f"{getattr(exc, 'problem', exc)}") from None
+    return parse_tune_config(data, str(path))

@@ -1,0 +1,119 @@
+"""The Ray-free half of the Tune stage: search spaces, config errors, objective, splits, selection, report."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from adv.errors import ConfigError
+from adv.tuning.objective import TrialRecord, pareto_front, penalized, select
+from adv.tuning.space import SearchSpace
+from adv.tuning.splits import make_split
+from jobs.tune import main as tune_main
+from jobs.tune_config import parse_tune_config
+from tests.pipeline_helpers import write_yaml
+
+
+def _cfg(**over) -> dict:
+    cfg = {"name": "t", "kind": "stored", "checkpoint": "model.pt", "data": {"name": "digits"},
+           "attacks": [{"name": "fgsm", "eps": [0.1]}],
+           "space": {"pipeline": [["dwt"]], "stage.dwt.wavelet": ["haar", "db2"]}}
+    cfg.update(over)
+    return cfg
+
+
+def test_grid_is_built_from_typed_params_and_deduplicated():
+    space = SearchSpace.parse({"pipeline": [["dwt"], ["quantize"]], "stage.dwt.wavelet": ["haar", "db2"],
+                               "stage.dwt.level": [1, 2]}, kind="stored")
+    assert space.discrete
+    grid = space.grid()
+    # 4 DWT combinations and one quantize pipeline (the dwt keys are moot there, so it is not repeated)
+    assert [c.stages for c in grid].count(("quantize",)) == 1 and len(grid) == 5
+    assert ("dwt:wavelet=db2,level=2",) in [c.stages for c in grid]
+    assert dict(grid[0].params)["stage.dwt.wavelet"] == "haar"
+
+
+def test_ranges_make_the_space_continuous():
+    space = SearchSpace.parse({"loss.at.eps": "loguniform(0.01, 0.3)", "loss.at.steps": [1, 2]}, kind="training")
+    assert not space.discrete and space.choices()["loss.at.eps"].kind == "loguniform"
+    cand = space.candidate({"loss.at.eps": 0.05, "loss.at.steps": 2})
+    assert cand.loss.startswith("at:") and "eps=0.05" in cand.loss and "steps=2" in cand.loss
+
+
+@pytest.mark.parametrize("space, match", [
+    ({"pipeline": [["dwt"]], "stage.dwt.level": [1, 0]}, r"space\.stage\.dwt\.level: 0 is not allowed"),
+    ({"pipeline": [["dwt"]], "stage.dwt.threshold": "uniform(-1, 0.5)"}, r"space\.stage\.dwt\.threshold: -1\.0 is not allowed"),
+    ({"pipeline": [["dwt"]], "stage.dwt.level": "uniform(1, 3)"}, r"level is an integer"),
+    ({"pipeline": [["dwt"]], "stage.dwt.wavelett": ["haar"]}, r"dwt has no parameter 'wavelett'"),
+    ({"pipeline": [["dwt"]], "stage.quantize.bits": [2]}, r"no pipeline has a 'quantize' stage"),
+    ({"pipeline": [["dwt"]], "stage.dwt.threshold": "loguniform(0, 1)"}, r"0 < low < high"),
+])
+def test_the_space_rejects_what_the_parameter_model_forbids(space, match):
+    with pytest.raises(ConfigError, match=match):
+        SearchSpace.parse(space, kind="stored")
+
+
+def test_a_bad_config_fails_with_one_line_naming_the_key(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"^resources\.max_concurrent: "):
+        parse_tune_config(_cfg(resources={"max_concurrent": 0}))
+    with pytest.raises(ConfigError, match=r"^space\.stage\.dwt\.level: 0 is not allowed"):
+        parse_tune_config(_cfg(space={"pipeline": [["dwt"]], "stage.dwt.level": [0]}))
+    with pytest.raises(ConfigError, match=r"^objective\.max_clean_dropp: unknown key"):
+        parse_tune_config(_cfg(objective={"max_clean_dropp": 0.1}))
+    path = write_yaml(tmp_path / "bad.yaml", _cfg(attacks=[{"name": "fgsm", "eps": [-1]}]))
+    assert tune_main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "attacks[0].eps" in err[0], err
+
+
+def test_penalty_puts_every_breach_below_every_feasible_trial():
+    ok = penalized(0.0, clean=0.90, clean_ref=0.92, max_clean_drop=0.05)
+    breach_small = penalized(0.9, clean=0.85, clean_ref=0.92, max_clean_drop=0.05)
+    breach_big = penalized(0.9, clean=0.50, clean_ref=0.92, max_clean_drop=0.05)
+    assert ok == 0.0 and breach_big < breach_small < ok
+
+
+def test_pareto_front_keeps_the_non_dominated_points():
+    pts = [(0.9, 0.1), (0.8, 0.3), (0.85, 0.05), (0.7, 0.3), (0.6, 0.4)]
+    assert pareto_front(pts) == [4, 1, 0]
+
+
+def test_validation_and_test_subsets_are_disjoint():
+    s = make_split("d", "test", 500, 100, 0, 200, 1)
+    assert len(np.intersect1d(s.test, s.validation)) == 0 and len(s.validation) == 200
+    from adv.data.base import subset_indices
+
+    assert (s.test == subset_indices(500, 100, 0).numpy()).all()  # what `adv eval --n 100 --seed 0` loads
+    with pytest.raises(ConfigError, match="exceed"):
+        make_split("d", "test", 250, 100, 0, 200, 1)
+
+
+def _record(tid, clean, nonadaptive, recheck=None):
+    num = lambda v: {"value": v, "ci95": [v, v], "n": 10, "label": "x", "subset": "v"}  # noqa: E731
+    r = TrialRecord(tid, {"stages": [f"dwt:level={tid}"], "params": {}}, {"clean": num(clean),
+                    "non_adaptive": num(nonadaptive)}, nonadaptive, 0.9, 10)
+    if recheck is not None:
+        r.recheck, r.recheck_objective = {"clean": num(clean), "adaptive": num(recheck)}, recheck
+    return r
+
+
+def test_selection_warns_when_the_adaptive_recheck_disagrees():
+    records = [_record("1", 0.9, 0.8, recheck=0.1), _record("2", 0.9, 0.6, recheck=0.3), _record("3", 0.9, 0.2)]
+    best, warnings = select(records, "stored")
+    assert best.trial_id == "2" and len(warnings) == 1 and "gradient masking" in warnings[0]
+    best, warnings = select([_record("1", 0.9, 0.8, recheck=0.3), _record("2", 0.9, 0.6, recheck=0.1)], "stored")
+    assert best.trial_id == "1" and warnings == []
+
+
+def test_report_has_the_table_the_figure_and_the_selection(tmp_path):
+    from adv.tuning.report import write_report
+
+    records = [_record("1", 0.9, 0.8, recheck=0.1), _record("2", 0.9, 0.6, recheck=0.3)]
+    meta = {"name": "t", "kind": "stored", "search": "grid", "scheduler": "none", "validation": "v", "test": "t",
+            "objective": "o", "grid": "fgsm", "versions": {}, "max_clean_drop": 0.05}
+    path = write_report(tmp_path, meta=meta, records=records, selected=records[1], warnings=["w"], final=None,
+                        bundle="b")
+    text = path.read_text()
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+    assert "| 2* |" in text and "**warning:** w" in text and "trial `2`" in text
