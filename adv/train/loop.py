@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adv.data.base import ImageData
+from adv.io import atomic_output, atomic_write_json
 from adv.models.base import ImageClassifier
 from adv.models.checkpoint import save_checkpoint
 from adv.models.device import resolve_device
@@ -67,6 +68,9 @@ class LossOutput:
 
 
 class BatchLoss(Protocol):
+    """``loss_fn(model, x, y) -> LossOutput``; a loss whose class sets ``takes_epoch = True`` is also passed
+    ``epoch=`` (fractional epochs done), for schedules such as an eps ramp that must survive a resume."""
+
     def __call__(self, model: ImageClassifier, x: torch.Tensor, y: torch.Tensor) -> LossOutput: ...
 
 
@@ -122,12 +126,16 @@ def fit(
     show_progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    select: str | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place; returns the final metrics.
 
     With ``out_dir``, writes ``model.pt`` (adv checkpoint), ``metrics.json``
     and ``train_state.pt`` after every epoch, and resumes from the latter
-    when ``resume`` is true.
+    when ``resume`` is true. ``validate(model)`` adds metrics after each
+    epoch; ``select`` names one of them, and the epoch that maximises it is
+    also kept as ``best.pt`` (checkpoint selection against robust overfitting).
     """
     device = resolve_device(config.device)
     seed_everything(config.seed)
@@ -146,6 +154,7 @@ def fit(
         print(f"resuming from {state_path} at epoch {start_epoch}", file=sys.stderr)
 
     steps = math.ceil(len(train) / config.batch_size)
+    scheduled = getattr(loss_fn, "takes_epoch", False)
     metrics: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, config.epochs):
         model.train()
@@ -160,7 +169,7 @@ def fit(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for group in opt.param_groups:
                 group["lr"] = config.lr * _lr_factor(config, epoch, step, steps)
-            out_ = loss_fn(model, x, y)
+            out_ = loss_fn(model, x, y, epoch=epoch + step / steps) if scheduled else loss_fn(model, x, y)
             opt.zero_grad(set_to_none=True)
             out_.loss.backward()
             opt.step()
@@ -180,10 +189,15 @@ def fit(
         }
         if test is not None:
             metrics["test_acc"] = evaluate_accuracy(model, test, config.eval_batch_size, device)
+        if validate is not None:
+            metrics.update(validate(model))
         history.append(metrics)
         print(json.dumps(metrics), file=sys.stderr)
         if out:
             _save(out, model, opt, epoch + 1, history, train, config, extra_meta)
+            if select is not None and _is_best(history, select):
+                _save_model(out / "best.pt", model, train, config, {**(extra_meta or {}), "selected_by": select},
+                            history[-1])
         if on_epoch_end:
             on_epoch_end(epoch + 1, metrics)
     model.eval()
@@ -193,14 +207,23 @@ def fit(
     return final
 
 
+def _is_best(history: list[dict[str, Any]], key: str) -> bool:
+    if key not in history[-1]:
+        raise ValueError(f"select={key!r} is not a metric of this run; it has {sorted(history[-1])}")
+    return history[-1][key] >= max(h.get(key, -math.inf) for h in history)
+
+
+def _save_model(path: Path, model, train: ImageData, config: TrainConfig, extra_meta, last: dict) -> None:
+    save_checkpoint(
+        path, model, dataset=train.name, metrics={k: v for k, v in last.items() if isinstance(v, (int, float))},
+        train_config=config.model_dump(), extra=extra_meta,
+    )
+
+
 def _save(out: Path, model, opt, epoch, history, train: ImageData, config: TrainConfig, extra_meta) -> None:
     out.mkdir(parents=True, exist_ok=True)
     last = history[-1]
-    save_checkpoint(
-        out / "model.pt", model, dataset=train.name,
-        metrics={k: v for k, v in last.items() if isinstance(v, (int, float))},
-        train_config=config.model_dump(), extra=extra_meta,
-    )
+    _save_model(out / "model.pt", model, train, config, extra_meta, last)
     state = {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -208,7 +231,7 @@ def _save(out: Path, model, opt, epoch, history, train: ImageData, config: Train
         "history": json.dumps(history),
         "torch_rng": torch.get_rng_state(),
     }
-    torch.save(state, out / "train_state.pt.tmp")
-    (out / "train_state.pt.tmp").replace(out / "train_state.pt")
+    with atomic_output(out / "train_state.pt") as f:
+        torch.save(state, f)
     summary = {**last, "train_seconds": sum(h["epoch_seconds"] for h in history), "history": history}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "metrics.json", summary, indent=2)

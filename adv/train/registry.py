@@ -80,6 +80,12 @@ def list_losses(pattern: str = "*") -> list[str]:
     return sorted(n for n in _LOSSES if fnmatch.fnmatch(n, pattern))
 
 
+def describe_loss(name: str) -> str:
+    """One line for listings: the description and the keys."""
+    entry = get_loss(name)
+    return f"{entry.description} [keys: {', '.join(entry.params.model_fields)}]"
+
+
 def loss_schema(name: str) -> dict[str, Any]:
     entry = get_loss(name)
     return {"name": name, "description": entry.description, "params": params_schema(entry.params)}
