@@ -7,7 +7,16 @@
 2. train every learned defense stage whose ``checkpoint=`` file is missing
    (on 10,000 training images, against the frozen classifier);
 3. run ``jobs.evaluate`` with ``jobs/configs/default.yaml`` (several attacks,
-   two defenses, the adaptive track) and print the report's path.
+   two defenses, the adaptive track) and print the report's path;
+4. run the default sweep ``jobs.tune`` with ``jobs/configs/tune-default.yaml``
+   (DWT settings and the learned stage on a validation subset disjoint from the
+   evaluation's images, adaptive re-check of the best few), write the selected
+   defense as a bundle (``runs/tune/default/best``) and print the sweep
+   report's path (``--no-tune`` skips it).
+5. deploy that bundle on local Ray Serve (``jobs.serve``), red-team it with one
+   account and with several (``jobs.redteam``), write ``serve-report.md`` with
+   its figure under the sweep's folder, ``serve/``, shut Serve down and print
+   the report's path (``--no-serve`` skips it).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from jobs.common import guarded
 from jobs.evaluate import run
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+TUNE_CONFIG = Path(__file__).parent / "configs" / "tune-default.yaml"
 STAGE_TRAIN_N = 10_000
 
 
@@ -78,10 +88,26 @@ def train_stages(cfg: EvalConfig) -> list[Path]:
     return written
 
 
+def serve_stage(bundle: str, tune_report: str, t0: float) -> str:
+    """Deploy the best bundle on local Serve, red-team it with one account and with several, write
+    ``serve-report.md`` (next to the sweep's report) with its figure, shut Serve down; the report's path."""
+    from jobs.redteam import story
+
+    local = "://" not in tune_report
+    out = Path(tune_report).parent / "serve" if local else Path("runs") / "serve"
+    log(f"serving {bundle} on local Ray Serve and red-teaming it -> {out}")
+    report = story(bundle, out)
+    log(f"serve stage done; {time.perf_counter() - t0:.0f} s in all")
+    return str(report)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.main", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="evaluation config (default: %(default)s)")
     parser.add_argument("--out", help="run folder (default: output.path/<name>-<config hash>)")
+    parser.add_argument("--tune-config", default=str(TUNE_CONFIG), help="sweep config (default: %(default)s)")
+    parser.add_argument("--no-tune", action="store_true", help="stop after the evaluation")
+    parser.add_argument("--no-serve", action="store_true", help="stop after the sweep (no Serve, no red team)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
 
@@ -97,9 +123,26 @@ def main(argv: list[str] | None = None) -> int:
         log(f"done in {time.perf_counter() - t0:.0f} s; clean accuracy " +
             ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
         print(result.report)
+        if not args.no_tune:
+            tuned = sweep(args.tune_config, t0)
+            print(tuned.report)
+            if not args.no_serve:
+                print(serve_stage(tuned.bundle, tuned.report, t0))
         return 0
 
-    return guarded("main", body, "rerun to resume (finished shards are kept)")
+    return guarded("main", body, "rerun to resume (finished shards and trials are kept)")
+
+
+def sweep(config: str, t0: float):
+    """The default sweep after the evaluation: report, bundle (``jobs.tune``)."""
+    from jobs.tune import run as tune
+    from jobs.tune_config import load_tune_config
+
+    log(f"sweeping defense settings ({config})")
+    result = tune(load_tune_config(config))
+    log(f"sweep done at {time.perf_counter() - t0:.0f} s; selected {result.selected.label!r}; "
+        f"bundle {result.bundle}")
+    return result
 
 
 if __name__ == "__main__":

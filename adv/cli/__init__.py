@@ -15,7 +15,7 @@ import sys
 from adv.errors import AdvError
 
 #: Subcommand modules, in the order ``adv --help`` lists them.
-COMMANDS = ["info", "train", "eval", "defend", "data"]
+COMMANDS = ["info", "train", "eval", "defend", "data", "bundle"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -34,9 +34,9 @@ def nonneg_float(text: str) -> float:
     return value
 
 
-def add_data_args(parser: argparse.ArgumentParser, default_split: str = "test") -> None:
+def add_data_args(parser: argparse.ArgumentParser, default_split: str = "test", dataset_required: bool = True) -> None:
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", required=True, choices=list_datasets(), help="registered dataset name")
+    g.add_argument("--dataset", required=dataset_required, choices=list_datasets(), help="registered dataset name")
     g.add_argument("--split", default=default_split, choices=["train", "test"])
     g.add_argument("--n", type=positive_int, default=None, help="seeded random subset of N examples")
     g.add_argument("--data-dir", default=None, help="folder searched first (then $ADV_DATA_DIR, system dirs)")

@@ -2,6 +2,7 @@
 
     adv eval --model lenet5 --weights mnist_lenet5_advtrained.pt --dataset mnist --n 1000 \\
         --attack fgsm --attack pgd --eps 0.3 --steps 40 --step-size 0.01 --json
+    adv eval --bundle runs/tune/default/best          # a defense bundle, adaptively, on its test subset
     adv eval --model-factory mypkg.nets:make_net --weights net.pt --dataset cifar10 --suite standard --eps 8/255
 
 Attacks run in the given order, each on the points still standing (the
@@ -35,13 +36,18 @@ HYPER_FLAGS = {"steps": "steps", "step_size": "step_size", "restarts": "restarts
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser, factory=True)
-    add_data_args(parser)
+    parser.add_argument("--bundle", metavar="DIR",
+                        help="a defense bundle (folder or pyarrow URI): its classifier, stages and detector, attacked "
+                             "adaptively; defaults to the manifest's test subset, eps and --suite standard")
+    add_data_args(parser, dataset_required=False)
+    parser.set_defaults(seed=None)  # None: the bundle's seed, else 0
     g = parser.add_argument_group("attacks")
     g.add_argument("--attack", action="append", default=[], metavar="NAME",
                    help="registered attack (repeat for a worst-case sequence); see `adv info attacks`")
     g.add_argument("--suite", choices=["standard", "l2", "rand"],
                    help="AutoAttack-style suite run after the --attack list (standard: L-inf; l2; rand: EOT)")
-    g.add_argument("--eps", type=budget, required=True, help="perturbation budget: a number or a fraction (8/255)")
+    g.add_argument("--eps", type=budget, help="perturbation budget: a number or a fraction (8/255); "
+                                              "required unless --bundle records one")
     g.add_argument("--norm", default="linf", choices=["linf", "l2"])
     g.add_argument("--steps", type=positive_int, help="iterations, for attacks that iterate")
     g.add_argument("--step-size", type=nonneg_float, help="step size, for attacks that take one")
@@ -74,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
     from adv.evaluate import robust_accuracy
     from adv.evaluate.checks import ALL, CHEAP
 
+    args = with_bundle(args) if args.bundle else argparse.Namespace(**{**vars(args), "seed": args.seed or 0})
+    if args.dataset is None:
+        raise ConfigError("give --dataset NAME (or --bundle DIR, whose manifest names one)")
+    if args.eps is None:
+        raise ConfigError("give --eps (or --bundle DIR, whose manifest records one)")
     device = resolve_device(args.device)
     if not (args.attack or args.suite):
         raise ConfigError("give --attack NAME (repeatable) and/or --suite standard|l2|rand")
@@ -109,6 +120,30 @@ def run(args: argparse.Namespace) -> int:
         for key, value in extra.items():
             print(f"{key}: {json.dumps(value, default=str)}")
     return 0
+
+
+def with_bundle(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` with the bundle's classifier, stages and detector, and its manifest's defaults
+    (dataset, split, test subset, seed, eps; ``--suite standard`` when no --attack/--suite is given)."""
+    from adv.bundle import load_bundle
+
+    clash = [f"--{k.replace('_', '-')}" for k in ("checkpoint", "model", "model_factory", "weights", "defense", "detector")
+             if getattr(args, k, None)]
+    if clash:
+        raise ConfigError(f"--bundle holds the classifier, stages and detector; drop {', '.join(clash)}")
+    b = load_bundle(args.bundle)
+    stages, detector = b.specs()
+    ev = b.evaluation
+
+    def pick(key: str, default=None):
+        return getattr(args, key) if getattr(args, key) is not None else ev.get(key, default)
+
+    return argparse.Namespace(**{
+        **vars(args), "checkpoint": str(b.checkpoint), "defense": stages, "detector": detector, "adaptive": True,
+        "dataset": pick("dataset"), "n": pick("n"), "eps": pick("eps"), "seed": pick("seed", 0),
+        "split": args.split if args.split != "test" else ev.get("split", "test"),
+        "suite": args.suite or (None if args.attack else "standard"),
+    })
 
 
 def build_model(args: argparse.Namespace, data, device: torch.device) -> torch.nn.Module:
