@@ -342,6 +342,8 @@ def plot(res: dict, path: Path) -> None:
 
 
 def markdown(res: dict, command: str) -> str:
+    from adv.serving.owner import COMPACT_EVERY as COMPACT
+
     tp, inproc = res["throughput"], res["in_process"]
     lines = [BEGIN, "## Serve endpoint", "",
              f"`{command}` ({platform.machine()}, {os.cpu_count()} cores shared with other work, "
@@ -370,7 +372,11 @@ def markdown(res: dict, command: str) -> str:
               f"{f['kills']['model replica']:.0f} s (Serve replaces it). Failed requests: {f['errors']}; time to the "
               f"first answer to a request sent after each kill: {rec}; acknowledged {f['acknowledged']}, stored "
               f"{f['stored']}, **lost {f['lost']}** (target 0). Stored can exceed acknowledged: an update made "
-              "durable whose answer never reached the client (at-least-once, never at-most-once).", "",
+              "durable whose answer never reached the client (at-least-once, never at-most-once). A gap in "
+              "the timeline without a kill is the owner compacting its log into a snapshot (every "
+              f"{COMPACT} updates; the default index has 100,000 slots), which blocks the single-threaded "
+              "owner for a few seconds on a loaded machine; restarting the owner costs a process start plus "
+              "loading the snapshot and replaying the log.", "",
               "![serve benchmark](benchmarks_serve.png)", "", END]
     return "\n".join(lines)
 
