@@ -18,6 +18,7 @@ def collect() -> dict[str, dict[str, str]]:
     # imported here: `adv --help` and the other commands need not load every registry
     from adv.attacks import describe_attack, list_attacks
     from adv.defenses import describe_defense, list_defenses
+    from adv.detectors import QUERY_DETECTORS
     from adv.evaluate.suites import describe_suite, list_suites
     from adv.train.registry import describe_loss, list_losses
 
@@ -28,6 +29,7 @@ def collect() -> dict[str, dict[str, str]]:
         "defenses": {n: describe_defense(n) for n in list_defenses()},
         "training defenses": {n: describe_loss(n) for n in list_losses()},
         "suites": {n: describe_suite(n) for n in list_suites()},
+        "query detectors": dict(QUERY_DETECTORS),
     }
 
 

@@ -24,11 +24,12 @@ from adv.detectors.query_similarity import (
     QueryHistory,
     SimilarityConfig,
 )
-from adv.detectors.detector import Decision, DetectorConfig, QueryDetector
+from adv.detectors.detector import QUERY_DETECTORS, Decision, DetectorConfig, QueryDetector
 from adv.detectors.fingerprint import FingerprintIndex, IndexConfig
 from adv.detectors.state import StateError
 
 __all__ = [
     "ACTIONS", "DEFAULT_THRESHOLDS", "Decision", "DetectorConfig", "FingerprintIndex", "IndexConfig", "METRICS",
-    "PredictionSimilarityLayer", "QueryDecision", "QueryDetector", "QueryHistory", "SimilarityConfig", "StateError",
+    "PredictionSimilarityLayer", "QUERY_DETECTORS", "QueryDecision", "QueryDetector", "QueryHistory",
+    "SimilarityConfig", "StateError",
 ]
