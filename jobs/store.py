@@ -10,15 +10,14 @@ Layout (docs/parquet-schema.md)::
     RUN/report.md, results.json, *.png
 
 A shard counts as finished only when its marker exists; the Parquet file is
-written to a temporary name and moved into place first, so an interrupted
-attempt leaves either nothing or a file the next attempt overwrites.
+written atomically first (:mod:`adv.io`: a temporary name moved into place,
+or one PUT on object stores), so an interrupted attempt leaves either nothing
+or a file the next attempt overwrites.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+import adv.io
 from adv.errors import AdvError, ConfigError
+from adv.io import atomic_output, atomic_write_bytes
 
 
 def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path)`` for a local path (relative is fine) or a URI such as ``s3://bucket/x``."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
     try:
-        return pafs.FileSystem.from_uri(uri)
+        return adv.io.open_filesystem(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise ConfigError(f"output.path: cannot open {uri!r}: {exc}") from None
 
@@ -58,13 +57,8 @@ class RunStore:
 
     # --- small files ------------------------------------------------------------------
     def write_bytes(self, name: str, data: bytes) -> None:
-        """Write ``name`` atomically where the filesystem allows (temporary name, then move)."""
-        final = self.path(name)
-        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, final)
+        """Write ``name`` atomically (:func:`adv.io.atomic_write_bytes`)."""
+        atomic_write_bytes(self.path(name), data, filesystem=self.fs)
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self.path(name)) as f:
@@ -94,11 +88,8 @@ class RunStore:
 
     def commit_shard(self, k: int, table: pa.Table, info: dict[str, Any]) -> None:
         """Write shard ``k``'s rows, then its marker: the marker is the commit point."""
-        final = self.path(self.shard_name(k))
-        self.makedirs("shards")
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
-        self.fs.move(tmp, final)
+        with atomic_output(self.path(self.shard_name(k)), filesystem=self.fs) as f:
+            pq.write_table(table, f, compression="zstd")
         self.write_json(f"shards/shard-{k:05d}.done", {"shard": k, "rows": table.num_rows, **info})
 
     def shard_paths(self, shards: list[int]) -> list[str]:

@@ -31,6 +31,7 @@ from torch import nn
 
 from adv.defenses.stage import Stage, StageInfo, frozen_classifier
 from adv.errors import CheckpointError, ConfigError
+from adv.io import atomic_output
 from adv.specs import build_params, format_spec, params_schema, parse_spec
 
 KINDS = ("preprocess", "classifier", "detector")
@@ -200,14 +201,12 @@ def save_stage(path: str | os.PathLike, stage: nn.Module, *, meta: dict[str, Any
     params.pop("checkpoint", None)
     state = stage.stage_state_dict()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": STAGE_FORMAT, "name": name, "params": params, "meta": meta or {},
         "state_dict": {k: v.detach().cpu() for k, v in state.items()},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        torch.save(payload, f)
     return path
 
 

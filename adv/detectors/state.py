@@ -23,7 +23,6 @@ import io
 import json
 import os
 import struct
-import uuid
 import zlib
 from typing import Literal
 
@@ -32,12 +31,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from adv.errors import AdvError
+from adv.io import RENAMES, atomic_write_bytes, fsync, open_filesystem
 
 FORMAT = "adv-query-detector"
 VERSION = 1
 _MAGIC = b"ADVL"
 _HEADER = struct.Struct("<4sQI")
-_RENAMES = ("local", "hdfs")  # filesystems where rename is atomic and append works
 _ARRAYS = pa.schema([("name", pa.string()), ("dtype", pa.string()), ("shape", pa.list_(pa.int64())),
                      ("crc32", pa.uint32()), ("data", pa.large_binary())])
 
@@ -53,10 +52,8 @@ def corrupt(path: str, why: str) -> StateError:
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it; a plain path is local (made absolute)."""
-    if "://" not in str(location):
-        location = os.path.abspath(os.fspath(location))
     try:
-        return pafs.FileSystem.from_uri(str(location))
+        return open_filesystem(location)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError, OSError) as e:
         raise StateError(f"cannot open state location {location!r}: {e}") from None
 
@@ -69,7 +66,7 @@ class StateStore:
             raise StateError(f"log_mode must be 'auto', 'append' or 'objects', got {log_mode!r}")
         self.location = str(location)
         self.fs, self.root = resolve(location)
-        self.renames = self.fs.type_name in _RENAMES
+        self.renames = self.fs.type_name in RENAMES  # rename is atomic there, and append works
         self.append = self.renames if log_mode == "auto" else log_mode == "append"
         self.generation: int | None = None
         self._segments = 0
@@ -89,23 +86,11 @@ class StateStore:
     # ---- writing -------------------------------------------------------------------------------------------
 
     def _write(self, path: str, data: bytes) -> None:
-        if not self.renames:  # one PUT: the object appears whole or not at all
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
-            return
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self._sync(tmp)
-        self.fs.move(tmp, path)
+        atomic_write_bytes(path, data, filesystem=self.fs)
 
     def _sync(self, path: str) -> None:
         if self.fs.type_name == "local":
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync(path)
 
     def write_snapshot(self, meta: dict, arrays: dict[str, np.ndarray], *, keep_previous: bool = False) -> None:
         """Start a new generation: snapshot, then manifest; the previous generation is deleted afterwards."""

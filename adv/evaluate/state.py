@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adv.io import atomic_write_json
+
 VERSION = 2  # 2: per-example clean mask and attack marks
 
 
@@ -55,11 +57,7 @@ class EvalState:
     done: bool = False
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"version": VERSION, **self.__dict__}, default=str))
-        os.replace(tmp, path)
+        atomic_write_json(path, {"version": VERSION, **self.__dict__})
 
     @classmethod
     def load(cls, path: str | os.PathLike, config: dict[str, Any]) -> "EvalState":

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from adv.errors import CheckpointError
+from adv.io import atomic_output
 from adv.models.base import ImageClassifier
 from adv.models.registry import create_model
 
@@ -31,9 +32,8 @@ def save_checkpoint(
     train_config: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` and its metadata atomically (tmp file + rename)."""
+    """Write ``model`` and its metadata atomically (:func:`adv.io.atomic_output`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "arch": model.arch,
@@ -47,9 +47,8 @@ def save_checkpoint(
         "extra": extra or {},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        torch.save(payload, f)
     return path
 
 
