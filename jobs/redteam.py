@@ -132,7 +132,7 @@ def story(bundle: str, out: str | Path, *, dataset: str = "fashion-mnist", n: in
     folder = Path(out)
     shutil.rmtree(folder / "state", ignore_errors=True)  # a fresh detector: the story starts from no history
     folder.mkdir(parents=True, exist_ok=True)
-    server_keys, attacker_keys, _ = _story_keys(folder, accounts)
+    server_keys, attacker_keys, plain = _story_keys(folder, accounts)
     cfg = ServeConfig(bundle=str(bundle), keys=str(server_keys), keys_env="ADV_STORY_NO_KEYS",
                       state=str(folder / "state"), name="main", rate_limit=RateLimit(rate=1000, burst=1000))
     init_ray()
@@ -141,6 +141,7 @@ def story(bundle: str, out: str | Path, *, dataset: str = "fashion-mnist", n: in
         for output in ("label", "probs"):
             cfg = cfg.model_copy(update={"output": output})
             url = deploy(cfg, "127.0.0.1", port)  # the same application, updated in place
+            _wait_for_output(url, plain["operator"], output)
             log(f"endpoint at {url}, output {output!r}")
             for r, (out_kind, attack, acc) in enumerate(ROUNDS):
                 if out_kind != output:
@@ -154,6 +155,21 @@ def story(bundle: str, out: str | Path, *, dataset: str = "fashion-mnist", n: in
         undeploy(cfg)
     (folder / "redteam.json").write_text(json.dumps(rows, indent=2))
     return write_story(folder, rows, bundle, cfg)
+
+
+def _wait_for_output(url: str, key: str, output: str, timeout_s: float = 120.0) -> None:
+    """An in-place update reports RUNNING while old replicas still answer: wait for the new config."""
+    import time
+
+    endpoint = Endpoint(url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while endpoint.get("/v1/model", key)["output"] != output:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"the endpoint at {url} still answers with the old output after {timeout_s:.0f} s")
+            time.sleep(0.5)
+    finally:
+        endpoint.close()
 
 
 def _free_port() -> int:

@@ -383,8 +383,10 @@ def build(args: dict):
                            max_ongoing_requests=max(100, s.max_ongoing_requests)).bind(model, config)
 
 
-def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_s: float = 180.0) -> str:
-    """Start Serve on ``host:port`` (when not running), deploy the application, wait for ``/healthz``; the URL."""
+def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_s: float = 180.0,
+           check_http: bool = True) -> str:
+    """Start Serve on ``host:port`` (when not running), deploy the application and wait until Serve reports
+    it running and (``check_http``, when this machine reaches the proxy) ``/healthz`` answers 200; the URL."""
     import httpx
 
     serve.start(http_options={"host": host, "port": port})
@@ -392,8 +394,12 @@ def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + wait_s
     while True:
+        app = serve.status().applications.get(cfg.name)
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise ConfigError(f"deploying {cfg.name!r} failed: {str(app.message).strip().splitlines()[-1:]}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=20).status_code == 200:
+            if app is not None and app.status == "RUNNING" and (
+                    not check_http or httpx.get(f"{url}/healthz", timeout=20).status_code == 200):
                 return url
         except httpx.HTTPError:
             pass
@@ -438,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg = load_args(args)
         init_ray(args.address)
-        url = deploy(cfg, args.host, args.port)
+        url = deploy(cfg, args.host, args.port, check_http=not args.address)  # a remote proxy may be unreachable
         if args.address:
             log(f"deployed {cfg.name!r} at {url} on {args.address}; remove with `serve shutdown`")
             return 0

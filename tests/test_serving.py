@@ -101,7 +101,8 @@ def test_owner_is_durable_before_answering_and_reloads(tmp_path):
     from adv.serving.owner import DetectorOwner
 
     cfg = ServeConfig(bundle="unused", state=str(tmp_path / "state"))
-    owner = DetectorOwner(cfg, DetectorConfig())
+    small = DetectorConfig.model_validate({"index": {"capacity": 2000}})  # quick snapshots
+    owner = DetectorOwner(cfg, small)
     rng = np.random.default_rng(1)
     x = np.repeat(rng.random((1, *SHAPE), dtype=np.float32), 12, axis=0)  # one image, again and again
     probs = np.full((12, 10), 0.1, np.float32)
@@ -111,7 +112,7 @@ def test_owner_is_durable_before_answering_and_reloads(tmp_path):
     assert stats["queries"] == 12 and stats["suspicious"] >= 1 and stats["first_flagged_query"] is not None
     assert owner.stats("frank")["queries"] == 2 and owner.stats("frank")["suspicious"] == 0  # isolation
     # a new owner on the same state (what a restart after a kill does) has every acknowledged update
-    again = DetectorOwner(cfg, DetectorConfig())
+    again = DetectorOwner(cfg, small)
     assert again.stats("eve") == stats and again.totals()["queries"] == 14 and len(again.detector) == 14
     flagged = [a for a in answers if a["alarms"]]
     clean = [a for a in answers if not a["alarms"]]

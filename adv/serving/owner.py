@@ -14,7 +14,7 @@ replica. On start the owner reloads the snapshot plus log from ``state``.
 Layout under ``state`` (a folder or a pyarrow URI)::
 
     detector/   the QueryDetector's snapshot and log (adv.detectors.state)
-    ledger/ledger.json   per-user counts, rewritten atomically after each batch
+    ledger.json  per-user counts, rewritten atomically after each batch (adv.io)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 
 from adv.detectors import DetectorConfig, QueryDetector
 from adv.detectors.state import StateError, StateStore
+from adv.io import atomic_write_json, open_filesystem
 from adv.serving.config import ServeConfig
 from adv.serving.ledger import ALARMS, Ledger
 
@@ -45,22 +46,21 @@ class DetectorOwner:
         else:
             self.detector = QueryDetector(detector)
             self.detector.save(self._det_path)
-        self._ledger_store = StateStore(f"{root}/ledger")
+        try:
+            self._fs, self._ledger_path = open_filesystem(f"{root}/ledger.json")
+        except (OSError, ValueError) as e:
+            raise StateError(f"cannot open state location {root!r}: {e}") from None
         self.ledger = self._load_ledger()
         self._since_snapshot = 0
 
-    def _ledger_file(self) -> str:
-        return self._ledger_store.path("ledger.json")
-
     def _load_ledger(self) -> Ledger:
-        store = self._ledger_store
         try:
-            with store.fs.open_input_stream(self._ledger_file()) as f:
+            with self._fs.open_input_stream(self._ledger_path) as f:
                 return Ledger.from_json(self.config.rate_limit, json.loads(f.read()))
         except FileNotFoundError:
             return Ledger(self.config.rate_limit)
         except (OSError, ValueError, TypeError) as e:
-            raise StateError(f"{self._ledger_file()}: unreadable ledger ({type(e).__name__})") from None
+            raise StateError(f"{self._ledger_path}: unreadable ledger ({type(e).__name__})") from None
 
     def admit(self, user: str, overrides: dict | None = None, now: float | None = None) -> float | None:
         """None when ``user`` may send one more request, else the seconds to wait (``Retry-After``)."""
@@ -82,10 +82,7 @@ class DetectorOwner:
                  "action": d.action} for d in decisions]
 
     def _save_ledger(self) -> None:
-        store = self._ledger_store
-        store.fs.create_dir(store.root, recursive=True)
-        # StateStore's write is the project's one atomic write (rename or single PUT, fsync'ed locally)
-        store._write(self._ledger_file(), json.dumps(self.ledger.to_json()).encode())
+        atomic_write_json(self._ledger_path, self.ledger.to_json(), filesystem=self._fs)
 
     def stats(self, user: str) -> dict:
         return self.ledger.stats(user)
