@@ -141,52 +141,11 @@ def fit(
     seed_everything(config.seed)
     model.to(device)
     opt = _optimizer(model, config)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
     out = Path(out_dir) if out_dir else None
-    state_path = out / "train_state.pt" if out else None
-    if out and resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"], json.loads(state["history"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        print(f"resuming from {state_path} at epoch {start_epoch}", file=sys.stderr)
-
-    steps = math.ceil(len(train) / config.batch_size)
-    scheduled = getattr(loss_fn, "takes_epoch", False)
+    start_epoch, history = _resume(out / "train_state.pt", model, opt, device) if out and resume else (0, [])
     metrics: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, config.epochs):
-        model.train()
-        # A per-epoch permutation drawn from a seeded generator keeps runs reproducible across resumes.
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
-        extra_sums: dict[str, float] = {}
-        bar = progress(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_progress)
-        for step in bar:
-            idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y = train[idx]
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            for group in opt.param_groups:
-                group["lr"] = config.lr * _lr_factor(config, epoch, step, steps)
-            out_ = loss_fn(model, x, y, epoch=epoch + step / steps) if scheduled else loss_fn(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            out_.loss.backward()
-            opt.step()
-            n = len(y)
-            seen += n
-            loss_sum += out_.loss.item() * n
-            correct += (out_.logits.argmax(1) == y).sum().item()
-            for k, v in (out_.logs or {}).items():
-                extra_sums[k] = extra_sums.get(k, 0.0) + float(v) * n
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
-            "epoch_seconds": time.time() - t0,
-            **{f"train_{k}": v / seen for k, v in extra_sums.items()},
-        }
+        metrics = _train_epoch(model, train, loss_fn, opt, config, epoch, device, show_progress)
         if test is not None:
             metrics["test_acc"] = evaluate_accuracy(model, test, config.eval_batch_size, device)
         if validate is not None:
@@ -205,6 +164,56 @@ def fit(
     final["train_seconds"] = sum(h["epoch_seconds"] for h in history)
     final["history"] = history
     return final
+
+
+def _resume(state_path: Path, model, opt, device) -> tuple[int, list[dict[str, Any]]]:
+    """``(epochs done, history)`` from ``train_state.pt``, with the model, optimizer and RNG restored; (0, [])
+    when there is none."""
+    if not state_path.is_file():
+        return 0, []
+    state = torch.load(state_path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    print(f"resuming from {state_path} at epoch {state['epoch']}", file=sys.stderr)
+    return state["epoch"], json.loads(state["history"])
+
+
+def _train_epoch(model, train: ImageData, loss_fn: BatchLoss, opt, config: TrainConfig, epoch: int, device,
+                 show_progress: bool) -> dict[str, Any]:
+    """One pass over ``train``: the epoch's mean loss, accuracy and the loss's extra logs."""
+    model.train()
+    steps = math.ceil(len(train) / config.batch_size)
+    scheduled = getattr(loss_fn, "takes_epoch", False)
+    # A per-epoch permutation drawn from a seeded generator keeps runs reproducible across resumes.
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+    t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
+    extra_sums: dict[str, float] = {}
+    bar = progress(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_progress)
+    for step in bar:
+        idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
+        x, y = train[idx]
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for group in opt.param_groups:
+            group["lr"] = config.lr * _lr_factor(config, epoch, step, steps)
+        out = loss_fn(model, x, y, epoch=epoch + step / steps) if scheduled else loss_fn(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        n = len(y)
+        seen += n
+        loss_sum += out.loss.item() * n
+        correct += (out.logits.argmax(1) == y).sum().item()
+        for k, v in (out.logs or {}).items():
+            extra_sums[k] = extra_sums.get(k, 0.0) + float(v) * n
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+    return {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / seen,
+        "train_acc": correct / seen,
+        "epoch_seconds": time.time() - t0,
+        **{f"train_{k}": v / seen for k, v in extra_sums.items()},
+    }
 
 
 def _is_best(history: list[dict[str, Any]], key: str) -> bool:
