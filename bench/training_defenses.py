@@ -145,16 +145,25 @@ def run_row(row: str, args) -> None:
     res.put("train", {k: metrics.get(k) for k in ("train_seconds", "test_acc", "train_adv_acc", "epoch")})
     model, data = load(out / "model.pt"), test_images(args)
     cells = res.data.get("cells", {})
-    for col, (name, kw) in COLUMNS.items():
-        if col not in cells:
-            log(f"{row}: {col}")
-            cells[col] = evaluate(model, data, out / f"state_{col}.json", [(name, kw)])
-            res.put("cells", cells)
-    if "standard" not in cells and row in args.suite_rows:
-        log(f"{row}: standard suite")
-        cells["standard"] = evaluate(model, data, out / "state_standard.json", suite="standard")
+    # the issue's checks first (PGD-40, then the suite against PGD-100), the other columns after
+    for col in ("pgd40", "pgd100", "standard", *[c for c in COLUMNS if c not in ("pgd40", "pgd100")]):
+        if col in cells or (col == "standard" and row not in args.suite_rows):
+            continue
+        log(f"{row}: {col}")
+        if col == "standard":  # on the first --suite-n images, with PGD-100 on the same images beside it
+            sub = (data[0][: args.suite_n], data[1][: args.suite_n])
+            cells[col] = evaluate(model, sub, out / f"state_standard_{args.suite_n}.json", suite="standard")
+            cells[col]["pgd100_same_images"] = robust_share(out / "state_pgd100.json", args.suite_n)
+        else:
+            cells[col] = evaluate(model, data, out / f"state_{col}.json", [COLUMNS[col]])
         res.put("cells", cells)
     log(f"{row}: done")
+
+
+def robust_share(state: Path, n: int) -> float:
+    """Robust accuracy of the first ``n`` images, from a finished evaluation's per-example mask."""
+    mask = json.loads(state.read_text())["robust_mask"][:n]
+    return mask.count("1") / len(mask)
 
 
 # --- extras ---------------------------------------------------------------------------------------------
@@ -232,7 +241,24 @@ def sensitivity(args) -> None:
         res.put(key, {"command": " ".join(cmd), "pgd40": cellv, "test_acc": metrics.get("test_acc")})
 
 
-EXTRAS = {"finetune": finetune, "ensemble": ensemble, "sensitivity": sensitivity}
+def published(args) -> None:
+    """The suite against PGD on advertorch's published Madry-trained LeNet5 (../shared/data/models), a reference."""
+    from adv.models import load_external
+
+    res, out = Results("published"), Path(args.out) / "published"
+    weights = Path(args.data_dir).parent / "models" / "mnist_lenet5_advtrained.pt"
+    model, data = load_external("lenet5", str(weights)).eval(), test_images(args)
+    res.put("model", f"advertorch LeNet5, Madry PGD-40 training ({weights.name})")
+    for col in ("pgd40", "pgd100"):
+        if col not in res.data:
+            res.put(col, evaluate(model, data, out / f"state_{col}.json", [COLUMNS[col]]))
+    if "standard" not in res.data:
+        sub = (data[0][: args.suite_n], data[1][: args.suite_n])
+        st = evaluate(model, sub, out / f"state_standard_{args.suite_n}.json", suite="standard")
+        res.put("standard", {**st, "pgd100_same_images": robust_share(out / "state_pgd100.json", args.suite_n)})
+
+
+EXTRAS = {"finetune": finetune, "ensemble": ensemble, "sensitivity": sensitivity, "published": published}
 
 
 def main(argv=None) -> int:
@@ -242,6 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--suite-rows", default="madry,madry_aad,alp,alp_aad,trades",
                    help="rows that also face the standard suite")
     p.add_argument("--n", type=int, default=1000, help="first N test images")
+    p.add_argument("--suite-n", type=int, default=1000, help="first N test images for the standard suite")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--known", type=int, default=2000, help="known adversarials for the fine-tuning extra")
     p.add_argument("--sens-points", nargs="+", default=["0,0", "0.01,0.01", "0.1,0.01", "0.01,0.1"])

@@ -33,6 +33,14 @@ def _clean_cell(cells: dict) -> dict | None:
     return {"acc": first["clean"], "ci": list(wilson_interval(k, first["n"]))}
 
 
+def _suite(cells: dict) -> str:
+    st = cells.get("standard")
+    if not st:
+        return "–"
+    same = st.get("pgd100_same_images")
+    return _pct(st) + (f" (first {st['n']} images; PGD-100 on them: {100 * same:.1f})" if same is not None else "")
+
+
 def table(data: dict[str, dict]) -> list[str]:
     lines = ["| defense | | " + " | ".join(HEADER) + " | standard suite | flags |",
              "|---|---|" + "---|" * (len(HEADER) + 2)]
@@ -43,7 +51,7 @@ def table(data: dict[str, dict]) -> list[str]:
         flags = sorted({f for c in cells.values() for f in c.get("flags", [])})
         status = "" if len(cells) >= len(COLUMNS) else (" (training)" if not cells else " (partial)")
         lines.append(f"| **{label}**{status} | ours | " + " | ".join(ours) +
-                     f" | {_pct(cells.get('standard'))} | {', '.join(flags) or 'none'} |")
+                     f" | {_suite(cells)} | {', '.join(flags) or 'none'} |")
         if row in PAPER:
             lines.append(f"| | paper | " + " | ".join(f"{v:.2f}" for v in PAPER[row]) + " | – | – |")
     return lines
@@ -81,6 +89,14 @@ def figure(data: dict[str, dict], path: Path) -> bool:
 
 def extras(data: dict[str, dict]) -> list[str]:
     out = []
+    pub = data.get("published")
+    if pub and "standard" in pub:
+        st = pub["standard"]
+        out += ["### Reference: a published Madry-trained LeNet5", "",
+                f"{pub['model']}: PGD-40 {_pct(pub['pgd40'])}%, PGD-100 {_pct(pub['pgd100'])}% on the first "
+                f"{pub['pgd40']['n']} test images; standard suite {_pct(st)}% on the first {st['n']} "
+                f"(PGD-100 on those: {100 * st['pgd100_same_images']:.1f}%). Per attack: "
+                + ", ".join(f"after {a['label']} {100 * a['after']:.1f}%" for a in st["attacks"]) + ".", ""]
     ft = data.get("finetune")
     if ft and "known_after" in ft:
         out += ["### Fine-tuning on known adversarials (Echeberria-Barrio et al. §4.1)", "",
