@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adv.serving.client import npy_bytes
 from bench.docs import command as command_line, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +52,7 @@ def log(msg: str) -> None:
 
 
 def npy(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(x, np.float32), allow_pickle=False)
-    return buf.getvalue()
+    return npy_bytes(np.asarray(x, np.float32))
 
 
 def make_bundle(args, out: Path) -> str:
@@ -155,6 +154,19 @@ def malformed_requests(keys: dict, images: np.ndarray, limit: int):
     return kinds, (lambda i, k: kinds[(i + k) % len(kinds)][1:])
 
 
+def malformed(url: str, keys: dict, images: np.ndarray, limit: int, clients: int, n: int) -> dict:
+    """``n`` bad requests from ``clients`` loops: answers per kind, 5xx, replicas lost, health afterwards."""
+    before = replicas()
+    kinds, request = malformed_requests(keys, images, limit)
+    rows = asyncio.run(closed_loop(url, clients, 3600, request, n))
+    per_kind: dict[str, dict[str, int]] = {}
+    for _, _, st, i, k in rows:  # client i's k-th request was kind (i + k) % 6
+        tally = per_kind.setdefault(kinds[(i + k) % len(kinds)][0], {})
+        tally[str(st)] = tally.get(str(st), 0) + 1
+    return {"requests": len(rows), "per_kind": per_kind, "5xx": sum(r[2] >= 500 or r[2] == 0 for r in rows),
+            "replicas_died": len(before - replicas()), "healthy_after": healthy(url)}
+
+
 def healthy(url: str) -> bool:
     import httpx
 
@@ -246,8 +258,7 @@ def main(argv=None) -> int:
     from adv.data import load_dataset
     from adv.serving import Limits, RateLimit, Scaling, ServeConfig
     from adv.serving.keys import hash_key
-    from jobs.serve import deploy, undeploy
-    from tests.serve_helpers import free_port
+    from jobs.serve import deploy, free_port, undeploy
 
     t_start = time.time()
     work = ROOT / "runs" / "bench-serve"
@@ -276,16 +287,7 @@ def main(argv=None) -> int:
             rows = asyncio.run(closed_loop(url, c, args.seconds, benign_requests(keys, images, "tp"), 10**6))
             res["throughput"][c] = summary(rows)
         log(f"{args.malformed} malformed requests")
-        before = replicas()
-        kinds, request = malformed_requests(keys, images, cfg.limits.max_body_bytes)
-        rows = asyncio.run(closed_loop(url, top, 3600, request, args.malformed))
-        per_kind: dict[str, dict[str, int]] = {}
-        for _, _, st, i, k in rows:  # client i's k-th request was kind (i + k) % 6
-            tally = per_kind.setdefault(kinds[(i + k) % len(kinds)][0], {})
-            tally[str(st)] = tally.get(str(st), 0) + 1
-        res["malformed"] = {"requests": len(rows), "per_kind": per_kind,
-                            "5xx": sum(r[2] >= 500 or r[2] == 0 for r in rows),
-                            "replicas_died": len(before - replicas()), "healthy_after": healthy(url)}
+        res["malformed"] = malformed(url, keys, images, cfg.limits.max_body_bytes, top, args.malformed)
         log(f"load: {top} clients, {args.load_seconds:.0f} s")
         rows = asyncio.run(closed_loop(url, top, args.load_seconds, benign_requests(keys, images, "load"), 10**7))
         res["load"] = {**summary(rows), **lost_updates(url, keys["admin"], acked_per_user(rows, "load"))}

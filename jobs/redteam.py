@@ -127,7 +127,7 @@ def story(bundle: str, out: str | Path, *, dataset: str = "fashion-mnist", n: in
 
     from adv.serving import RateLimit, ServeConfig
     from jobs.common import init_ray
-    from jobs.serve import deploy, undeploy
+    from jobs.serve import deploy, free_port, undeploy
 
     folder = Path(out)
     shutil.rmtree(folder / "state", ignore_errors=True)  # a fresh detector: the story starts from no history
@@ -136,7 +136,7 @@ def story(bundle: str, out: str | Path, *, dataset: str = "fashion-mnist", n: in
     cfg = ServeConfig(bundle=str(bundle), keys=str(server_keys), keys_env="ADV_STORY_NO_KEYS",
                       state=str(folder / "state"), name="main", rate_limit=RateLimit(rate=1000, burst=1000))
     init_ray()
-    rows, port = [], _free_port()
+    rows, port = [], free_port()
     try:
         for output in ("label", "probs"):
             cfg = cfg.model_copy(update={"output": output})
@@ -170,14 +170,6 @@ def _wait_for_output(url: str, key: str, output: str, timeout_s: float = 120.0) 
             time.sleep(0.5)
     finally:
         endpoint.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_story(folder: Path, rows: list[dict], bundle: str, cfg) -> Path:

@@ -408,6 +408,15 @@ def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_
         time.sleep(0.5)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for local Serve in tests, benchmarks and the main job)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def undeploy(cfg: ServeConfig, *, shutdown: bool = True) -> None:
     """Delete the application (and Serve with ``shutdown``), then the state owner (its state stays on disk)."""
     if shutdown:

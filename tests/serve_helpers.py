@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
+from adv.serving.client import npy_bytes as npy  # noqa: F401  (the tests' .npy bodies)
 from adv.serving.keys import hash_key
 
 SHAPE = (1, 28, 28)
@@ -52,12 +52,6 @@ def attacker_keys(path: Path, users: list[str]) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def png(image: np.ndarray) -> bytes:
     """(H, W) or (1, H, W) in [0, 1] -> PNG bytes."""
     buf = io.BytesIO()
@@ -65,10 +59,6 @@ def png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 def auth(user: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.serve_helpers import KEYS, SHAPE, attacker_keys, auth, free_port, make_bundle, npy, png, write_keys
+from tests.serve_helpers import KEYS, SHAPE, attacker_keys, auth, make_bundle, npy, png, write_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECTOR = {"index": {"capacity": 5000}, "action": "deceive"}  # a small index: quick snapshots
@@ -26,7 +26,7 @@ def app(ray_cluster, tmp_path_factory):
     import httpx
 
     from adv.serving import Limits, RateLimit, Scaling, ServeConfig
-    from jobs.serve import deploy, undeploy
+    from jobs.serve import deploy, free_port, undeploy
 
     tmp = tmp_path_factory.mktemp("serve")
     bundle = make_bundle(tmp / "bundle", query_detector=DETECTOR)

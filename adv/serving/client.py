@@ -43,12 +43,11 @@ class Endpoint:
 
     def predict(self, x: np.ndarray, key: str) -> list[dict]:
         """One request with the batch ``x``; waits out 429s (``Retry-After``), raises on any other error."""
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(x, np.float32), allow_pickle=False)
+        body = npy_bytes(np.asarray(x, np.float32))
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-npy"}
         for _ in range(self.max_waits):
             t0 = time.perf_counter()
-            r = self.http.post(f"{self.url}/v1/predict", content=buf.getvalue(), headers=headers)
+            r = self.http.post(f"{self.url}/v1/predict", content=body, headers=headers)
             self.latencies.append(time.perf_counter() - t0)
             if r.status_code == 429:
                 self.rate_limited += 1
@@ -67,6 +66,13 @@ class Endpoint:
         if r.status_code != 200:
             raise EndpointError(f"GET {path} answered {r.status_code}: {_reason(r)}")
         return r.json()
+
+
+def npy_bytes(x: np.ndarray) -> bytes:
+    """An ``application/x-npy`` body (dtype kept; never pickled)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x), allow_pickle=False)
+    return buf.getvalue()
 
 
 def _reason(r) -> str:
