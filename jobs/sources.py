@@ -235,7 +235,7 @@ class ParquetSource:
         need = [c for c in ("image", "label", "index") if c not in names]
         if need:
             raise ConfigError(f"dataset.root: {cfg.root} lacks column(s) {need}; a stored set needs "
-                              "image (C, H, W), label and index (jobs.store.export_dataset writes one)")
+                              "image (C, H, W), label and index (jobs.sources.export_dataset writes one)")
         table = dataset.to_table(columns=["index", "label"])
         order = np.argsort(table.column("index").to_numpy(), kind="stable")
         self.index = table.column("index").to_numpy()[order]

@@ -18,7 +18,7 @@ a False Sense of Security", and one for detectors:
 
 The non-adaptive protocol of the seeds (adversarials crafted on the
 undefended model, then fed through the defense) is the other threat model;
-:func:`adv.defenses.build_evaluated_model` picks between them and reports which.
+:func:`adv.evaluate.threat.build_evaluated_model` picks between them and reports which.
 
 Shape:
     x: (N, C, H, W) in [0, 1]; y: (N,) int64; logits: (N, num_classes)

@@ -13,7 +13,7 @@ Per example and *chunk* (the unit of seeding, ``batch_size`` examples) a
 * ``non-adaptive``: adversarials crafted once on the undefended classifier,
   then fed through every defense (the papers' protocol; reusable later);
 * ``adaptive``: adversarials crafted on each defended pipeline
-  (:class:`adv.defenses.EvaluatedModel`: BPDA/EOT, detector-aware loss),
+  (:class:`adv.evaluate.threat.EvaluatedModel`: BPDA/EOT, detector-aware loss),
   or by querying it for query-based attacks.
 
 The row layout is :mod:`adv.evaluate.rows` (docs/parquet-schema.md).
@@ -84,7 +84,7 @@ class Plan:
 class Models:
     """What a loader returns: the classifier and the defended models by label.
 
-    ``defenses`` maps a label to an :class:`adv.defenses.EvaluatedModel`
+    ``defenses`` maps a label to an :class:`adv.evaluate.threat.EvaluatedModel`
     built with ``adaptive=True`` (its ``defended`` answers queries, its
     ``attack`` crafts adaptive adversarials).
     """
