@@ -210,9 +210,11 @@ def test_red_team_round_trip_with_one_and_with_several_accounts(app, tmp_path):
 
 def test_serve_config_and_rayservice_manifest_validate_offline():
     import ray
+    from ray.serve import Application
     from ray.serve.schema import ServeDeploySchema
 
     from adv.serving import ServeConfig
+    from jobs.serve import build
 
     config = yaml.safe_load((ROOT / "cluster" / "serve-config.yaml").read_text())
     manifest = yaml.safe_load((ROOT / "cluster" / "kuberay-rayservice.yaml").read_text())
@@ -223,6 +225,7 @@ def test_serve_config_and_rayservice_manifest_validate_offline():
         (application,) = schema.applications
         assert application.import_path == "jobs.serve:build"
         ServeConfig.model_validate(application.args)  # the args the builder will get
+        assert isinstance(build(application.args), Application)  # what `serve run`/`serve deploy` builds
         assert not (application.runtime_env or {}).get("working_dir", "").startswith(("/", "."))
     spec = manifest["spec"]["rayClusterConfig"]
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
