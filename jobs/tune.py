@@ -54,6 +54,8 @@ class TuneResult:
     selected: TrialRecord
     records: list[TrialRecord] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: Seconds per stage (ray, split, stored_set, sweep, recheck, export, report), also in ``<run>/timings.json``.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 # --- data, grid, stored set --------------------------------------------------------------------------------
@@ -272,6 +274,8 @@ def records_of(results, full: int, resource: str) -> list[TrialRecord]:
 # --- the run ------------------------------------------------------------------------------------------------------
 def run(cfg: TuneConfig) -> TuneResult:
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    lap = _stopwatch(timings)
     space = SearchSpace.parse(cfg.space, kind=cfg.kind)
     uri = run_uri(cfg)
     store = RunStore(uri)
@@ -279,14 +283,15 @@ def run(cfg: TuneConfig) -> TuneResult:
     res = cfg.resources
     need = int(math.ceil(res.cpus_per_trial * res.max_concurrent)) + 1
     common.init_ray(res.address, num_cpus=res.local_cpus or max(os.cpu_count() or 1, need), log=log)
+    lap("ray")
     full, split, grid = load_split(cfg, store)
     val = take(full, split.validation)
-    threads = max(1, int(res.cpus_per_trial))
     setting = Setting(grid, cfg.objective.max_clean_drop, split.describe("validation"), cfg.seed, res.batch_size)
     ctx = {"space": space, "setting": setting, "kind": cfg.kind, "checkpoint": _abs(cfg.checkpoint), "val": val,
-           "threads": threads, "grace": cfg.asha.grace or 64, "factor": cfg.asha.reduction_factor,
-           "training": cfg.training.model_dump()}
+           "threads": max(1, int(res.cpus_per_trial)), "grace": cfg.asha.grace or 64,
+           "factor": cfg.asha.reduction_factor, "training": cfg.training.model_dump()}
     param_space, search_alg, samples, search_desc = search_setup(cfg, space)
+    lap("split")
     if cfg.kind == "stored":
         ctx["stored"] = ensure_stored(cfg, split, val, uri)
         scheduler, sched_desc, resource, full_t = None, "none (one report per trial)", "examples", len(val)
@@ -298,20 +303,38 @@ def run(cfg: TuneConfig) -> TuneResult:
         ctx["val"] = val if cfg.training.eval_n is None else take(val, range(min(cfg.training.eval_n, len(val))))
         resource, full_t = "epoch", cfg.training.epochs
         scheduler, sched_desc = asha(cfg, resource, full_t, cfg.asha.grace or 1)
+    lap("stored_set")
     log(f"sweep: {search_desc}, scheduler {sched_desc}, {len(val)} validation images")
     records = records_of(tune_phase(cfg, uri, "sweep", ctx, param_space, search_alg=search_alg,
                                     scheduler=scheduler, num_samples=samples), full_t, resource)
+    lap("sweep")
     if cfg.kind == "stored":
         recheck(cfg, uri, ctx, records)
+    lap("recheck")
     selected, warnings = select(records, cfg.kind)
     log(f"selected {selected.trial_id}: {selected.label}")
     for w in warnings:
         log(f"warning: {w}")
     final, bundle = export(cfg, uri, full, split, grid, selected, ctx)
+    lap("export")
     meta = _meta(cfg, split, grid, search_desc, sched_desc, time.perf_counter() - t0)
     report = _write_report(store, meta, records, selected, warnings, final, bundle)
+    lap("report")
+    store.write_json("timings.json", timings)
     log(f"done in {time.perf_counter() - t0:.0f} s; report {report}; bundle {bundle}")
-    return TuneResult(uri, report, bundle, selected, records, warnings)
+    return TuneResult(uri, report, bundle, selected, records, warnings, timings)
+
+
+def _stopwatch(timings: dict[str, float]):
+    """``lap(name)``: seconds since the previous lap, recorded under ``name``."""
+    last = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = now - last[0]
+        last[0] = now
+
+    return lap
 
 
 def recheck(cfg: TuneConfig, uri: str, ctx: dict, records: list[TrialRecord]) -> None:
