@@ -107,14 +107,17 @@ def test_flags_from_the_grid():
     assert {f["flag"] for f in masking_flags([entries[1], *more])} == {"more_steps_weaker"}
 
 
-def test_query_beats_whitebox_is_per_example():
+def test_query_beats_whitebox_is_per_example_and_needs_evidence():
     spec = {("none", "clean", -1): ("clean", 0.0, [1, 1, 1, 1]),
             ("none", "non-adaptive", 0): ("pgd", 0.1, [1, 0, 1, 1]),
             ("none", "non-adaptive", 1): ("square", 0.1, [0, 1, 1, 1])}  # fools index 0, which pgd missed
-    rows = _rows(spec)
-    summary = summarize(rows, cells=())
-    assert [f["flag"] for f in summary["masking_flags"]] == ["query_beats_whitebox"]
-    assert "1 example" in summary["masking_flags"][0]["detail"]
+    assert summarize(_rows(spec), cells=())["masking_flags"] == []  # one point is not evidence (issue 11)
+    spec = {("none", "clean", -1): ("clean", 0.0, [1] * 10),
+            ("none", "non-adaptive", 0): ("pgd", 0.1, [1] * 8 + [0, 0]),
+            ("none", "non-adaptive", 1): ("square", 0.1, [0] * 6 + [1] * 4)}  # 6 of pgd's 8 survivors
+    flags = summarize(_rows(spec), cells=())["masking_flags"]
+    assert [f["flag"] for f in flags] == ["query_beats_whitebox"]
+    assert "6 of 8 example(s)" in flags[0]["detail"]
 
 
 def test_worst_case_and_query_beats_whitebox_helpers_agree_on_numpy_and_torch():
@@ -128,8 +131,10 @@ def test_worst_case_and_query_beats_whitebox_helpers_agree_on_numpy_and_torch():
     assert t.tolist() == [True, False, False, True] and alive.tolist() == [True, True, False, True]
     query, white, tried = (np.array(v, bool) for v in ([1, 1, 1, 0], [0, 1, 0, 0], [1, 1, 0, 1]))
     assert beats_whitebox(query, white, tried).tolist() == [True, False, False, False]
-    assert check_query_beats_whitebox({"square": 0}) == []
-    assert check_query_beats_whitebox({"square": 2})[0].details == {"fooled": {"square": 2}}
+    assert check_query_beats_whitebox({"square": (0, 10)}) == []
+    assert check_query_beats_whitebox({"square": (2, 10)}) == []  # below the minimum count
+    details = check_query_beats_whitebox({"square": (8, 10)})[0].details["square"]
+    assert (details["fooled"], details["survivors"], details["fires"]) == (8, 10, True)
 
 
 def test_write_report_files_and_strict_json(tmp_path):

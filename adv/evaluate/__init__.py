@@ -3,6 +3,7 @@
 Ray-free; ``jobs/`` runs these pieces on a cluster.
 """
 
+from adv.evaluate.benchmark import benchmark
 from adv.evaluate.checks import RobustnessWarning
 from adv.evaluate.precision import FastModel, fast_model
 from adv.evaluate.protocol import AttackRun, resolve_attacks, robust_accuracy
@@ -15,6 +16,6 @@ from adv.evaluate.threat import (
 
 __all__ = [
     "AttackReport", "AttackRun", "EvalResult", "EvaluatedModel", "FastModel", "Flag", "RobustnessWarning",
-    "SweepResult", "build_evaluated_model", "defense_report", "detection_report", "detection_summary", "eps_sweep",
-    "evaluation_setup", "fast_model", "resolve_attacks", "robust_accuracy", "robust_accuracy_inputs",
+    "SweepResult", "benchmark", "build_evaluated_model", "defense_report", "detection_report", "detection_summary",
+    "eps_sweep", "evaluation_setup", "fast_model", "resolve_attacks", "robust_accuracy", "robust_accuracy_inputs",
 ]

@@ -134,14 +134,21 @@ def beats_whitebox(query_fooled, whitebox_fooled, whitebox_tried):
     return query_fooled & whitebox_tried & ~whitebox_fooled
 
 
-def check_query_beats_whitebox(beaten: dict[str, int]) -> list[Flag]:
-    """``query_beats_whitebox`` from ``{query attack: examples it won}`` (see :func:`beats_whitebox`)."""
-    beaten = {k: int(v) for k, v in beaten.items() if v}
-    if not beaten:
+def check_query_beats_whitebox(counts: dict[str, tuple[int, int]]) -> list[Flag]:
+    """``query_beats_whitebox`` from ``{query attack: (examples it won, white-box survivors it ran on)}``.
+
+    It fires on evidence (:func:`adv.evaluate.stats.beats_whitebox_evidence`: a minimum count and a
+    binomial test), never on one lucky point; the details keep every attack's raw counts.
+    """
+    from adv.evaluate.stats import beats_whitebox_evidence
+
+    evidence = {k: beats_whitebox_evidence(*v) for k, v in counts.items() if v[1]}
+    strong = {k: e for k, e in evidence.items() if e["fires"]}
+    if not strong:
         return []
-    won = ", ".join(f"{k}: {v} example(s)" for k, v in beaten.items())
-    return [Flag("query_beats_whitebox", f"a query-based attack fooled points that survived every white-box attack "
-                 f"({won}): the gradients may be masked", {"fooled": beaten})]
+    won = ", ".join(f"{k}: {e['fooled']} of {e['survivors']} example(s), p={e['p_value']:.2g}" for k, e in strong.items())
+    return [Flag("query_beats_whitebox", f"a query-based attack fooled significantly many points that survived every "
+                 f"white-box attack ({won}): the gradients are likely masked", evidence)]
 
 
 def check_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, label: str) -> list[Flag]:

@@ -23,12 +23,16 @@ from torch import nn
 
 from adv.attacks.core import NORMS, SIZES, perturbation_norm, project
 from adv.attacks.registry import AttackSpec, call_family, get_attack
+from adv.attacks.seeding import RowSeeds, derive_seed
+from adv.errors import InputError
 from adv.evaluate import checks as C
 from adv.evaluate.precision import fast_model
-from adv.evaluate.result import AttackReport, EvalResult, Flag
+from adv.evaluate.inputs import prepare
+from adv.evaluate.result import FOOLED, NOT_ATTACKED, SURVIVED, AttackReport, EvalResult, Flag, PerExample
+from adv.evaluate.stats import accuracy_ci
 from adv.evaluate.state import EvalState, batch_hash, model_fingerprint
 
-SUMS = ("attacked", "fooled", "time_s", "l0", "l2", "linf", "queries", "beats_whitebox")
+SUMS = ("attacked", "fooled", "time_s", "l0", "l2", "linf", "queries", "beats_whitebox", "whitebox_survivors")
 
 
 @dataclass(frozen=True)
@@ -151,12 +155,19 @@ def robust_accuracy(
     check_n: int = 128,
     amp: str | None = None,
     channels_last: bool = False,
+    return_adversarials: bool = False,
 ) -> EvalResult:
     """Worst-case robust accuracy of ``model`` on ``data`` under the attack sequence.
 
     ``attacks`` run in order on the points still standing; randomized
-    attacks get a seed derived from ``seed`` and the batch, so results are
-    reproducible and resumable. ``early_stop`` lets attacks that support it
+    attacks get seeds derived from ``seed``, the attack's label and each
+    example's index in ``data`` (never the attack's position or the batch
+    size), so results are reproducible and resumable, and appending an
+    attack never changes an earlier one's results. ``data`` and ``model``
+    are checked first (:mod:`adv.evaluate.inputs`: numpy converted, common
+    mistakes refused in one line). ``result.per_example`` gives each
+    example's fate; ``return_adversarials`` adds the images that broke
+    them (one copy of the data in memory). ``early_stop`` lets attacks that support it
     stop on an example once it is fooled. ``checks`` selects sanity checks
     (``"all"`` adds the costly steps and eps-sweep checks). ``suite``
     (``"standard"``, ``"l2"``, ``"rand"``; see :mod:`adv.evaluate.suites`)
@@ -169,26 +180,40 @@ def robust_accuracy(
                    checks=C.ALL if checks == "all" else tuple(checks or ()), check_n=check_n, amp=amp)
     runs = resolve_attacks(_with_suite(attacks, suite, norm), norm)
     device = torch.device(device) if device is not None else _model_device(model)
+    data = prepare(model, data, eps, norm, device)
     net = fast_model(model, amp, channels_last)
     state = _start(model, runs, opts, state_path)
+    if return_adversarials and state.batch_hashes:
+        raise InputError(f"return_adversarials cannot resume {state_path}: the images of its finished batches were "
+                         "not kept; pass another state_path")
     t0 = time.perf_counter()
-    batches, total = iter_batches(data, batch_size)
-    bar = _bar(batches, total, batch_size, progress)
+    kept = _batches(net, data, runs, opts, state, device, state_path, progress, return_adversarials)
+    state.done = True
+    if state_path:
+        state.save(state_path)
+    return _result(state, runs, opts, time.perf_counter() - t0, torch.cat(kept) if kept else None)
+
+
+def _batches(net, data, runs, opts: Options, state: EvalState, device, state_path, progress: bool,
+             keep_adv: bool) -> list[torch.Tensor]:
+    """Every batch not finished in an earlier run, through :func:`_evaluate_batch`; the kept adversarials."""
+    kept: list[torch.Tensor] = []
+    batches, total = iter_batches(data, opts.batch_size)
+    bar = _bar(batches, total, opts.batch_size, progress)
     for b, (x, y) in enumerate(bar):
         x, y = x.to(device), y.to(device)
         if b < len(state.batch_hashes):  # finished in an earlier run
             if batch_hash(x, y) != state.batch_hashes[b]:
                 raise ValueError(f"batch {b} differs from the one {state_path} recorded; the data changed")
             continue
-        _evaluate_batch(net, x, y, b, runs, opts, state)
+        x_adv = _evaluate_batch(net, x, y, b, runs, opts, state, keep_adv)
+        if x_adv is not None:
+            kept.append(x_adv.cpu())
         if state_path:
             state.save(state_path)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(robust=f"{state.n_robust / max(state.n, 1):.2%}")
-    state.done = True
-    if state_path:
-        state.save(state_path)
-    return _result(state, runs, opts, time.perf_counter() - t0)
+    return kept
 
 
 def _with_suite(attacks, suite: str | None, norm: str):
@@ -212,16 +237,22 @@ def _start(model: nn.Module, runs: list[AttackRun], opts: Options, state_path: s
     return state
 
 
-def _evaluate_batch(model, x, y, b: int, runs: list[AttackRun], opts: Options, state: EvalState) -> None:
-    """The protocol on batch ``b`` (sanity checks on the first), added to ``state``."""
+def _evaluate_batch(model, x, y, b: int, runs: list[AttackRun], opts: Options, state: EvalState,
+                    keep_adv: bool = False) -> torch.Tensor | None:
+    """The protocol on batch ``b`` (sanity checks on the first), added to ``state``; the adversarials if kept."""
     flags = _first_batch_checks(model, x, y, runs, opts) if b == 0 else []
-    robust, clean = _attack_batch(model, x, y, runs, opts, b, state.sums, flags)
+    # state.n: the batch's first example index in the data, the unit of seeding (not b, which the batch size sets)
+    robust, clean, marks, x_adv = _attack_batch(model, x, y, runs, opts, state.n, state.sums, flags, keep_adv)
+    state.clean_mask += "".join("1" if c else "0" for c in clean.tolist())
+    for label, m in marks.items():
+        state.marks[label] = state.marks.get(label, "") + m
     state.flags += [f.__dict__ for f in flags]
     state.batch_hashes.append(batch_hash(x, y))
     state.n += len(y)
     state.n_clean += int(clean.sum())
     state.n_robust += int(robust.sum())
     state.robust_mask += "".join("1" if r else "0" for r in robust.tolist())
+    return x_adv
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -237,10 +268,11 @@ def _bar(batches, total, batch_size, progress):
     return bar(batches, desc="robust accuracy", total=None if total is None else -(-total // batch_size))
 
 
-def _run_kwargs(run: AttackRun, eps, norm, seed: int, b: int, i: int, early_stop: bool) -> dict:
+def _run_kwargs(run: AttackRun, eps, norm, seed: int, index: torch.Tensor, early_stop: bool) -> dict:
+    """The attack's keywords; a randomized one gets a stream per example, from its label and ``index`` in the data."""
     kw = {**run.kwargs, "eps": eps, "norm": norm}
     if run.spec is not None and run.spec.randomized and "seed" not in kw:
-        kw["seed"] = (seed * 1_000_003 + b * 1009 + i) % 2**63
+        kw["seed"] = RowSeeds([derive_seed(seed, run.label, i) for i in index.tolist()], index.device)
     if early_stop and run.accepts("early_stop") and "early_stop" not in kw:
         kw["early_stop"] = True
     return kw
@@ -251,20 +283,26 @@ def call_attack(run: AttackRun, model: nn.Module, x, y, kw: dict) -> tuple[torch
     return call_family(run.fn, run.family, model, x, y, oracle=run.spec.oracle if run.spec else "probs", **kw)
 
 
-def _attack_batch(model, x, y, runs, opts: Options, b: int, sums, flags):
-    """Run the sequence on one batch; returns (robust mask, clean-correct mask)."""
+def _attack_batch(model, x, y, runs, opts: Options, start: int, sums, flags, keep_adv: bool = False):
+    """Run the sequence on one batch (examples ``start`` on of the data).
+
+    Returns the robust and clean-correct masks, each attack's per-example marks and, if kept, the adversarials.
+    """
     eps, norm = opts.eps, opts.norm
     with torch.no_grad():
         clean = model(x).argmax(1) == y
     robust = clean.clone()
     white_tried, white_fooled = torch.zeros_like(clean), torch.zeros_like(clean)
-    for i, run in enumerate(runs):
+    marks = {run.label: [NOT_ATTACKED] * len(x) for run in runs}
+    x_final = x.clone() if keep_adv else None
+    for run in runs:
         idx = robust.nonzero()[:, 0]
         if len(idx) == 0:
             break
         xs, ys = x[idx], y[idx]
         t = time.perf_counter()
-        x_adv, queries = call_attack(run, model, xs, ys, _run_kwargs(run, eps, norm, opts.seed, b, i, opts.early_stop))
+        kw = _run_kwargs(run, eps, norm, opts.seed, start + idx, opts.early_stop)
+        x_adv, queries = call_attack(run, model, xs, ys, kw)
         s = sums[run.label]
         s["time_s"] += time.perf_counter() - t
         x_adv = x_adv.detach().to(x.device)
@@ -274,6 +312,10 @@ def _attack_batch(model, x, y, runs, opts: Options, b: int, sums, flags):
         with torch.no_grad():
             fooled = model(x_adv).argmax(1) != ys
         robust = C.worst_case_mask(robust, idx, ~fooled)
+        for j, f in zip(idx.tolist(), fooled.tolist()):
+            marks[run.label][j] = FOOLED if f else SURVIVED
+        if x_final is not None:
+            x_final[idx[fooled]] = x_adv[fooled]
         s["attacked"] += len(idx)
         s["fooled"] += int(fooled.sum())
         for k in SIZES:
@@ -281,10 +323,11 @@ def _attack_batch(model, x, y, runs, opts: Options, b: int, sums, flags):
         if queries is not None:
             s["queries"] += float(queries.sum())
             s["beats_whitebox"] += int(C.beats_whitebox(fooled, white_fooled[idx], white_tried[idx]).sum())
+            s["whitebox_survivors"] += int((white_tried[idx] & ~white_fooled[idx]).sum())
         if run.family == "whitebox":
             white_tried[idx] = True
             white_fooled[idx[fooled]] = True
-    return robust, clean
+    return robust, clean, {k: "".join(v) for k, v in marks.items()}, x_final
 
 
 def _first_batch_checks(model, x, y, runs, opts: Options) -> list[Flag]:
@@ -316,13 +359,13 @@ def _first_batch_checks(model, x, y, runs, opts: Options) -> list[Flag]:
 
 
 def _acc_under(model, x, y, run: AttackRun, eps, norm, seed, **override) -> float:
-    kw = {**_run_kwargs(run, eps, norm, seed, 0, 0, False), **override}
+    kw = {**_run_kwargs(run, eps, norm, seed, torch.arange(len(x), device=x.device), False), **override}
     x_adv, _ = call_attack(run, model, x, y, kw)
     with torch.no_grad():
         return (model(project(x_adv.detach(), x, eps, norm)).argmax(1) == y).float().mean().item()
 
 
-def _result(state: EvalState, runs, opts: Options, elapsed: float) -> EvalResult:
+def _result(state: EvalState, runs, opts: Options, elapsed: float, x_adv: torch.Tensor | None = None) -> EvalResult:
     n = max(state.n, 1)
     reports, standing = [], state.n_clean
     for r in runs:
@@ -331,19 +374,22 @@ def _result(state: EvalState, runs, opts: Options, elapsed: float) -> EvalResult
         k = s["fooled"]
         reports.append(AttackReport(
             label=r.label, attack=r.name, family=r.family, params=dict(r.kwargs), n_attacked=int(s["attacked"]),
-            n_fooled=int(k), robust_acc_after=standing / n, time_s=s["time_s"],
+            n_fooled=int(k), robust_acc_after=standing / n, robust_acc_after_ci=accuracy_ci(standing, state.n),
+            time_s=s["time_s"],
             mean_l0=s["l0"] / k if k else None, mean_l2=s["l2"] / k if k else None,
             mean_linf=s["linf"] / k if k else None,
             mean_queries=s["queries"] / s["attacked"] if r.family == "query" and s["attacked"] else None,
         ))
     flags = _dedupe([Flag(**f) for f in state.flags])
     if "query_beats_whitebox" in opts.checks:
-        flags += C.check_query_beats_whitebox({r.label: state.sums[r.label]["beats_whitebox"]
-                                               for r in runs if r.family == "query"})
+        flags += C.check_query_beats_whitebox({
+            r.label: (state.sums[r.label]["beats_whitebox"], state.sums[r.label]["whitebox_survivors"])
+            for r in runs if r.family == "query"})
     C.warn(flags, stacklevel=4)  # warn -> _result -> robust_accuracy -> the user's call
     return EvalResult(n=state.n, eps=opts.eps, norm=opts.norm, clean_acc=state.n_clean / n,
-                      robust_acc=state.n_robust / n,
-                      attacks=reports, flags=flags, time_s=elapsed)
+                      robust_acc=state.n_robust / n, attacks=reports, flags=flags, time_s=elapsed,
+                      clean_acc_ci=accuracy_ci(state.n_clean, state.n), robust_acc_ci=accuracy_ci(state.n_robust, state.n),
+                      per_example=PerExample.from_marks(state.clean_mask, state.robust_mask, state.marks, x_adv))
 
 
 def _dedupe(flags: list[Flag]) -> list[Flag]:

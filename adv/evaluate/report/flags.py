@@ -108,9 +108,10 @@ def _adaptive_flags(entries: list[dict]) -> list[dict[str, str]]:
     return flags
 
 
-def _query_beats_whitebox(rows, group: list[dict], white: list[dict]) -> dict[str, int]:
+def _query_beats_whitebox(rows, group: list[dict], white: list[dict]) -> dict[str, tuple[int, int]]:
     """Per query attack of ``group`` (one defense, track, norm and ε): the examples it fooled although
-    every white-box attack of the group failed on them (checks.beats_whitebox)."""
+    every white-box attack of the group failed on them (checks.beats_whitebox), and how many such
+    white-box survivors it ran on."""
     from adv.evaluate.checks import beats_whitebox
 
     e0 = group[0]
@@ -126,5 +127,9 @@ def _query_beats_whitebox(rows, group: list[dict], white: list[dict]) -> dict[st
 
     white_grids = {e["grid"] for e in white}
     tried, fooled = examples(white_grids, fooled=False), examples(white_grids)
-    return {e["attack_key"]: int(beats_whitebox(examples([e["grid"]]), fooled, tried).sum())
+    ok = np.zeros(n, bool)  # correct on the clean input: the only points an attack can win
+    clean = (rows["track"] == "clean") & (rows["defense"] == e0["defense"]) & rows["robust"]
+    ok[rows["index"][clean]] = True
+    return {e["attack_key"]: (int(beats_whitebox(examples([e["grid"]]), fooled, tried).sum()),
+                              int((examples([e["grid"]], fooled=False) & tried & ~fooled & ok).sum()))
             for e in group if e["grid"] not in white_grids}
