@@ -159,18 +159,38 @@ def serve(action: str, probs: torch.Tensor, fallback: torch.Tensor | None = None
 
 
 class _UserHistory:
-    """A ring buffer of one user's queries: flattened images, probabilities and alarm flags."""
+    """A ring buffer of one user's queries: flattened images, probabilities and alarm flags.
 
-    def __init__(self, capacity: int, dim: int, classes: int):
-        self.images = np.zeros((capacity, dim), np.float32)
-        self.probs = np.zeros((capacity, classes), np.float32)
-        self.distance = np.zeros(capacity, bool)
-        self.prediction = np.zeros(capacity, bool)
-        self.times = np.zeros(capacity, np.float64)
+    It starts with room for 16 queries and doubles up to ``capacity``: a Sybil attacker opens thousands of
+    accounts with one query each, and a full ring per account (3 MB at 1000 x 28x28) would exhaust memory.
+    """
+
+    FIELDS = ("images", "probs", "distance", "prediction", "times")
+
+    def __init__(self, capacity: int, dim: int, classes: int, allocated: int | None = None):
+        self.capacity = capacity
+        n = min(capacity, 16) if allocated is None else allocated
+        self.images = np.zeros((n, dim), np.float32)
+        self.probs = np.zeros((n, classes), np.float32)
+        self.distance = np.zeros(n, bool)
+        self.prediction = np.zeros(n, bool)
+        self.times = np.zeros(n, np.float64)
         self.size = 0
         self.next = 0
 
+    def _grow(self) -> None:
+        """Double the room (at most ``capacity``), oldest query first."""
+        order, n = self.order(), min(2 * len(self.images), self.capacity)
+        for k in self.FIELDS:
+            old = getattr(self, k)
+            new = np.zeros((n, *old.shape[1:]), old.dtype)
+            new[: self.size] = old[order]
+            setattr(self, k, new)
+        self.next = self.size
+
     def add(self, image: np.ndarray, probs: np.ndarray, distance: bool, prediction: bool, at: float = 0.0) -> None:
+        if self.size == len(self.images) < self.capacity:
+            self._grow()
         i = self.next
         self.images[i], self.probs[i], self.distance[i], self.prediction[i] = image, probs, distance, prediction
         self.times[i] = at
@@ -227,14 +247,14 @@ class QueryHistory:
         if len({(h.images.shape[1], h.probs.shape[1]) for h in hs}) > 1:
             raise ValueError("users' stored queries differ in size; one history serves one input shape")
         dim, classes = (hs[0].images.shape[1], hs[0].probs.shape[1]) if hs else (0, 0)
-        cols = {k: [getattr(h, k)[h.order()] for h in hs] for k in ("images", "probs", "distance", "prediction",
-                                                                      "times")}
+        cols = {k: [getattr(h, k)[h.order()] for h in hs] for k in _UserHistory.FIELDS}
         empty = {"images": (0, dim), "probs": (0, classes)}
         out = {k: np.concatenate(v) if v else np.zeros(empty.get(k, 0), getattr(_UserHistory(1, 1, 1), k).dtype)
                for k, v in cols.items()}
         out["names"] = np.frombuffer(json.dumps(list(self._users)).encode(), np.uint8)
         out["sizes"] = np.array([h.size for h in hs], np.int64)
         out["next"] = np.array([h.next for h in hs], np.int64)
+        out["allocated"] = np.array([len(h.images) for h in hs], np.int64)
         return out
 
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
@@ -242,11 +262,12 @@ class QueryHistory:
         names = json.loads(arrays["names"].tobytes().decode() or "[]")
         ends = np.cumsum(arrays["sizes"])
         self._users = {}
-        for user, end, size, nxt in zip(names, ends, arrays["sizes"], arrays["next"]):
-            h = self._users[user] = _UserHistory(self.capacity, arrays["images"].shape[1], arrays["probs"].shape[1])
+        for user, end, size, nxt, n in zip(names, ends, arrays["sizes"], arrays["next"], arrays["allocated"]):
+            h = self._users[user] = _UserHistory(self.capacity, arrays["images"].shape[1], arrays["probs"].shape[1],
+                                                 allocated=int(n))
             h.size, h.next = int(size), int(nxt)
             rows = slice(int(end - size), int(end))
-            for k in ("images", "probs", "distance", "prediction", "times"):
+            for k in _UserHistory.FIELDS:
                 getattr(h, k)[h.order()] = arrays[k][rows]
 
     def forget(self, user: str) -> None:
