@@ -82,7 +82,7 @@ def test_capacity_and_age_bound_the_index_and_per_user_retention_drops_old_image
     det.observe(_images(3, seed=4), users=["a"] * 3, probs=_probs(3), now=0.0)
     h = det.users.history
     assert h.stored("a") == 3 and h.arrays()["images"].shape[1] == 6 * 6  # 12x12 kept at 6x6
-    assert h.arrays()["allocated"].tolist() == [16]  # room grows with use, not 1000 rows per account up front
+    assert h.arrays()["allocated"].tolist() == [4]  # room grows with use, not 1000 rows per account up front
     det.observe(_images(1, seed=5), users=["a"], probs=_probs(1), now=20.0)
     assert h.stored("a") == 1  # the three old images are gone, not just ignored
 

@@ -161,7 +161,7 @@ def serve(action: str, probs: torch.Tensor, fallback: torch.Tensor | None = None
 class _UserHistory:
     """A ring buffer of one user's queries: flattened images, probabilities and alarm flags.
 
-    It starts with room for 16 queries and doubles up to ``capacity``: a Sybil attacker opens thousands of
+    It starts with room for 4 queries and doubles up to ``capacity``: a Sybil attacker opens thousands of
     accounts with one query each, and a full ring per account (3 MB at 1000 x 28x28) would exhaust memory.
     """
 
@@ -169,7 +169,7 @@ class _UserHistory:
 
     def __init__(self, capacity: int, dim: int, classes: int, allocated: int | None = None):
         self.capacity = capacity
-        n = min(capacity, 16) if allocated is None else allocated
+        n = min(capacity, 4) if allocated is None else allocated
         self.images = np.zeros((n, dim), np.float32)
         self.probs = np.zeros((n, classes), np.float32)
         self.distance = np.zeros(n, bool)
