@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from adv.evaluate.stats import accuracy_ci, fmt_ci
 from bench.docs import command as command_line, markers, write_section
 import torch.nn.functional as F
 
@@ -201,14 +202,17 @@ def markdown(rows, exit_row, fast, info, command) -> str:
     lines += ["", f"Target PGD >= 0.95x the bare loop: {'met' if min(pgd) >= 0.95 else 'missed'} "
               f"({', '.join(f'{v}x' for v in pgd)}). Target early exit >= 3x faster at robust accuracy no "
               f"higher: {'met' if e['speedup'] >= 3 and e['early_exit_robust_acc'] <= e['full_pgd40_robust_acc'] else 'missed'}."]
-    lines += ["", "Worst-case evaluation on the undefended model, eps 0.3 (L∞):", "",
+    def acc(v: float, n: int) -> str:  # with its 95% Wilson interval
+        return fmt_ci(v, accuracy_ci(round(v * n), n))
+
+    lines += ["", "Worst-case evaluation on the undefended model, eps 0.3 (L∞), accuracies with 95% intervals:", "",
               "| run | CPU s | robust accuracy |", "|---|---:|---:|",
-              f"| full PGD-40 on all {e['n']} points | {e['full_pgd40_s']} | {e['full_pgd40_robust_acc']:.2%} |",
+              f"| full PGD-40 on all {e['n']} points | {e['full_pgd40_s']} | {acc(e['full_pgd40_robust_acc'], e['n'])} |",
               f"| `robust_accuracy([fgsm, pgd-40])`, early exit | {e['early_exit_s']} | "
-              f"{e['early_exit_robust_acc']:.2%} |", "", f"Speed-up: **{e['speedup']}x**.", "",
+              f"{acc(e['early_exit_robust_acc'], e['n'])} |", "", f"Speed-up: **{e['speedup']}x**.", "",
               "Fast paths (CPU here: they exist for accelerators, no speed claim):", "",
               "| path | CPU s | robust accuracy |", "|---|---:|---:|"]
-    lines += [f"| {f['attack']} | {f['cpu_seconds']} | {f['robust_acc']:.2%} |" for f in fast]
+    lines += [f"| {f['attack']} | {f['cpu_seconds']} | {acc(f['robust_acc'], f['n'])} |" for f in fast]
     return "\n".join(lines + ["", END])
 
 

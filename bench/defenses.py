@@ -293,6 +293,27 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
 
+def overlap_md(results: dict, cols: list, n: int | None) -> list[str]:
+    """The cells' interval width, and per defense how many attack cells stay within no defense's 95% interval."""
+    from adv.evaluate.stats import accuracy_ci, interval_note, intervals_overlap
+
+    if not n:
+        return []
+
+    def ci(v: float) -> tuple[float, float]:
+        return accuracy_ci(round(v * n), n)
+
+    base = results["no defense"]
+    lines = [interval_note(n) + " Attack cells whose interval overlaps no defense's (a difference within "
+             "sampling noise), non-adaptive / adaptive:", ""]
+    for row, cells in results.items():
+        if row != "no defense":
+            same = {t: sum(intervals_overlap(ci(cells[c][t]), ci(base[c][t])) for c in cols)
+                    for t in ("non-adaptive", "adaptive")}
+            lines.append(f"- {row}: {same['non-adaptive']} / {same['adaptive']} of {len(cols)}")
+    return lines
+
+
 def markdown(command: str, info: str, dwt: dict, results: dict, det: dict, study: list[dict], iou: dict,
              notes: dict) -> str:
     return "\n".join([BEGIN, "## Defenses", "", f"Produced by `{command}` on {info}.", "",
@@ -318,8 +339,9 @@ def _robustness_md(results: dict, dwt: dict, notes: dict) -> list[str]:
         lines.append(f"| {row} | {_pct(cells['clean'])} | " + " | ".join(
             f"{_pct(cells[c]['non-adaptive'])} / {_pct(cells[c]['adaptive'])}" for c in cols)
             + f" | {gain['non-adaptive']:+.1f} | {gain['adaptive']:+.1f} |")
-    lines += ["", "![accuracy vs eps](benchmarks_defenses.png)", "", "Setup:", ""]
-    lines += [f"- {k}: {v}" for k, v in notes.items()]
+    lines += ["", *overlap_md(results, cols, notes.get("n")), "", "![accuracy vs eps](benchmarks_defenses.png)", "",
+              "Setup:", ""]
+    lines += [f"- {k}: {v}" for k, v in notes.items() if k != "n"]
     lines += [f"- DWT-{w}: `{format_defense_spec('dwt', p)}` chosen among {len(t)} candidates "
               f"({sum(r['admissible'] for r in t)} admissible: mean PSNR >= 30 dB, MSE <= 1e-3 on 64 training "
               "images; the strongest admissible is taken)" for w, (p, t) in dwt.items()]
@@ -421,6 +443,7 @@ def main(argv=None) -> int:
                        "reconstructions (Kaminskyi, DWT study), reconstruction in front at inference; its non-adaptive "
                        "adversarials are the standard lenet's, as in Kaminskyi, DWT study",
         "attacks": "FGSM, BIM-10, PGD-10 (random start, seed 0); step size 2.5·eps/steps",
+        "n": args.n,
         "wall time": f"{(time.time() - t_start) / 60:.1f} min" + (
             f" ({', '.join(LOADED)} loaded from the cache, their training not included; `--retrain` includes it)"
             if LOADED else ", training every learned stage"),

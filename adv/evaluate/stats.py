@@ -64,3 +64,13 @@ def beats_whitebox_evidence(fooled: int, survivors: int) -> dict:
     p = binomtest(fooled, survivors, BEATS_BACKGROUND, alternative="greater").pvalue if survivors else 1.0
     return {"fooled": fooled, "survivors": survivors, "share": fooled / survivors if survivors else 0.0,
             "p_value": float(p), "fires": bool(fooled >= BEATS_MIN_COUNT and p < BEATS_ALPHA)}
+
+
+def interval_note(n: int) -> str:
+    """One line for a table whose cells are accuracies over the same ``n`` examples: how wide their intervals are."""
+    def half(p: float) -> float:
+        lo, hi = accuracy_ci(round(p * n), n)
+        return 100 * (hi - lo) / 2
+
+    return (f"Each accuracy is over n = {n} examples: its 95% Wilson interval is about ±{half(0.5):.1f} points at "
+            f"50%, ±{half(0.9):.1f} at 10% or 90%, ±{half(0.99):.1f} at 1% or 99%.")
