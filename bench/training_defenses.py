@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from adv.io import atomic_write_json
 from bench.docs import command as command_line, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,10 +129,7 @@ class Results:
 
     def put(self, key: str, value) -> None:
         self.data[key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        atomic_write_json(self.path, self.data, indent=1)
 
 
 def run_row(row: str, args) -> None:
