@@ -483,3 +483,16 @@ def test_channels_last_and_autocast_paths(model, data):
                - accuracy(model, get_attack("pgd")(model, x, y, eps=0.1, steps=5, seed=0), y)) <= 0.1
     with pytest.raises(ValueError, match="'fp8'"):
         fast_model(model, amp="fp8")
+
+
+def test_hopskipjump_with_no_adversarial_start_returns_the_input():
+    """A constant model has no decision boundary: no start is found, and a finite eps must not crash."""
+    model = torch.nn.Linear(16, 3)
+    torch.nn.init.zeros_(model.weight)
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    x = torch.rand(2, 1, 4, 4)
+    flat = torch.nn.Sequential(torch.nn.Flatten(), model)
+    x_adv, queries = get_attack("hopskipjump")(flat, x, torch.zeros(2, dtype=torch.long), eps=0.1, norm="linf",
+                                               init_trials=3, steps=2)
+    assert torch.equal(x_adv, x) and (queries > 0).all()

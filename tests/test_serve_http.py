@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.helpers import FASHION_DIR
 from tests.serve_helpers import KEYS, SHAPE, attacker_keys, auth, make_bundle, npy, png, write_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,32 +181,40 @@ def test_state_survives_a_killed_owner_with_nothing_acknowledged_lost(app):
 
 @pytest.mark.ray
 def test_red_team_round_trip_with_one_and_with_several_accounts(app, tmp_path):
+    """One account through the library call, then three through the CLI (HopSkipJump, labels only)."""
+    import json
+
     import torch
 
     from adv.bundle import load_bundle
-    from jobs.redteam import markdown, read_keys
     from adv.serving.client import Endpoint
     from adv.serving.redteam import red_team
+    from jobs.redteam import main, markdown, read_keys
 
     model = load_bundle(app.bundle).build()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(2, *SHAPE, generator=gen)
+    x = torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(0))
     y = model(x).argmax(1)  # correctly classified by construction: the attack has work to do
-    rows = []
-    for users in (["sybil0"], ["sybil1", "sybil2"]):
-        keys, names, admin = read_keys(str(attacker_keys(tmp_path / "k.yaml", users)), len(users))
-        before = sum(_stats(app, u)["queries"] for u in users)
-        endpoint = Endpoint(app.url)
-        row = red_team(endpoint, keys, names, admin, model, x, y, attack="square", eps=0.3, queries=25,
-                       classes=10, output="label", max_images=8)
-        endpoint.close()
-        assert row["accounts"] == len(users) and row["requests"] >= 1 and row["queries"] >= len(x)
-        assert sum(_stats(app, u)["queries"] for u in users) - before == row["queries"]  # every query counted
+    keys, names, admin = read_keys(str(attacker_keys(tmp_path / "one.yaml", ["sybil0"])), 1)
+    endpoint = Endpoint(app.url)
+    one = red_team(endpoint, keys, names, admin, model, x, y, attack="square", eps=0.3, queries=25, classes=10,
+                   output="label", max_images=8)
+    endpoint.close()
+    assert one["accounts"] == 1 and "top-1" in one["oracle"] and one["queries"] == _stats(app, "sybil0")["queries"]
+    users = ["sybil1", "sybil2", "carol"]
+    before = sum(_stats(app, u)["queries"] for u in users)
+    argv = ["--url", app.url, "--keys", str(attacker_keys(tmp_path / "many.yaml", users)), "--attack", "hopskipjump",
+            "--accounts", "3", "--n", "2", "--dataset", "fashion-mnist", "--data-dir", str(FASHION_DIR),
+            "--eps", "0.3", "--queries", "60", "--bundle", str(app.bundle), "--out", str(tmp_path / "out")]
+    if not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("the CLI round trip needs Fashion-MNIST (Debian dataset-fashion-mnist)")
+    assert main(argv) == 0
+    (many,) = json.loads((tmp_path / "out" / "redteam.json").read_text())
+    assert many["accounts"] == 3 and many["threat_model"].startswith("adaptive")
+    assert sum(_stats(app, u)["queries"] for u in users) - before == many["queries"]  # every query counted
+    for row in (one, many):
         assert 0 <= row["success_endpoint"] <= 1 and 0 <= row["success_in_process"] <= 1
         assert row["flagged_at_query"] is None or 1 <= row["flagged_at_query"] <= row["queries"]
-        rows.append(row)
-    assert rows[1]["threat_model"].startswith("adaptive") and "top-1" in rows[0]["oracle"]
-    assert markdown(rows).count("\n") == 4
+    assert markdown([one, many]).count("\n") == 4
 
 
 def test_serve_config_and_rayservice_manifest_validate_offline():

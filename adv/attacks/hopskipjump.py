@@ -73,6 +73,7 @@ def hopskipjump(
         x_init = _batch_starts(x, pred, y_target)
     x_adv, alive = _initialise(is_adv, x, all_rows, init_trials, gen, x_init)
     rows = all_rows[alive]
+    dist = x.new_zeros(0)  # no example found a start: nothing to refine (eps finite or not)
     if len(rows):
         x_adv[rows], dist = _boundary(is_adv, x[rows], x_adv[rows], rows, norm, theta)
     for t in range(1, int(steps) + 1):
