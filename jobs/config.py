@@ -217,6 +217,8 @@ class ResourcesConfig(_Strict):
     local_cpus: int | None = Field(None, ge=1)
     #: Object-store bytes of the embedded local cluster; null = Ray's default.
     object_store_memory: int | None = Field(None, ge=75 * 2**20)
+    #: Custom Ray resources each actor asks for, e.g. ``{evaluator: 1}`` to keep the pool on worker nodes.
+    custom: dict[str, float] = Field(default_factory=dict)
 
 
 class OutputConfig(_Strict):

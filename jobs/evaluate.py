@@ -12,9 +12,13 @@ The same job runs on an embedded local Ray (laptop) and on a cluster (set
    sources) runs :class:`adv.evaluate.worker.BatchEvaluator` in an
    ``ActorPoolStrategy(size=N)`` pool; each actor builds its models once
    through the injected ``loader``;
-3. result blocks stream back to the driver, which commits each shard as one
-   Parquet file plus a done marker (:mod:`jobs.store`) the moment its last row
-   arrives, so an interrupted run resumes where it stopped;
+3. each actor writes its own result rows to the run's storage as Parquet
+   *parts* (atomically, under names fixed by their content) and returns one
+   metadata row per part; the driver, which never sees a result row, tallies
+   the parts and, the moment a shard has all its examples, starts a commit
+   task that streams the parts into the shard's file and writes its done
+   marker (:mod:`jobs.store`), so an interrupted run resumes where it stopped
+   and a node lost mid-run costs only its in-flight batches, which Ray retries;
 4. :func:`adv.evaluate.report.write_report` turns the stored rows into report.md,
    results.json and figures.
 
@@ -117,12 +121,56 @@ class _ActorThreads:
         super().__init__(*args, **kwargs)
 
 
-class BatchActor(_ActorThreads, BatchEvaluator):
-    """:class:`BatchEvaluator` as a Ray Data actor running ``threads`` torch threads."""
+#: The sort order of a shard's rows (each part is sorted; parts are committed in order of their first example).
+ROW_ORDER = [("index", "ascending"), ("track", "ascending"), ("defense", "ascending"), ("grid", "ascending")]
+#: What an actor returns per part written: metadata only, never result rows.
+PART_COLUMNS = ("shard", "part", "rows", "examples", "node", "compute_seconds", "write_seconds")
 
 
-class StoredActor(_ActorThreads, StoredEvaluator):
-    """:class:`StoredEvaluator` as a Ray Data actor running ``threads`` torch threads."""
+class _WritesParts:
+    """The actor writes its result rows to the run's storage itself and returns one metadata row per part."""
+
+    def __init__(self, *args, store: str, attempt: int, **kwargs):
+        import ray
+
+        super().__init__(*args, **kwargs)
+        self._store, self._attempt = RunStore(store), attempt
+        self._node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch):
+        t0 = time.perf_counter()
+        rows = super().__call__(batch)
+        return write_parts(self._store, rows, self._attempt, self._node, time.perf_counter() - t0)
+
+
+def write_parts(store: RunStore, rows: dict[str, np.ndarray], attempt: int, node: str,
+                seconds: float) -> dict[str, np.ndarray]:
+    """Write ``rows`` as one part per shard they belong to; the metadata rows (:data:`PART_COLUMNS`)."""
+    from ray.data.block import BlockAccessor
+
+    table = BlockAccessor.batch_to_block(rows)  # the same Arrow types Ray Data would store
+    shard_col = table.column("shard").to_numpy()
+    meta: dict[str, list] = {c: [] for c in PART_COLUMNS}
+    for k in np.unique(shard_col).tolist():
+        part = table.filter(pa.array(shard_col == k)).sort_by(ROW_ORDER)
+        t0 = time.perf_counter()
+        name = store.write_part(k, part, attempt)
+        meta["write_seconds"].append(time.perf_counter() - t0)
+        meta["shard"].append(k)
+        meta["part"].append(name)
+        meta["rows"].append(part.num_rows)
+        meta["examples"].append(len(np.unique(part.column("index").to_numpy())))
+        meta["node"].append(node)
+        meta["compute_seconds"].append(seconds * part.num_rows / table.num_rows)
+    return {c: np.asarray(v) for c, v in meta.items()}
+
+
+class BatchActor(_ActorThreads, _WritesParts, BatchEvaluator):
+    """:class:`BatchEvaluator` as a Ray Data actor running ``threads`` torch threads, writing its own parts."""
+
+
+class StoredActor(_ActorThreads, _WritesParts, StoredEvaluator):
+    """:class:`StoredEvaluator` as a Ray Data actor running ``threads`` torch threads, writing its own parts."""
 
 
 def attack_stage(ds, grouped: bool, udf, kwargs: dict, cfg: EvalConfig):
@@ -135,6 +183,7 @@ def attack_stage(ds, grouped: bool, udf, kwargs: dict, cfg: EvalConfig):
         fn_constructor_kwargs={**kwargs, "threads": max(1, int(res.cpus_per_actor))},
         num_cpus=res.cpus_per_actor,
         num_gpus=res.gpus_per_actor,
+        resources=res.custom or None,
     )
     if grouped:
         return ds.groupby("chunk").map_groups(udf, batch_format="numpy", **common)
@@ -268,32 +317,128 @@ class Arrivals:
         return {"first_result_seconds": self.first, "steady_images_per_second": steady}
 
 
-def collect(ds, store: RunStore, layout: Layout, per_example: int, attempt: int, committed: list[int], arrivals: Arrivals) -> None:
-    """Stream result blocks and commit each shard when complete, appending it to ``committed``."""
-    expected = {k: n * per_example for k, n in enumerate(layout.examples_per_shard())}
-    expected_now = [k for k in expected if not store.is_done(k)]
-    buffers: dict[int, list[pa.Table]] = {}
-    counts: dict[int, int] = {}
-    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-        arrivals.add(block.num_rows)
-        shard_col = block.column("shard").to_numpy()
-        for k in np.unique(shard_col).tolist():
-            part = block.filter(pa.array(shard_col == k))
-            buffers.setdefault(k, []).append(part)
-            counts[k] = counts.get(k, 0) + part.num_rows
-            if counts[k] > expected[k]:
-                raise RuntimeError(f"shard {k}: {counts[k]} rows, expected {expected[k]} (duplicate batches?)")
-            if counts[k] == expected[k]:
-                table = pa.concat_tables(buffers.pop(k)).sort_by(
-                    [("index", "ascending"), ("track", "ascending"), ("defense", "ascending"), ("grid", "ascending")])
-                store.commit_shard(k, table, {"attempt": attempt})
-                committed.append(k)
-                log(f"shard {k} committed ({table.num_rows} rows; {len(committed)}/{len(expected_now)} "
-                    f"shards of this attempt, {time.perf_counter() - arrivals.t0:.1f} s)")
-    incomplete = {k: (counts.get(k, 0), expected[k]) for k in buffers}
-    if incomplete:
-        raise RuntimeError(f"shards {sorted(incomplete)} did not receive all rows: {incomplete}")
+@dataclass
+class Tally:
+    """The driver's view of an attempt: part metadata per shard, commit tasks, per-node work. Never rows."""
 
+    store: RunStore
+    layout: Layout
+    per_example: int
+    attempt: int
+    arrivals: Arrivals
+    parts: dict[int, list[str]] = field(default_factory=dict)
+    examples: dict[int, int] = field(default_factory=dict)
+    rows: dict[int, int] = field(default_factory=dict)
+    nodes: dict[str, dict[str, float]] = field(default_factory=dict)
+    commits: dict[int, Any] = field(default_factory=dict)  # shard -> commit task (ObjectRef)
+    committed: list[int] = field(default_factory=list)
+    commit_seconds: list[float] = field(default_factory=list)
+    write_seconds: list[float] = field(default_factory=list)
+
+    def add(self, meta: dict[str, np.ndarray]) -> None:
+        """One block of part metadata (:data:`PART_COLUMNS`); starts the commit of every shard it completes."""
+        expected = self.layout.examples_per_shard()
+        self.arrivals.add(int(np.sum(meta["rows"])))
+        for i, k in enumerate(meta["shard"].tolist()):
+            self.parts.setdefault(k, []).append(str(meta["part"][i]))
+            self.examples[k] = self.examples.get(k, 0) + int(meta["examples"][i])
+            self.rows[k] = self.rows.get(k, 0) + int(meta["rows"][i])
+            self.write_seconds.append(float(meta["write_seconds"][i]))
+            node = self.nodes.setdefault(str(meta["node"][i]), {"parts": 0, "examples": 0, "compute_seconds": 0.0})
+            node["parts"] += 1
+            node["examples"] += int(meta["examples"][i])
+            node["compute_seconds"] += float(meta["compute_seconds"][i])
+            if self.examples[k] > expected[k] or len(set(self.parts[k])) < len(self.parts[k]):
+                raise RuntimeError(f"shard {k}: {self.examples[k]} examples in {len(self.parts[k])} parts, "
+                                   f"expected {expected[k]} (duplicate batches?)")
+            if self.examples[k] == expected[k]:
+                if self.rows[k] != expected[k] * self.per_example:
+                    raise RuntimeError(f"shard {k}: {self.rows[k]} rows, expected {expected[k] * self.per_example}")
+                self.commits[k] = submit_commit(self.store, k, sorted(self.parts.pop(k)), {"attempt": self.attempt})
+
+    def settle(self, raise_errors: bool = True) -> None:
+        """Wait for the commit tasks started so far; the shards they committed join ``committed``."""
+        import ray
+
+        for k, ref in sorted(self.commits.items()):
+            try:
+                seconds = ray.get(ref)
+            except Exception:
+                if raise_errors:
+                    raise
+                continue
+            self.committed.append(k)
+            self.commit_seconds.append(seconds)
+            log(f"shard {k} committed ({len(self.committed)} this attempt, "
+                f"{time.perf_counter() - self.arrivals.t0:.1f} s, commit {seconds:.2f} s)")
+        self.commits.clear()
+
+    def check_complete(self, pending: list[int]) -> None:
+        incomplete = {k: (self.examples.get(k, 0), self.layout.examples_per_shard()[k])
+                      for k in pending if k not in self.committed}
+        if incomplete:
+            raise RuntimeError(f"shards {sorted(incomplete)} did not receive all examples (got, expected): "
+                               f"{incomplete}; rerun to resume")
+
+    def record(self) -> dict[str, Any]:
+        nodes = {}
+        for node, n in self.nodes.items():
+            rate = n["examples"] / n["compute_seconds"] if n["compute_seconds"] > 0 else None
+            nodes[node] = {**n, "examples_per_compute_second": rate}
+        return {"nodes": nodes, "node_resources": _node_resources(list(nodes)),
+                "commit_seconds": _stats(self.commit_seconds), "part_write_seconds": _stats(self.write_seconds)}
+
+
+def _stats(xs: list[float]) -> dict[str, float] | None:
+    return {"n": len(xs), "median": float(np.median(xs)), "max": float(np.max(xs)), "total": float(np.sum(xs))} \
+        if xs else None
+
+
+def _node_resources(node_ids: list[str]) -> dict[str, dict]:
+    """Each node's resources and whether it is still alive (a removed node stays listed, dead)."""
+    import ray
+
+    known = {n["NodeID"]: n for n in ray.nodes()}
+    return {i: {"alive": known[i]["Alive"], "resources": known[i].get("Resources", {})} if i in known else {}
+            for i in node_ids}
+
+
+def _commit_task(uri: str, k: int, parts: list[str], info: dict) -> float:
+    import ray.data  # noqa: F401  (tensor column types survive the rewrite)
+
+    t0 = time.perf_counter()
+    RunStore(uri).commit_parts(k, parts, info)
+    return time.perf_counter() - t0
+
+
+def submit_commit(store: RunStore, k: int, parts: list[str], info: dict):
+    """Start shard ``k``'s commit as a Ray task (it reads and writes the rows; the driver only names them).
+    No CPU is reserved: the actors may hold every CPU (Ray issue #44687); a retried commit is idempotent."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_retries=3)(_commit_task).remote(store.uri, k, parts, info)
+
+
+#: Ray Data's actor-pool defaults in Ray 2.60 (ActorPoolMapOperator): dead actors restart, their tasks retry.
+ACTOR_POOL_RETRIES = {"max_restarts": -1, "max_task_retries": -1}
+
+
+def fault_tolerance() -> dict[str, Any]:
+    """Set and return the run's retry settings: node loss is retried; application errors and skipped blocks
+    are not (an error in a model or an attack is deterministic, and a skipped block is lost data)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.actor_task_retry_on_errors = False  # with max_task_retries -1, a retried deterministic error never ends
+    ctx.max_errored_blocks = 0
+    return {**ACTOR_POOL_RETRIES, "actor_task_retry_on_errors": ctx.actor_task_retry_on_errors,
+            "max_errored_blocks": ctx.max_errored_blocks, "commit_task_max_retries": 3}
+
+
+def collect(ds, tally: Tally) -> None:
+    """Stream the part metadata of the attack stage into ``tally`` (no result row reaches the driver)."""
+    for block in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=1):
+        tally.add(block)
 
 def run(cfg: EvalConfig, out: str | None = None, *, loader=None, report: bool = True) -> RunResult:
     """Run (or resume) the evaluation ``cfg`` describes; ``loader`` replaces the config's model loader."""
@@ -315,11 +460,13 @@ def run(cfg: EvalConfig, out: str | None = None, *, loader=None, report: bool = 
     per_example = rows_per_example(plan, len(cfg.defenses))
     kwargs = {"loader": loader, "plan": plan, "device": "auto"}
     return _execute(cfg, store, layout, per_example, report,
-                    lambda pending: attack_stage(source.dataset(layout, pending, input_size), source.grouped,
-                                                 BatchActor, kwargs, cfg))
+                    lambda pending, writer: attack_stage(source.dataset(layout, pending, input_size),
+                                                         source.grouped, BatchActor, {**kwargs, **writer}, cfg))
 
 
 def _execute(cfg, store: RunStore, layout: Layout, per_example: int, report: bool, make_ds) -> RunResult:
+    """Compute the shards without a done marker; ``make_ds(pending, writer)`` builds the attack stage, whose
+    actors take ``writer`` (the run's URI and the attempt) to write their parts."""
     done = store.finished(layout.shards)
     pending = [k for k in range(layout.shards) if k not in done]
     attempt = len(_attempts(store)) + 1
@@ -327,23 +474,31 @@ def _execute(cfg, store: RunStore, layout: Layout, per_example: int, report: boo
     if done:
         log(f"resuming: {len(done)}/{layout.shards} shards already finished, {len(pending)} to go")
     t0 = time.perf_counter()
-    committed: list[int] = []
-    arrivals = Arrivals(t0)
+    tally = Tally(store, layout, per_example, attempt, Arrivals(t0))
+    settings: dict[str, Any] = {}
     try:
         if pending:
             n_pending = int(sum(layout.examples_per_shard()[k] for k in pending))
             log(f"evaluating {n_pending} examples in {len(pending)} shard(s) on {cfg.resources.actors} actor(s)")
             init_ray(cfg)
-            collect(make_ds(pending), store, layout, per_example, attempt, committed, arrivals)
+            settings = fault_tolerance()
+            for k in pending:  # parts an interrupted attempt left behind are never counted
+                store.drop_parts(k)
+            collect(make_ds(pending, {"store": store.uri, "attempt": attempt}), tally)
+            tally.settle()
+            tally.check_complete(pending)
     finally:
+        tally.settle(raise_errors=False)  # commits already started still land (and are recorded) on a failure
         wall = time.perf_counter() - t0
+        committed = sorted(tally.committed)
         examples = int(sum(layout.examples_per_shard()[k] for k in committed))
         store.write_json(f"attempts/{attempt:04d}.json", {
             "attempt": attempt, "shards": committed, "examples": examples, "wall_seconds": wall,
             "images_per_second": examples / wall if wall > 0 and examples else None,
-            **arrivals.record(per_example),
+            **tally.arrivals.record(per_example),
             "finished": sorted(set(done) | set(committed)) == list(range(layout.shards)),
             "actors": cfg.resources.actors, "gpus_per_actor": cfg.resources.gpus_per_actor,
+            "fault_tolerance": settings, **(tally.record() if pending else {}),
         })
     result.computed = committed
     if report:
@@ -393,12 +548,12 @@ def _run_reuse(cfg: EvalConfig, out, *, loader, report) -> RunResult:
     per_example = (1 + len(build_plan(base).grid)) * (1 + len(cfg.defenses))
     kwargs = {"loader": loader, "plan": plan, "device": "auto"}
 
-    def make_ds(pending):
+    def make_ds(pending, writer):
         from ray.data.expressions import col
 
         ds = ray.data.read_parquet(stored.shard_paths(pending), filesystem=stored.fs)
         ds = ds.filter(expr=(col("defense") == NONE) & (col("track") != "adaptive"))
-        return attack_stage(ds, True, StoredActor, kwargs, cfg)
+        return attack_stage(ds, True, StoredActor, {**kwargs, **writer}, cfg)
 
     result = _execute(cfg, store, layout, per_example, report, make_ds)
     return result

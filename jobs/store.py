@@ -5,14 +5,21 @@ Layout (docs/parquet-schema.md)::
     RUN/run.json                    config, its hash (the run key), versions
     RUN/layout.json                 examples, shards, chunks, skipped files (fixed at the first attempt)
     RUN/shards/shard-00003.parquet  one file per finished shard
-    RUN/shards/shard-00003.done     commit marker, written after the file (JSON: rows, attempt)
+    RUN/shards/shard-00003.done     commit marker, written after the file (JSON: rows, attempt, parts)
+    RUN/shards/parts/shard-00003/a0002-i00000120.parquet
+                                    a worker's part of an unfinished shard (attempt 2, first example 120)
     RUN/attempts/<n>.json           wall time and shards of each attempt
     RUN/report.md, results.json, *.png
 
-A shard counts as finished only when its marker exists; the Parquet file is
-written atomically first (:mod:`adv.io`: a temporary name moved into place,
-or one PUT on object stores), so an interrupted attempt leaves either nothing
-or a file the next attempt overwrites.
+The workers write their rows as *parts* (:meth:`RunStore.write_part`), each
+atomically (:mod:`adv.io`: a temporary name moved into place, or one PUT on
+object stores) under a name fixed by its content, so a retried task rewrites
+the same part instead of adding a second one. When every example of a shard
+has a part, a commit task (:meth:`RunStore.commit_parts`) streams the parts
+the driver listed into the shard file, writes it atomically, then the marker,
+then removes the parts. A shard counts as finished only when its marker
+exists, so an interrupted attempt leaves parts (and perhaps a shard file) that
+the next attempt ignores and overwrites.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -86,11 +94,45 @@ class RunStore:
     def finished(self, shards: int) -> list[int]:
         return [k for k in range(shards) if self.is_done(k)]
 
-    def commit_shard(self, k: int, table: pa.Table, info: dict[str, Any]) -> None:
-        """Write shard ``k``'s rows, then its marker: the marker is the commit point."""
-        with atomic_output(self.path(self.shard_name(k)), filesystem=self.fs) as f:
+    @staticmethod
+    def parts_dir(k: int) -> str:
+        return f"shards/parts/shard-{k:05d}"
+
+    def write_part(self, k: int, table: pa.Table, attempt: int) -> str:
+        """Write a worker's rows of shard ``k`` atomically; returns the part's name (its first example and
+        the attempt name it, so a retried task overwrites its own part and never adds a second one)."""
+        first = int(pa.compute.min(table.column("index")).as_py())
+        name = f"{self.parts_dir(k)}/a{attempt:04d}-i{first:08d}.parquet"
+        with atomic_output(self.path(name), filesystem=self.fs) as f:
             pq.write_table(table, f, compression="zstd")
-        self.write_json(f"shards/shard-{k:05d}.done", {"shard": k, "rows": table.num_rows, **info})
+        return name
+
+    def commit_parts(self, k: int, parts: list[str], info: dict[str, Any]) -> dict[str, Any]:
+        """Stream the listed ``parts`` (in order) into shard ``k``'s file, then write its marker: the marker
+        is the commit point. Idempotent, so a retried commit task is harmless. Needs ``import ray.data``
+        first when the rows hold tensor columns (their types must survive the rewrite)."""
+        if self.is_done(k):
+            return self.read_json(f"shards/shard-{k:05d}.done")
+        rows = 0
+        with atomic_output(self.path(self.shard_name(k)), filesystem=self.fs) as f:
+            writer = None
+            for name in parts:  # one part in memory at a time
+                table = pq.read_table(self.path(name), filesystem=self.fs)
+                writer = writer or pq.ParquetWriter(f, table.schema, compression="zstd")
+                writer.write_table(table)
+                rows += table.num_rows
+            if writer is None:
+                raise AdvError(f"shard {k}: no parts to commit")
+            writer.close()
+        marker = {"shard": k, "rows": rows, "parts": len(parts), **info}
+        self.write_json(f"shards/shard-{k:05d}.done", marker)
+        self.drop_parts(k)
+        return marker
+
+    def drop_parts(self, k: int) -> None:
+        """Remove shard ``k``'s parts (after its commit, or stale ones before it is redone)."""
+        if self.exists(self.parts_dir(k)):
+            self.fs.delete_dir(self.path(self.parts_dir(k)))
 
     def shard_paths(self, shards: list[int]) -> list[str]:
         return [self.path(self.shard_name(k)) for k in shards]

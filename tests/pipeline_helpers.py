@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from adv.data import load_dataset
@@ -60,3 +63,32 @@ def batch_of(data, chunk_size: int = 4) -> dict[str, np.ndarray]:
     n = len(data)
     return {"image": data.images.numpy(), "label": data.labels.numpy(), "index": np.arange(n),
             "shard": np.zeros(n, np.int64), "chunk": np.arange(n) // chunk_size}
+
+
+class SlowClassifier(torch.nn.Module):
+    """A classifier that sleeps before each forward pass, so a run lasts long enough to lose a node in it."""
+
+    def __init__(self, model, seconds: float):
+        super().__init__()
+        self.inner, self.seconds = model, seconds
+        self.input_size = getattr(model, "input_size", None)
+        self.num_classes = getattr(model, "num_classes", None)
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.inner(x)
+
+
+@dataclass(frozen=True)
+class SlowLoader:
+    """:class:`adv.evaluate.worker.ModelLoader` of ``checkpoint`` whose classifier sleeps ``seconds`` per call
+    (the slowness is the test's: the job's code is unchanged)."""
+
+    checkpoint: str
+    seconds: float = 0.05
+
+    def __call__(self):
+        from adv.evaluate.worker import ModelLoader, Models
+
+        models = ModelLoader(checkpoint=self.checkpoint)()
+        return Models(SlowClassifier(models.classifier, self.seconds).eval(), {})

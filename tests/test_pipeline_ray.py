@@ -87,30 +87,39 @@ def test_parquet_schema_matches_the_documented_one(clean_run):
 
 
 class InjectedFault(RuntimeError):
-    """The driver crashing right after its first shard commit (injected from the test, not the job)."""
+    """The driver crashing as it starts its second shard commit (injected from the test, not the job)."""
 
 
 def test_resume_computes_only_the_missing_shards_and_matches_a_clean_run(clean_run, tmp_path, monkeypatch):
+    import jobs.evaluate
+
     cfg, clean = clean_run
     out = str(tmp_path / "resumed")
-    real_commit, calls = RunStore.commit_shard, []
+    real_submit, calls = jobs.evaluate.submit_commit, []
 
-    def crash_on_second_commit(self, k, table, info):
+    def crash_on_second_commit(store, k, parts, info):
         calls.append(k)
         if len(calls) > 1:
             raise InjectedFault(f"injected fault after {len(calls) - 1} shard(s)")
-        real_commit(self, k, table, info)
+        return real_submit(store, k, parts, info)
 
-    with monkeypatch.context() as m:  # commits happen in the driver, so patching reaches them
-        m.setattr(RunStore, "commit_shard", crash_on_second_commit)
+    with monkeypatch.context() as m:  # the driver starts the commits, so patching it reaches them
+        m.setattr(jobs.evaluate, "submit_commit", crash_on_second_commit)
         with pytest.raises(InjectedFault):
             run(cfg, out=out, report=False)
     store = RunStore(out)
     first = store.finished(3)
     assert len(first) == 1
+    # the shard whose commit crashed was written by the workers but never committed: a half-written shard,
+    # made worse by a truncated shard file and a stray part the next attempt must not count
+    half = calls[1]
+    assert not store.is_done(half) and store.exists(store.parts_dir(half))
+    store.write_bytes(store.shard_name(half), b"PAR1 truncated")
+    store.write_bytes(f"{store.parts_dir(half)}/a0001-i99999999.parquet", b"not parquet")
     resumed = run(cfg, out=out)
     assert resumed.skipped == first
     assert sorted(resumed.computed) == sorted(set(range(3)) - set(first))
+    assert not store.exists("shards/parts") or not any(store.exists(store.parts_dir(k)) for k in range(3))
     a, b = _table(clean.run_dir), _table(out)
     assert a.keys() == b.keys()
     for col in a:
