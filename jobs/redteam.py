@@ -81,6 +81,10 @@ def run(url: str, keys_file: str, *, attack: str, accounts: int, n: int, dataset
         endpoint.close()
 
 
+def _pct(v: float) -> str:
+    return "n/a (none classified correctly)" if v != v else f"{v:.0%}"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| attack | endpoint output | oracle | accounts | threat model | success via endpoint | "
              "success in-process | mean queries (endpoint / in-process) | flagged at query | accounts flagged |",
@@ -88,7 +92,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         flagged = "never" if r["flagged_at_query"] is None else str(r["flagged_at_query"])
         lines.append(f"| {r['attack']} | {r['output']} | {r['oracle']} | {r['accounts']} | {r['threat_model']} | "
-                     f"{r['success_endpoint']:.0%} | {r['success_in_process']:.0%} | "
+                     f"{_pct(r['success_endpoint'])} | {_pct(r['success_in_process'])} | "
                      f"{r['mean_queries']:.0f} / {r['mean_queries_in_process']:.0f} | {flagged} | "
                      f"{r['accounts_flagged']}/{r['accounts']} |")
     return "\n".join(lines) + "\n"

@@ -212,7 +212,8 @@ def test_red_team_round_trip_with_one_and_with_several_accounts(app, tmp_path):
     assert many["accounts"] == 3 and many["threat_model"].startswith("adaptive")
     assert sum(_stats(app, u)["queries"] for u in users) - before == many["queries"]  # every query counted
     for row in (one, many):
-        assert 0 <= row["success_endpoint"] <= 1 and 0 <= row["success_in_process"] <= 1
+        for v in (row["success_endpoint"], row["success_in_process"]):  # NaN: no image was classified right
+            assert v != v or 0 <= v <= 1
         assert row["flagged_at_query"] is None or 1 <= row["flagged_at_query"] <= row["queries"]
     assert markdown([one, many]).count("\n") == 4
 
