@@ -13,3 +13,5 @@ main: bootstrap data
 
 test: bootstrap data
 	@ADV_NO_PROGRESS=1 .venv/bin/python -m pytest -q
+	@# the simulated multi-node cluster cannot share a process with the local cluster above
+	@ADV_NO_PROGRESS=1 .venv/bin/python -m pytest -q -m multinode tests/test_pipeline_cluster.py
