@@ -41,7 +41,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
         else:
             cpus = num_cpus or os.cpu_count() or 1
             log(f"starting an embedded local Ray cluster ({cpus} logical CPUs)")
-            ray.init(num_cpus=cpus, object_store_memory=object_store_memory, include_dashboard=False)
+            # address="local": a new cluster even when another one runs on this machine (ray start, someone
+            # else's job), which ray.init() would otherwise join and then refuse num_cpus for
+            ray.init(address="local", num_cpus=cpus, object_store_memory=object_store_memory,
+                     include_dashboard=False)
     DataContext.get_current().enable_progress_bars = os.environ.get("ADV_NO_PROGRESS") != "1"
 
 

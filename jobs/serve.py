@@ -150,8 +150,8 @@ class OwnerClient:
                     self._handle = await asyncio.to_thread(get_owner, self.config, self.detector)
                 left = max(0.1, deadline - time.monotonic())
                 return await asyncio.wait_for(getattr(self._handle, method).remote(*args), left)
-            except (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError, asyncio.TimeoutError,
-                    ValueError):
+            # only an unreachable owner is retried; its own errors (a failed write) give the request a 503
+            except (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError, asyncio.TimeoutError):
                 self._handle = None  # stale: the actor died or is restarting; look it up again
                 if time.monotonic() + delay > deadline:
                     raise OwnerUnavailable(f"detector state owner unreachable for {self.timeout_s:.0f} s") from None
