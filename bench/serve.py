@@ -275,7 +275,8 @@ def main(argv=None) -> int:
                       state=str(work / "state"), name="bench", rate_limit=RateLimit(rate=10_000, burst=10_000),
                       limits=Limits(max_body_bytes=256 * 1024), owner_timeout_s=60.0,
                       scaling=Scaling(min_replicas=2, max_replicas=2, max_batch_size=16, max_ongoing_requests=32))
-    ray.init(num_cpus=4, num_gpus=0, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, num_gpus=0, object_store_memory=512 * 2**20, include_dashboard=False,
+             log_to_driver=False)
     url = deploy(cfg, "127.0.0.1", args.port or free_port())
     log(f"serving at {url}")
     res: dict = {"config": cfg.model_dump(mode="json")}
