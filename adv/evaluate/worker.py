@@ -24,7 +24,6 @@ Shape:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adv.attacks.seeding import derive_seed
 from adv.evaluate.rows import ATTACK_COLUMNS, FEATURES, KEY_COLUMNS, NONE
 from adv.metrics import image_quality, perturbation_norms
 from adv.models.device import resolve_device
@@ -141,8 +141,7 @@ class ModelLoader:
 
 def chunk_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed for (run seed, chunk, grid point, defense): independent of batching and actors."""
-    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return derive_seed(seed, *parts)
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
