@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,33 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clean_run(ray_cluster, ckpt, tmp_path_factory):
-    """One uninterrupted run, shared by the tests below."""
+    """One uninterrupted run, shared by the tests below; what reached the driver is recorded in ``DRIVER``."""
+    import ray
+    import ray.data
+
     out = tmp_path_factory.mktemp("runs")
     cfg = parse_config(tiny_config(ckpt, out))
-    return cfg, run(cfg)
+    real_iter, real_get = ray.data.Dataset.iter_batches, ray.get
+
+    def iter_batches(self, *args, **kwargs):  # every block the driver pulls from a Ray Dataset
+        for batch in real_iter(self, *args, **kwargs):
+            DRIVER["batches"].append({k: np.asarray(v) for k, v in batch.items()})
+            yield batch
+
+    def get(refs, *args, **kwargs):  # every object the job's own code fetches (Ray Data's blocks are above)
+        value = real_get(refs, *args, **kwargs)
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("jobs."):
+            DRIVER["gets"].append(value)
+        return value
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ray.data.Dataset, "iter_batches", iter_batches)
+        m.setattr(ray, "get", get)
+        result = run(cfg)
+    return cfg, result
+
+
+DRIVER: dict[str, list] = {"batches": [], "gets": []}
 
 
 def _table(run_dir: str, drop=("gen_seconds",)) -> dict[str, np.ndarray]:
@@ -64,6 +88,23 @@ def test_end_to_end_writes_every_shard_and_the_report(clean_run):
     for section in ("## Robust accuracy", "## Attention IoU", "## Gradient-masking flags", "## Throughput",
                     "skipped (corrupt or unreadable) images: 0", "worst case"):
         assert section in report
+
+
+def test_the_driver_receives_part_metadata_never_result_rows(clean_run):
+    from jobs.evaluate import PART_COLUMNS
+
+    _, result = clean_run
+    batches = DRIVER["batches"]
+    assert batches, "the instrumentation saw nothing"
+    for batch in batches:
+        assert set(batch) == set(PART_COLUMNS)  # no image, prediction, logits or any other result column
+        assert all(v.ndim == 1 for v in batch.values())  # one scalar per part: no tensor column
+        assert all(isinstance(x, str) and len(x) < 200 for c in ("part", "node") for x in batch[c])
+    parts = np.concatenate([b["part"] for b in batches])
+    rows = int(sum(b["rows"].sum() for b in batches))
+    assert rows == 18 * 14  # every result row is accounted for, by count only
+    assert len(parts) == len(set(parts.tolist())) <= 18 / 4 + 3  # one metadata row per part (a batch per shard)
+    assert all(isinstance(v, float) for v in DRIVER["gets"])  # the commit tasks return their duration only
 
 
 def test_parquet_schema_matches_the_documented_one(clean_run):
