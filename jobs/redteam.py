@@ -195,7 +195,10 @@ def write_story(folder: Path, rows: list[dict], bundle: str, cfg) -> Path:
         "Each row is one attacker (`jobs.redteam`): the library's attack through a counting HTTP oracle, "
         "rotating over its accounts; the flag time comes from the admin endpoint, never from the answers. "
         "Success is measured on the bundle's model in-process (what a fresh account is served); "
-        "'in-process' is the same attack without the endpoint or its detector.", "",
+        "'in-process' is the same attack without the endpoint or its detector. Under `deceive` a flagged "
+        "attacker is served plausible wrong answers: it believes it has succeeded and stops early (fewer queries "
+        "than in-process) while its true success stays low; an attacker who sees that the answers disagree "
+        "with a fresh account's could notice, which this harness does not try.", "",
         markdown(rows),
         "Endpoint figures per round (one request per oracle call of up to 16 images): "
         + "; ".join(f"{r['attack']}/{r['output']}/{r['accounts']} acc: {r['requests']} requests, "
