@@ -159,7 +159,7 @@ def trainable(config: dict, ctx: dict) -> None:
     space: SearchSpace = ctx["space"]
     cand = Candidate.from_dict(config["candidate"]) if "candidate" in config else space.candidate(config)
     cand_json = json.dumps(cand.to_dict(), default=str)
-    _trace("start", cand)
+    _trace(ctx.get("trace"), "start", cand)
 
     def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
         m = {**metrics, "candidate": cand_json}
@@ -180,12 +180,11 @@ def trainable(config: dict, ctx: dict) -> None:
         t = ctx["training"]
         trials.run_training(cand.loss, ctx["checkpoint"], ctx["train"], ctx["val"], setting, report,
                             epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], work_dir=work)
-    _trace("end", cand)
+    _trace(ctx.get("trace"), "end", cand)
 
 
-def _trace(event: str, cand: Candidate) -> None:
-    """``$ADV_TUNE_TRACE``: one JSON line per trial start/end (how the resume test sees what ran)."""
-    path = os.environ.get("ADV_TUNE_TRACE")
+def _trace(path: str | None, event: str, cand: Candidate) -> None:
+    """The driver's ``$ADV_TUNE_TRACE``: one JSON line per trial start/end (how the resume test sees what ran)."""
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"event": event, "candidate": cand.label}) + "\n")
@@ -254,20 +253,21 @@ def asha(cfg: TuneConfig, resource: str, max_t: int, grace: int):
     return sched, f"ASHA on {resource} (grace {grace}, reduction factor {cfg.asha.reduction_factor}, max {max_t})"
 
 
-def records_of(results, full: int, resource: str) -> list[TrialRecord]:
+def records_of(results, full: int, resource: str, space: SearchSpace) -> list[TrialRecord]:
     out = []
     for r in results:
         m = r.metrics or {}
-        if "candidate" not in m:
-            cand = Candidate.from_dict(r.config["candidate"]) if "candidate" in (r.config or {}) else None
-            out.append(TrialRecord(os.path.basename(r.path or "?"), cand.to_dict() if cand else {},
-                                   {}, math.nan, math.nan, 0, status=f"error: {str(r.error)[:120]}"))
+        if "candidate" not in m:  # the trial failed before its first report
+            config = dict(r.config or {})
+            cand = Candidate.from_dict(config["candidate"]) if "candidate" in config else space.candidate(config)
+            out.append(TrialRecord(os.path.basename(r.path or "?"), cand.to_dict(), {}, math.nan, math.nan, 0,
+                                   status=f"error: {str(r.error).strip().splitlines()[-1][:160] if r.error else '?'}"))
             continue
         got = m.get(resource, 0)
         status = "finished" if got >= full else f"stopped early by ASHA at {got} {resource}"
         out.append(TrialRecord(m.get("trial_id", "?"), json.loads(m["candidate"]), numbers_from_flat(m),
                                float(m["objective"]), float(m["clean_ref"]), float(got), status,
-                               r.checkpoint.path if r.checkpoint else None))
+                               r.checkpoint.path if r.checkpoint else None, handle=r.checkpoint))
     return sorted(out, key=lambda r: r.trial_id)
 
 
@@ -289,7 +289,8 @@ def run(cfg: TuneConfig) -> TuneResult:
     setting = Setting(grid, cfg.objective.max_clean_drop, split.describe("validation"), cfg.seed, res.batch_size)
     ctx = {"space": space, "setting": setting, "kind": cfg.kind, "checkpoint": _abs(cfg.checkpoint), "val": val,
            "threads": max(1, int(res.cpus_per_trial)), "grace": cfg.asha.grace or 64,
-           "factor": cfg.asha.reduction_factor, "training": cfg.training.model_dump()}
+           "factor": cfg.asha.reduction_factor, "training": cfg.training.model_dump(),
+           "trace": os.environ.get("ADV_TUNE_TRACE")}  # read on the driver: trial workers have the cluster's env
     param_space, search_alg, samples, search_desc = search_setup(cfg, space)
     lap("split")
     if cfg.kind == "stored":
@@ -306,7 +307,7 @@ def run(cfg: TuneConfig) -> TuneResult:
     lap("stored_set")
     log(f"sweep: {search_desc}, scheduler {sched_desc}, {len(val)} validation images")
     records = records_of(tune_phase(cfg, uri, "sweep", ctx, param_space, search_alg=search_alg,
-                                    scheduler=scheduler, num_samples=samples), full_t, resource)
+                                    scheduler=scheduler, num_samples=samples), full_t, resource, space)
     lap("sweep")
     if cfg.kind == "stored":
         recheck(cfg, uri, ctx, records)
@@ -384,7 +385,7 @@ def export(cfg: TuneConfig, uri: str, full, split: Split, grid, selected: TrialR
             from adv.models import load_checkpoint
             from adv.train.registry import training_loss
 
-            tune.Checkpoint(selected.checkpoint).to_directory(tmp)
+            (selected.handle or tune.Checkpoint(selected.checkpoint)).to_directory(tmp)
             checkpoint, stages = f"{tmp}/model.pt", training_loss(cand.loss).stages
             loader = trials.TrainedLoader(load_checkpoint(ctx["checkpoint"])[0], load_checkpoint(checkpoint)[0],
                                           tuple(stages))

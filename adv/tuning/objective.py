@@ -74,6 +74,8 @@ class TrialRecord:
     checkpoint: str | None = None
     recheck: dict[str, dict] = field(default_factory=dict)
     recheck_objective: float | None = None
+    #: The trial's last checkpoint as the runner returned it (a ``tune.Checkpoint`` in jobs.tune); not serialized.
+    handle: Any = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
