@@ -265,17 +265,15 @@ def gan_step(nets: SFENets, opt_g, opt_d, fb, fa, target, lambda_gan: float) -> 
     Shape: fb (B, D) benign, fa (B', D) adversarial, target (B', D) SF target of ``fa``
     """
     real = torch.cat([fb, fa])
-    with torch.no_grad():
-        fake = torch.cat([nets.salient(real), nets.trivial(real)])
-    d_real, d_fake = nets.d(nets.standardize(real)), nets.d(nets.standardize(fake))
+    sf, tf = nets.salient(real), nets.trivial(real)  # one forward serves the D step (detached) and the G step
+    s = nets.standardize
+    d_real, d_fake = nets.d(s(real)), nets.d(s(torch.cat([sf, tf]).detach()))
     loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
               + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
 
-    s = nets.standardize
-    sf, tf = nets.salient(real), nets.trivial(real)
     pg_rec = F.mse_loss(s(sf[len(fb):]), s(target)) + F.mse_loss(s(sf[:len(fb)]), s(fb))
     ng_rec = F.mse_loss(s(tf), s(real))
     gan = [F.binary_cross_entropy_with_logits(z, torch.ones_like(z)) for z in (nets.d(s(sf)), nets.d(s(tf)))]
