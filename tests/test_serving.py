@@ -129,3 +129,16 @@ def test_response_fields_do_not_depend_on_the_decision_and_scores_invert_them(ou
     assert a["label"] == 1 and b["label"] == 2
     s = scores(a, 3)
     assert s.argmax() == 1 and abs(float(s.sum()) - 1) < 1e-5
+
+
+def test_block_is_an_open_refusal_with_the_documented_status(tmp_path):
+    from adv.detectors import DetectorConfig
+    from adv.serving.owner import DetectorOwner
+    from adv.serving.respond import BLOCKED
+
+    cfg = ServeConfig(bundle="unused", state=str(tmp_path / "state"))
+    owner = DetectorOwner(cfg, DetectorConfig.model_validate({"index": {"capacity": 2000}, "action": "block"}))
+    x = np.random.default_rng(2).random((1, *SHAPE), dtype=np.float32)
+    answers = [owner.observe(x, ["gil"], np.full((1, 10), 0.1, np.float32))[0] for _ in range(10)]
+    assert not answers[0]["blocked"] and any(a["blocked"] for a in answers)
+    assert BLOCKED[0] == 403 and BLOCKED[1].startswith("refused")
