@@ -139,6 +139,6 @@ def test_block_is_an_open_refusal_with_the_documented_status(tmp_path):
     cfg = ServeConfig(bundle="unused", state=str(tmp_path / "state"))
     owner = DetectorOwner(cfg, DetectorConfig.model_validate({"index": {"capacity": 2000}, "action": "block"}))
     x = np.random.default_rng(2).random((1, *SHAPE), dtype=np.float32)
-    answers = [owner.observe(x, ["gil"], np.full((1, 10), 0.1, np.float32))[0] for _ in range(10)]
+    answers = [owner.observe(x, ["gil"], np.full((1, 10), 0.1, np.float32))[0] for _ in range(14)]
     assert not answers[0]["blocked"] and any(a["blocked"] for a in answers)
     assert BLOCKED[0] == 403 and BLOCKED[1].startswith("refused")
