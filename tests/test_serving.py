@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import pickle
@@ -36,6 +37,12 @@ def test_decode_accepts_png_npy_and_json_batches():
     assert decode(npy(IMG), "application/x-npy", SHAPE, LIMITS).shape == (1, *SHAPE)
     doc = {"images": [base64.b64encode(png(IMG[0])).decode(), base64.b64encode(npy(IMG[0])).decode()]}
     assert decode(json.dumps(doc).encode(), "application/json; charset=utf-8", SHAPE, LIMITS).shape == (2, *SHAPE)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((IMG[0, 0] * 255).astype(np.uint8)).convert("RGB").save(buf, "JPEG", quality=95)
+    jpeg = decode(buf.getvalue(), "image/jpeg", SHAPE, LIMITS)  # RGB converted to the model's grey channel
+    assert jpeg.shape == (1, *SHAPE) and np.abs(jpeg - IMG).mean() < 0.1
     u8 = decode(npy((IMG[0, 0] * 255).astype(np.uint8)), "application/x-npy", SHAPE, LIMITS)
     assert u8.shape == (1, *SHAPE) and u8.max() <= 1
 
@@ -61,7 +68,7 @@ def test_every_class_of_malformed_body_gets_its_4xx():
     big = np.zeros((100, 100), np.float32)
     assert _status(png(big.reshape(-1)[: 28 * 28]), "image/png") == 200
     from PIL import Image
-    import io
+
     buf = io.BytesIO()
     Image.new("L", (200, 200)).save(buf, "PNG")  # 40,000 pixels > max_pixels: refused before decoding
     assert _status(buf.getvalue(), "image/png") == 413
