@@ -63,6 +63,21 @@ def _abs(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+def _abs_space(space: dict) -> dict:
+    """Stage files made absolute on the driver: Tune runs each trial in its own working directory."""
+    from jobs.evaluate import _abs_spec
+
+    out = dict(space)
+    if isinstance(space.get("pipeline"), list):
+        out["pipeline"] = [[_abs_spec(x) for x in ([p] if isinstance(p, str) else p)] if isinstance(p, (str, list))
+                           else p for p in space["pipeline"]]
+    det = space.get("detector")
+    if det is not None:
+        out["detector"] = _abs_spec(det) if isinstance(det, str) else [_abs_spec(d) if isinstance(d, str) else d
+                                                                      for d in det]
+    return out
+
+
 def run_uri(cfg: TuneConfig) -> str:
     return f"{_abs(cfg.storage_path).rstrip('/')}/{cfg.name}"
 
@@ -276,7 +291,7 @@ def run(cfg: TuneConfig) -> TuneResult:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     lap = _stopwatch(timings)
-    space = SearchSpace.parse(cfg.space, kind=cfg.kind)
+    space = SearchSpace.parse(_abs_space(cfg.space), kind=cfg.kind)
     uri = run_uri(cfg)
     store = RunStore(uri)
     store.write_json("config.json", cfg.model_dump(mode="json"))
