@@ -118,7 +118,8 @@ class EvalResult:
     def __str__(self) -> str:
         lines = [f"n={self.n} eps={self.eps:g} ({self.norm}): clean {fmt_ci(self.clean_acc, self.clean_acc_ci)}, "
                  f"robust {fmt_ci(self.robust_acc, self.robust_acc_ci)} in {self.time_s:.1f}s (95% intervals)"]
-        lines += [f"  after {a.label:<20} {fmt_ci(a.robust_acc_after, a.robust_acc_after_ci):>22}  "
+        width = max([20, *(len(a.label) for a in self.attacks)])
+        lines += [f"  after {a.label:<{width}} {fmt_ci(a.robust_acc_after, a.robust_acc_after_ci):>22}  "
                   f"fooled {a.n_fooled}/{a.n_attacked}  {a.time_s:.1f}s" for a in self.attacks]
         lines += [f"  ! {f.code}: {f.message}" for f in self.flags]
         return "\n".join(lines)
