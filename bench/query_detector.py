@@ -85,6 +85,13 @@ def attack_rows(clf, xa, ya, benign, args) -> list[dict]:
         attack = get_attack(name)
         params = {k: v for k, v in spec.items() if k not in ("attack", "eps")}
         baseline, _ = attack(QueryOracle(clf, output=attack.oracle), xa, ya, eps=spec["eps"], seed=0, **params)
+        first = None
+        if "queries" in params:  # what the attack's first query alone achieves: no stateful detector can stop it
+            x1, _ = attack(QueryOracle(clf, output=attack.oracle), xa, ya, eps=spec["eps"], seed=0,
+                           **{**params, "queries": 1})
+            with torch.no_grad():
+                correct = clf(xa).argmax(1) == ya
+                first = float(((clf(x1).argmax(1) != ya) & correct).sum() / correct.sum())
         for label, det, metric, accounts, extra in runs(args):
             config = SimilarityConfig(metric=metric) if label == "metric" else configs[det]
             fp = accounts == 1 and label != "adaptive"
@@ -92,7 +99,7 @@ def attack_rows(clf, xa, ya, benign, args) -> list[dict]:
             r = evaluate_query_detection(clf, xa, ya, config=config, seed=0, accounts=accounts, baseline=baseline,
                                          benign=benign if fp else None, benign_users=args.benign_users,
                                          **extra, **spec)
-            rows.append({"sweep": label, "metric": metric, "kind": det, **r.to_dict()})
+            rows.append({"sweep": label, "metric": metric, "kind": det, "first_query_success": first, **r.to_dict()})
     return rows
 
 
