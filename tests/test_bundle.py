@@ -112,3 +112,21 @@ def test_uri_bundle_is_downloaded_and_verified(parts, tmp_path, monkeypatch):
     (tmp_path / "remote/classifier.pt").write_bytes(b"tampered")
     with pytest.raises(BundleError, match="classifier.pt does not match"):
         load_bundle(uri)
+
+
+def test_adv_bundle_create_then_adv_eval_bundle(parts, tmp_path, capsys):
+    from adv.cli import main as adv_main
+
+    ckpt, stage_file = parts
+    out = tmp_path / "made"
+    assert adv_main(["bundle", "create", "--checkpoint", str(ckpt), "--defense", f"initial_ae:checkpoint={stage_file}",
+                     "--dataset", "digits", "--n", "12", "--attack", "fgsm", "--eps", "0.1", "--out", str(out)]) == 0
+    m = load_bundle(out).manifest
+    assert set(m["numbers"]) == {"clean", "non_adaptive", "adaptive"} and m["numbers"]["clean"]["n"] == 12
+    assert m["evaluation"]["n"] == 12 and m["provenance"]["made_by"] == "adv bundle create"
+    capsys.readouterr()
+    assert adv_main(["eval", "--bundle", str(out), "--attack", "fgsm", "--json", "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n"] == 12 and res["eps"] == 0.1 and res["clean_acc"] == pytest.approx(m["numbers"]["clean"]["value"])
+    assert adv_main(["eval", "--bundle", str(out), "--checkpoint", str(ckpt), "--attack", "fgsm"]) == 2
+    assert "drop --checkpoint" in capsys.readouterr().err
