@@ -65,7 +65,7 @@ def test_unrelated_images_do_not_match_even_on_a_shared_blank_background():
     assert counts.max() <= SMALL.top_k and (hashes[:, : counts.min()] != 0).all()
 
 
-def test_capacity_and_age_bound_the_index_and_per_user_retention_drops_old_images():
+def test_capacity_and_age_bound_the_index_and_per_user_retention_drops_old_images(tmp_path):
     index = FingerprintIndex(IndexConfig(window=8, top_k=20, match_threshold=10, capacity=8, max_age=10.0))
     before = sum(a.nbytes for a in index.arrays().values())
     x = _images(30, seed=3)
@@ -83,8 +83,11 @@ def test_capacity_and_age_bound_the_index_and_per_user_retention_drops_old_image
     h = det.users.history
     assert h.stored("a") == 3 and h.arrays()["images"].shape[1] == 6 * 6  # 12x12 kept at 6x6
     assert h.arrays()["allocated"].tolist() == [4]  # room grows with use, not 1000 rows per account up front
+    det.observe(_images(2, seed=6), users=["b", "b"], probs=_probs(2), now=1.0)
     det.observe(_images(1, seed=5), users=["a"], probs=_probs(1), now=20.0)
     assert h.stored("a") == 1  # the three old images are gone, not just ignored
+    det.save(str(tmp_path))  # ... and a user who never came back loses theirs at the next save
+    assert h.users() == ["a"] and QueryDetector.load(str(tmp_path)).users.history.users() == ["a"]
 
 
 def _state(det: QueryDetector) -> dict[str, np.ndarray]:

@@ -121,6 +121,7 @@ class QueryDetector:
         self._flush_lock = threading.Lock()  # orders log writes
         self._pending: list[dict] = []
         self._store: StateStore | None = None
+        self._latest: float | None = None  # the latest ``now`` observed: the clock save() expires against
 
     # ---- observing ----------------------------------------------------------------------------------------
 
@@ -135,6 +136,7 @@ class QueryDetector:
             digest = digests(x.numpy())
         stored = [stored_image(im, cfg.per_user.downscale).flatten().numpy() for im in x] if self.users else None
         with self._lock:
+            self._latest = now if self._latest is None else max(self._latest, now)
             per_user = self.users.observe(x, users, probs, now=now) if self.users else [None] * len(x)
             matches = []
             for i in range(len(x)):
@@ -186,6 +188,8 @@ class QueryDetector:
             store = StateStore(path, log_mode) if path is not None else self._store
             if store is None:
                 raise StateError("save() needs a path the first time (a local path or a URI such as s3://b/k)")
+            if self.users is not None and self._latest is not None:  # retention: expired images leave the state
+                self.users.history.expire(self._latest)
             store.write_snapshot({"config": self.config.model_dump(mode="json")}, self._arrays())
             self._store, self._pending = store, []
 

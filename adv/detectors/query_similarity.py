@@ -234,6 +234,15 @@ class QueryHistory:
             h.expire(at - self.max_age)
         h.add(image, probs, distance, prediction, at)
 
+    def expire(self, now: float) -> None:
+        """Delete every user's queries older than ``max_age`` before ``now``, and users left with none."""
+        if self.max_age is None:
+            return
+        for user, h in list(self._users.items()):
+            h.expire(now - self.max_age)
+            if h.size == 0:
+                del self._users[user]
+
     def stored(self, user: str) -> int:
         h = self._users.get(user)
         return h.size if h is not None else 0
