@@ -323,7 +323,7 @@ def plot(paper: dict, disjoint: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, (name, res) in zip(axes, paper.items()):
         means = [mean_std(res["runs"], r, "nat_test") for r in ROWS_PAPER]
-        labels = list(ROWS_PAPER) + ["SFE, disjoint\n(PGD-trained)"]
+        labels = list(ROWS_PAPER) + ["SFE, disjoint\n(PGD-trained;\nwhole set)"]
         vals = [m for m, _ in means] + [disjoint[name]["SFE"]]
         errs = [s for _, s in means] + [0.0]
         ax.bar(range(len(vals)), [100 * v for v in vals], yerr=[100 * e for e in errs], capsize=3,
