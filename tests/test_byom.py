@@ -332,6 +332,37 @@ def test_model_factory_from_a_jobs_evaluate_config_on_the_local_cluster(ray_clus
     assert len(order) == 8 and (rows["correct"][clean][order] == expected).all()
 
 
+@pytest.mark.ray
+def test_model_factory_in_process_on_the_shared_cluster(ray_cluster, tmp_path):
+    """``jobs.evaluate.run`` with ``model.factory``: the actors import it from the driver's working directory."""
+    from adv.data import load_dataset
+    from jobs.config import parse_config
+    from jobs.evaluate import run as run_job
+    from jobs.store import RunStore
+    from tests.byom_nets import make_net
+
+    torch.manual_seed(1)
+    net = make_net().eval()
+    weights = tmp_path / "net.pt"
+    torch.save(net.state_dict(), weights)
+    cfg = parse_config({
+        "name": "byom-inproc", "dataset": {"name": "digits", "n": 8, "seed": 0},
+        "model": {"factory": "tests.byom_nets:make_net", "weights": str(weights)},
+        "attacks": [{"name": "fgsm", "eps": [0.1]}], "adaptive": False, "features": ["logits"], "shards": 2,
+        "resources": {"actors": 1, "batch_size": 4}, "output": {"path": str(tmp_path / "runs")},
+    })
+    result = run_job(cfg, report=False)
+    import ray.data  # noqa: F401  (tensor extension types)
+
+    table = RunStore(result.run_dir).read_table([0, 1], columns=["index", "track", "correct"])
+    rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    clean = rows["track"] == "clean"
+    x, y = load_dataset("digits", n=8, seed=0).tensors()
+    with torch.no_grad():
+        expected = (net(x).argmax(1) == y).numpy()
+    assert (rows["correct"][clean][np.argsort(rows["index"][clean])] == expected).all()
+
+
 def test_model_factory_config_errors_name_the_key():
     from adv.errors import ConfigError
     from jobs.config import parse_config
