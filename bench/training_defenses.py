@@ -274,6 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "mnist"))
     p.add_argument("--out", default=str(ROOT / "runs" / "training_defenses"))
     p.add_argument("--docs-only", action="store_true", help="rewrite the docs section from the stored results")
+    p.add_argument("--note", default="", help="a paragraph for the docs section (e.g. what stopped a run)")
     args = p.parse_args(argv)
     args.out = str(Path(args.out).absolute())
     args.suite_rows = set(filter(None, args.suite_rows.split(",")))
@@ -291,7 +292,10 @@ def main(argv=None) -> int:
 
     with open(RESULTS.parent / ".training_defenses.lock", "w") as lock:  # rows in parallel share one doc
         fcntl.flock(lock, fcntl.LOCK_EX)
-        write_docs(ROOT / "docs", RESULTS, command_line("training_defenses", argv))
+        shown = list(sys.argv[1:] if argv is None else argv)
+        if "--note" in shown:  # the note is prose for the section, not part of the measurement
+            del shown[shown.index("--note") : shown.index("--note") + 2]
+        write_docs(ROOT / "docs", RESULTS, command_line("training_defenses", shown), args.note)
     return 0
 
 

@@ -64,7 +64,7 @@ def figure(data: dict[str, dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     rows = [r for r in ROWS if data.get(r, {}).get("cells")]
-    if not rows:
+    if len(rows) < 2:  # one row (RAW at 0%) says nothing a figure could add to the table
         return False
     cols = ["pgd40", "pgd100", "cw100", "standard"]
     fig, ax = plt.subplots(figsize=(9, 3.6))
@@ -90,13 +90,15 @@ def figure(data: dict[str, dict], path: Path) -> bool:
 def extras(data: dict[str, dict]) -> list[str]:
     out = []
     pub = data.get("published")
-    if pub and "standard" in pub:
-        st = pub["standard"]
+    if pub and "pgd100" in pub:
+        st = pub.get("standard")
+        suite = (f"standard suite {_pct(st)}% on the first {st['n']} (PGD-100 on those: "
+                 f"{100 * st['pgd100_same_images']:.1f}%); per attack: "
+                 + ", ".join(f"after {a['label']} {100 * a['after']:.1f}%" for a in st["attacks"])
+                 if st else "standard suite not finished in this run")
         out += ["### Reference: a published Madry-trained LeNet5", "",
                 f"{pub['model']}: PGD-40 {_pct(pub['pgd40'])}%, PGD-100 {_pct(pub['pgd100'])}% on the first "
-                f"{pub['pgd40']['n']} test images; standard suite {_pct(st)}% on the first {st['n']} "
-                f"(PGD-100 on those: {100 * st['pgd100_same_images']:.1f}%). Per attack: "
-                + ", ".join(f"after {a['label']} {100 * a['after']:.1f}%" for a in st["attacks"]) + ".", ""]
+                f"{pub['pgd40']['n']} test images; {suite}.", ""]
     ft = data.get("finetune")
     if ft and "known_after" in ft:
         out += ["### Fine-tuning on known adversarials (Echeberria-Barrio et al. §4.1)", "",
@@ -125,7 +127,7 @@ def extras(data: dict[str, dict]) -> list[str]:
     return out
 
 
-def write_docs(docs: Path, results: Path, command: str) -> None:
+def write_docs(docs: Path, results: Path, command: str, note: str = "") -> None:
     data = _read(results)
     has_fig = figure(data, docs / "benchmarks_training_defenses.png")
     rows = {r: d for r, d in data.items() if r in ROWS}
@@ -142,10 +144,14 @@ def write_docs(docs: Path, results: Path, command: str) -> None:
              "ALP λ = 0.5 with a 50/50 clean/adversarial mix, TRADES β = 6.", ""]
     lines += table(data) + [""]
     if missing:
-        lines += [f"Rows not finished in this run: {', '.join(missing)}.", ""]
+        lines += [f"Rows not finished in this run: {', '.join(missing)}. Training and scoring resume where they "
+                  "stopped: rerun the bench (all rows, or `--rows NAME`).", ""]
+    if note:
+        lines += [note, ""]
     if has_fig:
         lines += ["![training defenses](benchmarks_training_defenses.png)", ""]
     lines += ["Commands (each row's `adv train`, then the bench scores it):", ""]
     lines += [f"- {d['label']}: `{d['command']}`" for r, d in rows.items() if "command" in d]
-    lines += ["", *extras(data), f"Bench: `{command}`", "", END]
+    lines += ["", *extras(data), f"Full run: `.venv/bin/python -m bench.training_defenses`; this section was "
+              f"written by `{command}`.", "", END]
     write_section(docs / "benchmarks.md", "\n".join(lines), "training_defenses")
