@@ -106,6 +106,16 @@ def test_selection_warns_when_the_adaptive_recheck_disagrees():
     assert best.trial_id == "1" and warnings == []
 
 
+def test_selection_ignores_trials_asha_stopped_early():
+    from dataclasses import replace
+
+    lucky = replace(_record("1", 0.9, 0.9), resource=16, status="stopped early by ASHA at 16 examples")
+    full = _record("2", 0.9, 0.5)  # resource 10 in _record: make it the full budget
+    full = replace(full, resource=64)
+    best, _ = select([lucky, full], "adaptive")
+    assert best.trial_id == "2"
+
+
 def test_report_has_the_table_the_figure_and_the_selection(tmp_path):
     from adv.tuning.report import write_report
 

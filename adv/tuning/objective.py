@@ -135,7 +135,10 @@ def select(records: list[TrialRecord], kind: str) -> tuple[TrialRecord, list[str
 
         raise AdvError("no trial reported a result; see the trial errors in the Tune run folder")
     if kind != "stored":
-        return max(done, key=lambda r: r.objective), []
+        # A trial ASHA stopped early was scored on fewer examples (or epochs): its number is noisier and
+        # optimistic by selection, so only trials that reached the full resource compete.
+        full = max(r.resource for r in done)
+        return max((r for r in done if r.resource >= full), key=lambda r: r.objective), []
     rechecked = sorted((r for r in done if r.recheck_objective is not None), key=lambda r: -r.objective)
     if not rechecked:
         best = max(done, key=lambda r: r.objective)
