@@ -203,7 +203,16 @@ class AttackConfig(_Strict):
         return next((p for p in BUDGET_PARAMS if p in spec.defaults), None)
 
 
-class ResourcesConfig(_Strict):
+class RayConnection(_Strict):
+    """Where a Ray stage runs: the keys every stage's ``resources:`` shares."""
+
+    #: Ray address; null = ``$RAY_ADDRESS`` if set, else an embedded local cluster.
+    address: str | None = None
+    #: CPUs of the embedded local cluster (ignored when connecting to one); null = all.
+    local_cpus: int | None = Field(None, ge=1)
+
+
+class ResourcesConfig(RayConnection):
     #: Fixed actor-pool size (pin it to the number of GPUs on GPU clusters, Ray issue #59144).
     actors: int = Field(2, ge=1)
     #: GPUs per actor; 0 on CPU-only machines (a GPU request there would wait forever).
@@ -211,10 +220,6 @@ class ResourcesConfig(_Strict):
     cpus_per_actor: float = Field(1, gt=0)
     #: Examples per attack call (and per Ray Data batch); also the unit of seeding.
     batch_size: int = Field(64, ge=1)
-    #: Ray address; null = ``$RAY_ADDRESS`` if set, else an embedded local cluster.
-    address: str | None = None
-    #: CPUs of the embedded local cluster (ignored when connecting to one); null = all.
-    local_cpus: int | None = Field(None, ge=1)
     #: Object-store bytes of the embedded local cluster; null = Ray's default.
     object_store_memory: int | None = Field(None, ge=75 * 2**20)
     #: Custom Ray resources each actor asks for, e.g. ``{evaluator: 1}`` to keep the pool on worker nodes.

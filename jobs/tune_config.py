@@ -11,14 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from adv.errors import ConfigError
-from jobs.config import AttackConfig, format_validation_error
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from jobs.config import AttackConfig, RayConnection, _Strict, format_validation_error
 
 
 class SubsetConfig(_Strict):
@@ -82,16 +78,13 @@ class TrainingConfig(_Strict):
     eval_n: int | None = Field(None, ge=1)
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(RayConnection):
     cpus_per_trial: float = Field(1, gt=0)
     #: Fractional GPUs are allowed (they share memory; Ray does not isolate it); 0 on CPU machines.
     gpus_per_trial: float = Field(0, ge=0)
     max_concurrent: int = Field(2, ge=1)
     #: Examples per attack call.
     batch_size: int = Field(64, ge=1)
-    #: Ray address; null = ``$RAY_ADDRESS`` if set, else an embedded local cluster.
-    address: str | None = None
-    local_cpus: int | None = Field(None, ge=1)
     #: Actors of the Ray Data job that generates a missing stored set.
     generate_actors: int = Field(2, ge=1)
 
