@@ -372,6 +372,10 @@ def markdown(result: dict, command: str, torch_version: str, ray_version: str) -
         "cost only the pipeline pays, and the whole-stage ratio grows with the number of images toward the steady "
         "ratio. The baseline is the faster of the two loops: on a 2-core machine the OpenMP threads of one process "
         "can be slower than one thread.", "",
+        "Per repeat, pipeline / best loop of that repeat: " + ", ".join(
+            f"{min(a, b) / c:.2f}" for a, b, c in zip(*result["loop_seconds"].values(), result["pipeline_seconds"]))
+        + f" (load average {load}: the machine is shared, so one repeat can run under a very different load "
+        "from another, and the median of 2 is only as good as that).", "",
         "No GPU was lent to the session that produced this, so the 1-GPU-actor run is still to be measured "
         "(`resources.gpus_per_actor: 1`, `actors` = number of GPUs).", "", END,
     ])
