@@ -92,3 +92,25 @@ class SlowLoader:
 
         models = ModelLoader(checkpoint=self.checkpoint)()
         return Models(SlowClassifier(models.classifier, self.seconds).eval(), {})
+
+
+def submit_when_agent_ready(client, before_attempt=None, wait_s: float = 90, **job) -> str:
+    """``client.submit_job(**job)``, retried while the fresh cluster's job agent comes up.
+
+    Skips the calling test (with the reason) when the agent never answers: seen only when another Ray
+    instance on the machine holds the agent's port 52365, which a shared developer machine can have.
+    """
+    import pytest
+
+    deadline = time.time() + wait_s
+    while True:
+        if before_attempt is not None:
+            before_attempt()
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc):
+                raise
+            if time.time() > deadline:
+                pytest.skip("the session cluster's job agent never came up (agent port taken by another Ray?)")
+            time.sleep(2)

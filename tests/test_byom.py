@@ -284,6 +284,7 @@ def test_model_factory_from_a_jobs_evaluate_config_on_the_local_cluster(ray_clus
 
     from adv.data import load_dataset
     from jobs.store import RunStore
+    from tests.pipeline_helpers import submit_when_agent_ready
 
     net, weights = user_package
     out = tmp_path / "run"
@@ -296,22 +297,13 @@ def test_model_factory_from_a_jobs_evaluate_config_on_the_local_cluster(ray_clus
     }))
     url = ray_cluster.dashboard_url
     client = JobSubmissionClient(url if "://" in url else f"http://{url}")
-    deadline = time.time() + 90
-    while True:  # a freshly started cluster's job agent takes a few seconds to come up
-        # a new package per attempt: a failed submit can release the uploaded one (same hash) under the next
-        (tmp_path / "code" / "attempt.txt").write_text(uuid.uuid4().hex)
-        try:
-            sid = client.submit_job(
-                entrypoint=f"{sys.executable} -m jobs.evaluate --config {config} --out {out}",
-                runtime_env={"working_dir": str(tmp_path / "code"), "env_vars": {"ADV_NO_PROGRESS": "1"}},
-                submission_id=f"adv-byom-test-{uuid.uuid4().hex[:8]}")
-            break
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc):
-                raise
-            if time.time() > deadline:  # seen when another Ray instance on the machine holds the agent's port 52365
-                pytest.skip("the session cluster's job agent never came up (agent port taken by another Ray?)")
-            time.sleep(2)
+    code = tmp_path / "code"
+    # a new package per attempt: a failed submit can release the uploaded one (same hash) under the next
+    sid = submit_when_agent_ready(
+        client, lambda: (code / "attempt.txt").write_text(uuid.uuid4().hex),
+        entrypoint=f"{sys.executable} -m jobs.evaluate --config {config} --out {out}",
+        runtime_env={"working_dir": str(code), "env_vars": {"ADV_NO_PROGRESS": "1"}},
+        submission_id=f"adv-byom-test-{uuid.uuid4().hex[:8]}")
     deadline = time.time() + 300
     while client.get_job_status(sid) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         if time.time() > deadline:

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from tests.pipeline_helpers import REPO, random_checkpoint, tiny_config, write_yaml
+from tests.pipeline_helpers import REPO, random_checkpoint, submit_when_agent_ready, tiny_config, write_yaml
 
 pytestmark = pytest.mark.ray
 
@@ -29,7 +29,8 @@ def test_evaluate_job_round_trip(ray_cluster, tmp_path):
     config = write_yaml(tmp_path / "job.yaml", cfg)
     # The same command as `ray job submit --working-dir . -- python -m jobs.evaluate ...`;
     # the interpreter is explicit because the job runs outside this virtualenv's PATH.
-    sid = client.submit_job(
+    sid = submit_when_agent_ready(
+        client,
         entrypoint=f"{sys.executable} -m jobs.evaluate --config {config} --out {out}",
         runtime_env={"working_dir": str(REPO), "excludes": [".git", ".venv", "runs", "*.egg-info"],
                      "env_vars": {"ADV_NO_PROGRESS": "1"}},
