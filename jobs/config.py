@@ -332,17 +332,18 @@ def format_validation_error(exc: ValidationError, source: str = "") -> str:
     return f"{prefix}{key or 'config'}: {msg}{extra}"
 
 
-def parse_config(data: Any, source: str = "") -> EvalConfig:
+def validate_mapping(model: type[BaseModel], data: Any, source: str = "") -> Any:
+    """``model`` built from a YAML mapping; every error is one line naming the key (any stage's config)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source or 'config'}: expected a mapping of keys, got {type(data).__name__}")
     try:
-        return EvalConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None, drop: tuple[str, ...] = ()) -> EvalConfig:
-    """Read and validate a YAML config; ``overrides`` replace top-level keys, ``drop`` removes some."""
+def read_yaml(path: str | Path) -> Any:
+    """A config file's YAML; a missing, unparsable or empty file is one line naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -354,6 +355,16 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None, drop:
         raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if data is None:
         raise ConfigError(f"{path}: the config is empty")
+    return data
+
+
+def parse_config(data: Any, source: str = "") -> EvalConfig:
+    return validate_mapping(EvalConfig, data, source)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None, drop: tuple[str, ...] = ()) -> EvalConfig:
+    """Read and validate a YAML config; ``overrides`` replace top-level keys, ``drop`` removes some."""
+    data = read_yaml(path)
     if isinstance(data, dict):
         data = {k: v for k, v in {**data, **(overrides or {})}.items() if k not in drop}
     return parse_config(data, str(path))

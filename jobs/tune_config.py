@@ -10,11 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from adv.errors import ConfigError
-from jobs.config import AttackConfig, RayConnection, _Strict, format_validation_error
+from jobs.config import AttackConfig, RayConnection, _Strict, read_yaml, validate_mapping
 
 
 class SubsetConfig(_Strict):
@@ -125,23 +123,9 @@ class TuneConfig(_Strict):
 
 
 def parse_tune_config(data: Any, source: str = "") -> TuneConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source or 'config'}: expected a mapping of keys, got {type(data).__name__}")
-    try:
-        return TuneConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+    return validate_mapping(TuneConfig, data, source)
 
 
 def load_tune_config(path: str | Path) -> TuneConfig:
     """Read and validate a sweep's YAML; every error is one line naming the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"{path}:{f' line {mark.line + 1}' if mark else ''} invalid YAML: "
-                          f"{getattr(exc, 'problem', exc)}") from None
-    return parse_tune_config(data, str(path))
+    return parse_tune_config(read_yaml(path), str(path))
