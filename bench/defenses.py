@@ -378,7 +378,7 @@ def _study_md(study: list[dict]) -> list[str]:
 def _explain_md(iou: dict) -> list[str]:
     keys = list(iou)
     grid = iou[keys[0]]["grid"]
-    lines = ["", "### Grad-CAM and attention IoU (Khoshbakht et al. 2024 (SFE) and 004)", "",
+    lines = ["", "### Grad-CAM and attention IoU (Khoshbakht et al. 2024, SFE; Wu et al. 2022, AAD)", "",
              "![Grad-CAM before and after the U-Net](benchmarks_defenses_gradcam.png)", "",
              "Attention IoU between clean and adversarial Grad-CAM maps of lenet (top-#cell cells of the raw "
              f"{grid[0]}x{grid[1]} grid, Wu et al. 2022 (AAD) eq. 6, Table 3), among test images lenet classifies correctly; "
