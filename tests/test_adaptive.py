@@ -187,3 +187,15 @@ def test_detector_aware_attack_rejects_bad_arguments(with_detector):
     with pytest.raises(ValueError, match="eps"):
         detector_aware_attack(with_detector, x, y, eps=-1)
     assert torch.equal(detector_aware_attack(with_detector, x, y, eps=0), x)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_building_an_evaluation_never_changes_the_callers_classifier_mode(adaptive):
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(64, 10)).train()
+    ev = build_evaluated_model(clf, ["quantize:bits=3"], adaptive=adaptive)
+    assert clf.training and all(m.training for m in clf.modules())  # the caller's object keeps its mode
+    assert not any(m.training for m in ev.defended.modules())  # the evaluation runs in eval mode
+    dropouts = [m for m in ev.attack_target.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and not any(m.training for m in dropouts)  # and so does what the attacker differentiates
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(ev.defended(x), ev.defended(x))  # dropout is off: deterministic answers

@@ -12,6 +12,8 @@ Two threat models, always named in reports:
 
 from __future__ import annotations
 
+import copy
+
 import functools
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -102,11 +104,20 @@ def _joint_keywords() -> frozenset[str]:
     return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "attack")
 
 
+def eval_mode(model: nn.Module) -> nn.Module:
+    """``model`` when all its modules are in eval mode, else an eval-mode copy: an evaluation must not switch
+    dropout/batch-norm off in the caller's own object (callers' objects are never changed)."""
+    if not any(m.training for m in model.modules()):
+        return model
+    return copy.deepcopy(model).eval()
+
+
 def evaluated_model(defended: Defended, *, adaptive: bool, source: nn.Module | None = None, eot_samples: int = 8,
                     notes: Iterable[str] = ()) -> EvaluatedModel:
     """``defended`` under a threat model: adaptive (attack the BPDA/EOT pipeline) or non-adaptive (attack
     ``source``, default the defended model's classifier)."""
     notes = list(notes)
+    defended = eval_mode(defended)
     if adaptive:
         from adv.evaluate.adaptive import adaptive_model
 
@@ -116,7 +127,7 @@ def evaluated_model(defended: Defended, *, adaptive: bool, source: nn.Module | N
         if defended.randomized:
             notes.append(f"randomized stages attacked with EOT over {eot_samples} samples")
         return EvaluatedModel(defended, target, "adaptive", eot_samples, notes)
-    return EvaluatedModel(defended, (source or defended.classifier).eval(), "non-adaptive", eot_samples, notes)
+    return EvaluatedModel(defended, eval_mode(source or defended.classifier), "non-adaptive", eot_samples, notes)
 
 
 def build_evaluated_model(
@@ -145,7 +156,8 @@ def build_evaluated_model(
         if spec not in specs:
             specs.insert(0, spec)
             notes.append(f"{spec} re-created from the checkpoint's training defense")
-    defended = build_defended(classifier, specs, detector=detector, data=data).eval()
+    classifier = eval_mode(classifier)
+    defended = build_defended(classifier, specs, detector=detector, data=data).eval()  # the stages are ours
     return evaluated_model(defended, adaptive=adaptive, source=source or classifier, eot_samples=eot_samples,
                            notes=notes)
 
