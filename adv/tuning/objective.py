@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adv.bundle import accuracy_number
+from adv.evaluate.rows import TRACKS as ROW_TRACKS
 
-TRACKS = ("clean", "non_adaptive", "adaptive")
+#: The Parquet rows' tracks, spelt as metric-name prefixes (``non_adaptive_acc``: Tune's and Python's identifiers).
+TRACKS = tuple(t.replace("-", "_") for t in ROW_TRACKS)
 
 
 def penalized(robust: float, clean: float, clean_ref: float, max_clean_drop: float) -> float:
