@@ -411,6 +411,7 @@ def export(cfg: TuneConfig, uri: str, full, split: Split, grid, selected: TrialR
         linf = [gp.eps for gp in grid if gp.norm == "linf"] or [grid[0].eps]
         bundle = write_bundle(
             f"{uri}/best", checkpoint=checkpoint, stages=stages, detector=cand.detector, numbers=final,
+            query_detector=cfg.query_detector.model_dump(mode="json") if cfg.query_detector else None,
             provenance={**provenance_defaults(), "versions": common.versions(), "sweep": cfg.name, "run": uri,
                         "trial": selected.trial_id, "kind": cfg.kind, "candidate": selected.candidate,
                         "validation": split.describe("validation"), "test": split.describe("test"),

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from adv.detectors import DetectorConfig
 from jobs.config import AttackConfig, RayConnection, _Strict, read_yaml, validate_mapping
 
 
@@ -111,8 +112,21 @@ class TuneConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     resources: ResourcesConfig = ResourcesConfig()
     stored: StoredConfig = StoredConfig()
+    #: The query-attack detector the exported bundle ships (``adv.detectors.DetectorConfig``: ``per_user``,
+    #: ``index``, ``action``), validated by the detector's own model; ``jobs.serve`` runs it unless its config
+    #: sets ``detector``. Null: the bundle ships none and Serve falls back to ``DetectorConfig()``'s defaults.
+    query_detector: DetectorConfig | None = None
     #: Where runs go: a local folder or a pyarrow URI (``s3://bucket/prefix``); a run is ``<storage_path>/<name>``.
     storage_path: str = "runs/tune"
+
+    @model_validator(mode="after")
+    def _query_detector(self):
+        # QueryDetector refuses "fallback" without a fallback model, which a bundle does not carry: fail before
+        # the sweep rather than when jobs.serve starts the exported bundle.
+        if self.query_detector is not None and self.query_detector.action == "fallback":
+            raise ValueError("query_detector.action: 'fallback' needs a fallback model, which a bundle does not "
+                             "carry (jobs.serve could not run it); use flag, deceive or block")
+        return self
 
     @model_validator(mode="after")
     def _space(self):

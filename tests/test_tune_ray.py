@@ -52,7 +52,8 @@ def test_grid_sweep_on_stored_adversarials_exports_a_bundle_that_adv_eval_loads(
     from adv.bundle import load_bundle
     from adv.cli import main as adv_main
 
-    result = run(parse_tune_config(_cfg(ckpt, tmp_path)))
+    query = {"action": "flag", "per_user": None, "index": {"chain_limit": 3}}
+    result = run(parse_tune_config(_cfg(ckpt, tmp_path, query_detector=query)))
     run_dir = Path(result.run_dir)
     # the stored set was generated once, on the validation subset, and the trials never regenerated it
     assert (run_dir / "validation.json").is_file() and (run_dir / "stored/shards/shard-00000.done").is_file()
@@ -73,6 +74,16 @@ def test_grid_sweep_on_stored_adversarials_exports_a_bundle_that_adv_eval_loads(
     assert "disjoint from validation" in m["numbers"]["clean"]["subset"]
     assert m["provenance"]["trial"] == result.selected.trial_id and m["provenance"]["versions"]["ray"] == "2.60.0"
     assert m["stages"] == list(result.selected.candidate["stages"])
+    # the sweep's query detector rides in the bundle, complete (defaults filled in), and Serve runs it
+    from adv.detectors import DetectorConfig
+    from adv.serving import ServeConfig
+    from jobs.serve import detector_config
+
+    assert m["query_detector"] == bundle.query_detector == DetectorConfig(**query).model_dump(mode="json")
+    assert bundle.query_detector["index"]["chain_limit"] == 3 and bundle.query_detector["per_user"] is None
+    assert bundle.public_manifest()["query_detector"] == {"enabled": True}  # thresholds stay private
+    assert detector_config(ServeConfig(bundle=result.bundle), bundle)["action"] == "flag"
+    assert detector_config(ServeConfig(bundle=result.bundle, detector={"action": "block"}), bundle)["action"] == "block"
 
     capsys.readouterr()
     assert adv_main(["eval", "--bundle", result.bundle, "--attack", "fgsm", "--json", "--quiet"]) == 0

@@ -67,6 +67,34 @@ def test_a_bad_config_fails_with_one_line_naming_the_key(tmp_path, capsys):
     assert len(err) == 1 and "attacks[0].eps" in err[0], err
 
 
+def test_the_query_detector_is_validated_by_its_own_model():
+    from adv.detectors import DetectorConfig
+
+    cfg = parse_tune_config(_cfg(query_detector={"action": "flag", "per_user": None, "index": {"chain_limit": 3}}))
+    assert isinstance(cfg.query_detector, DetectorConfig) and cfg.query_detector.per_user is None
+    assert cfg.query_detector.index.chain_limit == 3 and cfg.query_detector.action == "flag"
+    assert parse_tune_config(_cfg()).query_detector is None  # optional: the bundle then ships none
+    for bad, match in [({"index": {"chain_limt": 3}}, r"^query_detector\.index\.chain_limt: unknown key$"),
+                       ({"actionn": "flag"}, r"^query_detector\.actionn: unknown key$"),
+                       ({"per_user": {"threshold": 5}}, r"^query_detector\.per_user: threshold for ssim must lie"),
+                       ({"action": "fallback"}, r"^query_detector\.action: 'fallback' needs a fallback model")]:
+        with pytest.raises(ConfigError, match=match) as err:
+            parse_tune_config(_cfg(query_detector=bad))
+        assert "\n" not in str(err.value)
+
+
+def test_the_shipped_sweep_configs_ship_a_query_detector():
+    from pathlib import Path
+
+    from adv.detectors import DetectorConfig
+    from jobs.tune_config import load_tune_config
+
+    for name in ("tune-default.yaml", "tune-gpu.yaml"):
+        qd = load_tune_config(Path(__file__).parents[1] / "jobs" / "configs" / name).query_detector
+        # the values bench/query_detector.py measured (docs/benchmarks.md), written out so users see and edit them
+        assert qd == DetectorConfig(), name
+
+
 def test_penalty_puts_every_breach_below_every_feasible_trial():
     ok = penalized(0.0, clean=0.90, clean_ref=0.92, max_clean_drop=0.05)
     breach_small = penalized(0.9, clean=0.85, clean_ref=0.92, max_clean_drop=0.05)
