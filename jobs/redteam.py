@@ -1,15 +1,18 @@
 """Red-team the live endpoint: query attacks through a counting HTTP oracle, one account or many (Sybil).
 
     python -m jobs.redteam --url http://127.0.0.1:8000 --keys attacker-keys.yaml --attack hopskipjump \\
-        --accounts 4 --n 8 --dataset fashion-mnist --eps 0.1 --queries 1000 --bundle runs/main/best
+        --accounts 4 --n 8 --dataset fashion-mnist --eps 0.1 --queries 1000 [--bundle runs/main/best]
 
 ``--keys`` is a key file (adv/serving/keys.py format) with *plain* keys: the
 attacker's accounts (role user, the first ``--accounts`` are used) and one
 admin key, with which the harness reads when the detector flagged each
 account (GET /v1/admin/users/ID); the attack itself never sees that. With
-``--bundle`` the same attack also runs in-process, and success is measured
-on the bundle's model (what a fresh account is served). Writes
-``redteam.json`` and ``redteam.md`` under ``--out``. No Ray needed.
+``--bundle`` (the served bundle) the same attack also runs in-process, and
+success is measured on the bundle's model (what a fresh account is served).
+Without it (only the endpoint) success is as answered by the endpoint, to the
+attacker's first account, which a detector action can change; the in-process
+comparison is reported as not run. Writes ``redteam.json`` and
+``redteam.md`` under ``--out``. No Ray needed.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import yaml
 from adv.errors import ConfigError
 from adv.serving.client import Endpoint
 from adv.serving.keys import KeyFile
-from adv.serving.redteam import ATTACKS, red_team
+from adv.serving.redteam import ATTACKS, NO_BUNDLE, red_team
 from jobs.common import guarded, logger
 
 log = logger("redteam")
@@ -35,7 +38,7 @@ def read_keys(path: str, accounts: int, only: list[str] | None = None) -> tuple[
     from a plain-key file."""
     try:
         entries = KeyFile.model_validate(yaml.safe_load(Path(path).read_text())).keys
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read the attacker's key file ({type(e).__name__})") from None
     users = [e for e in entries if e.role == "user" and not e.revoked and e.key and (only is None or e.user in only)]
     if only is not None:
@@ -52,8 +55,13 @@ def read_keys(path: str, accounts: int, only: list[str] | None = None) -> tuple[
 
 
 def run(url: str, keys_file: str, *, attack: str, accounts: int, n: int, dataset: str, eps: float, queries: int,
-        bundle: str, seed: int = 0, data_root: str | None = None, users: list[str] | None = None) -> dict:
-    """One red-team round against ``url`` (as ``users``, default the file's first ``accounts``); the row."""
+        bundle: str | None = None, seed: int = 0, data_root: str | None = None,
+        users: list[str] | None = None) -> dict:
+    """One red-team round against ``url`` (as ``users``, default the file's first ``accounts``); the row.
+
+    ``bundle``: the served bundle (true success and the in-process comparison), or None: success as
+    answered by the endpoint.
+    """
     import numpy as np
     import torch
 
@@ -61,19 +69,20 @@ def run(url: str, keys_file: str, *, attack: str, accounts: int, n: int, dataset
     from adv.data import load_dataset
 
     keys, names, admin = read_keys(keys_file, accounts, users)
-    b = load_bundle(bundle)
-    model = b.build("cpu")
+    b = load_bundle(bundle) if bundle else None
+    model = b.build("cpu") if b is not None else None
     data = load_dataset(dataset, split="test", n=n, seed=seed, **({"root": data_root} if data_root else {}))
     endpoint = Endpoint(url)
     try:
         info = endpoint.get("/v1/model", keys[0])
+        classes = served_classes(info, data.tensors()[0].shape[1:], dataset)
         log(f"{attack} on {n} {dataset} images, eps {eps}, ~{queries} queries each, {accounts} account(s), "
-            f"endpoint output {info['output']!r}")
+            f"endpoint output {info['output']!r}" + ("" if b else "; no --bundle: success as answered by it"))
         with torch.no_grad():
             torch.manual_seed(seed)
             x, y = data.tensors()
             row = red_team(endpoint, keys, names, admin, model, x, y, attack=attack, eps=eps,
-                           queries=queries, classes=int(b.manifest["classifier"]["num_classes"]),
+                           queries=queries, classes=classes,
                            output=info["output"], max_images=int(info.get("max_images", 16)), seed=seed)
         lat = 1000 * np.array(endpoint.latencies or [0.0])
         return {**row, "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}}
@@ -81,20 +90,46 @@ def run(url: str, keys_file: str, *, attack: str, accounts: int, n: int, dataset
         endpoint.close()
 
 
-def _pct(v: float) -> str:
+def served_classes(info: dict, shape, dataset: str) -> int:
+    """The endpoint's class count from its manifest (GET /v1/model), after checking ``dataset``'s image shape."""
+    clf = info.get("classifier") or {}
+    if "num_classes" not in clf:
+        raise ConfigError("the endpoint's GET /v1/model has no classifier.num_classes: is it a jobs.serve endpoint?")
+    expected = clf.get("input_size")
+    if expected is not None and tuple(expected) != tuple(shape):
+        raise ConfigError(f"--dataset {dataset} has images of shape {tuple(shape)}, the endpoint expects "
+                          f"{tuple(expected)}")
+    return int(clf["num_classes"])
+
+
+def _pct(v: float | None) -> str:
+    if v is None:
+        return "not measured (no --bundle)"
     return "n/a (none classified correctly)" if v != v else f"{v:.0%}"
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| attack | endpoint output | oracle | accounts | threat model | success via endpoint | "
-             "success in-process | mean queries (endpoint / in-process) | flagged at query | accounts flagged |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """The rows as a table; a column for success as answered by the endpoint when a row has it (no --bundle)."""
+    answered = any("success_as_answered" in r for r in rows)
+    extra = ("success as answered by the endpoint | ", "---|") if answered else ("", "")
+    lines = ["| attack | endpoint output | oracle | accounts | threat model | success via endpoint (true, on the model) | "
+             f"{extra[0]}success in-process | mean queries (endpoint / in-process) | flagged at query | "
+             "accounts flagged |", "|---|---|---|---|---|---|" + extra[1] + "---|---|---|---|"]
     for r in rows:
         flagged = "never" if r["flagged_at_query"] is None else str(r["flagged_at_query"])
+        free = r["mean_queries_in_process"]
+        as_answered = (_pct(r["success_as_answered"]) if "success_as_answered" in r else "not asked") + " | "
         lines.append(f"| {r['attack']} | {r['output']} | {r['oracle']} | {r['accounts']} | {r['threat_model']} | "
-                     f"{_pct(r['success_endpoint'])} | {_pct(r['success_in_process'])} | "
-                     f"{r['mean_queries']:.0f} / {r['mean_queries_in_process']:.0f} | {flagged} | "
+                     f"{_pct(r['success_endpoint'])} | {as_answered if answered else ''}"
+                     f"{_pct(r['success_in_process']) if free is not None else NO_BUNDLE} | "
+                     f"{r['mean_queries']:.0f} / {'not run' if free is None else f'{free:.0f}'} | {flagged} | "
                      f"{r['accounts_flagged']}/{r['accounts']} |")
+    if answered:
+        judged = next(r for r in rows if "judged_by" in r)
+        lines += ["", f"Success as answered by the endpoint: {judged['judged_by']} ({judged['judge_queries']} "
+                  "queries besides the attack's). A detector action (deceive, block) can change those answers: "
+                  f"this is what the attacker is told, not necessarily the truth. The in-process comparison: "
+                  f"{NO_BUNDLE}."]
     return "\n".join(lines) + "\n"
 
 
@@ -249,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", help="folder to look for the dataset first")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--queries", type=int, default=500)
-    p.add_argument("--bundle", required=True, help="the served bundle: the in-process comparison and true success")
+    p.add_argument("--bundle", help="the served bundle, if you have it: true success (on its model) and the "
+                   "in-process comparison; without it success is as answered by the endpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/redteam")
     args = p.parse_args(argv)

@@ -218,6 +218,110 @@ def test_red_team_round_trip_with_one_and_with_several_accounts(app, tmp_path):
     assert markdown([one, many]).count("\n") == 4
 
 
+@pytest.mark.ray
+def test_red_team_without_a_bundle_judges_success_by_the_endpoints_answers(app, tmp_path, capsys):
+    """Only the endpoint: the attack still runs through it and the flags come from the admin route; success is
+    as answered by the endpoint and the in-process comparison is 'not run'. Bad keys or URL: one line."""
+    import json
+
+    import torch
+
+    from adv.bundle import load_bundle
+    from adv.serving.client import Endpoint
+    from adv.serving.redteam import NO_BUNDLE, red_team
+    from jobs.redteam import main, markdown, read_keys
+    from jobs.serve import free_port
+
+    new = {"solo": "solo-key-000010"}  # a fresh account: its clean images are answered truthfully
+    write_keys(app.keys, revoked=("mallory",), extra=new)
+    solo = {"Authorization": f"Bearer {new['solo']}"}  # known but not an admin: 403 once the file is reloaded
+    _until(lambda: app.http.get("/v1/admin/users/solo", headers=solo).status_code == 403)
+    keyfile = tmp_path / "solo.yaml"
+    keyfile.write_text(yaml.safe_dump({"keys": [{"user": "solo", "key": new["solo"]},
+                                                {"user": "ops", "key": KEYS["ops"], "role": "admin"}]}))
+    x = torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(7))
+    y = load_bundle(app.bundle).build()(x).argmax(1)  # what the endpoint answers a fresh account: all correct
+    keys, names, admin = read_keys(str(keyfile), 1)
+    endpoint = Endpoint(app.url)
+    row = red_team(endpoint, keys, names, admin, None, x, y, attack="square", eps=0.3, queries=20, classes=10,
+                   output="label", max_images=8)
+    endpoint.close()
+    assert row["success_endpoint"] is None and row["success_in_process"] is None and row["in_process"] == NO_BUNDLE
+    assert 0 <= row["success_as_answered"] <= 1  # a number: the clean images were answered correctly
+    assert row["judge_queries"] == 4 and row["queries"] + 4 == _stats(app, "solo")["queries"]  # all counted
+    assert row["flagged_at_query"] is None or 1 <= row["flagged_at_query"] <= row["queries"]  # from the admin route
+    table = markdown([row])
+    assert "as answered by the endpoint" in table and "not run (no --bundle)" in table and "what the attacker" in table
+    if not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("the CLI round trip needs Fashion-MNIST (Debian dataset-fashion-mnist)")
+    common = ["--attack", "square", "--n", "2", "--dataset", "fashion-mnist", "--data-dir", str(FASHION_DIR),
+              "--eps", "0.3", "--queries", "20", "--out", str(tmp_path / "out")]
+    before = _stats(app, "solo")["queries"]
+    assert main(["--url", app.url, "--keys", str(keyfile), *common]) == 0  # no --bundle
+    (cli,) = json.loads((tmp_path / "out" / "redteam.json").read_text())
+    assert cli["in_process"] == NO_BUNDLE and cli["success_endpoint"] is None
+    assert cli["success_as_answered"] != cli["success_as_answered"] or 0 <= cli["success_as_answered"] <= 1
+    assert _stats(app, "solo")["queries"] - before == cli["queries"] + cli["judge_queries"]
+    assert "as answered by the endpoint" in (tmp_path / "out" / "redteam.md").read_text()
+    (tmp_path / "corrupt.yaml").write_text("keys: [{user: solo, key: ")
+    capsys.readouterr()
+    for url, keys_file, what in ((app.url, tmp_path / "none.yaml", "cannot read"),
+                                 (app.url, tmp_path / "corrupt.yaml", "cannot read"),
+                                 (f"http://127.0.0.1:{free_port()}", keyfile, "cannot reach")):
+        assert main(["--url", url, "--keys", str(keys_file), *common]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[redteam]")]
+        assert len(err) == 1 and err[0].startswith("redteam: error:") and what in err[0], err
+
+
+def _exported(name: str) -> dict[tuple, float]:
+    """The samples called ``name`` that Ray's metrics agents export now (Prometheus text on each node's
+    metrics export port): {labels: value}, one series per worker process."""
+    import httpx
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for node in ray.nodes():
+        if node["Alive"]:  # the local cluster: every node's agent listens on this machine
+            text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
+            for family in text_string_to_metric_families(text):
+                out.update({tuple(sorted(s.labels.items())): s.value for s in family.samples if s.name == name})
+    return out
+
+
+def _increase(before: dict, after: dict, **labels: str) -> float:
+    """How much the series whose labels include ``labels`` grew, summed (a restarted process is a new series)."""
+    return sum(max(0.0, v - before.get(k, 0.0)) for k, v in after.items()
+               if all(dict(k).get(a) == want for a, want in labels.items()))
+
+
+@pytest.mark.ray
+def test_metrics_reach_prometheus_requests_latencies_alarms_and_actions(app):
+    names = {"requests": "ray_adv_serve_requests_total", "latency": "ray_adv_serve_latency_s_count",
+             "alarms": "ray_adv_serve_alarms_total", "actions": "ray_adv_serve_actions_total"}
+    before = {k: _exported(m) for k, m in names.items()}
+    for i in range(3):
+        assert _predict(app, "bob", _image(50 + i)).status_code == 200
+    for _ in range(3):  # a series no other test makes: its increase can only be these requests
+        assert app.http.get("/v1/model", headers={"Authorization": "Bearer not-a-key-000"}).status_code == 401
+    suspicious = _stats(app, "alice")["suspicious"]
+    x = _image(60)
+    assert all(_predict(app, "alice", x).status_code == 200 for _ in range(12))  # one image again: alarms
+    assert _stats(app, "alice")["suspicious"] > suspicious
+    want = {"predict 200": ("requests", {"route": "predict", "status": "200"}, 15),
+            "model 401": ("requests", {"route": "model", "status": "401"}, 3),
+            "predict latency": ("latency", {"route": "predict"}, 15),
+            "alarms": ("alarms", {}, 1), "deceive actions": ("actions", {"action": "deceive"}, 1)}
+    deadline = time.monotonic() + 30  # the agents export every few seconds
+    while True:
+        now = {k: _exported(m) for k, m in names.items()}
+        missing = [w for w, (k, labels, n) in want.items() if _increase(before[k], now[k], **labels) < n]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"not exported within 30 s: {missing}"
+        time.sleep(1.0)
+
+
 def test_serve_config_and_rayservice_manifest_validate_offline():
     import ray
     from ray.serve import Application

@@ -149,3 +149,45 @@ def test_block_is_an_open_refusal_with_the_documented_status(tmp_path):
     answers = [owner.observe(x, ["gil"], np.full((1, 10), 0.1, np.float32))[0] for _ in range(14)]
     assert not answers[0]["blocked"] and any(a["blocked"] for a in answers)
     assert BLOCKED[0] == 403 and BLOCKED[1].startswith("refused")
+
+
+def test_red_team_without_the_model_judges_by_the_answers_asked_around_the_attack(monkeypatch):
+    """No bundle: clean labels are asked before the admin read, adversarial ones after it; success counts only
+    images the endpoint classified right, and a refusal is no success."""
+    import torch
+
+    import adv.serving.redteam as rt
+
+    calls = []
+
+    class FakeEndpoint:  # answers "class 1 when the image is bright", refuses images brighter than 0.9
+        rate_limited = 0
+
+        def predict(self, x, key):
+            calls.append("predict")
+            return [{"blocked": True} if m > 0.9 else {"label": int(m > 0.5), "confidence": 0.9}
+                    for m in x.reshape(len(x), -1).mean(1)]
+
+        def get(self, path, key=None):
+            calls.append("admin")
+            return {"first_flagged_query": None, "queries": 0, "suspicious": 0}
+
+    class Shift:  # an "attack" that brightens every image by eps after one query
+        oracle = "labels"
+
+        def __call__(self, oracle, x, y, *, eps, **params):
+            oracle(x)
+            return x + eps, torch.ones(len(x), dtype=torch.long)
+
+    monkeypatch.setattr(rt, "get_attack", lambda name: Shift())
+    x = torch.tensor([0.45, 0.45, 0.1, 0.85]).view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
+    y = torch.tensor([0, 1, 0, 0])  # right, wrong, right, wrong (already class 1: not counted)
+    row = rt.red_team(FakeEndpoint(), ["k"], ["u"], "admin", None, x, y, attack="square", eps=0.1, queries=10,
+                      classes=2, output="label")
+    # fooled among the right ones: 0.45 -> 0.55 yes, 0.1 -> 0.2 no; 0.85 -> 0.95 is refused, and was wrong anyway
+    assert row["success_as_answered"] == 0.5 and row["judge_queries"] == 8 and row["queries"] == 4
+    assert row["success_endpoint"] is None and row["in_process"] == rt.NO_BUNDLE
+    assert calls == ["predict", "admin", "predict", "admin", "predict"]  # clean, before, attack, after, adversarial
+    refused = rt.red_team(FakeEndpoint(), ["k"], ["u"], "admin", None, x, torch.tensor([0, 1, 0, 1]),
+                          attack="square", eps=0.1, queries=10, classes=2, output="label")
+    assert abs(refused["success_as_answered"] - 1 / 3) < 1e-6  # 0.85 is right now, its adversarial refused

@@ -47,7 +47,7 @@ class Endpoint:
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-npy"}
         for _ in range(self.max_waits):
             t0 = time.perf_counter()
-            r = self.http.post(f"{self.url}/v1/predict", content=body, headers=headers)
+            r = self._send("POST", "/v1/predict", content=body, headers=headers)
             self.latencies.append(time.perf_counter() - t0)
             if r.status_code == 429:
                 self.rate_limited += 1
@@ -62,10 +62,21 @@ class Endpoint:
 
     def get(self, path: str, key: str | None = None) -> dict:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        r = self.http.get(f"{self.url}{path}", headers=headers)
+        r = self._send("GET", path, headers=headers)
         if r.status_code != 200:
             raise EndpointError(f"GET {path} answered {r.status_code}: {_reason(r)}")
         return r.json()
+
+    def _send(self, method: str, path: str, **kwargs):
+        """One HTTP request; a connection failure or a malformed URL is one line, not httpx's traceback."""
+        import httpx
+
+        try:
+            return self.http.request(method, f"{self.url}{path}", **kwargs)
+        except (httpx.TransportError, httpx.InvalidURL) as e:
+            detail = (str(e).strip().splitlines() or [""])[0][:200]
+            raise EndpointError(f"cannot reach {self.url} ({method} {path}): {type(e).__name__}"
+                                + (f": {detail}" if detail else "")) from None
 
 
 def npy_bytes(x: np.ndarray) -> bytes:

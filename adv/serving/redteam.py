@@ -2,10 +2,15 @@
 
 The attacker owns ``accounts`` keys and rotates its requests over them (the
 Sybil attacker when more than one); it learns when it was flagged only from
-the admin endpoint (an operator's view), never from the answers. Success is
-measured on the bundle's model in-process (what a fresh account would be
-served), because under ``deceive`` the endpoint's answers to a flagged
-attacker are not the truth.
+the admin endpoint (an operator's view), never from the answers. With the
+served bundle's model, success is measured on it in-process (what a fresh
+account would be served), because under ``deceive`` the endpoint's answers to
+a flagged attacker are not the truth, and the same attack runs in-process for
+comparison. Without it (a red-teamer who has only the endpoint) success is
+*as answered by the endpoint*: its labels for the clean images (asked before
+the attack) and for the final adversarials (after it), under the attacker's
+first account; a detector action can change those answers, so that number is
+what the attacker is told, and the in-process comparison is not run.
 
 * HopSkipJump (Chen et al. 2020) needs only labels.
 * Square (Andriushchenko et al. 2020) needs scores: against a label-only
@@ -41,20 +46,41 @@ def attack_params(attack: str, queries: int, seed: int) -> dict:
             "seed": seed}
 
 
-def _success(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, correct: torch.Tensor) -> float:
-    with torch.no_grad():
-        fooled = model(x_adv).argmax(1) != y
+#: What the report says where a number needs the served bundle's model.
+NO_BUNDLE = "not run (no --bundle)"
+
+
+def success_rate(fooled: torch.Tensor, correct: torch.Tensor) -> float:
+    """The share of ``correct`` examples that are ``fooled``; NaN when none is correct."""
     return float((fooled & correct).sum() / correct.sum()) if correct.any() else float("nan")
 
 
-def red_team(endpoint: Endpoint, keys: list[str], users: list[str], admin_key: str, model: nn.Module,
+def _success(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, correct: torch.Tensor) -> float:
+    with torch.no_grad():
+        return success_rate(model(x_adv).argmax(1) != y, correct)
+
+
+def endpoint_labels(endpoint: Endpoint, key: str, x: torch.Tensor, *, classes: int, max_images: int) -> torch.Tensor:
+    """The endpoint's labels for ``x`` under ``key`` (-1 where it refused to answer), (n,)."""
+    return HttpOracle(endpoint, [key], output="labels", classes=classes, max_images=max_images)(x)
+
+
+def red_team(endpoint: Endpoint, keys: list[str], users: list[str], admin_key: str, model: nn.Module | None,
              x: torch.Tensor, y: torch.Tensor, *, attack: str, eps: float, queries: int, classes: int,
              output: str, max_images: int = 16, seed: int = 0) -> dict:
-    """One round over ``keys`` (user ids ``users``); returns the report row (JSON-able)."""
+    """One round over ``keys`` (user ids ``users``); returns the report row (JSON-able).
+
+    ``model``: the served bundle's model (true success, in-process comparison), or None to judge success
+    by the endpoint's answers (see the module docstring).
+    """
     if attack not in ATTACKS:
         raise ConfigError(f"attack must be one of {ATTACKS}, got {attack!r}")
     spec = get_attack(attack)
     params = attack_params(attack, queries, seed)
+    judge = {"classes": classes, "max_images": max_images}
+    # without the model, which images the endpoint classifies right is asked first, as an attacker would,
+    # and before the admin read below, so the flag times stay the attack's own
+    clean = None if model is not None else endpoint_labels(endpoint, keys[0], x, **judge)
     before = {u: endpoint.get(f"/v1/admin/users/{u}", admin_key) for u in users}
     oracle = HttpOracle(endpoint, keys, output=spec.oracle, classes=classes, max_images=max_images)
     t0 = time.perf_counter()
@@ -67,21 +93,35 @@ def red_team(endpoint: Endpoint, keys: list[str], users: list[str], admin_key: s
         if first is not None and first > base:  # flagged during this round
             per_account[i] = first - base
     already = [u for u in users if before[u]["first_flagged_query"] is not None]
-    x_free, used_free = spec(QueryOracle(model, output=spec.oracle), x, y, eps=eps, **params)
-    with torch.no_grad():
-        correct = model(x).argmax(1) == y
+    if model is None:  # after the admin read: these answers are not the attack's queries
+        adv = endpoint_labels(endpoint, keys[0], x_adv, **judge)
+        compare = {"success_endpoint": None, "success_in_process": None, "mean_queries_in_process": None,
+                   "success_as_answered": success_rate((adv != y) & (adv >= 0), clean == y),
+                   "judged_by": f"the endpoint's labels to account {users[0]!r}: clean images before the attack, "
+                                "final adversarials after it", "judge_queries": 2 * len(x), "in_process": NO_BUNDLE}
+    else:
+        compare = _in_process(spec, model, x, y, x_adv, eps=eps, params=params)
     return {
         "attack": attack, "accounts": len(keys), "n": len(x), "eps": eps, "budget": queries, "output": output,
         "oracle": spec.oracle + (" (from top-1 confidence)" if spec.oracle == "probs" and output == "label" else ""),
         "threat_model": f"adaptive: Sybil, requests rotated over {len(keys)} accounts" if len(keys) > 1
         else "non-adaptive: one account",
-        "success_endpoint": _success(model, x_adv, y, correct),
-        "success_in_process": _success(model, x_free, y, correct),
+        **compare,
         "queries": oracle.total, "requests": oracle.requests, "mean_queries": float(used.float().mean()),
-        "mean_queries_in_process": float(used_free.float().mean()),
         "flagged_at_query": oracle.flagged_at(per_account),
         "accounts_flagged": len(per_account), "already_flagged_before": already,
         "suspicious_queries": sum(after[u]["suspicious"] - before[u]["suspicious"] for u in users),
         "blocked": oracle.blocked, "rate_limited": endpoint.rate_limited, "seconds": round(seconds, 1),
         "params": params,
     }
+
+
+def _in_process(spec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, eps: float,
+                params: dict) -> dict:
+    """True success of the endpoint's adversarials on ``model``, and the same attack run on it directly."""
+    x_free, used_free = spec(QueryOracle(model, output=spec.oracle), x, y, eps=eps, **params)
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    return {"success_endpoint": _success(model, x_adv, y, correct),
+            "success_in_process": _success(model, x_free, y, correct),
+            "mean_queries_in_process": float(used_free.float().mean()), "in_process": "run"}
