@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adv.errors import AdvError
 from adv.io import atomic_write_json
+from adv.validation import validate_mapping
 
 SCHEMA_VERSION = 1
 FORMAT = "adv-bundle"
@@ -76,11 +77,7 @@ def check_numbers(numbers: dict[str, Any]) -> dict[str, dict]:
     for key, value in numbers.items():
         if value is None:
             continue
-        try:
-            out[key] = Number.model_validate(value).model_dump(mode="json")
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise BundleError(f"bundle numbers.{key}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        out[key] = validate_mapping(Number, value, f"bundle numbers.{key}", BundleError).model_dump(mode="json")
     return out
 
 
@@ -264,9 +261,11 @@ def write_bundle(
     from adv.models.checkpoint import load_checkpoint
 
     checked = check_numbers(numbers)
-    if query_detector is not None and not isinstance(query_detector, dict):
-        raise BundleError(f"query_detector must be a dict (a DetectorConfig.model_dump()), got "
-                          f"{type(query_detector).__name__}")
+    if query_detector is not None:  # a bundle never ships a detector config that Serve would refuse
+        from adv.detectors import DetectorConfig
+
+        query_detector = validate_mapping(DetectorConfig, query_detector, "bundle query_detector",
+                                          BundleError).model_dump(mode="json")
     _, meta = load_checkpoint(checkpoint)  # a bundle never ships a checkpoint that does not load
     uri = _is_uri(out)
     staging = Path(tempfile.mkdtemp(prefix="adv-bundle-")) if uri else _local_path(out)

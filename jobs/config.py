@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adv.errors import AdvError, ConfigError
 from adv.evaluate.rows import FEATURES
+from adv.validation import validate_mapping
 
 #: The grid's ``steps`` sets whichever of these budget hyperparameters the attack has.
 BUDGET_PARAMS = ("steps", "queries")
@@ -304,42 +305,6 @@ class EvalConfig(_Strict):
         data = self.model_dump(mode="json", exclude={"resources", "output", "report", "name"})
         data["batch_size"] = self.resources.batch_size  # the unit of per-batch seeding
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def format_validation_error(exc: ValidationError, source: str = "") -> str:
-    """The first error as ``key.path: message (got value)``."""
-    err = exc.errors()[0]
-    loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[", "tagged-")))]
-    msg = err["msg"].removeprefix("Value error, ")
-    key = _loc(tuple(loc))
-    # Model-level validators put the key at the start of their message ("eps: ...").
-    if ":" in msg.split(" ")[0] and key:
-        key, msg = f"{key}.{msg.split(':', 1)[0]}", msg.split(":", 1)[1].strip()
-    elif ":" in msg.split(" ")[0]:
-        key, msg = msg.split(":", 1)[0], msg.split(":", 1)[1].strip()
-    got = err.get("input")
-    extra = f" (got {got!r})" if err["type"] not in ("value_error", "missing") and not isinstance(got, (dict, list)) else ""
-    if err["type"] == "extra_forbidden":
-        msg, extra = "unknown key", ""
-    prefix = f"{source}: " if source else ""
-    return f"{prefix}{key or 'config'}: {msg}{extra}"
-
-
-def validate_mapping(model: type[BaseModel], data: Any, source: str = "") -> Any:
-    """``model`` built from a YAML mapping; every error is one line naming the key (any stage's config)."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source or 'config'}: expected a mapping of keys, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -33,7 +33,6 @@ import numpy as np
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from ray import serve
 
 from adv.errors import ConfigError
@@ -42,6 +41,7 @@ from adv.serving.decode import RequestError, decode
 from adv.serving.keys import KeyRing
 from adv.serving.respond import BLOCKED, body as response_body
 from jobs.common import guarded, init_ray, logger
+from adv.validation import validate_mapping
 
 NAMESPACE = "adv-serve"
 log = logger("serve")
@@ -52,12 +52,7 @@ class OwnerUnavailable(Exception):
 
 
 def parse_config(args: dict) -> ServeConfig:
-    try:
-        return ServeConfig.model_validate(args)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise ConfigError(f"serve config: {where}: {first['msg']} ({len(e.errors())} problem(s))") from None
+    return validate_mapping(ServeConfig, args, "serve config")
 
 
 def detector_config(cfg: ServeConfig, bundle) -> dict:
@@ -65,10 +60,7 @@ def detector_config(cfg: ServeConfig, bundle) -> dict:
     from adv.detectors import DetectorConfig
 
     raw = cfg.detector if cfg.detector is not None else (bundle.query_detector or {})
-    try:
-        return DetectorConfig.model_validate(raw).model_dump(mode="json")
-    except ValidationError as e:
-        raise ConfigError(f"query detector config: {e.errors()[0]['msg']}") from None
+    return validate_mapping(DetectorConfig, raw, "query detector config").model_dump(mode="json")
 
 
 # ---- the state owner --------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from adv.detectors import DetectorConfig
-from jobs.config import AttackConfig, RayConnection, _Strict, read_yaml, validate_mapping
+from adv.validation import validate_mapping
+from jobs.config import AttackConfig, RayConnection, _Strict, read_yaml
 
 
 class SubsetConfig(_Strict):

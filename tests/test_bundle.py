@@ -37,7 +37,7 @@ def bundle(parts, tmp_path):
     ckpt, stage_file = parts
     return write_bundle(tmp_path / "b", checkpoint=str(ckpt),
                         stages=[f"initial_ae:checkpoint={stage_file}", "dwt:wavelet=db2,level=1"],
-                        query_detector={"threshold": 0.25, "window": 10}, numbers=_numbers(),
+                        query_detector={"action": "block", "index": None}, numbers=_numbers(),
                         provenance={"sweep": "t", "trial": "x"})
 
 
@@ -56,9 +56,11 @@ def test_round_trip_rebuilds_the_same_model(parts, bundle):
     ref = build_defended(load_checkpoint(ckpt)[0], [f"initial_ae:checkpoint={stage_file}", "dwt:wavelet=db2"])
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(model(x), ref.eval()(x))
-    assert again.query_detector == {"threshold": 0.25, "window": 10}
+    qd = again.query_detector  # stored complete (defaults filled in), as Serve will read it
+    assert qd["action"] == "block" and qd["index"] is None and qd["per_user"]["candidates"] == 4
     public = again.public_manifest()
-    assert "threshold" not in json.dumps(public) and "files" not in public and public["numbers"]
+    assert public["query_detector"] == {"enabled": True}
+    assert "candidates" not in json.dumps(public) and "files" not in public and public["numbers"]
 
 
 def test_tampered_file_is_rejected_and_named(bundle):
@@ -92,7 +94,11 @@ def test_bad_schema_version_and_not_a_bundle(bundle, tmp_path):
 
 def test_bad_inputs_fail_before_writing(parts, tmp_path):
     ckpt, _ = parts
-    with pytest.raises(BundleError, match=r"numbers.adaptive.ci95"):
+    with pytest.raises(BundleError, match=r"^bundle query_detector: threshold: unknown key$"):
+        write_bundle(tmp_path / "q", checkpoint=str(ckpt), stages=[], numbers=_numbers(), provenance={},
+                     query_detector={"threshold": 0.25, "window": 10})
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(BundleError, match=r"numbers.adaptive: ci95"):
         write_bundle(tmp_path / "x", checkpoint=str(ckpt), stages=[], numbers={
             **_numbers(), "adaptive": {"value": 0.5, "ci95": [0.6, 0.4], "n": 4, "label": "a", "subset": "s"}},
             provenance={})
