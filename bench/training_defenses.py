@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from adv.io import atomic_write_json
-from bench.docs import command as command_line, markers, write_section
+from bench.docs import command as command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "training_defenses"
@@ -51,7 +52,12 @@ ROWS = {
     "alp": ("ALP", f"alp:{BUDGET}"),
     "alp_aad": ("ALP + AAD", f"aad:base=alp,{BUDGET}"),
     "trades": ("TRADES", f"trades:{BUDGET}"),
+    "madry_5ep": ("Madry, 5 epochs", f"at:{BUDGET}"),
 }
+#: Rows trained longer than ``--epochs`` (the paper's 5 epochs, still PGD-7), and the row whose finished
+#: ``--epochs`` state they continue from: same seed, data order and constant lr, so the first epochs are that run's.
+EPOCHS = {"madry_5ep": 5}
+CONTINUES = {"madry_5ep": "madry"}
 #: Column -> (attack, hyperparameters). CW-k is PGD-k on the CW margin loss (Madry et al.'s CW column).
 COLUMNS = {"fgsm": ("fgsm", {}), **{f"pgd{k}": ("pgd", {"steps": k}) for k in (10, 20, 40, 100)},
            **{f"cw{k}": ("pgd_cw", {"steps": k}) for k in (10, 20, 40, 100)}}
@@ -136,10 +142,12 @@ def run_row(row: str, args) -> None:
     label, spec = ROWS[row]
     out = Path(args.out) / row
     res = Results(row)
-    cmd = adv_train(args, out, "--model", "lenet", "--epochs", str(args.epochs), *(["--defense", spec] if spec else []))
+    epochs = EPOCHS.get(row, args.epochs)
+    cmd = adv_train(args, out, "--model", "lenet", "--epochs", str(epochs), *(["--defense", spec] if spec else []))
     res.put("label", label)
     res.put("command", " ".join(cmd))
-    metrics = train(cmd, out, args.epochs, args.threads)
+    continue_from(row, out, args)
+    metrics = train(cmd, out, epochs, args.threads)
     res.put("train", {k: metrics.get(k) for k in ("train_seconds", "test_acc", "train_adv_acc", "epoch")})
     model, data = load(out / "model.pt"), test_images(args)
     cells = res.data.get("cells", {})
@@ -156,6 +164,18 @@ def run_row(row: str, args) -> None:
             cells[col] = evaluate(model, data, out / f"state_{col}.json", [COLUMNS[col]])
         res.put("cells", cells)
     log(f"{row}: done")
+
+
+def continue_from(row: str, out: Path, args) -> None:
+    """Seed a longer row with the finished state of the row it extends (``adv train`` then resumes from it)."""
+    base = Path(args.out) / CONTINUES.get(row, "")
+    if row not in CONTINUES or (out / "train_state.pt").exists() or not (base / "train_state.pt").is_file():
+        return
+    if json.loads((base / "metrics.json").read_text()).get("epoch") != args.epochs:
+        return  # the base row is unfinished: train this one from scratch
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(base / "train_state.pt", out / "train_state.pt")
+    log(f"{row}: continues {CONTINUES[row]}'s epoch-{args.epochs} state")
 
 
 def robust_share(state: Path, n: int) -> float:
