@@ -170,7 +170,7 @@ def test_non_adaptive_query_attacks_in_the_loop_query_the_source_and_report_quer
     clf = trained_classifier()
     x, y = sample_batch(16)
     ev = build_evaluated_model(clf, ["quantize:bits=2"])
-    model, attacks = robust_accuracy_inputs(ev, [("square", {"queries": 20}), ("fgsm", {})], seed=0)
+    model, attacks = robust_accuracy_inputs(ev, [("square", {"queries": 20}), ("fgsm", {})])
     res = robust_accuracy(model, (x, y), attacks, eps=0.1, progress=False, checks=())
     square, fgsm = res.attacks
     assert (square.label, square.family, fgsm.label, fgsm.family) == (

@@ -19,6 +19,7 @@ from adv.attacks.core import (
     objective, project, random_start, take,
 )
 from adv.attacks.registry import register_attack
+from adv.attacks.seeding import subset
 
 
 @register_attack("apgd", family="whitebox", norms=NORMS, targeted=True, iterative=True,
@@ -51,11 +52,12 @@ def apgd(
     with frozen(model):
         y = labels(model, x, y)
         obj = objective(model, y, loss=loss, targeted=targeted, y_target=y_target)
-        gen = make_generator(seed, x.device)
+        gen = make_generator(seed, x.device, len(x))
         out = x.clone()
         todo = torch.arange(len(x), device=x.device)
         for _ in range(int(restarts)):
-            xr, ok = _apgd_run(obj, x[todo], todo, y, targeted, y_target, eps, norm, int(steps), rho, gen)
+            xr, ok = _apgd_run(obj, x[todo], todo, y, targeted, y_target, eps, norm, int(steps), rho,
+                               subset(gen, todo))  # a restart continues its examples' own streams
             out[todo] = xr
             todo = todo[~ok]
             if len(todo) == 0:

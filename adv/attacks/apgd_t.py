@@ -16,6 +16,7 @@ from torch import nn
 from adv.attacks.apgd import apgd
 from adv.attacks.core import NORMS, check_inputs, check_positive, frozen, labels, make_generator, predict
 from adv.attacks.registry import register_attack
+from adv.attacks.seeding import subset
 
 
 def ranked_targets(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
@@ -47,7 +48,7 @@ def apgd_t(
         return x.clone()
     if targeted:
         return apgd(model, x, y, targeted=True, y_target=y_target, seed=seed, **common)
-    gen = make_generator(seed, x.device)
+    gen = make_generator(seed, x.device, len(x))
     with frozen(model):
         y = labels(model, x, y)
         with torch.no_grad():
@@ -55,7 +56,9 @@ def apgd_t(
         targets = ranked_targets(logits, y, min(int(n_target_classes), logits.shape[1] - 1))
         out, todo = x.clone(), torch.arange(len(x), device=x.device)
         for k in range(targets.shape[1]):
-            xs = apgd(model, x[todo], y[todo], targeted=True, y_target=targets[todo, k], seed=gen, **common)
+            # each example continues its own stream (RowSeeds), whichever others are still standing
+            xs = apgd(model, x[todo], y[todo], targeted=True, y_target=targets[todo, k], seed=subset(gen, todo),
+                      **common)
             out[todo] = xs
             todo = todo[predict(model, xs) == y[todo]]
             if len(todo) == 0:

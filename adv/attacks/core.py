@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adv.attacks.seeding import RowSeeds
+from adv.attacks.seeding import RowSeeds, draw
 
 NORMS = ("linf", "l2")
 
@@ -107,8 +107,14 @@ def labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.T
     return predict(model, x) if y is None else y
 
 
-def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:
-    """A private generator: attacks never read or reseed the global RNG."""
+def make_generator(seed: int | torch.Generator | None, device: torch.device, n: int | None = None) -> torch.Generator:
+    """A private generator: attacks never read or reseed the global RNG.
+
+    A :class:`RowSeeds` (one stream per example) must hold exactly the ``n`` examples of the batch.
+    """
+    if isinstance(seed, RowSeeds) and n is not None and len(seed) != n:
+        raise ValueError(f"seed holds streams for {len(seed)} examples, the batch has {n}; "
+                         "pass RowSeeds.take(rows) for a subset")
     if isinstance(seed, torch.Generator):
         return seed
     gen = torch.Generator(device=device)
@@ -273,18 +279,19 @@ def ball_bounds(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
 def random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) -> torch.Tensor:
     """Uniform point of the L∞ ball, or uniform point of the L2 ball, clipped to [0, 1].
 
-    With a :class:`RowSeeds` generator for exactly these rows, each example's start
+    With a :class:`RowSeeds` generator (for exactly these rows), each example's start
     comes from its own stream, whatever else shares the batch.
     """
-    if isinstance(gen, RowSeeds) and len(gen) == len(x):
-        return torch.cat([random_start(x[i : i + 1], eps, norm, g) for i, g in enumerate(gen.streams())])
+    rows = torch.arange(len(x))
+    if isinstance(gen, RowSeeds) and len(gen) != len(x):
+        raise ValueError(f"gen holds streams for {len(gen)} examples, x has {len(x)}; pass RowSeeds.take(rows)")
     if norm == "linf":
-        noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype).mul_(2).sub_(1).mul_(eps)
+        noise = draw(gen, torch.rand, x.shape[1:], rows, x.dtype).to(x.device).mul_(2).sub_(1).mul_(eps)
         return (x + noise).clamp_(0.0, 1.0)
-    direction = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    direction = draw(gen, torch.randn, x.shape[1:], rows, x.dtype).to(x.device)
     direction /= _view(flat_norm(direction).clamp_min(1e-12))
     d = x[0].numel()
-    radius = torch.rand(len(x), generator=gen, device=x.device, dtype=x.dtype).pow(1.0 / d) * eps
+    radius = draw(gen, torch.rand, (), rows, x.dtype).to(x.device).pow(1.0 / d) * eps
     return (x + direction * _view(radius)).clamp_(0.0, 1.0)
 
 

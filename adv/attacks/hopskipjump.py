@@ -7,7 +7,10 @@ it, and search back to the boundary. Examples leave the batch once within
 ``eps``. Targeted runs (``y_target``) start from ``x_init``, an image of
 the target class per example (the paper's targeted setting); without it,
 from an image of the batch that the oracle labels as the target, else from
-uniform noise. Threat model: black-box, hard labels only; minimal
+uniform noise. The noise trials and the directions of the gradient
+estimate are drawn per example (its own stream with a
+:class:`~adv.attacks.seeding.RowSeeds`; the rows passed to the oracle say
+whose stream). Threat model: black-box, hard labels only; minimal
 perturbation (``eps=inf``) or a budget the result is projected onto.
 """
 
@@ -20,6 +23,7 @@ import torch
 from adv.attacks.core import check_inputs, check_positive, flat_norm, make_generator, perturbation_norm, project
 from adv.attacks.oracle import QueryOracle, as_oracle, oracle_labels
 from adv.attacks.registry import register_attack
+from adv.attacks.seeding import draw
 
 _V = (-1, 1, 1, 1)
 
@@ -59,7 +63,7 @@ def hopskipjump(
     start = oracle.used(n)
     if eps == 0 or n == 0:
         return x.clone(), oracle.used(n) - start
-    gen = make_generator(seed, x.device)
+    gen = make_generator(seed, x.device, n)
     all_rows = torch.arange(n, device=x.device)
     pred = oracle_labels(oracle, x, all_rows).to(x.device) if y is None or (targeted and x_init is None) else None
     y = pred if y is None else y
@@ -116,7 +120,7 @@ def _initialise(is_adv, x, rows, trials, gen, start=None):
         todo = (~found).nonzero()[:, 0]
         if len(todo) == 0:
             break
-        cand = torch.rand(x[todo].shape, generator=gen, device=x.device, dtype=x.dtype)
+        cand = draw(gen, torch.rand, x.shape[1:], rows[todo], x.dtype).to(x.device)
         ok = is_adv(cand, rows[todo])
         noise[todo[ok]] = cand[ok]
         found[todo[ok]] = True
@@ -160,10 +164,9 @@ def _estimate_gradient(is_adv, xb, rows, delta, evals, norm, gen, max_elems: int
         xc, rc, dc = xb[i : i + chunk], rows[i : i + chunk], delta[i : i + chunk]
         m = len(xc)
         shape = (m, evals, *xc.shape[1:])
-        if norm == "l2":
-            u = torch.randn(shape, generator=gen, device=xc.device, dtype=xc.dtype)
-        else:
-            u = torch.rand(shape, generator=gen, device=xc.device, dtype=xc.dtype).mul_(2).sub_(1)
+        u = draw(gen, torch.randn if norm == "l2" else torch.rand, shape[1:], rc, xc.dtype).to(xc.device)
+        if norm == "linf":
+            u.mul_(2).sub_(1)
         u /= flat_norm(u.flatten(0, 1)).view(m, evals, 1, 1, 1)
         dv = dc.view(-1, 1, 1, 1, 1)
         perturbed = (xc[:, None] + dv * u).clamp(0.0, 1.0)

@@ -18,6 +18,7 @@ from adv.attacks.core import (
     is_success, labels, make_generator, objective, project, random_start, take,
 )
 from adv.attacks.registry import register_attack
+from adv.attacks.seeding import subset
 
 #: ``stop(logits, rows) -> (n,) bool``: examples that are done (early exit).
 Stop = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -85,7 +86,7 @@ def run_pgd(
     if step_size is None:
         step_size = default_step_size(eps, steps)
     check_positive(step_size=step_size)
-    gen = make_generator(seed, x.device) if rand_init else None
+    gen = make_generator(seed, x.device, len(x)) if rand_init else None
     stop = (lambda logits, rows: is_success(logits, y[rows], targeted, take(y_target, rows))) if early_stop else None
     best, best_val, best_ok = None, None, None
     for _ in range(int(restarts) if rand_init else 1):
@@ -93,7 +94,8 @@ def run_pgd(
         if rows is not None and len(rows) == 0:
             break
         xs = x if rows is None else x[rows]
-        start = random_start(xs, eps, norm, gen) if rand_init else xs
+        # a restart continues the streams of the examples it reruns (RowSeeds), whatever else still stands
+        start = random_start(xs, eps, norm, gen if rows is None else subset(gen, rows)) if rand_init else xs
         xr = pgd_loop(obj, xs, start, eps=eps, norm=norm, steps=int(steps), step_size=step_size,
                       rows=rows, stop=stop)
         if restarts == 1 or not rand_init:

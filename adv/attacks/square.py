@@ -5,21 +5,28 @@ standing, set a random square window of side ``s`` to ±eps per channel and
 keep the change when the margin loss drops. The square's area fraction
 ``p`` follows the paper's schedule: ``p_init`` halved at 10, 50, 200, 500,
 1000, 2000, 4000, 6000 and 8000 of 10,000 queries (rescaled to ``queries``).
+:func:`square_search` is the random search both norms share; every random
+draw (stripes, windows, signs) comes from the example's own stream when the
+seed is a :class:`~adv.attacks.seeding.RowSeeds`.
 Threat model: black-box, scores only (a probability oracle), L∞.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 from adv.attacks.core import check_inputs, check_positive, make_generator, take
 from adv.attacks.oracle import QueryOracle, as_oracle
 from adv.attacks.registry import register_attack
+from adv.attacks.seeding import randint, signs, uniform
 
 #: Schedule of p (Andriushchenko et al. 2020, §A): breakpoints out of 10,000 queries.
 P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+_V = (-1, 1, 1, 1)
 
 
 def p_selection(p_init: float, it: int, queries: int) -> float:
@@ -38,6 +45,51 @@ def _margin_and_loss(probs, y, targeted, y_target):
     return own - other, own - other
 
 
+def square_search(oracle, x, y, *, eps: float, norm: str, norms: tuple[str, ...], targeted: bool, y_target,
+                  queries: int, p_init: float, seed, init: Callable, propose: Callable
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random search both Square attacks share (Andriushchenko et al. 2020, Algorithm 1).
+
+    ``init(x, rows, gen) -> x_0``; ``propose(x, x_best, p, rows, gen) -> candidates`` for the examples at
+    ``rows`` still standing (``p`` the schedule's area fraction). A candidate replaces the best point when
+    the margin loss drops or the example is fooled; each example draws from ``gen`` at its own row.
+    """
+    check_inputs(x, y, eps, norm, norms=norms, targeted=targeted, y_target=y_target)
+    check_positive(queries=queries, p_init=p_init)
+    if p_init > 1:
+        raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
+    oracle = as_oracle(oracle, "probs")
+    n = len(x)
+    start = oracle.used(n)
+    if eps == 0 or n == 0:
+        return x.clone(), oracle.used(n) - start
+    gen = make_generator(seed, x.device, n)
+    rows = torch.arange(n, device=x.device)
+    if y is None:
+        y = oracle(x, rows).argmax(1)
+    x_best = init(x, rows, gen)
+    margin, loss = _margin_and_loss(oracle(x_best, rows), y, targeted, y_target)
+    for it in range(int(queries) - 1):
+        todo = (margin > 0).nonzero()[:, 0]
+        if len(todo) == 0:
+            break
+        x_new = propose(x[todo], x_best[todo], p_selection(p_init, it, queries), todo, gen)
+        m_new, l_new = _margin_and_loss(oracle(x_new, todo), take(y, todo), targeted, take(y_target, todo))
+        better = (l_new < loss[todo]) | (m_new <= 0)
+        idx = todo[better]
+        x_best[idx], margin[idx], loss[idx] = x_new[better], m_new[better], l_new[better]
+    return x_best, oracle.used(n) - start
+
+
+def windows(u: torch.Tensor, h: int, w: int, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per example, an (s, s) window at a position drawn from uniforms ``u`` (m, 2): (mask (m, 1, h, w), top, left)."""
+    top, left = randint(u[:, 0], h - s + 1), randint(u[:, 1], w - s + 1)
+    ar_h = torch.arange(h, device=u.device).view(1, 1, h, 1)
+    ar_w = torch.arange(w, device=u.device).view(1, 1, 1, w)
+    t, lf = top.view(_V), left.view(_V)
+    return (ar_h >= t) & (ar_h < t + s) & (ar_w >= lf) & (ar_w < lf + s), top, left
+
+
 @register_attack("square", family="query", norms=("linf",), targeted=True, oracle="probs", iterative=True,
                  description="Square Attack: score-based random search over squares (L-inf)")
 def square(
@@ -54,54 +106,35 @@ def square(
     seed: int | torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shape: x (N, C, H, W) in [0, 1]; y (N,) -> (x_adv like x, n_queries (N,) int64)."""
-    check_inputs(x, y, eps, norm, norms=("linf",), targeted=targeted, y_target=y_target)
-    check_positive(queries=queries, p_init=p_init)
-    if p_init > 1:
-        raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
-    oracle = as_oracle(oracle, "probs")
-    n, (c, h, w) = len(x), x.shape[1:]
-    start = oracle.used(n)
-    if eps == 0 or n == 0:
-        return x.clone(), oracle.used(n) - start
-    gen = make_generator(seed, x.device)
-    rows = torch.arange(n, device=x.device)
-    if y is None:
-        y = oracle(x, rows).argmax(1)
-    signs = _signs((n, c, 1, w), gen, x)
-    x_best = (x + eps * signs).clamp(0.0, 1.0)
-    margin, loss = _margin_and_loss(oracle(x_best, rows), y, targeted, y_target)
-    ar_h = torch.arange(h, device=x.device).view(1, 1, h, 1)
-    ar_w = torch.arange(w, device=x.device).view(1, 1, 1, w)
-    for it in range(int(queries) - 1):
-        todo = (margin > 0).nonzero()[:, 0]
-        if len(todo) == 0:
-            break
-        s = max(int(round(math.sqrt(p_selection(p_init, it, queries) * h * w))), 1)
+
+    def init(x, rows, gen):  # vertical stripes: one sign per example, channel and column
+        return (x + eps * signs(gen, (x.shape[1], 1, x.shape[3]), rows, x)).clamp(0.0, 1.0)
+
+    def propose(xc, xb, p, rows, gen):
+        h, w = xc.shape[2:]
+        s = max(int(round(math.sqrt(p * h * w))), 1)
         s = min(s, h - 1, w - 1) if min(h, w) > 1 else 1
-        xc, xb = x[todo], x_best[todo]
-        vh = torch.randint(0, h - s + 1, (len(todo), 1, 1, 1), generator=gen, device=x.device)
-        vw = torch.randint(0, w - s + 1, (len(todo), 1, 1, 1), generator=gen, device=x.device)
-        window = (ar_h >= vh) & (ar_h < vh + s) & (ar_w >= vw) & (ar_w < vw + s)
-        x_new = _new_candidate(xc, xb, window, eps, gen)
-        m_new, l_new = _margin_and_loss(oracle(x_new, todo), take(y, todo), targeted, take(y_target, todo))
-        better = (l_new < loss[todo]) | (m_new <= 0)
-        idx = todo[better]
-        x_best[idx], margin[idx], loss[idx] = x_new[better], m_new[better], l_new[better]
-    return x_best, oracle.used(n) - start
+        window = windows(uniform(gen, 2, rows).to(xc.device), h, w, s)[0]
+        return _new_candidate(xc, xb, window, eps, rows, gen)
+
+    return square_search(oracle, x, y, eps=eps, norm=norm, norms=("linf",), targeted=targeted, y_target=y_target,
+                         queries=queries, p_init=p_init, seed=seed, init=init, propose=propose)
 
 
-def _signs(shape, gen, like):
-    return torch.randint(0, 2, shape, generator=gen, device=like.device).to(like.dtype).mul_(2).sub_(1)
-
-
-def _new_candidate(xc, xb, window, eps, gen, tries: int = 10):
-    """Set the window to ±eps per channel; resample where that would change nothing (as in the paper)."""
-    delta = xb - xc
-    n, c = xc.shape[:2]
-    for _ in range(tries):
-        signs = _signs((n, c, 1, 1), gen, xc)
-        x_new = (xc + torch.where(window, eps * signs, delta)).clamp(0.0, 1.0)
-        same = ((x_new - xb).abs() < 1e-7) | ~window
-        if not same.flatten(1).all(1).any():
+def _new_candidate(xc, xb, window, eps, rows, gen, tries: int = 10):
+    """Set each example's window to ±eps per channel; redraw an example's signs while that changes nothing
+    (the reference implementation's loop, capped at ``tries``)."""
+    delta, c = xb - xc, xc.shape[1]
+    x_new = (xc + torch.where(window, eps * signs(gen, (c, 1, 1), rows, xc), delta)).clamp(0.0, 1.0)
+    redo = _unchanged(x_new, xb, window).nonzero()[:, 0]
+    for _ in range(tries - 1):
+        if len(redo) == 0:
             break
+        cand = (xc[redo] + torch.where(window[redo], eps * signs(gen, (c, 1, 1), rows[redo], xc), delta[redo]))
+        x_new[redo] = cand = cand.clamp(0.0, 1.0)
+        redo = redo[_unchanged(cand, xb[redo], window[redo])]
     return x_new
+
+
+def _unchanged(x_new, xb, window):
+    return (((x_new - xb).abs() < 1e-7) | ~window).flatten(1).all(1)

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                                  checkpoint=args.checkpoint, device=device)
     if evaluated is not None:  # the defended model is scored; the threat model decides what is attacked
         # the defended threat model wraps each attack; an adaptive randomized pipeline already averages draws
-        model, attacks_run = robust_accuracy_inputs(evaluated, attacks + suite, seed=args.seed)
+        model, attacks_run = robust_accuracy_inputs(evaluated, attacks + suite)
     result = robust_accuracy(
         model, data, attacks_run if evaluated else attacks, suite=None if evaluated else args.suite, eps=args.eps, norm=args.norm, batch_size=args.batch_size, device=device,
         seed=args.seed, early_stop=not args.no_early_stop, state_path=args.state, progress=not args.quiet,

@@ -183,7 +183,7 @@ def detector_aware_attack(
     detector_margin: float = 1.0,
     steps: int | None = None,
     step_size: float | None = None,
-    seed: int | None = None,
+    seed: int | torch.Generator | None = None,
 ) -> torch.Tensor:
     """The worst case, per example, of two attacks on a defended model with a detector (disagreement or AdvD).
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from adv.attacks.core import NORMS, SIZES, perturbation_norm, project
 from adv.attacks.registry import AttackSpec, call_family, get_attack
-from adv.attacks.seeding import RowSeeds, derive_seed
+from adv.attacks.seeding import example_seeds
 from adv.errors import InputError
 from adv.evaluate import checks as C
 from adv.evaluate.precision import fast_model
@@ -48,6 +48,11 @@ class AttackRun:
 
     def accepts(self, arg: str) -> bool:
         return self.spec.accepts(arg) if self.spec else False
+
+    @property
+    def randomized(self) -> bool:
+        """Whether it draws random numbers (takes ``seed=``); a function says so with a ``randomized`` attribute."""
+        return self.spec.randomized if self.spec else bool(getattr(self.fn, "randomized", False))
 
 
 def resolve_attacks(attacks: Sequence, norm: str) -> list[AttackRun]:
@@ -271,8 +276,8 @@ def _bar(batches, total, batch_size, progress):
 def _run_kwargs(run: AttackRun, eps, norm, seed: int, index: torch.Tensor, early_stop: bool) -> dict:
     """The attack's keywords; a randomized one gets a stream per example, from its label and ``index`` in the data."""
     kw = {**run.kwargs, "eps": eps, "norm": norm}
-    if run.spec is not None and run.spec.randomized and "seed" not in kw:
-        kw["seed"] = RowSeeds([derive_seed(seed, run.label, i) for i in index.tolist()], index.device)
+    if run.randomized and "seed" not in kw:
+        kw["seed"] = example_seeds(seed, run.label, index, index.device)
     if early_stop and run.accepts("early_stop") and "early_stop" not in kw:
         kw["early_stop"] = True
     return kw

@@ -170,7 +170,10 @@ class ThreatAttack:
     """
 
     def __init__(self, ev: EvaluatedModel, name: str):
+        from adv.attacks import get_attack
+
         self.ev, self.name = ev, name
+        self.randomized = get_attack(name).randomized  # the loop then gives it per-example streams
         self.__name__ = f"{name}@{'undefended' if ev.threat == 'non-adaptive' else 'detector-aware'}"
 
     def __call__(self, model, x, y, **kwargs):
@@ -178,15 +181,15 @@ class ThreatAttack:
         return x_adv if queries is None else (x_adv, queries)  # the family's return, as the loop expects
 
 
-def robust_accuracy_inputs(ev: EvaluatedModel, attacks: list[tuple[str, dict]], seed: int = 0):
+def robust_accuracy_inputs(ev: EvaluatedModel, attacks: list[tuple[str, dict]]):
     """``(model, attacks)`` for :func:`adv.evaluate.robust_accuracy` under ``ev``'s threat model.
 
     Non-adaptive: score the defended model, craft on the source. Adaptive:
     attack and score the BPDA/EOT pipeline (its forward is the defended
     forward); with a detector, FGSM/BIM/PGD use the detector-aware loss.
-    Attacks :meth:`EvaluatedModel.on_target` keep their names, so the loop
-    seeds them per batch; the others run as :class:`ThreatAttack` entries
-    of their own family (query attacks report their queries).
+    Attacks :meth:`EvaluatedModel.on_target` keep their names; the others
+    run as :class:`ThreatAttack` entries of their own family (query attacks
+    report their queries). The loop seeds both kinds per example.
     """
     from adv.evaluate.adaptive import bpda_pipeline
     from adv.evaluate.protocol import AttackRun
@@ -197,10 +200,8 @@ def robust_accuracy_inputs(ev: EvaluatedModel, attacks: list[tuple[str, dict]], 
         if ev.on_target(name):
             out.append((name, kw))
             continue
-        kw, spec, fn = dict(kw), get_attack(name), ThreatAttack(ev, name)
-        if ev.threat == "non-adaptive" and spec.randomized:
-            kw.setdefault("seed", seed)  # no spec on the run: the loop gives it no per-batch seed
-        out.append(AttackRun(fn.__name__, fn.__name__, spec.family, fn, kw))
+        fn = ThreatAttack(ev, name)
+        out.append(AttackRun(fn.__name__, fn.__name__, get_attack(name).family, fn, dict(kw)))
     if ev.threat == "adaptive":
         return ev.attack_target, out
     # same forward as the defended model, but differentiable, so the loop's gradient checks can run

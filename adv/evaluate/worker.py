@@ -5,9 +5,8 @@
 test or a single-process loop calls them directly on a dict of numpy
 columns. Each actor builds its models once through an injected ``loader``.
 
-Per example and *chunk* (the unit of seeding, ``batch_size`` examples) a
-:class:`BatchEvaluator` runs the whole attack grid and writes one row per
-(example, defense, track, grid point):
+Per *chunk* (``batch_size`` examples) a :class:`BatchEvaluator` runs the
+whole attack grid and writes one row per (example, defense, track, grid point):
 
 * ``clean``: the clean image through every defended model;
 * ``non-adaptive``: adversarials crafted once on the undefended classifier,
@@ -17,6 +16,15 @@ Per example and *chunk* (the unit of seeding, ``batch_size`` examples) a
   or by querying it for query-based attacks.
 
 The row layout is :mod:`adv.evaluate.rows` (docs/parquet-schema.md).
+
+Seeding: an attack's random draws follow the example, not the chunk: each
+grid point's attack gets one stream per example from (run seed, grid point
+key, example index) (:func:`adv.attacks.seeding.example_seeds`, as in
+:func:`adv.evaluate.robust_accuracy`), so its rows do not change with
+``batch_size``. Randomized defense *stages* (noise, quantization draws) and
+the EOT samples of the adaptive track draw from the global torch RNG, which
+is seeded per (chunk, grid point, defense) (:func:`chunk_seed`): those rows
+stay reproducible, but change with ``batch_size``.
 
 Shape:
     batch["image"]: (N, C, H, W) float in [0, 1] or uint8; batch["label"|"index"|"shard"|"chunk"]: (N,)
@@ -33,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adv.attacks.seeding import derive_seed
+from adv.attacks.seeding import derive_seed, example_seeds
 from adv.evaluate.rows import ATTACK_COLUMNS, FEATURES, KEY_COLUMNS, NONE
 from adv.metrics import image_quality, perturbation_norms
 from adv.models.device import resolve_device
@@ -140,7 +148,8 @@ class ModelLoader:
 
 
 def chunk_seed(seed: int, *parts: int) -> int:
-    """A 63-bit seed for (run seed, chunk, grid point, defense): independent of batching and actors."""
+    """A 63-bit seed for (run seed, chunk, grid point, defense), of the randomized stages: independent of how
+    Ray batches chunks and of the actors."""
     return derive_seed(seed, *parts)
 
 
@@ -288,8 +297,7 @@ class BatchEvaluator(Scorer):
             self._add(rows, meta, x, cols, same, label, "clean", None, -1, 0.0, np.full(n, -1))
         for gi, gp in enumerate(self.plan.grid):
             torch.manual_seed(chunk_seed(self.plan.seed, chunk, gi, 0))
-            x_adv, queries, seconds = self.run_attack(gp, self.classifier, None, x, y,
-                                                      chunk_seed(self.plan.seed, chunk, gi))
+            x_adv, queries, seconds = self.run_attack(gp, self.classifier, None, x, y, meta["index"])
             quality = _quality(x, x_adv)
             for label in self.labels():
                 cols = self.score(label, x_adv, y, clean_ok[label])
@@ -299,27 +307,27 @@ class BatchEvaluator(Scorer):
             for di, (label, ev) in enumerate(self.defenses.items(), start=1):
                 for gi, gp in enumerate(self.plan.grid):
                     torch.manual_seed(chunk_seed(self.plan.seed, chunk, gi, di))  # EOT / random stages
-                    x_adv, queries, seconds = self.run_attack(gp, None, ev, x, y,
-                                                              chunk_seed(self.plan.seed, chunk, gi, di))
+                    x_adv, queries, seconds = self.run_attack(gp, None, ev, x, y, meta["index"])
                     cols = self.score(label, x_adv, y, clean_ok[label])
                     self._add(rows, meta, x_adv, cols, _quality(x, x_adv), label, "adaptive", gp, gi,
                               seconds / n, queries)
         return rows
 
-    def run_attack(self, gp: GridPoint, model, evaluated, x, y, seed: int):
+    def run_attack(self, gp: GridPoint, model, evaluated, x, y, index: np.ndarray):
         """``(x_adv, queries (N,) int64 with -1 for white-box attacks, seconds)`` of one grid point.
 
         The attack runs on ``model`` (the classifier), or under ``evaluated``'s
         threat model (:meth:`adv.evaluate.threat.EvaluatedModel.craft`: the
         adaptive target, the detector-aware loss, or queries to the defended
-        pipeline itself).
+        pipeline itself). A randomized attack draws per example, from the
+        streams of (run seed, ``gp.key``, ``index``): the same on every track.
         """
         from adv.attacks import get_attack
 
         spec = get_attack(gp.attack)
         kw = gp.kwargs()
         if spec.randomized:
-            kw["seed"] = seed
+            kw["seed"] = example_seeds(self.plan.seed, gp.key, index, x.device)
         t0 = time.perf_counter()
         if evaluated is None:
             x_adv, queries = spec.run(model, x, y, **kw)
