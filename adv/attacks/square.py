@@ -84,10 +84,10 @@ def square_search(oracle, x, y, *, eps: float, norm: str, norms: tuple[str, ...]
 def windows(u: torch.Tensor, h: int, w: int, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per example, an (s, s) window at a position drawn from uniforms ``u`` (m, 2): (mask (m, 1, h, w), top, left)."""
     top, left = randint(u[:, 0], h - s + 1), randint(u[:, 1], w - s + 1)
-    ar_h = torch.arange(h, device=u.device).view(1, 1, h, 1)
-    ar_w = torch.arange(w, device=u.device).view(1, 1, 1, w)
-    t, lf = top.view(_V), left.view(_V)
-    return (ar_h >= t) & (ar_h < t + s) & (ar_w >= lf) & (ar_w < lf + s), top, left
+    ar_h, ar_w = torch.arange(h, device=u.device), torch.arange(w, device=u.device)
+    in_h = (ar_h >= top[:, None]) & (ar_h < top[:, None] + s)
+    in_w = (ar_w >= left[:, None]) & (ar_w < left[:, None] + s)
+    return in_h[:, None, :, None] & in_w[:, None, None, :], top, left
 
 
 @register_attack("square", family="query", norms=("linf",), targeted=True, oracle="probs", iterative=True,

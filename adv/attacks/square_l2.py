@@ -76,16 +76,15 @@ def _candidate(xc, xb, eps, s, rows, gen):
     win2 = windows(u[:, 2:4], h, w, s)[0]
     # window 1 of each example, gathered at its own position: (m, c, s, s)
     ar = torch.arange(s, device=xc.device)
-    at = (torch.arange(m, device=xc.device).view(_V), torch.arange(c, device=xc.device).view(1, -1, 1, 1),
-          (top[:, None] + ar).view(m, 1, s, 1), (left[:, None] + ar).view(m, 1, 1, s))
-    old = delta[at]
+    at = (torch.arange(c, device=xc.device).view(1, -1, 1, 1) * (h * w) + (top[:, None] + ar).view(m, 1, s, 1) * w
+          + (left[:, None] + ar).view(m, 1, 1, s)).flatten(1)
+    old = delta.flatten(1).gather(1, at).view(m, c, s, s)
     norm_old = old.pow(2).sum((2, 3), keepdim=True).sqrt()
     norm_windows = (delta * (win1 | win2)).pow(2).sum((2, 3), keepdim=True)
     room = (eps**2 - flat_norm(delta).pow(2)).clamp_min(0).view(_V) / c
     new = blocks(s, u[:, 4], xc) * signs(gen, (c, 1, 1), rows, xc) + old / (norm_old + 1e-10)
     new = new / new.pow(2).sum((2, 3), keepdim=True).sqrt().clamp_min(1e-12) * (room + norm_windows).sqrt()
-    delta = delta * ~win2
-    delta[at] = new
+    delta = (delta * ~win2).flatten(1).scatter(1, at, new.flatten(1)).view_as(delta)
     return (xc + delta * (eps / flat_norm(delta).clamp_min(1e-12)).view(_V)).clamp(0.0, 1.0)
 
 
