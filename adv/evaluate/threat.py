@@ -238,13 +238,19 @@ def detection_report(
 ) -> dict[str, dict]:
     """:func:`detection_summary` per attack, on adversarials crafted under ``ev``'s threat model.
 
+    A randomized attack draws per example (streams from ``seed``, its name and the example's index, as in
+    :func:`adv.evaluate.robust_accuracy`), so the report does not depend on ``batch_size``.
+
     Shape: data images (N, C, H, W) in [0, 1]
     """
+    from adv.attacks.seeding import example_seeds
+
     out = {}
     for name, kw in attacks:
         xs, advs, ys = [], [], []
         for x, y in data.batches(batch_size):
-            kwargs = {"seed": seed, **kw} if _takes_seed(name) else dict(kw)
+            index = range(sum(map(len, xs)), sum(map(len, xs)) + len(x))
+            kwargs = {"seed": example_seeds(seed, name, index, x.device), **kw} if _takes_seed(name) else dict(kw)
             advs.append(ev.attack(name, x, y, eps=eps, norm=norm, **kwargs))
             xs.append(x)
             ys.append(y)
