@@ -1,4 +1,5 @@
-"""Ray fixtures: one shared local cluster per test session (started lazily, by the first test that asks).
+"""Shared fixtures: one Ray local cluster per test session (started lazily, by the first test that asks), and the
+single-thread / tiny-model fixtures of the attack and evaluation tests.
 
 Token auth and usage stats are off for the local cluster (RAY_NOTES.md); the
 cluster is 4 logical CPUs on 2 cores, no GPUs, ~512 MB of object store, and
@@ -12,8 +13,23 @@ import os
 
 import pytest
 
+from tests.attack_helpers import one_thread, train_tiny
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="module")
+def single_threaded():
+    """One intra-op torch thread for a whole module (opt in: ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model(single_threaded):
+    """The tiny trained CNN of the attack and evaluation tests (``attack_helpers.train_tiny``), one per module."""
+    return train_tiny()
 
 
 @pytest.fixture(scope="session")

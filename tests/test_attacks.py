@@ -12,7 +12,7 @@ from adv.attacks.apgd import checkpoints
 from adv.attacks.core import cw_loss, dlr_loss, dlr_targeted_loss, project
 from adv.attacks.oracle import as_oracle
 from adv.attacks.square import p_selection
-from tests.attack_helpers import NUM_CLASSES, one_thread, synthetic, train_tiny
+from tests.attack_helpers import NUM_CLASSES, synthetic
 
 ALL = list_attacks()
 #: Small budgets so the whole matrix runs in seconds; applied where an attack takes the key.
@@ -20,15 +20,7 @@ FAST = {"steps": 5, "queries": 60, "binary_steps": 3, "init_evals": 20, "max_eva
 EPS = {"linf": 0.1, "l2": 0.5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model():
-    return train_tiny()
+pytestmark = pytest.mark.usefixtures("single_threaded")  # ``model`` (the tiny CNN) comes from conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,10 @@ import pytest
 import torch
 
 from adv.evaluate import robust_accuracy
-from tests.attack_helpers import one_thread
 from tests.helpers import SHARED_DATA, SHARED_MODELS, needs_shared_data
 
-pytestmark = needs_shared_data
+pytestmark = [needs_shared_data, pytest.mark.usefixtures("single_threaded")]
 PGD40 = ("pgd", {"steps": 40, "step_size": 0.01})  # Madry et al.'s MNIST evaluation
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,10 @@ import torch
 
 from adv.attacks import apgd_t, fab_t, get_attack, hopskipjump, pgd, square_l2
 from adv.attacks.fab import hyperplane_step
-from tests.attack_helpers import NUM_CLASSES, one_thread, synthetic, train_tiny
+from tests.attack_helpers import NUM_CLASSES, synthetic
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model():
-    return train_tiny()
+pytestmark = pytest.mark.usefixtures("single_threaded")  # ``model`` (the tiny CNN) comes from conftest.py
 
 
 @pytest.fixture(scope="module")

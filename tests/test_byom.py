@@ -16,20 +16,12 @@ from adv.errors import InputError
 from adv.evaluate import RobustnessWarning, robust_accuracy
 from adv.evaluate.stats import accuracy_ci, beats_whitebox_evidence, overlap_note
 from adv.models import Normalize, SelectOutput
-from tests.attack_helpers import one_thread, synthetic, train_tiny
+from tests.attack_helpers import synthetic
 
 EPS = 0.08
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model():
-    return train_tiny()
+pytestmark = pytest.mark.usefixtures("single_threaded")  # ``model`` (the tiny CNN) comes from conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,12 @@ import json
 import pytest
 
 from adv.cli import main
-from tests.attack_helpers import one_thread
 from tests.helpers import SHARED_DATA, SHARED_MODELS, needs_shared_data
 
 CLEAN = str(SHARED_MODELS / "mnist_lenet5_clntrained.pt")
 MNIST = ["--dataset", "mnist", "--data-dir", str(SHARED_DATA / "mnist"), "--n", "64", "--quiet"]
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def run_json(capsys, argv) -> dict:

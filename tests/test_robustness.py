@@ -13,20 +13,12 @@ from torch import nn
 from adv.attacks import get_attack
 from adv.evaluate import RobustnessWarning, eps_sweep, robust_accuracy
 from adv.evaluate.checks import check_steps
-from tests.attack_helpers import one_thread, synthetic, train_tiny
+from tests.attack_helpers import synthetic
 
 EPS = 0.08
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model():
-    return train_tiny()
+pytestmark = pytest.mark.usefixtures("single_threaded")  # ``model`` (the tiny CNN) comes from conftest.py
 
 
 @pytest.fixture(scope="module")

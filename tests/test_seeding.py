@@ -12,7 +12,7 @@ from adv.attacks import get_attack, list_attacks
 from adv.attacks.core import make_generator
 from adv.attacks.seeding import BUFFER, RowSeeds, example_seeds
 from adv.evaluate import RobustnessWarning, robust_accuracy
-from tests.attack_helpers import one_thread, synthetic, train_tiny
+from tests.attack_helpers import synthetic
 
 #: Every randomized attack, with settings that leave some examples standing (so restarts, later targets and
 #: later iterations run on a subset) and that take a fraction of a second.
@@ -32,15 +32,7 @@ SMALL = {
 ROWS = [2, 5, 9]  # the examples a preceding attack would have left standing
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model():
-    return train_tiny()
+pytestmark = pytest.mark.usefixtures("single_threaded")  # ``model`` (the tiny CNN) comes from conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,10 @@ from torch import nn
 
 from adv.evaluate import RobustnessWarning, robust_accuracy
 from adv.evaluate.suites import describe_suite, get_suite, list_suites, suite_attacks
-from tests.attack_helpers import one_thread, synthetic, train_tiny
+from tests.attack_helpers import synthetic
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model():
-    return train_tiny()
+pytestmark = pytest.mark.usefixtures("single_threaded")  # ``model`` (the tiny CNN) comes from conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,10 @@ from adv.models import create_model, load_checkpoint, save_checkpoint
 from adv.train import TrainConfig, fit, seed_everything, training_loss
 from adv.train.losses.aad import aad_terms, attention_mask
 from adv.train.selection import RobustValidation, holdout
-from tests.attack_helpers import one_thread, synthetic, train_tiny
+from tests.attack_helpers import synthetic
 
 FAST = "eps=0.1,steps=2,step_size=0.05"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return train_tiny()
+pytestmark = pytest.mark.usefixtures("single_threaded")  # ``model`` (the tiny CNN) comes from conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +27,13 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def known(tmp_path_factory, tiny):
+def known(tmp_path_factory, model):
     """A .pt file of known adversarials of a tiny model (as finetune_at reads them)."""
     from adv.attacks import pgd
 
     x, y = synthetic(64, seed=5)
     path = tmp_path_factory.mktemp("known") / "known.pt"
-    torch.save({"x_adv": pgd(tiny, x, y, eps=0.1, steps=5, seed=0), "y": y}, path)
+    torch.save({"x_adv": pgd(model, x, y, eps=0.1, steps=5, seed=0), "y": y}, path)
     return path
 
 
@@ -95,8 +85,8 @@ def test_each_loss_decreases_while_training(name, known, sources):
     assert out.logits.shape == (64, 5) and not out.logits.requires_grad
 
 
-def test_alp_with_lam_zero_equals_at_with_mix_half(tiny):
-    model, (x, y) = tiny, synthetic(32, seed=2)
+def test_alp_with_lam_zero_equals_at_with_mix_half(model):
+    x, y = synthetic(32, seed=2)
     a = value(training_loss(f"alp:{FAST},lam=0").loss_fn, model, x, y)
     b = value(training_loss(f"at:{FAST},mix=0.5").loss_fn, model, x, y)
     assert a.loss.item() == b.loss.item()
@@ -105,8 +95,8 @@ def test_alp_with_lam_zero_equals_at_with_mix_half(tiny):
 
 
 @pytest.mark.parametrize("base", ["at", "alp"])
-def test_aad_with_alpha_beta_zero_equals_its_base(base, tiny):
-    model, (x, y) = tiny, synthetic(32, seed=3)
+def test_aad_with_alpha_beta_zero_equals_its_base(base, model):
+    x, y = synthetic(32, seed=3)
     a = value(training_loss(f"aad:base={base},{FAST},alpha=0,beta=0").loss_fn, model, x, y)
     b = value(training_loss(f"{base}:{FAST}").loss_fn, model, x, y)
     assert a.loss.item() == b.loss.item()
@@ -114,8 +104,8 @@ def test_aad_with_alpha_beta_zero_equals_its_base(base, tiny):
     assert c.loss.item() != a.loss.item() and {"rectification", "preservation"} <= set(c.logs)
 
 
-def test_aad_terms_carry_gradients_to_the_parameters(tiny):
-    model, (x, y) = copy.deepcopy(tiny), synthetic(16, seed=4)
+def test_aad_terms_carry_gradients_to_the_parameters(model):
+    model, (x, y) = copy.deepcopy(model), synthetic(16, seed=4)
     x_adv = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
     rect, _, _, _ = aad_terms(model, x, x_adv, y)
     rect.backward()  # L_r: through the soft labels of x, x_m, x_adv and x_adv_m, so every parameter
@@ -222,12 +212,12 @@ def test_checkpoint_selection_keeps_the_best_validation_epoch(digits, tmp_path):
             out_dir=tmp_path / "x", show_progress=False, select="nope")
 
 
-def test_ensemble_alternates_between_the_model_and_its_sources(sources, tiny):
+def test_ensemble_alternates_between_the_model_and_its_sources(sources, model):
     loss_fn = training_loss(f"ensemble_at:{FAST},sources={sources}").loss_fn
     used: list[int] = []
     for i, src in enumerate(loss_fn.sources):
         src.register_forward_hook(lambda m, inp, out, i=i: used.append(i + 1))
-    model, (x, y) = copy.deepcopy(tiny), synthetic(8, seed=6)
+    model, (x, y) = copy.deepcopy(model), synthetic(8, seed=6)
     pattern = []
     for _ in range(4):
         used.clear()
@@ -237,11 +227,11 @@ def test_ensemble_alternates_between_the_model_and_its_sources(sources, tiny):
     assert all(not p.requires_grad for s in loss_fn.sources for p in s.parameters())
 
 
-def test_finetune_reports_the_papers_metric(known, tiny):
+def test_finetune_reports_the_papers_metric(known, model):
     from adv.train.losses.finetune_at import known_accuracy, load_adversarials
 
     x_adv, y = load_adversarials(str(known))
-    model = copy.deepcopy(tiny)
+    model = copy.deepcopy(model)
     before = known_accuracy(model, x_adv, y)
     loss_fn = training_loss(f"finetune_at:adversarials={known},weight=1").loss_fn
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
