@@ -14,26 +14,32 @@ from adv.models.base import ImageClassifier
 from adv.models.registry import MNIST_MEAN_STD, ModelSpec, register_model
 
 
-class MadryLeNet(ImageClassifier):
-    """conv32(5x5)-pool-conv64(5x5)-pool-fc1024 (Madry et al. 2018, MNIST challenge)."""
+class _TwoConvNet(ImageClassifier):
+    """conv32-pool-conv64-pool-fc(hidden)-fc, the layout MadryLeNet and LeNet5 share.
 
-    def __init__(self, arch, num_classes, input_size, mean, std):
+    Subclasses set the kernel size, the hidden width and ``fc_names``: their checkpoints name the two linear layers
+    differently (``fc1``/``fc2`` vs advertorch's ``linear1``/``linear2``), so the names stay the files'.
+    """
+
+    fc_names: tuple[str, str]
+
+    def __init__(self, arch, num_classes, input_size, mean, std, *, kernel: int, hidden: int):
         super().__init__(arch, num_classes, input_size, mean, std)
         c, h, w = input_size
-        self.conv1 = nn.Conv2d(c, 32, 5, padding=2)
-        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
+        self.conv1 = nn.Conv2d(c, 32, kernel, padding=kernel // 2)
+        self.conv2 = nn.Conv2d(32, 64, kernel, padding=kernel // 2)
         self.act2 = nn.ReLU()  # a module, so Grad-CAM can hook the rectified maps
-        self.fc1 = nn.Linear(64 * (h // 4) * (w // 4), 1024)
-        self.fc2 = nn.Linear(1024, num_classes)
-        self.feature_dim = 1024
+        self.add_module(self.fc_names[0], nn.Linear(64 * (h // 4) * (w // 4), hidden))
+        self.add_module(self.fc_names[1], nn.Linear(hidden, num_classes))
+        self.feature_dim = hidden
 
     def forward_features(self, x):
         x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
         x = torch.max_pool2d(self.act2(self.conv2(x)), 2)
-        return torch.relu(self.fc1(x.flatten(1)))
+        return torch.relu(getattr(self, self.fc_names[0])(x.flatten(1)))
 
     def head(self, features):
-        return self.fc2(features)
+        return getattr(self, self.fc_names[1])(features)
 
     @property
     def cam_layer(self):
@@ -42,30 +48,22 @@ class MadryLeNet(ImageClassifier):
         return self.act2
 
 
-class LeNet5(ImageClassifier):
-    """advertorch's LeNet5: conv32(3x3)-pool-conv64(3x3)-pool-fc200."""
+class MadryLeNet(_TwoConvNet):
+    """conv32(5x5)-pool-conv64(5x5)-pool-fc1024 (Madry et al. 2018, MNIST challenge)."""
+
+    fc_names = ("fc1", "fc2")
 
     def __init__(self, arch, num_classes, input_size, mean, std):
-        super().__init__(arch, num_classes, input_size, mean, std)
-        c, h, w = input_size
-        self.conv1 = nn.Conv2d(c, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.act2 = nn.ReLU()  # a module, so Grad-CAM can hook the rectified maps
-        self.linear1 = nn.Linear(64 * (h // 4) * (w // 4), 200)
-        self.linear2 = nn.Linear(200, num_classes)
-        self.feature_dim = 200
+        super().__init__(arch, num_classes, input_size, mean, std, kernel=5, hidden=1024)
 
-    def forward_features(self, x):
-        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = torch.max_pool2d(self.act2(self.conv2(x)), 2)
-        return torch.relu(self.linear1(x.flatten(1)))
 
-    def head(self, features):
-        return self.linear2(features)
+class LeNet5(_TwoConvNet):
+    """advertorch's LeNet5: conv32(3x3)-pool-conv64(3x3)-pool-fc200."""
 
-    @property
-    def cam_layer(self):
-        return self.act2  # rectified last-conv maps (see MadryLeNet.cam_layer)
+    fc_names = ("linear1", "linear2")
+
+    def __init__(self, arch, num_classes, input_size, mean, std):
+        super().__init__(arch, num_classes, input_size, mean, std, kernel=3, hidden=200)
 
 
 class ConvSmall(ImageClassifier):
