@@ -7,7 +7,7 @@ import json
 import pytest
 
 from adv.cli import main
-from tests.test_defenses_helpers import single_thread
+from tests.test_defenses_helpers import cli_classifier, single_thread
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +15,8 @@ def run_dir(tmp_path_factory):
     """A digits lenet5, one trained with DWT augmentation, and a disagreement detector file."""
     d = tmp_path_factory.mktemp("eval")
     with single_thread():
-        for out, extra in (("plain", []), ("dwt", ["--defense", "dwt:wavelet=db2"])):
-            assert main(["train", "--dataset", "digits", "--model", "lenet5", "--epochs", "1", "--n", "400",
-                         "--out", str(d / out), "--quiet", *extra]) == 0
+        for out, extra in (("plain", ()), ("dwt", ("--defense", "dwt:wavelet=db2"))):
+            cli_classifier(d / out, epochs=1, n=400, extra=extra)
         assert main(["defend", "train", "disagreement:epochs=1,batch_size=32", "--dataset", "digits", "--n", "400",
                      "--checkpoint", str(d / "plain" / "model.pt"), "--out", str(d / "det.pt"), "--quiet"]) == 0
     return d

@@ -7,10 +7,12 @@ for "training improves the stage" and adaptive-vs-non-adaptive properties.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
 
+from adv.cli import main
 from adv.data import load_dataset
 from adv.models import create_model
 from adv.train import TrainConfig, fit
@@ -40,6 +42,13 @@ def trained_classifier():
     model = create_model("lenet5", input_size=(1, SIZE, SIZE))
     model.load_state_dict(_trained_state())
     return model.eval()
+
+
+def cli_classifier(out_dir: Path, *, epochs: int, n: int, extra: tuple[str, ...] = ()) -> Path:
+    """A digits lenet5 trained by ``adv train`` (the path a user takes) into ``out_dir``; its checkpoint."""
+    assert main(["train", "--dataset", "digits", "--model", "lenet5", "--epochs", str(epochs), "--n", str(n),
+                 "--out", str(out_dir), "--quiet", *extra]) == 0
+    return Path(out_dir) / "model.pt"
 
 
 def sample_batch(n: int = 64, seed: int = 0):

@@ -18,7 +18,7 @@ from adv.errors import ConfigError
 from adv.models import create_model, load_checkpoint
 from adv.train import TrainConfig, evaluate_accuracy, fit
 from tests.test_defenses_helpers import (  # noqa: F401  (one_thread: autouse fixture)
-    FAST, SIZE, digits, one_thread, single_thread, trained_classifier,
+    FAST, SIZE, cli_classifier, digits, one_thread, single_thread, trained_classifier,
 )
 
 
@@ -134,16 +134,14 @@ def test_adv_train_defense_records_the_spec_and_eval_recreates_it(tmp_path, caps
 
 
 def test_adv_defend_train_writes_a_loadable_stage(tmp_path, capsys):
-    clf_dir = tmp_path / "clf"
-    assert main(["train", "--dataset", "digits", "--model", "lenet5", "--epochs", "1", "--n", "300",
-                 "--out", str(clf_dir), "--quiet"]) == 0
+    checkpoint = cli_classifier(tmp_path / "clf", epochs=1, n=300)
     capsys.readouterr()
     out = tmp_path / "mid.pt"
     code = main(["defend", "train", "middle_ae:epochs=1,bottleneck=16", "--dataset", "digits", "--n", "300",
-                 "--checkpoint", str(clf_dir / "model.pt"), "--n-test", "100", "--out", str(out), "--quiet"])
+                 "--checkpoint", str(checkpoint), "--n-test", "100", "--out", str(out), "--quiet"])
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and out.is_file() and 0 <= summary["test_acc_clean"] <= 1
-    clf, _ = load_checkpoint(clf_dir / "model.pt")
+    clf, _ = load_checkpoint(checkpoint)
     stage = create_defense(f"middle_ae:checkpoint={out}", classifier=clf)
     assert stage.trained and stage.params.bottleneck == 16 and stage.stage_meta["dataset"] == "digits"
     assert main(["defend", "train", "dwt", "--dataset", "digits", "--out", str(tmp_path / "d.pt")]) == 2

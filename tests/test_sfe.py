@@ -21,7 +21,7 @@ from adv.metrics import detection_metrics
 from adv.models import create_model, save_checkpoint
 from tests.helpers import SHARED_DATA, needs_shared_data
 from tests.test_defenses_helpers import (  # noqa: F401  (one_thread: autouse fixture)
-    digits, one_thread, sample_batch, single_thread, trained_classifier,
+    cli_classifier, digits, one_thread, sample_batch, single_thread, trained_classifier,
 )
 
 FAST = "epochs=12,advd_epochs=10,hidden=64,disc_hidden=32,advd_hidden=32,batch_size=64,lr=3e-3,eps=0.15"
@@ -228,16 +228,14 @@ def test_bad_configurations_fail_with_one_clear_line(tmp_path, capsys):
 
 
 def test_cli_trains_sfe_and_advd_and_eval_uses_them(tmp_path, capsys):
-    clf_dir = tmp_path / "clf"
-    assert main(["train", "--dataset", "digits", "--model", "lenet5", "--epochs", "2", "--n", "600",
-                 "--out", str(clf_dir), "--quiet"]) == 0
+    checkpoint = cli_classifier(tmp_path / "clf", epochs=2, n=600)
     capsys.readouterr()
     out = tmp_path / "sfe.pt"
     assert main(["defend", "train", "sfe:" + FAST + ",attack_steps=3", "--dataset", "digits", "--n", "200",
-                 "--checkpoint", str(clf_dir / "model.pt"), "--n-test", "100", "--out", str(out), "--quiet"]) == 0
+                 "--checkpoint", str(checkpoint), "--n-test", "100", "--out", str(out), "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert 0 <= summary["test_acc_clean"] <= 1 and summary["train"]["n_adversarial"] > 0
-    assert main(["eval", "--checkpoint", str(clf_dir / "model.pt"), "--dataset", "digits", "--n", "40",
+    assert main(["eval", "--checkpoint", str(checkpoint), "--dataset", "digits", "--n", "40",
                  "--attack", "pgd", "--eps", "0.1", "--steps", "3", "--defense", f"sfe:checkpoint={out}",
                  "--detector", f"advd:checkpoint={out}", "--adaptive", "--json", "--quiet", "--checks", "none"]) == 0
     report = json.loads(capsys.readouterr().out)
