@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--extras", default="", help=f"comma-separated subset of {','.join(EXTRAS)}")
-    p.add_argument("--suite-rows", default="madry,madry_aad,alp,alp_aad,trades",
+    p.add_argument("--suite-rows", default="madry,madry_aad,alp,alp_aad,trades,madry_5ep",
                    help="rows that also face the standard suite")
     p.add_argument("--n", type=int, default=1000, help="first N test images")
     p.add_argument("--suite-n", type=int, default=1000, help="first N test images for the standard suite")
