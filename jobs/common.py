@@ -23,6 +23,19 @@ def logger(stage: str) -> Callable[[str], None]:
     return log
 
 
+#: Defaults for a Ray cluster this process starts (a user's environment wins). Serve gives a new HTTP proxy 5 s
+#: to report ready and then kills it; on a busy 2-core machine its imports alone can take longer, and the
+#: deployment then fails with "actor died ... killed by ray.kill".
+LOCAL_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+                 "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+def local_ray_env() -> None:
+    """Set :data:`LOCAL_RAY_ENV` where unset, before ``ray.init`` starts a cluster (its processes inherit it)."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_store_memory: int | None = None,
              log: Callable[[str], None] = logger("ray")) -> None:
     """Connect to ``address`` / ``$RAY_ADDRESS``, else start an embedded local cluster; no-op when connected.
@@ -33,7 +46,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        local_ray_env()
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             log(f"connecting to the Ray cluster at {address}")

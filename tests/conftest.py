@@ -13,10 +13,11 @@ import os
 
 import pytest
 
+from jobs.common import local_ray_env
 from tests.attack_helpers import one_thread, train_tiny
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+local_ray_env()  # the same cluster defaults as the jobs' embedded clusters
 
 
 @pytest.fixture(scope="module")
