@@ -23,6 +23,7 @@ cluster and exits. The application (``build``) has three parts:
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -379,11 +380,21 @@ def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_
            check_http: bool = True) -> str:
     """Start Serve on ``host:port`` (when not running), deploy the application and wait until Serve reports
     it running and (``check_http``, when this machine reaches the proxy) ``/healthz`` answers 200; the URL."""
+    serve.start(http_options={"host": host, "port": port})
+    url = f"http://{host}:{port}"
+    try:
+        serve.run(build(cfg.model_dump(mode="json")), name=cfg.name, route_prefix="/", blocking=False)
+        _wait_healthy(cfg, url, wait_s, check_http)
+    except BaseException:
+        with contextlib.suppress(Exception):  # a failed deployment must not keep holding the cluster's CPUs
+            undeploy(cfg, shutdown=False)
+        raise
+    return url
+
+
+def _wait_healthy(cfg: ServeConfig, url: str, wait_s: float, check_http: bool) -> None:
     import httpx
 
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build(cfg.model_dump(mode="json")), name=cfg.name, route_prefix="/", blocking=False)
-    url = f"http://{host}:{port}"
     deadline = time.monotonic() + wait_s
     while True:
         app = serve.status().applications.get(cfg.name)
@@ -392,7 +403,7 @@ def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_
         try:
             if app is not None and app.status == "RUNNING" and (
                     not check_http or httpx.get(f"{url}/healthz", timeout=20).status_code == 200):
-                return url
+                return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
