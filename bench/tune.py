@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.k <= len(WAVELETS):
         p.error(f"--k must lie in 1..{len(WAVELETS)}")
+    if not 1 <= args.n <= 9700:  # the test split's 10,000 images less the 300 the bundle's final numbers use
+        p.error("--n must lie in 1..9700")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         ckpt, ckpt_note = _checkpoint(tmp)
