@@ -265,7 +265,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from jobs.common import local_ray_env
+
+    local_ray_env()  # the jobs' defaults for a cluster this process starts (Serve's proxy start-up time too)
     os.environ.setdefault("ADV_NO_PROGRESS", "1")
     if args.child:
         print(json.dumps(child(args.child, args.n, args.ckpt, args.out)))

@@ -252,7 +252,9 @@ def main(argv=None) -> int:
     p.add_argument("--docs", default=str(ROOT / "docs"))
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from jobs.common import local_ray_env
+
+    local_ray_env()  # the jobs' defaults for a cluster this process starts (Serve's proxy start-up time too)
     import ray
 
     from adv.data import load_dataset
