@@ -137,6 +137,11 @@ def extras(data: dict[str, dict]) -> list[str]:
     return out
 
 
+def _suite_n(rows: dict) -> int:
+    """How many images the standard-suite cells were scored on (the first row that has one)."""
+    return next((d["cells"]["standard"]["n"] for d in rows.values() if "standard" in d.get("cells", {})), 200)
+
+
 def write_docs(docs: Path, results: Path, command: str, note: str = "") -> None:
     data = _read(results)
     has_fig = figure(data, docs / "benchmarks_training_defenses.png")
@@ -152,9 +157,10 @@ def write_docs(docs: Path, results: Path, command: str, note: str = "") -> None:
              f"1e-3, adversarials from PGD-7 (step 0.05) with ε ramped from 0 over the first epoch "
              f"(`{BUDGET}`); the paper trains 5 epochs with PGD-40. AAD uses α = β = 0.01 (the paper's best), "
              "ALP λ = 0.5 with a 50/50 clean/adversarial mix, TRADES β = 6. The \"Madry, 5 epochs\" row trains "
-             "the Madry row on for two more epochs (the paper's epoch count, still PGD-7). The standard suite "
-             "runs on the first 200 images (Square's 5000 queries per standing image cost about 10 CPU-minutes "
-             "per 200), with PGD-100 on the same images beside it.", ""]
+             "the Madry row on for two more epochs (the paper's epoch count, still PGD-7); \"Madry, cosine lr\" "
+             "is the Madry row's 3 epochs with the learning rate annealed from 1e-3 to 0 (`--schedule cosine`). "
+             f"The standard suite runs on the first {_suite_n(rows)} images (Square's 5000 queries per standing "
+             "image cost about 10 CPU-minutes per 200), with PGD-100 on the same images beside it.", ""]
     lines += table(data) + [""]
     if missing:
         lines += [f"Rows not finished in this run: {', '.join(missing)}. Training and scoring resume where they "
