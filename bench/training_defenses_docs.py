@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bench.docs import markers, write_section
-from bench.training_defenses import BUDGET, COLUMNS, EPS, PAPER, ROWS
+from bench.training_defenses import BUDGET, COLUMNS, EPS, PAPER, PAPER_BUDGET, ROWS
 
 BEGIN, END = markers("training_defenses")
 HEADER = ["Clean", "FGSM", "PGD-10", "PGD-20", "PGD-40", "PGD-100", "CW-10", "CW-20", "CW-40", "CW-100"]
@@ -172,7 +172,9 @@ def write_docs(docs: Path, results: Path, command: str, note: str = "") -> None:
              f"(`{BUDGET}`); the paper trains 5 epochs with PGD-40. AAD uses α = β = 0.01 (the paper's best), "
              "ALP λ = 0.5 with a 50/50 clean/adversarial mix, TRADES β = 6. The \"Madry, 5 epochs\" row trains "
              "the Madry row on for two more epochs (the paper's epoch count, still PGD-7); \"Madry, cosine lr\" "
-             "is the Madry row's 3 epochs with the learning rate annealed from 1e-3 to 0 (`--schedule cosine`). "
+             "is the Madry row's 3 epochs with the learning rate annealed from 1e-3 to 0 (`--schedule cosine`); "
+             f"\"Madry, PGD-40, 5 epochs\" trains with the paper's attack for its 5 epochs (`{PAPER_BUDGET}`, "
+             "our ε ramp kept) on CPU, since no GPU was available. "
              f"The standard suite runs on the first {_suite_n(rows)} images (Square's 5000 queries per standing "
              "image cost about 10 CPU-minutes per 200), with PGD-100 on the same images beside it.", ""]
     lines += table(data) + [""]
