@@ -172,6 +172,43 @@ def test_cli_trains_records_the_spec_and_resumes(tmp_path, capsys):
     assert meta["extra"]["training_loss"].startswith("aad:") and "base=alp" in meta["extra"]["training_loss"]
 
 
+@pytest.fixture(scope="module")
+def digits_sources(tmp_path_factory):
+    """Two fixed source models and a file of known adversarials, shaped like the CLI's digits (1x28x28, 10)."""
+    from adv.attacks import pgd
+
+    out = tmp_path_factory.mktemp("digits_sources")
+    models = []
+    for seed in (1, 2):
+        seed_everything(seed)
+        models.append(create_model("lenet5", input_size=(1, 28, 28), num_classes=10).eval())
+        save_checkpoint(out / f"s{seed}.pt", models[-1], dataset="digits")
+    x, y = load_dataset("digits", split="test", n=32).tensors()
+    torch.save({"x_adv": pgd(models[0], x, y, eps=0.1, steps=3, seed=0), "y": y}, out / "known.pt")
+    return out
+
+
+@pytest.mark.parametrize("spec", ["at:attack=fgsm_rs,eps=0.1", "trades:{FAST},beta=1", "alp:{FAST},lam=0.5",
+                                  "aad:base=at,{FAST},alpha=0.1,beta=0.1",
+                                  "ensemble_at:{FAST},sources={src}/s1.pt+{src}/s2.pt",
+                                  "finetune_at:adversarials={src}/known.pt"])
+def test_every_loss_trains_from_the_cli_and_resumes(spec, digits_sources, tmp_path, capsys):
+    spec = spec.format(FAST=FAST, src=digits_sources)
+    start = ["--checkpoint", str(digits_sources / "s1.pt")] if spec.startswith("finetune_at") else ["--model", "lenet5"]
+    argv = ["train", *start, "--dataset", "digits", "--n", "100", "--n-test", "20", "--batch-size", "50",
+            "--defense", spec, "--out", str(tmp_path / "run"), "--quiet"]
+    assert main([*argv, "--epochs", "1"]) == 0
+    first = (tmp_path / "run" / "model.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--epochs", "2"]) == 0
+    assert "at epoch 1" in capsys.readouterr().err  # resumed from train_state.pt: one more epoch, not two
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert (tmp_path / "run" / "model.pt").read_bytes() != first
+    _, meta = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert meta["extra"]["training_loss"].split(":")[0] == spec.split(":")[0]
+
+
 def test_python_resume_matches_an_uninterrupted_run(digits, tmp_path):
     train, _ = digits
     spec = "at:eps=0.1,steps=2,step_size=0.05,eps_ramp=1"
