@@ -1,7 +1,7 @@
 """Training-time defenses on MNIST with ``lenet``: Wu et al. 2022 (AAD), Table 6, reproduced row by row.
 
-    .venv/bin/python -m bench.training_defenses [--rows raw,madry,...] [--extras finetune,ensemble,sensitivity]
-        [--n 1000] [--epochs 3] [--threads 1]
+    .venv/bin/python -m bench.training_defenses [--rows raw,madry,...]
+        [--extras finetune,ensemble,sensitivity,published,subsets] [--n 1000] [--epochs 3] [--threads 1]
 
 * **Table 6 (MNIST, ε = 0.3)**: RAW, Madry, Madry + AAD, ALP, ALP + AAD and
   TRADES (beyond the paper). Each row is trained by ``adv train`` (the exact
@@ -12,7 +12,8 @@
 * **Extras**: fine-tuning on known adversarials (Echeberria-Barrio et al.
   §4.1, their 92% claim), multi-model adversarial training (Himbitski et al.,
   9.98% → 94.1%) and the α/β sensitivity of Wu et al. Fig. 8 (on MNIST here;
-  the paper's figure is CIFAR-10).
+  the paper's figure is CIFAR-10); the published Madry LeNet5 as a reference;
+  and how much the scored images and the PGD step alone move PGD-40.
 
 Everything is resumable: ``adv train`` resumes per epoch, every attack
 column per batch (``robust_accuracy`` state files) and each finished cell is
@@ -285,7 +286,31 @@ def published(args) -> None:
         res.put("standard", {**st, "pgd100_same_images": robust_share(out / "state_pgd100.json", args.suite_n)})
 
 
-EXTRAS = {"finetune": finetune, "ensemble": ensemble, "sensitivity": sensitivity, "published": published}
+def subsets(args) -> None:
+    """What moves PGD-40 besides training: the images (the first ``--n`` test images against all 10,000) and
+    the step (ours, 2.5·ε/k from a random start, against Madry et al.'s 0.01), on the best Madry models."""
+    from adv.data import load_dataset
+    from adv.models import load_external
+
+    res, out = Results("subsets"), Path(args.out) / "subsets"
+    x, y = load_dataset("mnist", split="test", root=args.data_dir).tensors()
+    models = {row: Path(args.out) / row / "model.pt" for row in ("madry_pgd40", "madry_5ep")}
+    published = Path(args.data_dir).parent / "models" / "mnist_lenet5_advtrained.pt"
+    checks = {"all": ((x, y), COLUMNS["pgd40"]),
+              "step_0.01": ((x[: args.n], y[: args.n]), ("pgd", {"steps": 40, "step_size": 0.01})),
+              "all_step_0.01": ((x, y), ("pgd", {"steps": 40, "step_size": 0.01}))}
+    for name in (*models, "published"):
+        if name != "published" and not models[name].is_file():
+            continue  # that row has not been trained yet
+        model = load(models[name]) if name != "published" else load_external("lenet5", str(published)).eval()
+        for col, (data, attack) in checks.items():
+            if f"{name}/{col}" not in res.data:
+                log(f"subsets: {name} {col}")
+                res.put(f"{name}/{col}", evaluate(model, data, out / f"state_{name}_{col}.json", [attack]))
+
+
+EXTRAS = {"finetune": finetune, "ensemble": ensemble, "sensitivity": sensitivity, "published": published,
+          "subsets": subsets}
 
 
 def comma_set(text: str) -> set[str]:

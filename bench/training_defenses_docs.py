@@ -141,6 +141,7 @@ def extras(data: dict[str, dict]) -> list[str]:
                     "training (Tramèr et al. 2018; Wong et al. 2020 need a random start to avoid it). The paper "
                     "reports FGSM only, which is why its number and ours agree while the model is not robust.", ""]
         out += [f"`{en['command']}`", ""]
+    out += _subsets(data)
     se = {k: v for k, v in data.get("sensitivity", {}).items()}
     if se:
         out += ["### α/β sensitivity (Wu et al. Fig. 8; their figure is CIFAR-10, this is MNIST)", "",
@@ -149,6 +150,25 @@ def extras(data: dict[str, dict]) -> list[str]:
         out += [f"| {k} | {100 * (v.get('test_acc') or 0):.1f} | {_pct(v['pgd40'])} |" for k, v in se.items()]
         out += [""]
     return out
+
+
+def _subsets(data: dict[str, dict]) -> list[str]:
+    sub = data.get("subsets", {})
+    names = list(dict.fromkeys(k.split("/")[0] for k in sub))
+    if not names:
+        return []
+    out = ["### What else moves PGD-40: the images and the step", "",
+           f"PGD-40 at ε = {EPS} on the strongest Madry models. The table above uses the first 1000 test images "
+           "and our step (2.5·ε/k from a random start); the paper states neither its test images nor its step.", "",
+           "| model | first 1000, our step (the table) | first 1000, step 0.01 | all 10,000, our step "
+           "| all 10,000, step 0.01 | paper |", "|---|---|---|---|---|---|"]
+    for name in names:
+        first = data.get(name, {}).get("cells", data.get(name, {})).get("pgd40")
+        label = ROWS[name][0] if name in ROWS else "published Madry LeNet5 (advertorch)"
+        paper = f"{PAPER[name][4]:.2f}" if name in PAPER else "–"
+        out.append(f"| {label} | {_pct(first)} | {_pct(sub.get(name + '/step_0.01'))} | "
+                   f"{_pct(sub.get(name + '/all'))} | {_pct(sub.get(name + '/all_step_0.01'))} | {paper} |")
+    return out + [""]
 
 
 def _suite_n(rows: dict) -> int:
