@@ -37,15 +37,21 @@ def known(tmp_path_factory, model):
     return path
 
 
+def source_models(out, input_size, num_classes, dataset) -> list:
+    """Two fixed, seeded source models saved as ``out/s1.pt`` and ``out/s2.pt`` (ensemble_at's sources)."""
+    models = []
+    for seed in (1, 2):
+        seed_everything(seed)
+        models.append(create_model("lenet5", input_size=input_size, num_classes=num_classes).eval())
+        save_checkpoint(out / f"s{seed}.pt", models[-1], dataset=dataset)
+    return models
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     out = tmp_path_factory.mktemp("sources")
-    paths = []
-    for seed in (1, 2):
-        seed_everything(seed)
-        paths.append(str(save_checkpoint(out / f"s{seed}.pt", create_model("lenet5", input_size=(1, 12, 12),
-                                                                           num_classes=5), dataset="synthetic")))
-    return "+".join(paths)
+    source_models(out, (1, 12, 12), 5, "synthetic")
+    return f"{out / 's1.pt'}+{out / 's2.pt'}"
 
 
 def specs(known, sources) -> dict[str, str]:
@@ -178,11 +184,7 @@ def digits_sources(tmp_path_factory):
     from adv.attacks import pgd
 
     out = tmp_path_factory.mktemp("digits_sources")
-    models = []
-    for seed in (1, 2):
-        seed_everything(seed)
-        models.append(create_model("lenet5", input_size=(1, 28, 28), num_classes=10).eval())
-        save_checkpoint(out / f"s{seed}.pt", models[-1], dataset="digits")
+    models = source_models(out, (1, 28, 28), 10, "digits")
     x, y = load_dataset("digits", split="test", n=32).tensors()
     torch.save({"x_adv": pgd(models[0], x, y, eps=0.1, steps=3, seed=0), "y": y}, out / "known.pt")
     return out
