@@ -44,6 +44,8 @@ from bench.docs import command as command_line
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "training_defenses"
 EPS = 0.3
+#: advertorch's published Madry-trained LeNet5, a file in ../shared/data/models.
+PUBLISHED = "mnist_lenet5_advtrained.pt"
 #: The CPU budget (issue 10): PGD-7 with step 0.05 and a one-epoch eps ramp instead of the paper's PGD-40.
 BUDGET = "steps=7,step_size=0.05,eps_ramp=1"
 #: The paper's training attack (PGD-40, Madry et al.'s step 0.01) for its 5 epochs, with our one-epoch ramp kept.
@@ -70,10 +72,11 @@ CONTINUES = {"madry_5ep": "madry"}
 COLUMNS = {"fgsm": ("fgsm", {}), **{f"pgd{k}": ("pgd", {"steps": k}) for k in (10, 20, 40, 100)},
            **{f"cw{k}": ("pgd_cw", {"steps": k}) for k in (10, 20, 40, 100)}}
 #: Wu et al. 2022, Table 6, MNIST: clean, FGSM, PGD-10/20/40/100, CW-10/20/40/100 (%).
+_PAPER_MADRY = [99.00, 96.92, 95.69, 95.52, 94.14, 92.49, 95.69, 92.69, 87.67, 85.17]
 PAPER = {
     "raw": [99.18, 7.72, 0.49, 0.54, 0.64, 0.53, 0.0, 0.0, 0.0, 0.0],
-    "madry": [99.00, 96.92, 95.69, 95.52, 94.14, 92.49, 95.69, 92.69, 87.67, 85.17],
-    "madry_pgd40": [99.00, 96.92, 95.69, 95.52, 94.14, 92.49, 95.69, 92.69, 87.67, 85.17],  # the same paper row
+    "madry": _PAPER_MADRY,
+    "madry_pgd40": _PAPER_MADRY,  # our row with the paper's training attack faces the same paper row
     "madry_aad": [99.20, 97.12, 98.02, 96.81, 94.77, 93.02, 97.28, 95.04, 91.31, 89.77],
     "alp": [98.61, 97.59, 98.23, 97.52, 96.04, 94.68, 96.96, 95.48, 93.18, 92.39],
     "alp_aad": [98.52, 97.60, 98.24, 97.56, 96.11, 94.82, 97.18, 95.62, 93.54, 92.72],
@@ -166,14 +169,18 @@ def run_row(row: str, args) -> None:
         if col in cells or (col == "standard" and row not in args.suite_rows):
             continue
         log(f"{row}: {col}")
-        if col == "standard":  # on the first --suite-n images, with PGD-100 on the same images beside it
-            sub = (data[0][: args.suite_n], data[1][: args.suite_n])
-            cells[col] = evaluate(model, sub, out / f"state_standard_{args.suite_n}.json", suite="standard")
-            cells[col]["pgd100_same_images"] = robust_share(out / "state_pgd100.json", args.suite_n)
+        if col == "standard":
+            cells[col] = suite_cell(model, data, out, args.suite_n)
         else:
             cells[col] = evaluate(model, data, out / f"state_{col}.json", [COLUMNS[col]])
         res.put("cells", cells)
     log(f"{row}: done")
+
+
+def suite_cell(model, data, out: Path, n: int) -> dict:
+    """The standard suite on the first ``n`` images, with PGD-100 on the same images (from its finished state)."""
+    cell_ = evaluate(model, (data[0][:n], data[1][:n]), out / f"state_standard_{n}.json", suite="standard")
+    return {**cell_, "pgd100_same_images": robust_share(out / "state_pgd100.json", n)}
 
 
 def continue_from(row: str, out: Path, args) -> None:
@@ -226,7 +233,7 @@ def finetune(args) -> None:
 
 def ensemble(args) -> None:
     """Himbitski et al.: FGSM collapse of the undefended model, recovered by multi-model adversarial training."""
-    from adv.models import load_external, save_checkpoint
+    from adv.models import save_checkpoint
 
     res, out = Results("ensemble"), Path(args.out) / "ensemble"
     raw, data = load(Path(args.out) / "raw" / "model.pt"), test_images(args)
@@ -240,8 +247,7 @@ def ensemble(args) -> None:
     res.put("eps", eps)
     second = out / "lenet5_advertorch.pt"
     if not second.is_file():
-        weights = Path(args.data_dir).parent / "models" / "mnist_lenet5_clntrained.pt"
-        save_checkpoint(second, load_external("lenet5", str(weights)), dataset="mnist")
+        save_checkpoint(second, advertorch_lenet5(args, "mnist_lenet5_clntrained.pt"), dataset="mnist")
     sources = f"{(Path(args.out) / 'raw' / 'model.pt').relative_to(ROOT)}+{second.relative_to(ROOT)}"
     cmd = adv_train(args, out / "model", "--model", "lenet", "--epochs", "2", "--defense",
                     f"ensemble_at:attack=fgsm,eps={eps},mix=0.5,sources={sources}")
@@ -271,38 +277,37 @@ def sensitivity(args) -> None:
 
 def published(args) -> None:
     """The suite against PGD on advertorch's published Madry-trained LeNet5 (../shared/data/models), a reference."""
-    from adv.models import load_external
-
     res, out = Results("published"), Path(args.out) / "published"
-    weights = Path(args.data_dir).parent / "models" / "mnist_lenet5_advtrained.pt"
-    model, data = load_external("lenet5", str(weights)).eval(), test_images(args)
-    res.put("model", f"advertorch LeNet5, Madry PGD-40 training ({weights.name})")
+    model, data = advertorch_lenet5(args, PUBLISHED), test_images(args)
+    res.put("model", f"advertorch LeNet5, Madry PGD-40 training ({PUBLISHED})")
     for col in ("pgd40", "pgd100"):
         if col not in res.data:
             res.put(col, evaluate(model, data, out / f"state_{col}.json", [COLUMNS[col]]))
     if "standard" not in res.data:
-        sub = (data[0][: args.suite_n], data[1][: args.suite_n])
-        st = evaluate(model, sub, out / f"state_standard_{args.suite_n}.json", suite="standard")
-        res.put("standard", {**st, "pgd100_same_images": robust_share(out / "state_pgd100.json", args.suite_n)})
+        res.put("standard", suite_cell(model, data, out, args.suite_n))
+
+
+def advertorch_lenet5(args, file: str):
+    """One of advertorch's published LeNet5 weights, from the ``models`` folder beside the MNIST data."""
+    from adv.models import load_external
+
+    return load_external("lenet5", str(Path(args.data_dir).parent / "models" / file)).eval()
 
 
 def subsets(args) -> None:
     """What moves PGD-40 besides training: the images (the first ``--n`` test images against all 10,000) and
     the step (ours, 2.5·ε/k from a random start, against Madry et al.'s 0.01), on the best Madry models."""
     from adv.data import load_dataset
-    from adv.models import load_external
 
     res, out = Results("subsets"), Path(args.out) / "subsets"
     x, y = load_dataset("mnist", split="test", root=args.data_dir).tensors()
-    models = {row: Path(args.out) / row / "model.pt" for row in ("madry_pgd40", "madry_5ep")}
-    published = Path(args.data_dir).parent / "models" / "mnist_lenet5_advtrained.pt"
-    checks = {"all": ((x, y), COLUMNS["pgd40"]),
-              "step_0.01": ((x[: args.n], y[: args.n]), ("pgd", {"steps": 40, "step_size": 0.01})),
-              "all_step_0.01": ((x, y), ("pgd", {"steps": 40, "step_size": 0.01}))}
-    for name in (*models, "published"):
-        if name != "published" and not models[name].is_file():
-            continue  # that row has not been trained yet
-        model = load(models[name]) if name != "published" else load_external("lenet5", str(published)).eval()
+    trained = {row: Path(args.out) / row / "model.pt" for row in ("madry_pgd40", "madry_5ep")}
+    models = {row: load(path) for row, path in trained.items() if path.is_file()}  # rows not trained yet: skipped
+    models["published"] = advertorch_lenet5(args, PUBLISHED)
+    madry_step = ("pgd", {"steps": 40, "step_size": 0.01})
+    checks = {"all": ((x, y), COLUMNS["pgd40"]), "step_0.01": ((x[: args.n], y[: args.n]), madry_step),
+              "all_step_0.01": ((x, y), madry_step)}
+    for name, model in models.items():
         for col, (data, attack) in checks.items():
             if f"{name}/{col}" not in res.data:
                 log(f"subsets: {name} {col}")
@@ -313,16 +318,16 @@ EXTRAS = {"finetune": finetune, "ensemble": ensemble, "sensitivity": sensitivity
           "subsets": subsets}
 
 
-def comma_set(text: str) -> set[str]:
-    return set(filter(None, text.split(",")))
+def comma_list(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    p.add_argument("--extras", default="", help=f"comma-separated subset of {','.join(EXTRAS)}")
+    p.add_argument("--rows", default=",".join(ROWS), type=comma_list, help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--extras", default="", type=comma_list, help=f"comma-separated subset of {','.join(EXTRAS)}")
     p.add_argument("--suite-rows", default="madry,madry_aad,alp,alp_aad,trades,madry_5ep,madry_cosine,madry_pgd40",
-                   type=comma_set,
+                   type=comma_list,
                    help="rows that also face the standard suite")
     p.add_argument("--n", type=int, default=1000, help="first N test images")
     p.add_argument("--suite-n", type=int, default=200, help="first N test images for the standard suite")
@@ -337,11 +342,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.docs_only:
-        for row in filter(None, args.rows.split(",")):
+        for row in args.rows:
             if row not in ROWS:
                 p.error(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
             run_row(row, args)
-        for extra in filter(None, args.extras.split(",")):
+        for extra in args.extras:
             if extra not in EXTRAS:
                 p.error(f"unknown extra {extra!r}; extras: {', '.join(EXTRAS)}")
             EXTRAS[extra](args)

@@ -70,11 +70,10 @@ def figure(data: dict[str, dict], path: Path) -> bool:
         return False
     suite_rows = [r for r in rows if "standard" in data[r]["cells"]]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), width_ratios=[len(rows), max(len(suite_rows), 1)])
-    _bars(ax, rows, {c: [100 * data[r]["cells"].get(c, {}).get("acc", float("nan")) for r in rows]
-                     for c in ("pgd40", "pgd100", "cw100")})
-    width = 0.8 / 3
+    width = _bars(ax, rows, {c: [100 * data[r]["cells"].get(c, {}).get("acc", float("nan")) for r in rows]
+                             for c in ("pgd40", "pgd100", "cw100")})
     for i, r in enumerate(rows):
-        if r in PAPER:
+        if r in PAPER:  # across the row's three bars
             ax.plot([i - width / 2, i + 2.5 * width], [PAPER[r][4]] * 2, "k--", lw=1)
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title(f"each attack alone, first {data[rows[0]]['cells']['pgd40']['n']} test images\n"
@@ -91,7 +90,8 @@ def figure(data: dict[str, dict], path: Path) -> bool:
     return True
 
 
-def _bars(ax, rows: list[str], series: dict[str, list[float]]) -> None:
+def _bars(ax, rows: list[str], series: dict[str, list[float]]) -> float:
+    """Grouped bars, one group per row; returns the bar width."""
     width = 0.8 / len(series)
     for j, (name, vals) in enumerate(series.items()):
         ax.bar([i + j * width for i in range(len(rows))], vals, width, label=name)
@@ -99,6 +99,7 @@ def _bars(ax, rows: list[str], series: dict[str, list[float]]) -> None:
                   [ROWS[r][0].replace(", ", ",\n").replace(" + ", "\n+ ") for r in rows], fontsize=8)
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, loc="lower left")
+    return width
 
 
 def extras(data: dict[str, dict]) -> list[str]:
@@ -163,7 +164,7 @@ def _subsets(data: dict[str, dict]) -> list[str]:
            "| model | first 1000, our step (the table) | first 1000, step 0.01 | all 10,000, our step "
            "| all 10,000, step 0.01 | paper |", "|---|---|---|---|---|---|"]
     for name in names:
-        first = data.get(name, {}).get("cells", data.get(name, {})).get("pgd40")
+        first = data.get(name, {}).get("cells", data.get(name, {})).get("pgd40")  # a row's cell, or published's
         label = ROWS[name][0] if name in ROWS else "published Madry LeNet5 (advertorch)"
         paper = f"{PAPER[name][4]:.2f}" if name in PAPER else "–"
         out.append(f"| {label} | {_pct(first)} | {_pct(sub.get(name + '/step_0.01'))} | "

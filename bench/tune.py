@@ -35,6 +35,8 @@ import yaml
 from bench.docs import command as command_line, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The bundle's final numbers use this many test images; validation comes from the rest of the 10,000.
+FINAL_N, TEST_SIZE = 300, 10_000
 WAVELETS = ["haar", "db2", "db4", "sym4", "coif1", "db3", "sym2", "bior1.3"]
 
 
@@ -51,7 +53,7 @@ def _checkpoint(tmp: Path) -> tuple[str, str]:
 def _config(args, ckpt: str, out: Path, name: str, kind: str, pipelines: list, **extra) -> dict:
     attack = {"name": args.attack, "eps": [args.eps], **({"steps": [args.steps]} if args.steps else {})}
     return {"name": name, "kind": kind, "checkpoint": ckpt, "seed": 0, "attacks": [attack],
-            "data": {"name": "fashion-mnist", "test": {"n": 300, "seed": 0}, "validation": {"n": args.n, "seed": 1}},
+            "data": {"name": "fashion-mnist", "test": {"n": FINAL_N, "seed": 0}, "validation": {"n": args.n, "seed": 1}},
             "space": {"pipeline": pipelines}, "objective": {"recheck": 1},
             "resources": {"cpus_per_trial": 1, "max_concurrent": 2, "batch_size": 50, "generate_actors": 2},
             "storage_path": str(out), **extra}
@@ -76,7 +78,7 @@ def one_process(args, ckpt: str) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     full = load_dataset("fashion-mnist", split="test")
-    split = make_split("fashion-mnist", "test", len(full), 300, 0, args.n, 1)
+    split = make_split("fashion-mnist", "test", len(full), FINAL_N, 0, args.n, 1)
     val = take(full, split.validation)
     attack = AttackConfig(name=args.attack, eps=[args.eps], steps=[args.steps] if args.steps else None)
     grid = build_plan(SimpleNamespace(attacks=[attack], adaptive=False, features=[], store_images=True, seed=0)).grid
@@ -145,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.k <= len(WAVELETS):
         p.error(f"--k must lie in 1..{len(WAVELETS)}")
-    if not 1 <= args.n <= 9700:  # the test split's 10,000 images less the 300 the bundle's final numbers use
-        p.error("--n must lie in 1..9700")
+    if not 1 <= args.n <= TEST_SIZE - FINAL_N:
+        p.error(f"--n must lie in 1..{TEST_SIZE - FINAL_N}")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         ckpt, ckpt_note = _checkpoint(tmp)
