@@ -8,6 +8,7 @@ import json
 import pytest
 
 from adv.cli import main
+from tests.helpers import SHARED_DATA, needs_shared_data
 
 
 def run_cli(capsys, *argv):
@@ -30,3 +31,103 @@ def test_info_shows_one_section(capsys, section, member):
 def test_info_unknown_section_is_one_line(capsys):
     code, _, err = run_cli(capsys, "info", "atacks")
     assert code == 2 and err.count("\n") == 1 and "datasets, models, attacks" in err
+
+
+# --- --model-factory with --weights ---------------------------------------------------------------------------
+NETS = '''
+import torch
+from torch import nn
+
+from adv.models import Normalize, create_model
+
+
+def bare():
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+
+
+def wrapped():  # the network behind its normalization: keys 1.1.weight, ...
+    return nn.Sequential(Normalize((0.5,), (0.5,)), bare())
+
+
+def other():
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def resnet20_without_normalization():
+    return create_model("resnet20", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def resnet20_normalized():
+    return create_model("resnet20")
+'''
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    """``userpkg.nets``: factories importable from the working directory, and weights of the bare network."""
+    import sys
+
+    import torch
+    from torch import nn
+
+    pkg = tmp_path / "code" / "userpkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(NETS)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    weights = tmp_path / "net.pt"
+    torch.save(net.state_dict(), weights)
+    monkeypatch.chdir(tmp_path / "code")
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    yield net.eval(), weights
+    for name in [m for m in sys.modules if m == "userpkg" or m.startswith("userpkg.")]:
+        del sys.modules[name]
+
+
+def test_bare_network_weights_load_into_a_factory_that_wraps_it_in_normalize(factories):
+    import torch
+
+    from adv.models.factory import build_from_factory
+
+    net, weights = factories
+    model = build_from_factory("userpkg.nets:wrapped", weights)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(x), net((x - 0.5) / 0.5))
+    # the reverse: weights saved from the wrapper, a factory returning the bare network
+    torch.save(model.state_dict(), weights.with_name("wrapped.pt"))
+    with torch.no_grad():
+        assert torch.allclose(build_from_factory("userpkg.nets:bare", weights.with_name("wrapped.pt"))(x), net(x))
+
+
+def test_weights_of_another_architecture_fail_with_one_short_line(factories, capsys):
+    _, weights = factories
+    code, _, err = run_cli(capsys, "eval", "--model-factory", "userpkg.nets:other", "--weights", weights,
+                           "--dataset", "digits", "--n", "8", "--attack", "fgsm", "--eps", "0.1", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and len(err) < 400
+    assert "2 of its 4 keys missing from the file (first '3.bias')" in err and "Normalize" in err
+
+
+def test_align_keys_never_renames_into_a_partial_match():
+    from adv.models.factory import align_keys
+
+    assert align_keys({"a.w": 1, "b.w": 2}, ["1.a.w", "1.b.w"]) == {"1.a.w": 1, "1.b.w": 2}
+    assert align_keys({"1.a.w": 1, "1.b.w": 2}, ["a.w", "b.w"]) == {"a.w": 1, "b.w": 2}
+    assert align_keys({"a.w": 1, "b.w": 2}, ["1.a.w", "2.b.w"]) is None  # no single prefix
+    assert align_keys({"a.w": 1, "c.w": 2}, ["1.a.w", "1.b.w"]) is None
+
+
+@needs_shared_data
+def test_a_factory_without_normalization_is_warned_about(factories, capsys):
+    """akamaster's ResNet-20 (94/100 with its ImageNet normalization) runs at 42/100 without one."""
+    weights = SHARED_DATA / "models" / "cifar10_resnet20_akamaster.th"
+    argv = ["eval", "--weights", weights, "--dataset", "cifar10", "--data-dir", SHARED_DATA / "cifar10", "--n", "100",
+            "--attack", "fgsm", "--eps", "1/255", "--quiet", "--json", "--model-factory"]
+    code, out, err = run_cli(capsys, *argv, "userpkg.nets:resnet20_without_normalization")
+    assert code == 0, err
+    assert json.loads(out)["clean_acc"] == pytest.approx(0.42)
+    warning = [line for line in err.splitlines() if line.startswith("adv: warning: normalization is probably missing")]
+    assert len(warning) == 1 and "clean accuracy 42%" in warning[0] and "adv.models.Normalize(" in warning[0]
+    code, out, err = run_cli(capsys, *argv, "userpkg.nets:resnet20_normalized")
+    assert code == 0 and json.loads(out)["clean_acc"] == pytest.approx(0.94) and "normalization" not in err
