@@ -87,6 +87,10 @@ def _data(data: Any, n: int | None, split: str, data_dir: str | None, seed: int)
     data = check_data(data)
     if n is None:
         return data
+    size = len(data[1]) if isinstance(data, tuple) else len(data) if hasattr(data, "subset") else None
+    if size is not None and n > size:
+        warnings.warn(f"n={n} is more than the {size} examples passed; using all {size}",
+                      UserWarning, stacklevel=4)  # -> _data -> benchmark -> the user's call
     if hasattr(data, "subset"):
         return data.subset(n, seed)
     if isinstance(data, tuple):

@@ -83,7 +83,7 @@ def check_labels(y: Any, n: int) -> torch.Tensor:
     """Integer class indices of shape (n,), as int64."""
     y = as_tensor(y, "labels")
     if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
-        hint = "; one-hot labels? pass y.argmax(1)" if y.ndim == 2 else ""
+        hint = "; one-hot labels? pass y.argmax(1)" if y.ndim == 2 else _float_label_hint(y)
         raise InputError(f"labels must be integer class indices, got dtype {y.dtype}{hint}")
     if y.ndim == 2 and y.shape[1] > 1:
         raise InputError(f"labels must be class indices of shape (N,), got {tuple(y.shape)}; one-hot? pass "
@@ -94,6 +94,15 @@ def check_labels(y: Any, n: int) -> torch.Tensor:
     if len(y) and int(y.min()) < 0:
         raise InputError(f"labels must be class indices >= 0, got {int(y.min())}")
     return y
+
+
+def _float_label_hint(y: torch.Tensor) -> str:
+    """What to do with 1-D non-integer labels: whole numbers are class indices stored as floats."""
+    if y.ndim != 1 or y.dtype == torch.bool or y.is_complex():
+        return "; pass y.long()" if y.dtype == torch.bool else ""
+    if y.numel() and bool(torch.all(torch.isfinite(y) & (y == y.round()))):
+        return "; they hold whole numbers: pass y.long()"
+    return "; they are not whole numbers (probabilities? pass the class index, e.g. y.argmax(1) of the 2-D scores)"
 
 
 def check_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
