@@ -131,3 +131,59 @@ def test_a_factory_without_normalization_is_warned_about(factories, capsys):
     assert len(warning) == 1 and "clean accuracy 42%" in warning[0] and "adv.models.Normalize(" in warning[0]
     code, out, err = run_cli(capsys, *argv, "userpkg.nets:resnet20_normalized")
     assert code == 0 and json.loads(out)["clean_acc"] == pytest.approx(0.94) and "normalization" not in err
+
+
+# --- adv bundle create with a user's own model --------------------------------------------------------------
+def test_bundle_create_from_a_factory_with_fractional_eps_then_eval_and_build(factories, tmp_path, capsys):
+    import torch
+
+    from adv.bundle import load_bundle
+    from adv.data import load_dataset
+
+    net, weights = factories
+    out = tmp_path / "bundle"
+    code, stdout, err = run_cli(capsys, "bundle", "create", "--model-factory", "userpkg.nets:wrapped", "--weights",
+                                weights, "--defense", "quantize:bits=4", "--dataset", "digits", "--n", "16",
+                                "--attack", "fgsm", "--eps", "8/255", "--out", out)
+    assert code == 0, err
+    b = load_bundle(out)
+    c = b.manifest["classifier"]
+    assert c["factory"] == "userpkg.nets:wrapped" and c["num_classes"] == 10 and c["input_size"] == [1, 28, 28]
+    assert b.evaluation["eps"] == pytest.approx(8 / 255) and b.numbers["clean"]["n"] == 16
+    x, y = load_dataset("digits", n=16).tensors()
+    with torch.no_grad():
+        squeezed = torch.round(x * 15) / 15
+        expected = (net((squeezed - 0.5) / 0.5).argmax(1) == y).float().mean().item()
+        assert b.numbers["clean"]["value"] == pytest.approx(expected)
+        assert torch.equal(b.build()(x).argmax(1), net((squeezed - 0.5) / 0.5).argmax(1))
+    code, stdout, err = run_cli(capsys, "eval", "--bundle", out, "--attack", "fgsm", "--json", "--quiet")
+    assert code == 0, err
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert res["n"] == 16 and res["clean_acc"] == pytest.approx(expected)
+
+
+def test_bundle_create_from_registry_weights_ships_an_adv_checkpoint(tmp_path, capsys):
+    from adv.bundle import load_bundle
+    from adv.models import create_model, load_checkpoint
+
+    import torch
+
+    torch.manual_seed(0)
+    foreign = tmp_path / "lenet5.pt"
+    torch.save(create_model("lenet5").state_dict(), foreign)
+    code, _, err = run_cli(capsys, "bundle", "create", "--model", "lenet5", "--weights", foreign, "--dataset",
+                           "digits", "--n", "8", "--attack", "fgsm", "--eps", "0.1", "--out", tmp_path / "b")
+    assert code == 0, err
+    assert load_checkpoint(load_bundle(tmp_path / "b").checkpoint)[1]["arch"] == "lenet5"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    ([], "give --checkpoint PATH, --model NAME --weights PATH or --model-factory"),
+    (["--model-factory", "userpkg.nets:nope"], "has no 'nope'"),
+    (["--model", "lenet5"], "--model needs --weights PATH"),
+    (["--checkpoint", "x.pt", "--model-factory", "userpkg.nets:bare"], "not both"),
+])
+def test_bundle_create_model_errors_are_one_line(factories, tmp_path, capsys, argv, needle):
+    code, _, err = run_cli(capsys, "bundle", "create", *argv, "--dataset", "digits", "--n", "8", "--eps", "8/255",
+                           "--out", tmp_path / "b")
+    assert code == 2 and needle in err and err.count("\n") == 1

@@ -141,8 +141,11 @@ def with_bundle(args: argparse.Namespace) -> argparse.Namespace:
     def pick(key: str, default=None):
         return getattr(args, key) if getattr(args, key) is not None else ev.get(key, default)
 
+    # a user's architecture is rebuilt by its factory from the shipped state_dict; else the adv checkpoint
+    model = ({"model_factory": b.factory, "weights": str(b.checkpoint), "checkpoint": None} if b.factory
+             else {"checkpoint": str(b.checkpoint)})
     return argparse.Namespace(**{
-        **vars(args), "checkpoint": str(b.checkpoint), "defense": stages, "detector": detector, "adaptive": True,
+        **vars(args), **model, "defense": stages, "detector": detector, "adaptive": True,
         "dataset": pick("dataset"), "n": pick("n"), "eps": pick("eps"), "seed": pick("seed", 0),
         "split": args.split if args.split != "test" else ev.get("split", "test"),
         "suite": args.suite or (None if args.attack else "standard"),
