@@ -20,6 +20,7 @@ def test_adversarial_training_that_stalls_at_chance_says_eps_ramp(tmp_path, caps
     lines = [line for line in err.splitlines() if "not learning" in line]
     assert len(lines) == 1 and lines[0].startswith("adv: warning: epoch 1: training accuracy ")
     assert "within 2 points of chance (10.0% for 10 classes)" in lines[0] and "eps_ramp=1" in lines[0]
+    assert "on its adversarials" in lines[0] and "uniform guess: 2.303" in lines[0]
 
 
 def test_the_stall_check_speaks_only_near_chance_and_names_the_fix_for_the_loss():
@@ -30,7 +31,11 @@ def test_the_stall_check_speaks_only_near_chance_and_names_the_fix_for_the_loss(
     assert "eps_ramp" not in stall_warning(stalled, 10, ramped) and "--lr" in stall_warning(stalled, 10, ramped)
     assert "--lr" in stall_warning(stalled, 10, cross_entropy_loss)
     assert stall_warning({**stalled, "train_acc": 0.125}, 10, at) is None
-    assert stall_warning({**stalled, "train_acc": 0.515}, 2, at) is not None  # chance is 50% for two classes
+    assert stall_warning({**stalled, "train_acc": 0.52}, 2, at) is not None  # chance is 50% for two classes
+    # Madry at eps=0.3 on 6,000 MNIST images, no ramp: 20% on clean inputs, 11% on adversarials, a uniform guess
+    madry = {"epoch": 1, "train_acc": 0.2015, "train_adv_acc": 0.110, "train_loss": 2.305}
+    assert "(11.0% on its adversarials)" in stall_warning(madry, 10, at)
+    assert stall_warning({**madry, "train_loss": 1.9}, 10, at) is None  # learning, only not robust yet
     assert stall_warning({**stalled, "train_acc": 0.9}, 10, at) is None
 
 

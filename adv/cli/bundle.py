@@ -2,7 +2,7 @@
 
     adv bundle create --checkpoint runs/fm-lenet/model.pt --defense dwt:wavelet=db2 \\
         --dataset fashion-mnist --n 300 --attack fgsm --attack pgd --eps 0.1 --steps 10 --out bundles/dwt
-    adv bundle create --model-factory mypkg.nets:make_net --weights net.pt --defense dwt:wavelet=haar \
+    adv bundle create --model-factory mypkg.nets:make_net --weights net.pt --defense dwt:wavelet=haar \\
         --dataset cifar10 --eps 8/255 --out bundles/mine      # your own architecture (importable where served)
     adv bundle show bundles/dwt            # the manifest (verified); --public: what Serve shows clients
 
@@ -88,9 +88,13 @@ def _create(args) -> int:
         factory_on_path(args.model_factory)  # a typo fails before the data loads
     elif args.model and not (args.weights or args.pretrained):
         raise ConfigError("--model needs --weights PATH (or --pretrained): a bundle ships a trained classifier")
-    data = load_data(args)
+    # a checkpoint or factory loads, and the stages compose, before the (slow) data loading; only a registry
+    # model needs the data first (its classes and input size)
+    data = load_data(args) if args.model else None
     classifier = load_model(args, data)
-    build_defended(classifier, args.defense, detector=args.detector)  # a bad stage fails before measuring
+    build_defended(classifier, args.defense, detector=args.detector)
+    if data is None:
+        data = load_data(args)
     subset = f"{args.dataset} {args.split}[n={len(data)},seed={args.seed}]"
     with tempfile.TemporaryDirectory(prefix="adv-bundle-create-") as tmp:
         checkpoint, factory = _classifier_file(args, classifier, data, tmp)
