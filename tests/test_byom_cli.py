@@ -57,8 +57,6 @@ def resnet20_without_normalization():
     return create_model("resnet20", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
-def resnet20_normalized():
-    return create_model("resnet20")
 '''
 
 
@@ -123,14 +121,24 @@ def test_a_factory_without_normalization_is_warned_about(factories, capsys):
     """akamaster's ResNet-20 (94/100 with its ImageNet normalization) runs at 42/100 without one."""
     weights = SHARED_DATA / "models" / "cifar10_resnet20_akamaster.th"
     argv = ["eval", "--weights", weights, "--dataset", "cifar10", "--data-dir", SHARED_DATA / "cifar10", "--n", "100",
-            "--attack", "fgsm", "--eps", "1/255", "--quiet", "--json", "--model-factory"]
+            "--attack", "fgsm", "--eps", "1/255", "--quiet", "--json", "--checks", "none", "--model-factory"]
     code, out, err = run_cli(capsys, *argv, "userpkg.nets:resnet20_without_normalization")
     assert code == 0, err
     assert json.loads(out)["clean_acc"] == pytest.approx(0.42)
     warning = [line for line in err.splitlines() if line.startswith("adv: warning: normalization is probably missing")]
     assert len(warning) == 1 and "clean accuracy 42%" in warning[0] and "adv.models.Normalize(" in warning[0]
-    code, out, err = run_cli(capsys, *argv, "userpkg.nets:resnet20_normalized")
-    assert code == 0 and json.loads(out)["clean_acc"] == pytest.approx(0.94) and "normalization" not in err
+
+
+
+@needs_shared_data
+def test_a_model_that_normalizes_is_not_warned_about():
+    from adv.data import load_dataset
+    from adv.evaluate.inputs import normalization_hint
+    from adv.models import load_external
+
+    model = load_external("resnet20", SHARED_DATA / "models" / "cifar10_resnet20_akamaster.th")  # normalizes
+    x, y = load_dataset("cifar10", root=SHARED_DATA / "cifar10").tensors()
+    assert normalization_hint(model, x, y) is None
 
 
 # --- adv bundle create with a user's own model --------------------------------------------------------------
