@@ -20,6 +20,10 @@ from adv.errors import AdvError, CheckpointError
 from adv.models.checkpoint import read_state_dict
 
 
+#: State-dict entries a module fills in itself when a file lacks them.
+OPTIONAL_SUFFIX = "num_batches_tracked"
+
+
 def parse_factory(spec: str) -> tuple[str, str]:
     """``"pkg.module:function"`` -> ``("pkg.module", "function")``; AdvError names the expected form."""
     module, sep, attr = str(spec).partition(":")
@@ -100,10 +104,6 @@ def align_keys(state_dict: dict[str, Any], model_keys: list[str]) -> dict[str, A
         if all(k.startswith(prefix) for k in have) and fits({k[len(prefix):] for k in have}):
             return {k[len(prefix):]: v for k, v in state_dict.items()}
     return None
-
-
-#: State-dict entries a module fills in itself when a file lacks them.
-OPTIONAL_SUFFIX = "num_batches_tracked"
 
 
 def key_mismatch(state_dict: dict[str, Any], model_state: dict[str, Any]) -> str:
