@@ -213,7 +213,24 @@ class Bundle:
 
     @property
     def checkpoint(self) -> Path:
+        """The classifier file: an adv checkpoint, or the state_dict a :attr:`factory` fills."""
         return self.root / self.manifest["classifier"]["file"]
+
+    @property
+    def factory(self) -> str | None:
+        """``"mypkg.nets:make_net"`` when the classifier is a user's own architecture (its module must be
+        importable wherever the bundle is built); None for an adv checkpoint."""
+        return self.manifest["classifier"].get("factory")
+
+    def classifier(self):
+        """The undefended classifier in eval mode on the CPU."""
+        if self.factory:
+            from adv.models.factory import build_from_factory
+
+            return build_from_factory(self.factory, self.checkpoint)
+        from adv.models.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.checkpoint)[0]
 
     def specs(self) -> tuple[list[str], str | None]:
         """The stage specs and the detector spec with absolute file paths (what ``build`` composes)."""
@@ -223,12 +240,10 @@ class Bundle:
     def build(self, device: str = "cpu"):
         """The defended model (stages, classifier, optional detector) in eval mode on ``device``."""
         from adv.defenses.compose import build_defended
-        from adv.models.checkpoint import load_checkpoint
         from adv.models.device import resolve_device
 
-        classifier, _ = load_checkpoint(self.checkpoint)
         stages, detector = self.specs()
-        model = build_defended(classifier, stages, detector=detector)
+        model = build_defended(self.classifier(), stages, detector=detector)
         return model.to(resolve_device(device)).eval()
 
     def public_manifest(self) -> dict[str, Any]:
@@ -252,21 +267,22 @@ def write_bundle(
     numbers: dict[str, Any],
     provenance: dict[str, Any],
     evaluation: dict[str, Any] | None = None,
+    factory: dict[str, Any] | None = None,
 ) -> Bundle:
     """Write a bundle to ``out`` (a folder or a pyarrow URI) and return it loaded (verified).
 
     ``evaluation`` says how the numbers were measured (``dataset``, ``split``, ``n``, ``seed`` of the test
-    subset, ``eps``, ``norm``, ``attacks``): ``adv eval --bundle`` defaults to it.
+    subset, ``eps``, ``norm``, ``attacks``): ``adv eval --bundle`` defaults to it. ``factory``
+    (``{"spec": "mypkg.nets:make_net", "num_classes", "input_size", "dataset"}``) makes ``checkpoint`` the
+    state_dict of a user's own architecture instead of an adv checkpoint.
     """
-    from adv.models.checkpoint import load_checkpoint
-
     checked = check_numbers(numbers)
     if query_detector is not None:  # a bundle never ships a detector config that Serve would refuse
         from adv.detectors import DetectorConfig
 
         query_detector = validate_mapping(DetectorConfig, query_detector, "bundle query_detector",
                                           BundleError).model_dump(mode="json")
-    _, meta = load_checkpoint(checkpoint)  # a bundle never ships a checkpoint that does not load
+    classifier = _classifier_entry(checkpoint, factory)  # a bundle never ships a classifier that does not load
     uri = _is_uri(out)
     staging = Path(tempfile.mkdtemp(prefix="adv-bundle-")) if uri else _local_path(out)
     if not uri:
@@ -281,8 +297,7 @@ def write_bundle(
     manifest = {
         "format": FORMAT, "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "classifier": {"file": "classifier.pt", "arch": meta["arch"], "num_classes": meta["num_classes"],
-                       "input_size": meta["input_size"], "dataset": meta.get("dataset", "")},
+        "classifier": {"file": "classifier.pt", **classifier},
         "stages": specs, "detector": det, "query_detector": query_detector,
         "numbers": checked, "provenance": provenance, "evaluation": evaluation or {}, "files": files,
     }
@@ -292,6 +307,24 @@ def write_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         return load_bundle(str(out))
     return load_bundle(staging)
+
+
+def _classifier_entry(checkpoint: str | os.PathLike, factory: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's classifier fields (arch, classes, input size, dataset), after loading the classifier once."""
+    if factory is None:
+        from adv.models.checkpoint import load_checkpoint
+
+        _, meta = load_checkpoint(checkpoint)
+        return {"arch": meta["arch"], "num_classes": meta["num_classes"], "input_size": meta["input_size"],
+                "dataset": meta.get("dataset", "")}
+    from adv.models.factory import build_from_factory
+
+    missing = {"spec", "num_classes", "input_size"} - set(factory)
+    if missing:
+        raise BundleError(f"bundle factory needs {sorted(missing)} (spec, num_classes, input_size)")
+    build_from_factory(factory["spec"], checkpoint)
+    return {"arch": factory["spec"], "factory": factory["spec"], "num_classes": int(factory["num_classes"]),
+            "input_size": [int(v) for v in factory["input_size"]], "dataset": factory.get("dataset", "")}
 
 
 def _remove_bundle_files(folder: Path) -> None:

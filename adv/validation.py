@@ -6,6 +6,8 @@ this is the one place that turns pydantic's error list into the line a user read
 
 from __future__ import annotations
 
+import difflib
+import typing
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -20,8 +22,45 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-def format_validation_error(exc: ValidationError, source: str = "") -> str:
-    """The first error as ``key.path: message (got value)``."""
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``Sub``, ``Sub | None``, ``list[Sub]``, ``dict[str, Sub]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _names(field_name: str, info: Any) -> list[str]:
+    alias = info.validation_alias
+    choices = [c for c in getattr(alias, "choices", [alias]) if isinstance(c, str)] if alias else []
+    return [field_name, *[c for c in choices if c != field_name]]
+
+
+def _unknown_key_hint(model: type[BaseModel] | None, loc: tuple) -> str:
+    """``; did you mean 'root'?`` (or which key an alias duplicates) for an unknown key at ``loc``."""
+    for part in loc[:-1]:
+        if model is None:
+            return ""
+        if isinstance(part, str):
+            info = model.model_fields.get(part)
+            model = _submodel(info.annotation) if info is not None else None
+    if model is None or not loc or not isinstance(loc[-1], str):
+        return ""
+    key = loc[-1]
+    names = {name: field for field, info in model.model_fields.items() for name in _names(field, info)}
+    if key in names:  # an alias given beside its field: pydantic keeps the first and calls this one extra
+        return f" ({key!r} and {names[key]!r} are one key; give it once)"
+    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
+    known = ", ".join(model.model_fields)
+    return f"; did you mean {close[0]!r}? (keys: {known})" if close else f" (keys: {known})"
+
+
+def format_validation_error(exc: ValidationError, source: str = "", model: type[BaseModel] | None = None) -> str:
+    """The first error as ``key.path: message (got value)``; an unknown key of ``model`` gets the nearest
+    known one."""
     err = exc.errors()[0]
     loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[", "tagged-")))]
     msg = err["msg"].removeprefix("Value error, ")
@@ -34,7 +73,7 @@ def format_validation_error(exc: ValidationError, source: str = "") -> str:
     got = err.get("input")
     extra = f" (got {got!r})" if err["type"] not in ("value_error", "missing") and not isinstance(got, (dict, list)) else ""
     if err["type"] == "extra_forbidden":
-        msg, extra = "unknown key", ""
+        msg, extra = "unknown key" + _unknown_key_hint(model, tuple(err["loc"])), ""
     prefix = f"{source}: " if source else ""
     return f"{prefix}{key or 'config'}: {msg}{extra}"
 
@@ -46,4 +85,4 @@ def validate_mapping(model: type[BaseModel], data: Any, source: str = "", error:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise error(format_validation_error(exc, source)) from None
+        raise error(format_validation_error(exc, source, model)) from None

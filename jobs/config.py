@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adv.errors import AdvError, ConfigError
 from adv.evaluate.rows import FEATURES
@@ -38,8 +38,9 @@ class DatasetConfig(_Strict):
     #: Seeded random subset of ``n`` examples (all when null).
     n: int | None = Field(None, ge=1)
     seed: int = 0
-    #: Data folder (registered sets), image-folder root, or Parquet path/URI.
-    root: str | None = None
+    #: Data folder (registered sets), image-folder root, or Parquet path/URI; ``data_dir`` is the same key
+    #: (``--data-dir`` on the CLI, ``data_dir=`` in Python).
+    root: str | None = Field(None, validation_alias=AliasChoices("root", "data_dir", "data-dir"))
     download: bool = False
     #: read_images resize target (H, W) for image folders; default: the model's input size.
     image_size: tuple[int, int] | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from adv.detectors import DetectorConfig
 from adv.validation import validate_mapping
@@ -26,7 +26,7 @@ class DataConfig(_Strict):
     #: A registered in-memory dataset (``adv info datasets``); the validation and test subsets come from ``split``.
     name: str = "fashion-mnist"
     split: Literal["train", "test"] = "test"
-    root: str | None = None
+    root: str | None = Field(None, validation_alias=AliasChoices("root", "data_dir", "data-dir"))  # as jobs.config
     download: bool = False
     #: The subset the exported bundle's final numbers use (same form as ``adv eval --n N --seed S``).
     test: SubsetConfig = SubsetConfig(n=300, seed=0)

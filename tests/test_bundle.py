@@ -94,7 +94,7 @@ def test_bad_schema_version_and_not_a_bundle(bundle, tmp_path):
 
 def test_bad_inputs_fail_before_writing(parts, tmp_path):
     ckpt, _ = parts
-    with pytest.raises(BundleError, match=r"^bundle query_detector: threshold: unknown key$"):
+    with pytest.raises(BundleError, match=r"^bundle query_detector: threshold: unknown key \(keys: "):
         write_bundle(tmp_path / "q", checkpoint=str(ckpt), stages=[], numbers=_numbers(), provenance={},
                      query_detector={"threshold": 0.25, "window": 10})
     assert not (tmp_path / "q").exists()

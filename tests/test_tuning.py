@@ -74,8 +74,8 @@ def test_the_query_detector_is_validated_by_its_own_model():
     assert isinstance(cfg.query_detector, DetectorConfig) and cfg.query_detector.per_user is None
     assert cfg.query_detector.index.chain_limit == 3 and cfg.query_detector.action == "flag"
     assert parse_tune_config(_cfg()).query_detector is None  # optional: the bundle then ships none
-    for bad, match in [({"index": {"chain_limt": 3}}, r"^query_detector\.index\.chain_limt: unknown key$"),
-                       ({"actionn": "flag"}, r"^query_detector\.actionn: unknown key$"),
+    for bad, match in [({"index": {"chain_limt": 3}}, r"^query_detector\.index\.chain_limt: unknown key; did you mean 'chain_limit'\?"),
+                       ({"actionn": "flag"}, r"^query_detector\.actionn: unknown key; did you mean 'action'\?"),
                        ({"per_user": {"threshold": 5}}, r"^query_detector\.per_user: threshold for ssim must lie"),
                        ({"action": "fallback"}, r"^query_detector\.action: 'fallback' needs a fallback model")]:
         with pytest.raises(ConfigError, match=match) as err:

@@ -2,6 +2,8 @@
 
     adv bundle create --checkpoint runs/fm-lenet/model.pt --defense dwt:wavelet=db2 \\
         --dataset fashion-mnist --n 300 --attack fgsm --attack pgd --eps 0.1 --steps 10 --out bundles/dwt
+    adv bundle create --model-factory mypkg.nets:make_net --weights net.pt --defense dwt:wavelet=haar \\
+        --dataset cifar10 --eps 8/255 --out bundles/mine      # your own architecture (importable where served)
     adv bundle show bundles/dwt            # the manifest (verified); --public: what Serve shows clients
 
 ``create`` measures the clean, non-adaptive and adaptive accuracies (each with
@@ -13,18 +15,20 @@ worker, and records that subset so ``adv eval --bundle DIR`` re-evaluates on it.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 
-from adv.cli.common import add_data_args, nonneg_float, positive_int
+from adv.cli.common import add_data_args, add_model_args, budget, factory_on_path, load_data, load_model, positive_int
 from adv.errors import ConfigError
 
 NAME = "bundle"
-HELP = "defense bundles: create one from a checkpoint and stages (with measured numbers), or show one"
+HELP = "defense bundles: create one from a classifier and stages (with measured numbers), or show one"
 
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
     create = sub.add_parser("create", help="measure a defended model on a test subset and write a bundle")
-    create.add_argument("--checkpoint", required=True, help="adv classifier checkpoint (model.pt)")
+    add_model_args(create, factory=True)
     create.add_argument("--defense", action="append", default=[], metavar="NAME:k=v,...",
                         help="stage in front of the classifier (repeat to compose); learned ones with checkpoint=")
     create.add_argument("--detector", metavar="NAME:k=v,...", help="per-input detector, e.g. disagreement:checkpoint=F")
@@ -34,7 +38,7 @@ def add_arguments(parser) -> None:
     create.set_defaults(n=300)
     create.add_argument("--attack", action="append", default=[], metavar="NAME",
                         help="attack of the grid (repeat; default: fgsm and pgd)")
-    create.add_argument("--eps", type=nonneg_float, required=True, help="perturbation budget")
+    create.add_argument("--eps", type=budget, required=True, help="perturbation budget: a number or a fraction (8/255)")
     create.add_argument("--norm", default="linf", choices=["linf", "l2"])
     create.add_argument("--steps", type=positive_int, default=10, help="iterations, for attacks that iterate")
     create.add_argument("--batch-size", type=positive_int, default=64)
@@ -67,8 +71,8 @@ def grid_points(attacks: list[str], eps: float, norm: str, steps: int):
 
 def _create(args) -> int:
     from adv.bundle import provenance_defaults, write_bundle
-    from adv.data import load_dataset
-    from adv.tuning.trials import Setting, measure, stage_loader
+    from adv.defenses.compose import build_defended
+    from adv.tuning.trials import Setting, measure
 
     grid = grid_points(args.attack, args.eps, args.norm, args.steps)
     query = None
@@ -78,25 +82,66 @@ def _create(args) -> int:
                 query = json.load(f)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--query-detector: cannot read {args.query_detector}: {exc}") from None
-    from adv.defenses.compose import build_defended
-    from adv.models import load_checkpoint
-
-    build_defended(load_checkpoint(args.checkpoint)[0], args.defense, detector=args.detector)  # fail before data
-    data = load_dataset(args.dataset, split=args.split, n=args.n, seed=args.seed, root=args.data_dir,
-                        download=args.download)
+    if not (args.checkpoint or args.model or args.model_factory):
+        raise ConfigError("give --checkpoint PATH, --model NAME --weights PATH or --model-factory MODULE:FUNCTION")
+    if args.model_factory:
+        factory_on_path(args.model_factory)  # a typo fails before the data loads
+    elif args.model and not (args.weights or args.pretrained):
+        raise ConfigError("--model needs --weights PATH (or --pretrained): a bundle ships a trained classifier")
+    # a checkpoint or factory loads, and the stages compose, before the (slow) data loading; only a registry
+    # model needs the data first (its classes and input size)
+    data = load_data(args) if args.model else None
+    classifier = load_model(args, data)
+    build_defended(classifier, args.defense, detector=args.detector)
+    if data is None:
+        data = load_data(args)
     subset = f"{args.dataset} {args.split}[n={len(data)},seed={args.seed}]"
-    numbers = measure(stage_loader(args.checkpoint, args.defense, args.detector), data,
-                      Setting(grid, 1.0, subset, args.seed, args.batch_size))
-    bundle = write_bundle(
-        args.out, checkpoint=args.checkpoint, stages=args.defense, detector=args.detector, query_detector=query,
-        numbers=numbers, provenance={**provenance_defaults(), "made_by": "adv bundle create"},
-        evaluation={"dataset": args.dataset, "split": args.split, "n": len(data), "seed": args.seed,
-                    "eps": args.eps, "norm": args.norm, "attacks": [gp.key for gp in grid]})
+    with tempfile.TemporaryDirectory(prefix="adv-bundle-create-") as tmp:
+        checkpoint, factory = _classifier_file(args, classifier, data, tmp)
+        numbers = measure(_loader(args, checkpoint), data, Setting(grid, 1.0, subset, args.seed, args.batch_size))
+        bundle = write_bundle(
+            args.out, checkpoint=checkpoint, stages=args.defense, detector=args.detector, query_detector=query,
+            numbers=numbers, provenance={**provenance_defaults(), "made_by": "adv bundle create"}, factory=factory,
+            evaluation={"dataset": args.dataset, "split": args.split, "n": len(data), "seed": args.seed,
+                        "eps": args.eps, "norm": args.norm, "attacks": [gp.key for gp in grid]})
     for track, num in numbers.items():
         lo, hi = num["ci95"]
         print(f"{track}: {num['value']:.4f} [{lo:.4f}, {hi:.4f}] (n={num['n']}, {subset})")
     print(bundle.location)
     return 0
+
+
+def _classifier_file(args, classifier, data, tmp: str) -> tuple[str, dict | None]:
+    """``(file the bundle ships as classifier.pt, factory entry or None)``.
+
+    An adv checkpoint ships as it is; a registry model with foreign weights becomes an adv checkpoint; a
+    factory's module ships as the state_dict it loaded (prefixes already aligned), rebuilt by the factory.
+    """
+    import torch
+
+    from adv.models import save_checkpoint
+
+    if args.checkpoint:
+        return args.checkpoint, None
+    path = os.path.join(tmp, "classifier.pt")
+    if not args.model_factory:
+        save_checkpoint(path, classifier, dataset=data.name, extra={"weights": str(args.weights or "pretrained")})
+        return path, None
+    torch.save({k: v.detach().cpu() for k, v in classifier.state_dict().items()}, path)
+    return path, {"spec": args.model_factory, "num_classes": data.num_classes, "input_size": list(data.input_size),
+                  "dataset": data.name}
+
+
+def _loader(args, checkpoint: str):
+    """The grid worker's loader of the defended classifier (a factory is rebuilt from the shipped state_dict)."""
+    import dataclasses
+
+    from adv.tuning.trials import stage_loader
+
+    if not args.model_factory:
+        return stage_loader(checkpoint, args.defense, args.detector)
+    return dataclasses.replace(stage_loader(None, args.defense, args.detector), factory=args.model_factory,
+                               weights=checkpoint)
 
 
 def _show(args) -> int:

@@ -45,10 +45,13 @@ def add_data_args(parser: argparse.ArgumentParser, default_split: str = "test", 
 
 
 def load_data(args: argparse.Namespace, split: str | None = None, n: int | None = None) -> ImageData:
-    return load_dataset(
-        args.dataset, split=split or args.split, n=n if n is not None else args.n, seed=args.seed,
-        root=args.data_dir, download=args.download,
-    )
+    from adv.data.locate import spelled
+
+    with spelled("--data-dir DIR", "--download"):  # errors name the flags, not the Python keywords
+        return load_dataset(
+            args.dataset, split=split or args.split, n=n if n is not None else args.n, seed=args.seed,
+            root=args.data_dir, download=args.download,
+        )
 
 
 def add_model_args(parser: argparse.ArgumentParser, factory: bool = False) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --model NAME (with --weights PATH), --checkpoint PATH or --model-factory MODULE:FUNCTION")
     data = load_data(args)
     model = build_model(args, data, device)
+    if args.model_factory:  # a user's own module: the likeliest silent mistake is a missing Normalize
+        warn_missing_normalization(model, data, device)
     evaluated = evaluation_setup(model, args.defense, adaptive=args.adaptive, detector=args.detector,
                                  checkpoint=args.checkpoint, device=device)
     if evaluated is not None:  # the defended model is scored; the threat model decides what is attacked
@@ -138,8 +141,11 @@ def with_bundle(args: argparse.Namespace) -> argparse.Namespace:
     def pick(key: str, default=None):
         return getattr(args, key) if getattr(args, key) is not None else ev.get(key, default)
 
+    # a user's architecture is rebuilt by its factory from the shipped state_dict; else the adv checkpoint
+    model = ({"model_factory": b.factory, "weights": str(b.checkpoint), "checkpoint": None} if b.factory
+             else {"checkpoint": str(b.checkpoint)})
     return argparse.Namespace(**{
-        **vars(args), "checkpoint": str(b.checkpoint), "defense": stages, "detector": detector, "adaptive": True,
+        **vars(args), **model, "defense": stages, "detector": detector, "adaptive": True,
         "dataset": pick("dataset"), "n": pick("n"), "eps": pick("eps"), "seed": pick("seed", 0),
         "split": args.split if args.split != "test" else ev.get("split", "test"),
         "suite": args.suite or (None if args.attack else "standard"),
@@ -149,6 +155,16 @@ def with_bundle(args: argparse.Namespace) -> argparse.Namespace:
 def build_model(args: argparse.Namespace, data, device: torch.device) -> torch.nn.Module:
     """The model under evaluation, in eval mode on ``device`` (defenses wrap it here)."""
     return load_model(args, data).to(device).eval()
+
+
+def warn_missing_normalization(model: torch.nn.Module, data, device: torch.device) -> None:
+    """One ``adv: warning:`` line on stderr when the model looks like it lacks its input normalization."""
+    from adv.evaluate.inputs import HINT_EXAMPLES, normalization_hint
+
+    x, y = next(data.batches(HINT_EXAMPLES))
+    hint = normalization_hint(model, x.to(device), y.to(device))
+    if hint:
+        print(f"adv: warning: {hint}", file=sys.stderr)
 
 
 def attack_list(args: argparse.Namespace) -> list[tuple[str, dict]]:

@@ -1,16 +1,26 @@
-"""``adv info``: what datasets, models, attacks, defenses (inference stages and training losses) and suites exist."""
+"""``adv info [SECTION]``: what datasets, models, attacks, defenses (inference stages and training losses),
+suites and query detectors exist; ``adv info attacks`` shows one section."""
 
 from __future__ import annotations
 
 from adv.cli.common import print_json
 from adv.data import describe_dataset, list_datasets
+from adv.errors import ConfigError
 from adv.models import get_spec, list_models
 
 NAME = "info"
 HELP = "list datasets, models, attacks, defenses, training defenses and evaluation suites"
 
+#: Section argument -> the key of :func:`collect` it shows (one word per section on the command line).
+SECTIONS = {
+    "datasets": "datasets", "models": "models", "attacks": "attacks", "defenses": "defenses",
+    "training-defenses": "training defenses", "suites": "suites", "query-detectors": "query detectors",
+}
+
 
 def add_arguments(parser) -> None:
+    parser.add_argument("section", nargs="?", metavar="SECTION",
+                        help=f"show one section: {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -33,10 +43,22 @@ def collect() -> dict[str, dict[str, str]]:
     }
 
 
+def section_key(name: str) -> str:
+    """The :func:`collect` key of a section argument (``training_defenses`` and singulars accepted)."""
+    word = name.strip().lower().replace("_", "-").replace(" ", "-")
+    for candidate in (word, word + "s"):
+        if candidate in SECTIONS:
+            return SECTIONS[candidate]
+    raise ConfigError(f"unknown info section {name!r}; choose one of {', '.join(SECTIONS)}")
+
+
 def run(args) -> int:
+    wanted = section_key(args.section) if args.section else None  # a typo fails before the registries load
     info = collect()
+    if wanted:
+        info = {wanted: info[wanted]}
     if args.json:
-        print_json(info)
+        print_json(info[wanted] if wanted else info)
         return 0
     for section, entries in info.items():
         print(f"{section}:")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -113,8 +115,9 @@ SPLITS = ("train", "test")
 def load_dataset(name: str, split: str = "test", n: int | None = None, seed: int = 0, **kwargs) -> ImageData:
     """Load a registered dataset, optionally a seeded subset of ``n`` examples.
 
-    Common keyword arguments: ``root`` (a folder to search first) and
-    ``download`` (allow torchvision downloads). Loaders document their own.
+    Common keyword arguments: ``root`` (a folder to search first; ``data_dir`` is the same, as in
+    ``adv.benchmark`` and ``--data-dir``; ``~`` is expanded) and ``download`` (allow torchvision downloads).
+    Loaders document their own. An ``n`` above the dataset's size warns once and returns all of it.
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}")
@@ -122,4 +125,23 @@ def load_dataset(name: str, split: str = "test", n: int | None = None, seed: int
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n is not None and n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    return _LOADERS[name](split=split, n=n, seed=seed, **kwargs)
+    kwargs = _root_kwarg(kwargs)
+    data = _LOADERS[name](split=split, n=n, seed=seed, **kwargs)
+    if n is not None and n > len(data):
+        warnings.warn(f"n={n} is more than the {len(data)} examples of {name} {split} ({data.source or 'bundled'}); "
+                      f"using all {len(data)}", UserWarning, stacklevel=2)
+    return data
+
+
+def _root_kwarg(kwargs: dict) -> dict:
+    """``data_dir=`` accepted as ``root=`` (one name per place a user meets: CLI, benchmark, config), ``~``
+    expanded."""
+    kwargs = dict(kwargs)
+    if "data_dir" in kwargs:
+        data_dir = kwargs.pop("data_dir")
+        if kwargs.get("root") is not None and data_dir is not None and kwargs["root"] != data_dir:
+            raise ValueError(f"give root= or data_dir= (the same folder), not both: {kwargs['root']!r} vs {data_dir!r}")
+        kwargs["root"] = kwargs.get("root") if kwargs.get("root") is not None else data_dir
+    if isinstance(kwargs.get("root"), (str, os.PathLike)):
+        kwargs["root"] = os.path.expanduser(os.fspath(kwargs["root"]))
+    return kwargs

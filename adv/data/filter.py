@@ -157,7 +157,9 @@ def _only_test(name: str, split: str) -> None:
 def load_filtered(split, n=None, seed=0, root=None, download=False) -> ImageData:
     _only_test("filtered", split)
     if root is None:
-        raise DataNotFoundError("filtered needs root=DIR (--data-dir), a folder written by `adv data filter`")
+        from adv.data.locate import root_option
+
+        raise DataNotFoundError(f"filtered needs {root_option()}, a folder written by `adv data filter`")
     return load_filtered_folder(root, n, seed)
 
 

@@ -117,7 +117,9 @@ def load_imagefolder(
     label_space: str = "folder", csv_file: str | None = None,
 ) -> ImageData:
     if root is None:
-        raise ValueError("imagefolder needs root=PATH (a folder of class folders, or a folder with labels.csv)")
+        from adv.data.locate import root_option
+
+        raise ValueError(f"imagefolder needs {root_option()} (a folder of class folders, or a folder with labels.csv)")
     if label_space not in LABEL_SPACES:
         raise ValueError(f"label_space must be one of {LABEL_SPACES}, got {label_space!r}")
     if size < 1 or (resize is not None and resize < size):

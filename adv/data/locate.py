@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from adv.errors import DataNotFoundError
 
@@ -30,25 +32,53 @@ SUBDIRS: dict[str, tuple[str, ...]] = {
     "fashion-mnist-a": ("fashion-mnist-a", ""),
 }
 
+#: The fix for each dataset; ``{root}`` and ``{download}`` are spelled for the caller (:func:`spelled`).
 FIXES: dict[str, str] = {
-    "fashion-mnist": "apt-get install -y dataset-fashion-mnist, or pass --download (needs internet)",
-    "mnist": "pass --data-dir DIR with the four MNIST IDX .gz files, or pass --download (needs internet)",
-    "cifar10": "pass --data-dir DIR holding cifar-10-batches-py/, or pass --download (needs internet)",
+    "fashion-mnist": "apt-get install -y dataset-fashion-mnist, or pass {download} (needs internet)",
+    "mnist": "pass {root} with the four MNIST IDX .gz files, or pass {download} (needs internet)",
+    "cifar10": "pass {root} holding cifar-10-batches-py/, or pass {download} (needs internet)",
     "fashion-mnist-a": ("build it with `adv data filter --dataset fashion-mnist --split test --checkpoint M1 "
                         "--checkpoint M2 --out $ADV_DATA_DIR/fashion-mnist-a` (models not the one you evaluate)"),
 }
 
 
+#: How the caller names the data folder and the download switch: Python keywords unless a front end says.
+_SPELLING: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "adv_data_spelling", default=("root=DIR (or data_dir=DIR)", "download=True"))
+
+
+@contextlib.contextmanager
+def spelled(root: str, download: str) -> Iterator[None]:
+    """Inside the block, errors name the data folder and downloads as ``root`` / ``download`` (the CLI says
+    ``--data-dir DIR`` / ``--download``, a job config ``dataset.root``); Python keywords elsewhere."""
+    token = _SPELLING.set((root, download))
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)
+
+
+def root_option() -> str:
+    """How the caller names the data folder (``--data-dir DIR`` on the CLI, ``root=DIR`` in Python)."""
+    return _SPELLING.get()[0]
+
+
+def fix(name: str) -> str:
+    """The fix for a missing ``name``, in the caller's spelling."""
+    root, download = _SPELLING.get()
+    return FIXES[name].format(root=root, download=download)
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("ADV_CACHE_DIR", Path.home() / ".cache" / "adv"))
+    return Path(os.environ.get("ADV_CACHE_DIR", Path.home() / ".cache" / "adv")).expanduser()
 
 
 def candidate_dirs(name: str, root: str | os.PathLike | None) -> list[Path]:
     roots: list[Path] = []
     if root:
-        roots.append(Path(root))
+        roots.append(Path(root).expanduser())
     if os.environ.get("ADV_DATA_DIR"):
-        roots.append(Path(os.environ["ADV_DATA_DIR"]))
+        roots.append(Path(os.environ["ADV_DATA_DIR"]).expanduser())
     roots.extend(Path(p) for p in SYSTEM_DIRS.get(name, ()))
     roots.append(cache_dir())
     out: list[Path] = []
@@ -68,7 +98,7 @@ def locate(
     allow_download: bool,
 ) -> Path:
     """The first candidate folder for which ``has_files`` is true, else download, else a clear error."""
-    if root is not None and not Path(root).exists():
+    if root is not None and not Path(root).expanduser().exists():
         raise DataNotFoundError(f"data dir {root} does not exist")
     searched = candidate_dirs(name, root)
     for d in searched:
@@ -81,10 +111,10 @@ def locate(
         except Exception as exc:  # URLError, socket errors, checksum failures
             raise DataNotFoundError(
                 f"{name}: not found locally and the torchvision download into {target} failed "
-                f"({exc.__class__.__name__}: {exc}). Searched: {_fmt(searched)}. Fix: {FIXES[name]}"
+                f"({exc.__class__.__name__}: {exc}). Searched: {_fmt(searched)}. Fix: {fix(name)}"
             ) from None
     raise DataNotFoundError(
-        f"{name}: not found. Searched: {_fmt(searched)}. Fix: {FIXES[name]}"
+        f"{name}: not found. Searched: {_fmt(searched)}. Fix: {fix(name)}"
     )
 
 

@@ -15,6 +15,7 @@ the fix), runs the AutoAttack-style suite on the points still standing
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -67,7 +68,9 @@ def benchmark(
         raise InputError(f"n must be a positive integer or None, got {n!r}")
     if suite == "standard" and norm == "l2":
         suite = "l2"  # RobustBench's "standard" threat model under L2
-    return robust_accuracy(model, _data(data, n, split, data_dir, seed), attacks, eps=eps, norm=norm, suite=suite,
+    data = _data(data, n, split, data_dir, seed)
+    _warn_normalization(model, data)
+    return robust_accuracy(model, data, attacks, eps=eps, norm=norm, suite=suite,
                            batch_size=batch_size, device=device, seed=seed, progress=progress,
                            return_adversarials=return_adversarials)
 
@@ -84,11 +87,35 @@ def _data(data: Any, n: int | None, split: str, data_dir: str | None, seed: int)
     data = check_data(data)
     if n is None:
         return data
+    size = len(data[1]) if isinstance(data, tuple) else len(data) if hasattr(data, "subset") else None
+    if size is not None and n > size:
+        warnings.warn(f"n={n} is more than the {size} examples passed; using all {size}",
+                      UserWarning, stacklevel=4)  # -> _data -> benchmark -> the user's call
     if hasattr(data, "subset"):
         return data.subset(n, seed)
     if isinstance(data, tuple):
         return data[0][:n], data[1][:n]
     return _first(data, n)
+
+
+def _warn_normalization(model: nn.Module, data: Any) -> None:
+    """A user's own module that looks like it lacks its input normalization gets a warning at their call."""
+    from adv.evaluate.inputs import HINT_EXAMPLES, normalization_hint
+    from adv.models.base import ImageClassifier
+
+    if isinstance(model, ImageClassifier):  # adv's own architectures carry their normalization
+        return
+    if hasattr(data, "batches"):
+        first = next(data.batches(HINT_EXAMPLES), None)
+    elif isinstance(data, tuple):
+        first = data
+    else:  # a stream is not read twice
+        return
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    hint = first and normalization_hint(model, first[0][:HINT_EXAMPLES].to(device), first[1][:HINT_EXAMPLES].to(device))
+    if hint:
+        warnings.warn(hint, UserWarning, stacklevel=3)  # -> benchmark -> the user's call
 
 
 def _first(batches, n: int):

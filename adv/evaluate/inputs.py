@@ -83,7 +83,7 @@ def check_labels(y: Any, n: int) -> torch.Tensor:
     """Integer class indices of shape (n,), as int64."""
     y = as_tensor(y, "labels")
     if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
-        hint = "; one-hot labels? pass y.argmax(1)" if y.ndim == 2 else ""
+        hint = "; one-hot labels? pass y.argmax(1)" if y.ndim == 2 else _float_label_hint(y)
         raise InputError(f"labels must be integer class indices, got dtype {y.dtype}{hint}")
     if y.ndim == 2 and y.shape[1] > 1:
         raise InputError(f"labels must be class indices of shape (N,), got {tuple(y.shape)}; one-hot? pass "
@@ -94,6 +94,15 @@ def check_labels(y: Any, n: int) -> torch.Tensor:
     if len(y) and int(y.min()) < 0:
         raise InputError(f"labels must be class indices >= 0, got {int(y.min())}")
     return y
+
+
+def _float_label_hint(y: torch.Tensor) -> str:
+    """What to do with 1-D non-integer labels: whole numbers are class indices stored as floats."""
+    if y.ndim != 1 or y.dtype == torch.bool or y.is_complex():
+        return "; pass y.long()" if y.dtype == torch.bool else ""
+    if y.numel() and bool(torch.all(torch.isfinite(y) & (y == y.round()))):
+        return "; they hold whole numbers: pass y.long()"
+    return "; they are not whole numbers (probabilities? pass the class index, e.g. y.argmax(1) of the 2-D scores)"
 
 
 def check_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,3 +189,50 @@ def prepare(model: nn.Module, data: Any, eps: Any, norm: str, device: torch.devi
     if probe is not None:
         check_model(model, probe[0].to(device), probe[1].to(device))
     return data
+
+
+#: Input normalizations networks are commonly trained with: (name, mean, std); the hint tries each.
+COMMON_NORMALIZATIONS = (
+    ("ImageNet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ("CIFAR-10", (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    ("MNIST", (0.1307,), (0.3081,)),
+    ("[-1, 1]", (0.5,), (0.5,)),
+)
+#: Examples the normalization hint looks at, and the accuracy gain (fraction) that makes it speak.
+HINT_EXAMPLES, HINT_GAIN = 256, 0.15
+
+
+@torch.no_grad()
+def normalization_hint(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """One line when ``model`` is much more accurate on ``x`` behind a common normalization than without one
+    (a factory that forgot ``Normalize``); else None.
+
+    A model that already normalizes only loses accuracy when normalized twice, so the check cannot fire on
+    a correct model; it needs a gain of :data:`HINT_GAIN` and at least 10 more correct examples.
+    """
+    from adv.models.base import Normalize, eval_mode
+
+    x, y = x[:HINT_EXAMPLES], y[:HINT_EXAMPLES]
+    if not len(y):
+        return None
+    with eval_mode(model):
+        out = model(x)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:  # check_model names that mistake
+            return None
+        plain = int((out.argmax(1) == y).sum())
+        best = None
+        for name, mean, std in COMMON_NORMALIZATIONS:
+            if len(mean) not in (1, x.shape[1]):
+                continue
+            norm = Normalize(mean * x.shape[1] if len(mean) == 1 else mean, std * x.shape[1] if len(std) == 1
+                             else std).to(x.device)
+            correct = int((model(norm(x)).argmax(1) == y).sum())
+            if best is None or correct > best[0]:
+                best = (correct, name, mean, std)
+    if best is None or best[0] - plain < max(10, HINT_GAIN * len(y)):
+        return None
+    correct, name, mean, std = best
+    return (f"normalization is probably missing: clean accuracy {plain / len(y):.0%} on the first {len(y)} images, "
+            f"{correct / len(y):.0%} with the {name} normalization in front; return "
+            f"nn.Sequential(adv.models.Normalize(mean={list(mean)}, std={list(std)}), net) from the factory "
+            f"(or your training statistics)")

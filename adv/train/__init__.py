@@ -6,14 +6,15 @@
 """
 
 from adv.train.loop import (
-    BatchLoss, LossOutput, TrainConfig, cross_entropy_loss, evaluate_accuracy, fit, seed_everything,
+    BatchLoss, LossOutput, TrainConfig, TrainingStallWarning, cross_entropy_loss, evaluate_accuracy, fit,
+    seed_everything,
 )
 from adv.train.registry import (
     checkpoint_defenses, checkpoint_training, get_loss, list_losses, loss_schema, register_loss, training_loss,
 )
 
 __all__ = [
-    "BatchLoss", "LossOutput", "TrainConfig", "checkpoint_defenses", "checkpoint_training", "cross_entropy_loss",
+    "BatchLoss", "LossOutput", "TrainConfig", "TrainingStallWarning", "checkpoint_defenses", "checkpoint_training", "cross_entropy_loss",
     "evaluate_accuracy", "fit", "get_loss", "list_losses", "loss_schema", "register_loss", "seed_everything",
     "training_loss",
 ]

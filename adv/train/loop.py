@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
@@ -152,6 +153,9 @@ def fit(
             metrics.update(validate(model))
         history.append(metrics)
         print(json.dumps(metrics), file=sys.stderr)
+        stalled = stall_warning(metrics, train.num_classes, loss_fn)
+        if stalled:
+            warnings.warn(stalled, TrainingStallWarning, stacklevel=2)
         if out:
             _save(out, model, opt, epoch + 1, history, train, config, extra_meta)
             if select is not None and _is_best(history, select):
@@ -164,6 +168,44 @@ def fit(
     final["train_seconds"] = sum(h["epoch_seconds"] for h in history)
     final["history"] = history
     return final
+
+
+#: Training accuracy within this of chance (1 / classes) after an epoch: the model is not learning.
+CHANCE_MARGIN = 0.02
+
+
+class TrainingStallWarning(UserWarning):
+    """An epoch ended with training accuracy at chance level; the message names the likely fix."""
+
+
+def stall_warning(metrics: dict[str, Any], num_classes: int, loss_fn: BatchLoss) -> str | None:
+    """One line when the epoch's training accuracy is within :data:`CHANCE_MARGIN` of chance, else None.
+
+    Adversarial training at the full eps from the first step (Madry at eps = 0.3 on MNIST) can sit at
+    chance with a loss of ln(10) = 2.30 for every epoch and still exit normally; the ramp is the usual fix.
+    For an adversarial loss the accuracy on its adversarials counts too, when the loss is also that of a
+    uniform guess (on 6,000 MNIST images such a run reached 20% on clean inputs, 11% on adversarials, loss 2.305).
+    """
+    if num_classes < 2:
+        return None
+    chance = 1.0 / num_classes
+    clean, adv, loss = metrics["train_acc"], metrics.get("train_adv_acc"), metrics["train_loss"]
+
+    def near(acc) -> bool:
+        return acc is not None and abs(acc - chance) <= CHANCE_MARGIN + 1e-9
+
+    if not (near(clean) or (near(adv) and loss >= 0.98 * math.log(num_classes))):
+        return None
+    p = getattr(loss_fn, "params", None)
+    if getattr(p, "eps_ramp", None) == 0 and getattr(p, "eps", 0) > 0:
+        fix = (f"adversarial training at the full eps={p.eps:g} from the first step often stalls here; grow eps "
+               "from 0 with eps_ramp=1 (e.g. --defense at:...,eps_ramp=1), or lower eps or the learning rate")
+    else:
+        fix = "lower the learning rate (--lr), or check that labels match images"
+    what = f"training accuracy {clean:.1%}" + (f" ({adv:.1%} on its adversarials)" if adv is not None else "")
+    return (f"epoch {metrics['epoch']}: {what} is within {CHANCE_MARGIN * 100:.0f} points of chance "
+            f"({chance:.1%} for {num_classes} classes), loss {loss:.3f} (uniform guess: {math.log(num_classes):.3f}): "
+            f"the model is not learning; {fix}")
 
 
 def _resume(state_path: Path, model, opt, device) -> tuple[int, list[dict[str, Any]]]:
