@@ -6,10 +6,13 @@ Each stage (``jobs.evaluate``, ``jobs.tune``, ``jobs.serve``, ``jobs.redteam``,
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import platform
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Sequence
 
 from adv.errors import AdvError
 
@@ -59,6 +62,52 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
             ray.init(address="local", num_cpus=cpus, object_store_memory=object_store_memory,
                      include_dashboard=False)
     DataContext.get_current().enable_progress_bars = os.environ.get("ADV_NO_PROGRESS") != "1"
+
+
+#: Lines Ray writes at error level that are harmless here, each with why; :func:`filter_stderr` drops them.
+KNOWN_RAY_NOISE = (
+    # The driver's core worker (core_worker.cc), once per actor-pool actor: Ray Data hands each MapWorker its
+    # DataContext and map function as object-store references, and its pools restart dead actors
+    # (max_restarts=-1, the fault tolerance jobs.evaluate records). The driver owns both references for the
+    # pool's whole life, so the restart the line warns about works; Ray's own issue 53727 tracks the message.
+    b"has constructor arguments in the object store and max_restarts > 0",
+)
+
+
+def filter_stderr(patterns: Sequence[bytes] = KNOWN_RAY_NOISE) -> bool:
+    """From now on, drop the lines of file descriptor 2 that contain one of ``patterns``; True when installed.
+
+    Ray's C++ logs go straight to the descriptor, past Python's ``sys.stderr`` and logging filters, so a pipe
+    and a thread forward every other line unchanged. Only when stderr is not a terminal (a log file, CI):
+    on a terminal the bars need the real descriptor. Call it before Ray starts: the cluster's processes then
+    inherit the filtered descriptor. At exit the descriptor is restored and the rest of the pipe forwarded.
+    """
+    if sys.stderr.isatty():
+        return False
+    sys.stderr.flush()
+    out = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pump() -> None:
+        with os.fdopen(read, "rb", buffering=0) as pipe:
+            for line in iter(pipe.readline, b""):
+                if not any(p in line for p in patterns):
+                    with contextlib.suppress(OSError):  # keep reading whatever happens: a full pipe blocks writers
+                        while line:
+                            line = line[os.write(out, line):]
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(out, 2)  # the pipe's last write end in this process: the thread reads to the end and stops
+        thread.join(timeout=2.0)  # processes started meanwhile may hold the pipe open: do not wait for them
+
+    atexit.register(restore)
+    return True
 
 
 def versions() -> dict[str, str]:
