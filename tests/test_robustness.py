@@ -189,6 +189,18 @@ def test_masked_gradients_are_flagged(model, data):
     assert expected <= warned and all(w.filename == __file__ for w in caught)
 
 
+def test_warnings_point_at_the_users_call_however_deep_the_library_ran(model, data):
+    import adv
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adv.benchmark(Softmaxed(model).eval(), data, eps=EPS, suite=None, attacks=["fgsm"], progress=False)
+        eps_sweep(Softmaxed(model).eval(), data, ["fgsm"], [EPS], checks=("softmax_output",))
+    warned = [w for w in caught if w.category is RobustnessWarning]
+    assert len(warned) == 2 and all("softmax_output" in str(w.message) for w in warned)
+    assert [w.filename for w in warned] == [__file__, __file__]  # not adv/evaluate/benchmark.py or sweep.py
+
+
 def test_custom_attack_outside_the_ball_is_flagged_and_projected(model, data):
     def cheat(m, x, y, *, eps, norm):
         return (x + 3 * eps).clamp(0, 1)
