@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         train_stages(cfg)
         log(f"models ready after {time.perf_counter() - t0:.0f} s; evaluating")
         result = run(cfg, out=args.out)
-        acc = result.summary.get("clean_accuracy", {})
+        acc = result.summary.get("clean_acc", {})
         log(f"done in {time.perf_counter() - t0:.0f} s; clean accuracy " +
             ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
         print(result.report)

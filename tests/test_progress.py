@@ -79,7 +79,8 @@ def test_training_writes_a_readable_log(capsys):
 
     train = load_dataset("digits", split="train", size=16, n=96)
     seed_everything(0)
-    fit(create_model("lenet5", input_size=(1, 16, 16)), train, None, TrainConfig(epochs=2, batch_size=8))  # 12 steps an epoch
+    model = create_model("lenet5", input_size=(1, 16, 16))
+    fit(model, train, None, TrainConfig(epochs=2, batch_size=8))  # 12 steps an epoch
     err = capsys.readouterr().err  # not a terminal, as in `make main > log 2>&1`
     epoch_lines = [ln for ln in err.splitlines() if ln.startswith("epoch ")]
     assert "\r" not in err and 2 <= len(epoch_lines) <= 22
