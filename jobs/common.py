@@ -140,9 +140,25 @@ def guarded(prog: str, body: Callable[[], int], on_interrupt: str) -> int:
 
 
 def ray_failure(exc: BaseException) -> str | None:
-    """One line for a failed Ray task (its root cause), or None for other exceptions (real bugs)."""
-    if not type(exc).__module__.startswith("ray"):
+    """One line for a failed Ray task or a Ray that could not start (its root cause), or None for other
+    exceptions (real bugs). Ray raises plain ``Exception`` too (a local node that timed out starting on a
+    loaded machine): an exception raised inside the ``ray`` package counts."""
+    if not (type(exc).__module__.startswith("ray") or _raised_in_ray(exc)):
         return None
     cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     return (f"the Ray pipeline failed: {cause} (finished shards are kept; rerun to resume; "
             "worker logs under /tmp/ray/session_latest/logs)")
+
+
+def _raised_in_ray(exc: BaseException) -> bool:
+    """A bare ``Exception`` (or a runtime, timeout or connection error) whose innermost frame is Ray's code;
+    other types raised there (a TypeError, say) are our bugs and keep their traceback."""
+    import traceback
+
+    import ray
+
+    if type(exc) not in (Exception, RuntimeError, TimeoutError, ConnectionError):
+        return False
+    frames = traceback.extract_tb(exc.__traceback__)
+    root = os.path.dirname(os.path.realpath(ray.__file__)) + os.sep
+    return bool(frames) and os.path.realpath(frames[-1].filename).startswith(root)

@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY_LINE = ("[2026-12-05 08:25:26,555 E 4233 4233] core_worker.cc:2465: Actor with class name: "
             "'MapWorker(MapBatches(F))' and ID: 'da12' has constructor arguments in the object store and "
@@ -59,3 +61,23 @@ def test_main_serves_without_access_log_and_keeps_the_flag(monkeypatch, tmp_path
     main.serve_stage("bundle", str(tmp_path / "tune-report.md"), 0.0, access_log=True)
     assert calls == [{"access_log": False}, {"access_log": True}]
     assert main.main(["--config", str(tmp_path / "missing.yaml"), "--access-log"]) == 2  # the flag parses
+
+
+def test_a_ray_that_cannot_start_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import ray._private.node as node
+
+    from jobs.common import guarded
+
+    def start_ray():
+        # what ray._private.node.Node raises when the local node does not come up in time on a loaded machine
+        exec(compile("raise Exception('The current node timed out during startup.')", node.__file__, "exec"), {})
+
+    assert guarded("main", start_ray, "rerun") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "main: error: the Ray pipeline failed: The current node timed out" in err
+
+    def our_bug():
+        exec(compile("raise TypeError('bad argument')", node.__file__, "exec"), {})
+
+    with pytest.raises(TypeError):  # a bug keeps its traceback
+        guarded("main", our_bug, "rerun")

@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --model NAME (with --weights PATH), --checkpoint PATH or --model-factory MODULE:FUNCTION")
     data = load_data(args)
     model = build_model(args, data, device)
+    # a --checkpoint (or --bundle) run names the architecture its checkpoint records; "weights" gives the file
+    model_name = args.model or args.model_factory or getattr(model, "arch", None) or args.checkpoint or ""
     evaluated = evaluation_setup(model, args.defense, adaptive=args.adaptive, detector=args.detector,
                                  checkpoint=args.checkpoint, device=device)
     if evaluated is not None:  # the defended model is scored; the threat model decides what is attacked
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                            seed=args.seed) if evaluated else {}
     if args.json:
         source = args.checkpoint or args.weights or ""
-        print(json.dumps({"model": args.model or args.model_factory or "", "weights": source, "dataset": args.dataset,
+        print(json.dumps({"model": model_name, "weights": source, "dataset": args.dataset,
                           "split": args.split, **result.to_dict(), **extra}, default=str))
     else:
         print(result)
