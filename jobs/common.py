@@ -33,6 +33,12 @@ LOCAL_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_PROXY_READY_CHECK_TI
                  "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
+#: Defaults for this driver (a user's environment wins): without a terminal on stdout, Ray Data logs a block of
+#: ~9 progress lines every 10 s, most of a redirected log; every 2 min is a heartbeat (the job logs each
+#: committed shard itself). Read when a dataset first runs, so setting it in :func:`init_ray` is in time.
+DRIVER_ENV = {"RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "120"}
+
+
 def local_ray_env() -> None:
     """Set :data:`LOCAL_RAY_ENV` where unset, before ``ray.init`` starts a cluster (its processes inherit it)."""
     for key, value in LOCAL_RAY_ENV.items():
@@ -48,6 +54,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
     import ray
     from ray.data import DataContext
 
+    for key, value in DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         local_ray_env()
         address = address or os.environ.get("RAY_ADDRESS")

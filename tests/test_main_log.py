@@ -81,3 +81,17 @@ def test_a_ray_that_cannot_start_is_one_line_not_a_traceback(monkeypatch, capsys
 
     with pytest.raises(TypeError):  # a bug keeps its traceback
         guarded("main", our_bug, "rerun")
+
+
+def test_ray_data_logs_progress_every_two_minutes_in_a_log(monkeypatch):
+    import ray
+
+    from jobs import common
+
+    monkeypatch.delenv("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # connected already: only the driver's defaults
+    common.init_ray()
+    assert common.os.environ["RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL"] == "120"  # Ray's default: 10 s
+    monkeypatch.setenv("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "5")
+    common.init_ray()
+    assert common.os.environ["RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL"] == "5"  # the user's setting wins
