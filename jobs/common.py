@@ -6,10 +6,13 @@ Each stage (``jobs.evaluate``, ``jobs.tune``, ``jobs.serve``, ``jobs.redteam``,
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import platform
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Sequence
 
 from adv.errors import AdvError
 
@@ -30,6 +33,12 @@ LOCAL_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_PROXY_READY_CHECK_TI
                  "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
+#: Defaults for this driver (a user's environment wins): without a terminal on stdout, Ray Data logs a block of
+#: ~9 progress lines every 10 s, most of a redirected log; every 2 min is a heartbeat (the job logs each
+#: committed shard itself). Read when a dataset first runs, so setting it in :func:`init_ray` is in time.
+DRIVER_ENV = {"RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "120"}
+
+
 def local_ray_env() -> None:
     """Set :data:`LOCAL_RAY_ENV` where unset, before ``ray.init`` starts a cluster (its processes inherit it)."""
     for key, value in LOCAL_RAY_ENV.items():
@@ -45,6 +54,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
     import ray
     from ray.data import DataContext
 
+    for key, value in DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         local_ray_env()
         address = address or os.environ.get("RAY_ADDRESS")
@@ -59,6 +70,52 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
             ray.init(address="local", num_cpus=cpus, object_store_memory=object_store_memory,
                      include_dashboard=False)
     DataContext.get_current().enable_progress_bars = os.environ.get("ADV_NO_PROGRESS") != "1"
+
+
+#: Lines Ray writes at error level that are harmless here, each with why; :func:`filter_stderr` drops them.
+KNOWN_RAY_NOISE = (
+    # The driver's core worker (core_worker.cc), once per actor-pool actor: Ray Data hands each MapWorker its
+    # DataContext and map function as object-store references, and its pools restart dead actors
+    # (max_restarts=-1, the fault tolerance jobs.evaluate records). The driver owns both references for the
+    # pool's whole life, so the restart the line warns about works; Ray's own issue 53727 tracks the message.
+    b"has constructor arguments in the object store and max_restarts > 0",
+)
+
+
+def filter_stderr(patterns: Sequence[bytes] = KNOWN_RAY_NOISE) -> bool:
+    """From now on, drop the lines of file descriptor 2 that contain one of ``patterns``; True when installed.
+
+    Ray's C++ logs go straight to the descriptor, past Python's ``sys.stderr`` and logging filters, so a pipe
+    and a thread forward every other line unchanged. Only when stderr is not a terminal (a log file, CI):
+    on a terminal the bars need the real descriptor. Call it before Ray starts: the cluster's processes then
+    inherit the filtered descriptor. At exit the descriptor is restored and the rest of the pipe forwarded.
+    """
+    if sys.stderr.isatty():
+        return False
+    sys.stderr.flush()
+    out = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pump() -> None:
+        with os.fdopen(read, "rb", buffering=0) as pipe:
+            for line in iter(pipe.readline, b""):
+                if not any(p in line for p in patterns):
+                    with contextlib.suppress(OSError):  # keep reading whatever happens: a full pipe blocks writers
+                        while line:
+                            line = line[os.write(out, line):]
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(out, 2)  # the pipe's last write end in this process: the thread reads to the end and stops
+        thread.join(timeout=2.0)  # processes started meanwhile may hold the pipe open: do not wait for them
+
+    atexit.register(restore)
+    return True
 
 
 def versions() -> dict[str, str]:
@@ -91,9 +148,25 @@ def guarded(prog: str, body: Callable[[], int], on_interrupt: str) -> int:
 
 
 def ray_failure(exc: BaseException) -> str | None:
-    """One line for a failed Ray task (its root cause), or None for other exceptions (real bugs)."""
-    if not type(exc).__module__.startswith("ray"):
+    """One line for a failed Ray task or a Ray that could not start (its root cause), or None for other
+    exceptions (real bugs). Ray raises plain ``Exception`` too (a local node that timed out starting on a
+    loaded machine): an exception raised inside the ``ray`` package counts."""
+    if not (type(exc).__module__.startswith("ray") or _raised_in_ray(exc)):
         return None
     cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     return (f"the Ray pipeline failed: {cause} (finished shards are kept; rerun to resume; "
             "worker logs under /tmp/ray/session_latest/logs)")
+
+
+def _raised_in_ray(exc: BaseException) -> bool:
+    """A bare ``Exception`` (or a runtime, timeout or connection error) whose innermost frame is Ray's code;
+    other types raised there (a TypeError, say) are our bugs and keep their traceback."""
+    import traceback
+
+    import ray
+
+    if type(exc) not in (Exception, RuntimeError, TimeoutError, ConnectionError):
+        return False
+    frames = traceback.extract_tb(exc.__traceback__)
+    root = os.path.dirname(os.path.realpath(ray.__file__)) + os.sep
+    return bool(frames) and os.path.realpath(frames[-1].filename).startswith(root)

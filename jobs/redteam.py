@@ -159,9 +159,11 @@ def _story_keys(folder: Path, accounts: int) -> tuple[Path, Path, dict]:
 
 
 def story(bundle: str, out: str | Path, *, dataset: str = "fashion-mnist", n: int = 4, queries: int = 300,
-          accounts: int = 4, eps: float = 0.1, data_root: str | None = None) -> Path:
+          accounts: int = 4, eps: float = 0.1, data_root: str | None = None, access_log: bool = False) -> Path:
     """Deploy ``bundle`` on local Serve, red-team it (label-only and probabilities endpoints, one account and
-    ``accounts``), write ``serve-report.md`` with a figure under ``out``, shut Serve down; the report's path."""
+    ``accounts``), write ``serve-report.md`` with a figure under ``out``, shut Serve down; the report's path.
+
+    Serve's per-request access log is off unless ``access_log`` (the red team sends hundreds of requests)."""
     import shutil
 
     from adv.serving import RateLimit, ServeConfig
@@ -179,7 +181,7 @@ def story(bundle: str, out: str | Path, *, dataset: str = "fashion-mnist", n: in
     try:
         for output in ("label", "probs"):
             cfg = cfg.model_copy(update={"output": output})
-            url = deploy(cfg, "127.0.0.1", port)  # the same application, updated in place
+            url = deploy(cfg, "127.0.0.1", port, access_log=access_log)  # the same application, updated in place
             _wait_for_output(url, plain["operator"], output)
             log(f"endpoint at {url}, output {output!r}")
             for r, (out_kind, attack, acc) in enumerate(ROUNDS):

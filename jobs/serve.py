@@ -377,13 +377,20 @@ def build(args: dict):
 
 
 def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_s: float = 180.0,
-           check_http: bool = True) -> str:
+           check_http: bool = True, access_log: bool = True) -> str:
     """Start Serve on ``host:port`` (when not running), deploy the application and wait until Serve reports
-    it running and (``check_http``, when this machine reaches the proxy) ``/healthz`` answers 200; the URL."""
-    serve.start(http_options={"host": host, "port": port})
+    it running and (``check_http``, when this machine reaches the proxy) ``/healthz`` answers 200; the URL.
+
+    ``access_log=False`` drops Serve's per-request lines (proxy and replicas), which a scripted client such as
+    the red team would otherwise write into the driver's log by the hundred."""
+    from ray.serve.schema import LoggingConfig
+
+    logging_config = LoggingConfig(enable_access_log=access_log)
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     url = f"http://{host}:{port}"
     try:
-        serve.run(build(cfg.model_dump(mode="json")), name=cfg.name, route_prefix="/", blocking=False)
+        serve.run(build(cfg.model_dump(mode="json")), name=cfg.name, route_prefix="/", blocking=False,
+                  logging_config=logging_config)
         _wait_healthy(cfg, url, wait_s, check_http)
     except BaseException:
         with contextlib.suppress(Exception):  # a failed deployment must not keep holding the cluster's CPUs

@@ -42,6 +42,19 @@ def test_eval_from_an_adv_checkpoint(capsys, tmp_path):
     ref = run_json(capsys, ["eval", "--model", "lenet5", "--weights", CLEAN, *MNIST, "--attack", "fgsm",
                             "--eps", "0.1", "--json"])
     assert res["robust_acc"] == ref["robust_acc"] and res["clean_acc"] == ref["clean_acc"]
+    assert res["model"] == "lenet5" and res["weights"] == str(ckpt)  # the checkpoint's architecture, not ""
+
+
+@needs_shared_data
+def test_eval_progress_counts_each_attack(capsys, monkeypatch):
+    monkeypatch.delenv("ADV_NO_PROGRESS", raising=False)  # `make test` turns progress off
+    argv = ["eval", "--model", "lenet5", "--weights", CLEAN, *[a for a in MNIST if a != "--quiet"],
+            "--attack", "fgsm", "--attack", "pgd", "--steps", "3", "--eps", "0.1"]
+    assert main(argv) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("robust accuracy")]
+    # one batch of 64: a line per attack (stderr is not a terminal here, as in a log), not one bar at 0/1
+    assert [ln.split(" on ")[0] for ln in lines[:2]] == ["robust accuracy: fgsm", "robust accuracy: pgd(steps=3)"]
+    assert "2/2" in lines[-1]
 
 
 @needs_shared_data

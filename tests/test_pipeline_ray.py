@@ -80,7 +80,7 @@ def test_end_to_end_writes_every_shard_and_the_report(clean_run):
         assert (run_dir / name).is_file(), name
     results = json.loads((run_dir / "results.json").read_text())
     assert results["examples"] == 18
-    assert set(results["clean_accuracy"]) == {"none", "dwt:wavelet=haar,level=1"}
+    assert set(results["clean_acc"]) == {"none", "dwt:wavelet=haar,level=1"}
     tracks = {(e["defense"], e["track"]) for e in results["attacks"]}
     assert ("dwt:wavelet=haar,level=1", "adaptive") in tracks and ("none", "adaptive") not in tracks
     assert results["versions"]["ray"] == "2.60.0"
@@ -201,7 +201,7 @@ def test_stored_adversarials_are_reused_without_regenerating(clean_run, tmp_path
         assert np.array_equal(rows[col][new], rows[col][none_new])
     assert np.array_equal(rows["image"][new], rows["image"][none_new])
     summary = json.loads((Path(result.run_dir) / "results.json").read_text())
-    assert "quantize" in summary["clean_accuracy"] and summary["reuse_from"] == clean.run_dir
+    assert "quantize" in summary["clean_acc"] and summary["reuse_from"] == clean.run_dir
 
 
 def _folder_with_a_corrupt_jpeg(root: Path) -> Path:

@@ -59,8 +59,8 @@ def _acc(summary, defense, track, attack):
 
 
 def test_clean_and_robust_accuracy_follow_autoattack(summary):
-    assert summary["clean_accuracy"] == {"none": 0.75, "dwt": 1.0}
-    assert list(summary["clean_accuracy"]) == ["none", "dwt"]  # undefended first
+    assert summary["clean_acc"] == {"none": 0.75, "dwt": 1.0}
+    assert list(summary["clean_acc"]) == ["none", "dwt"]  # undefended first
     assert _acc(summary, "none", "non-adaptive", "fgsm") == 0.5  # index 3 counts as not robust
     assert _acc(summary, "none", "non-adaptive", "pgd") == 0.5
     assert _acc(summary, "dwt", "adaptive", "pgd") == 0.5
@@ -153,9 +153,61 @@ def test_write_report_files_and_strict_json(tmp_path):
     assert "Infinity" not in text and "NaN" not in text
     loaded = json.loads(text)
     assert loaded["skipped"]["count"] == 1 and loaded["wall_seconds"] == 2.0
-    assert result["clean_accuracy"]["dwt"] == 1.0
+    assert result["clean_acc"]["dwt"] == 1.0
     report = (tmp_path / "report.md").read_text()
-    assert "| none | white-box | 75.0% [30.1, 95.4] |" in report  # with its 95% Wilson interval (3 of 4)
-    assert "95% Wilson intervals" in report and loaded["clean_accuracy_ci"]["none"] == pytest.approx([0.301, 0.954], abs=1e-3)
+    assert "| none | direct | 75.0% [30.1, 95.4] |" in report  # with its 95% Wilson interval (3 of 4)
+    assert "95% Wilson intervals" in report and loaded["clean_acc_ci"]["none"] == pytest.approx([0.301, 0.954], abs=1e-3)
     assert "skipped (corrupt or unreadable) images: 1" in report and "a/bad.jpg" in report
     assert "Not computed: add `gradcam`" in report
+
+
+def test_report_opens_with_three_summary_lines(summary):
+    from adv.evaluate.report.markdown import render_markdown
+
+    h = summary["headline"]
+    assert (h["norm"], h["eps"], h["best"]["defense"], h["best"]["track"]) == ("linf", 0.1, "dwt", "any")
+    lines = render_markdown(summary, {"name": "t"}, {}).splitlines()
+    assert lines[0] == "# Robustness report: t" and lines[1] == ""
+    best, undefended, flags = lines[2:5]
+    # dwt: 1 of 4 survives fgsm and pgd on both tracks; its interval overlaps the undefended one's (also 1 of 4)
+    assert best.startswith("- **Best defense**: `dwt`, worst-case robust accuracy 25.0% [4.6, 69.9] against every "
+                           "linf eps=0.1 attack (adaptive and non-adaptive; n=4)")
+    assert "overlaps the undefended classifier's" in best
+    assert undefended.startswith("- **Undefended**: 25.0% [4.6, 69.9]") and "100.0% [51.0, 100.0] with `dwt`" in undefended
+    assert flags == "- **Flags**: 2 gradient-masking flags: adaptive_much_stronger ×2 (see the flags section)."
+    assert lines[5] == ""
+
+
+def test_a_non_adaptive_only_winner_is_labelled_so():
+    spec = {k: v for k, v in SPEC.items() if k[1] != "adaptive"}
+    h = summarize(_rows(spec), cells=(), defense_order=["dwt"])["headline"]
+    assert h["best"]["track"] == "non-adaptive" and h["best"]["robust_accuracy"] == 0.75
+
+    from adv.evaluate.report.markdown import summary_lines
+
+    assert "non-adaptive only, no adaptive attack: it may overstate the defense" in summary_lines(
+        summarize(_rows(spec), cells=(), defense_order=["dwt"]))[0]
+
+
+def test_overlapping_intervals_are_one_table_and_the_undefended_track_one_word():
+    from adv.evaluate.report.markdown import accuracy_markdown, render_markdown
+
+    spec = {**SPEC, **{(d, t, g + 10): (a, 0.05, r)  # the same outcomes at a second eps: overlaps at both
+                       for (d, t, g), (a, _, r) in SPEC.items() if t != "clean"}}
+    summary = summarize(_rows(spec), cells=(), defense_order=["dwt"])
+    assert len(summary["interval_overlaps"]) == 2  # one per eps: they used to be two bullets
+    text = "\n".join(accuracy_markdown(summary))
+    assert text.count("overlap") == 1 and "| none ~ dwt | linf eps=0.05, linf eps=0.1 |" in text
+    report = render_markdown(summary, {"name": "t"}, {})
+    tracks = {line.split(" | ")[1] for line in report.splitlines() if line.startswith("| none | ")}
+    assert tracks == {"direct"}  # the accuracy table and the attacks table agree
+
+
+def test_results_json_uses_clean_acc_and_old_files_still_read():
+    from adv.evaluate.report.aggregate import clean_acc
+
+    summary = summarize(_rows(SPEC), cells=(), defense_order=["dwt"])
+    assert "clean_accuracy" not in summary and summary["clean_acc"] == {"none": 0.75, "dwt": 1.0}
+    old = {"clean_accuracy": {"none": 0.5}, "clean_accuracy_ci": {"none": [0.1, 0.9]}}  # results.json before
+    assert clean_acc(old) == ({"none": 0.5}, {"none": [0.1, 0.9]})
+    assert clean_acc(summary)[0] == summary["clean_acc"]

@@ -189,6 +189,40 @@ def test_masked_gradients_are_flagged(model, data):
     assert expected <= warned and all(w.filename == __file__ for w in caught)
 
 
+def test_warnings_point_at_the_users_call_however_deep_the_library_ran(model, data):
+    import adv
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adv.benchmark(Softmaxed(model).eval(), data, eps=EPS, suite=None, attacks=["fgsm"], progress=False)
+        eps_sweep(Softmaxed(model).eval(), data, ["fgsm"], [EPS], checks=("softmax_output",))
+    warned = [w for w in caught if w.category is RobustnessWarning]
+    assert len(warned) == 2 and all("softmax_output" in str(w.message) for w in warned)
+    assert [w.filename for w in warned] == [__file__, __file__]  # not adv/evaluate/benchmark.py or sweep.py
+
+
+def test_to_pandas_per_attack_and_per_example(model, data, monkeypatch):
+    import sys
+
+    res = quiet(model, data, ["fgsm", ("bim", {"steps": 5})], eps=EPS, early_stop=False)
+    attacks = res.to_pandas()
+    assert attacks["label"].tolist() == ["fgsm", "bim(steps=5)"]
+    assert attacks["n_fooled"].tolist() == [a.n_fooled for a in res.attacks]
+    assert attacks["robust_acc_after"].iloc[-1] == res.robust_acc
+    assert (attacks["robust_acc_after_lo"] <= attacks["robust_acc_after"]).all()
+    ex = res.to_pandas("example")
+    assert len(ex) == res.n and ex["robust"].mean() == pytest.approx(res.robust_acc)
+    broken = (ex["fgsm"] == "fooled") | (ex["bim(steps=5)"] == "fooled")
+    assert broken.sum() == (ex["clean"] & ~ex["robust"]).sum() > 0
+    assert (ex.loc[~ex["clean"], "fgsm"] == "not attacked").all()  # wrong already: never attacked
+    assert (ex.loc[ex["fgsm"] == "fooled", "bim(steps=5)"] == "not attacked").all()  # broken by the first
+    with pytest.raises(ValueError, match="per must be"):
+        res.to_pandas("batch")
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if not installed
+    with pytest.raises(ImportError, match="needs pandas: pip install pandas"):
+        res.to_pandas()
+
+
 def test_custom_attack_outside_the_ball_is_flagged_and_projected(model, data):
     def cheat(m, x, y, *, eps, norm):
         return (x + 3 * eps).clamp(0, 1)

@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args, data, device)
     if args.model_factory:  # a user's own module: the likeliest silent mistake is a missing Normalize
         warn_missing_normalization(model, data, device)
+    # a --checkpoint (or --bundle) run names the architecture its checkpoint records; "weights" gives the file
+    model_name = args.model or args.model_factory or getattr(model, "arch", None) or args.checkpoint or ""
     evaluated = evaluation_setup(model, args.defense, adaptive=args.adaptive, detector=args.detector,
                                  checkpoint=args.checkpoint, device=device)
     if evaluated is not None:  # the defended model is scored; the threat model decides what is attacked
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                            seed=args.seed) if evaluated else {}
     if args.json:
         source = args.checkpoint or args.weights or ""
-        print(json.dumps({"model": args.model or args.model_factory or "", "weights": source, "dataset": args.dataset,
+        print(json.dumps({"model": model_name, "weights": source, "dataset": args.dataset,
                           "split": args.split, **result.to_dict(), **extra}, default=str))
     else:
         print(result)

@@ -20,6 +20,8 @@ Each check returns ``Flag``s; ``warn`` also raises them as
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from typing import Sequence
 
@@ -40,10 +42,27 @@ class RobustnessWarning(UserWarning):
     """An evaluation result that may overstate robustness."""
 
 
-def warn(flags: Sequence[Flag], stacklevel: int = 3) -> None:
-    """Raise each flag as a RobustnessWarning, attributed to the caller's caller by default."""
+#: Frames in these files are the library's: a warning is attributed to the first frame outside them.
+_LIBRARY = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def warn(flags: Sequence[Flag]) -> None:
+    """Raise each flag as a RobustnessWarning attributed to the user's call (the first frame outside ``adv``),
+    however deep in the library the evaluation ran (``adv.benchmark``, ``eps_sweep``, ``robust_accuracy``)."""
+    level = user_stacklevel()
     for f in flags:
-        warnings.warn(f"{f.code}: {f.message}", RobustnessWarning, stacklevel=stacklevel)
+        warnings.warn(f"{f.code}: {f.message}", RobustnessWarning, stacklevel=level)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` in the caller point at the first frame outside ``adv``.
+
+    Python 3.12's ``skip_file_prefixes`` does this, but the project supports 3.10, so the frames are counted.
+    """
+    frame, level = sys._getframe(1), 1  # the caller, which calls warnings.warn: stacklevel 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @torch.no_grad()

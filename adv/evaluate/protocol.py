@@ -201,23 +201,31 @@ def robust_accuracy(
 
 def _batches(net, data, runs, opts: Options, state: EvalState, device, state_path, progress: bool,
              keep_adv: bool) -> list[torch.Tensor]:
-    """Every batch not finished in an earlier run, through :func:`_evaluate_batch`; the kept adversarials."""
+    """Every batch not finished in an earlier run, through :func:`_evaluate_batch`; the kept adversarials.
+
+    The progress bar counts (batch, attack) steps, so one batch under a long suite still shows each attack.
+    """
     kept: list[torch.Tensor] = []
     batches, total = iter_batches(data, opts.batch_size)
-    bar = _bar(batches, total, opts.batch_size, progress)
-    for b, (x, y) in enumerate(bar):
-        x, y = x.to(device), y.to(device)
-        if b < len(state.batch_hashes):  # finished in an earlier run
-            if batch_hash(x, y) != state.batch_hashes[b]:
-                raise ValueError(f"batch {b} differs from the one {state_path} recorded; the data changed")
-            continue
-        x_adv = _evaluate_batch(net, x, y, b, runs, opts, state, keep_adv)
-        if x_adv is not None:
-            kept.append(x_adv.cpu())
-        if state_path:
-            state.save(state_path)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(robust=f"{state.n_robust / max(state.n, 1):.2%}")
+    bar = _bar(total, opts.batch_size, len(runs), progress)
+    try:
+        for b, (x, y) in enumerate(batches):
+            x, y = x.to(device), y.to(device)
+            if b < len(state.batch_hashes):  # finished in an earlier run
+                if batch_hash(x, y) != state.batch_hashes[b]:
+                    raise ValueError(f"batch {b} differs from the one {state_path} recorded; the data changed")
+            else:
+                x_adv = _evaluate_batch(net, x, y, b, runs, opts, state, keep_adv, bar)
+                if x_adv is not None:
+                    kept.append(x_adv.cpu())
+                if state_path:
+                    state.save(state_path)
+            if bar is not None:
+                bar.set_postfix(robust=f"{state.n_robust / max(state.n, 1):.2%}", refresh=False)
+                bar.update((b + 1) * len(runs) - bar.n)  # the attacks skipped: no point left standing
+    finally:
+        if bar is not None:
+            bar.close()
     return kept
 
 
@@ -243,11 +251,12 @@ def _start(model: nn.Module, runs: list[AttackRun], opts: Options, state_path: s
 
 
 def _evaluate_batch(model, x, y, b: int, runs: list[AttackRun], opts: Options, state: EvalState,
-                    keep_adv: bool = False) -> torch.Tensor | None:
+                    keep_adv: bool = False, bar=None) -> torch.Tensor | None:
     """The protocol on batch ``b`` (sanity checks on the first), added to ``state``; the adversarials if kept."""
     flags = _first_batch_checks(model, x, y, runs, opts) if b == 0 else []
     # state.n: the batch's first example index in the data, the unit of seeding (not b, which the batch size sets)
-    robust, clean, marks, x_adv = _attack_batch(model, x, y, runs, opts, state.n, state.sums, flags, keep_adv)
+    robust, clean, marks, x_adv = _attack_batch(model, x, y, runs, opts, state.n, state.sums, flags, keep_adv,
+                                                 bar)
     state.clean_mask += "".join("1" if c else "0" for c in clean.tolist())
     for label, m in marks.items():
         state.marks[label] = state.marks.get(label, "") + m
@@ -265,12 +274,14 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _bar(batches, total, batch_size, progress):
+def _bar(total, batch_size, n_runs: int, progress: bool):
+    """A bar over (batch, attack) steps, or None."""
     if not progress:
-        return batches
+        return None
     from adv.progress import progress as bar
 
-    return bar(batches, desc="robust accuracy", total=None if total is None else -(-total // batch_size))
+    steps = None if total is None else -(-total // batch_size) * n_runs
+    return bar(None, desc="robust accuracy", total=steps, unit="attack")
 
 
 def _run_kwargs(run: AttackRun, eps, norm, seed: int, index: torch.Tensor, early_stop: bool) -> dict:
@@ -288,8 +299,8 @@ def call_attack(run: AttackRun, model: nn.Module, x, y, kw: dict) -> tuple[torch
     return call_family(run.fn, run.family, model, x, y, oracle=run.spec.oracle if run.spec else "probs", **kw)
 
 
-def _attack_batch(model, x, y, runs, opts: Options, start: int, sums, flags, keep_adv: bool = False):
-    """Run the sequence on one batch (examples ``start`` on of the data).
+def _attack_batch(model, x, y, runs, opts: Options, start: int, sums, flags, keep_adv: bool = False, bar=None):
+    """Run the sequence on one batch (examples ``start`` on of the data); ``bar`` counts each attack.
 
     Returns the robust and clean-correct masks, each attack's per-example marks and, if kept, the adversarials.
     """
@@ -305,6 +316,8 @@ def _attack_batch(model, x, y, runs, opts: Options, start: int, sums, flags, kee
         if len(idx) == 0:
             break
         xs, ys = x[idx], y[idx]
+        if bar is not None:
+            bar.set_description(f"robust accuracy: {run.label} on {len(idx)}")
         t = time.perf_counter()
         kw = _run_kwargs(run, eps, norm, opts.seed, start + idx, opts.early_stop)
         x_adv, queries = call_attack(run, model, xs, ys, kw)
@@ -332,6 +345,8 @@ def _attack_batch(model, x, y, runs, opts: Options, start: int, sums, flags, kee
         if run.family == "whitebox":
             white_tried[idx] = True
             white_fooled[idx[fooled]] = True
+        if bar is not None:
+            bar.update(1)
     return robust, clean, {k: "".join(v) for k, v in marks.items()}, x_final
 
 
@@ -390,7 +405,7 @@ def _result(state: EvalState, runs, opts: Options, elapsed: float, x_adv: torch.
         flags += C.check_query_beats_whitebox({
             r.label: (state.sums[r.label]["beats_whitebox"], state.sums[r.label]["whitebox_survivors"])
             for r in runs if r.family == "query"})
-    C.warn(flags, stacklevel=4)  # warn -> _result -> robust_accuracy -> the user's call
+    C.warn(flags)
     return EvalResult(n=state.n, eps=opts.eps, norm=opts.norm, clean_acc=state.n_clean / n,
                       robust_acc=state.n_robust / n, attacks=reports, flags=flags, time_s=elapsed,
                       clean_acc_ci=accuracy_ci(state.n_clean, state.n), robust_acc_ci=accuracy_ci(state.n_robust, state.n),

@@ -115,6 +115,28 @@ class EvalResult:
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), default=str, **kw)
 
+    def to_pandas(self, per: str = "attack"):
+        """A ``pandas.DataFrame``: one row per attack (``per="attack"``) or per example (``per="example"``).
+
+        Per attack: ``label``, ``attack``, ``family``, ``n_attacked``, ``n_fooled``, ``success_rate``,
+        ``robust_acc_after`` with ``robust_acc_after_lo``/``_hi`` (its 95% interval), ``time_s``, the mean
+        perturbation sizes and queries, ``params``. Per example, indexed by the example's position in the data:
+        ``clean`` and ``robust`` (bool) and, for each attack label, ``fooled``, ``survived`` or ``not attacked``
+        (an ordered categorical: the attack did not run where an earlier one had already broken the example).
+        """
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("EvalResult.to_pandas needs pandas: pip install pandas "
+                              "(or use to_dict(), which needs nothing)") from None
+        if per == "attack":
+            return pd.DataFrame([_attack_row(a) for a in self.attacks], columns=ATTACK_COLUMNS)
+        if per == "example":
+            if self.per_example is None:
+                raise ValueError("this result has no per-example masks (per_example is None)")
+            return _example_frame(pd, self.per_example)
+        raise ValueError(f"per must be 'attack' or 'example', got {per!r}")
+
     def __str__(self) -> str:
         lines = [f"n={self.n} eps={self.eps:g} ({self.norm}): clean {fmt_ci(self.clean_acc, self.clean_acc_ci)}, "
                  f"robust {fmt_ci(self.robust_acc, self.robust_acc_ci)} in {self.time_s:.1f}s (95% intervals)"]
@@ -123,3 +145,25 @@ class EvalResult:
                   f"fooled {a.n_fooled}/{a.n_attacked}  {a.time_s:.1f}s" for a in self.attacks]
         lines += [f"  ! {f.code}: {f.message}" for f in self.flags]
         return "\n".join(lines)
+
+
+ATTACK_COLUMNS = ["label", "attack", "family", "n_attacked", "n_fooled", "success_rate", "robust_acc_after",
+                  "robust_acc_after_lo", "robust_acc_after_hi", "time_s", "mean_l0", "mean_l2", "mean_linf",
+                  "mean_queries", "params"]
+#: An example's fate under one attack, in :meth:`EvalResult.to_pandas` (``per="example"``).
+EXAMPLE_STATES = ["not attacked", "survived", "fooled"]
+
+
+def _attack_row(a: AttackReport) -> dict[str, Any]:
+    lo, hi = a.robust_acc_after_ci or (None, None)
+    return {**{k: v for k, v in asdict(a).items() if k != "robust_acc_after_ci"}, "success_rate": a.success_rate,
+            "robust_acc_after_lo": lo, "robust_acc_after_hi": hi}
+
+
+def _example_frame(pd, ex: PerExample):
+    frame = pd.DataFrame({"clean": ex.clean.numpy(), "robust": ex.robust.numpy()})
+    for label in ex.fooled:
+        state = ex.attacked[label].long() + ex.fooled[label].long()  # 0 not attacked, 1 survived, 2 fooled
+        frame[label] = pd.Categorical.from_codes(state.numpy(), categories=EXAMPLE_STATES, ordered=True)
+    frame.index.name = "example"
+    return frame

@@ -9,7 +9,7 @@ import numpy as np
 from adv.evaluate.checks import worst_case_mask
 from adv.evaluate.report.flags import masking_flags
 from adv.evaluate.rows import NONE, TRACK_ORDER
-from adv.evaluate.stats import accuracy_ci, overlap_note
+from adv.evaluate.stats import accuracy_ci, intervals_overlap, overlap_note
 
 
 
@@ -104,12 +104,52 @@ def worst_case(rows: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 
 
 def interval_overlaps(worst: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (track, norm, ε) with several defenses: the note naming those whose 95% intervals overlap."""
+    """Per (track, norm, ε) with several defenses: the pairs whose 95% intervals overlap, and a note naming them."""
     groups: dict[tuple, dict[str, list[float]]] = {}
     for w in worst:
         groups.setdefault((w["track"], w["norm"], w["eps"]), {})[w["defense"]] = w["robust_accuracy_ci"]
-    return [{"track": t, "norm": n, "eps": e, "note": note} for (t, n, e), cis in groups.items()
-            if len(cis) > 1 and (note := overlap_note(cis))]
+    out = []
+    for (t, n, e), cis in groups.items():
+        names = list(cis)
+        pairs = [[a, b] for i, a in enumerate(names) for b in names[i + 1:] if intervals_overlap(cis[a], cis[b])]
+        if len(cis) > 1 and pairs:
+            out.append({"track": t, "norm": n, "eps": e, "pairs": pairs, "note": overlap_note(cis)})
+    return out
+
+
+def clean_acc(summary: dict[str, Any]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """A summary's clean accuracies and intervals per defense; reads results.json written before the key was
+    ``clean_acc`` (it was ``clean_accuracy``, unlike ``EvalResult.clean_acc``)."""
+    if "clean_acc" in summary:
+        return summary["clean_acc"], summary.get("clean_acc_ci", {})
+    return summary.get("clean_accuracy", {}), summary.get("clean_accuracy_ci", {})
+
+
+def headline(worst: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The report's first lines: the threat model (norm, ε) with the most attacks (ties: the larger ε), each
+    defense's worst case there (worst of both tracks where an adaptive attack ran), the best defended one and
+    the defenses (``none`` too) whose intervals overlap the best one's."""
+    if not worst:
+        return None
+    attacks: dict[tuple, set] = {}
+    for w in worst:
+        attacks.setdefault((w["norm"], w["eps"]), set()).update(w["attacks"])
+    norm, eps = max(attacks, key=lambda k: (len(attacks[k]), k[1]))
+    per_defense: dict[str, dict] = {}
+    for w in worst:  # the strictest track of each defense: any (both tracks) < adaptive < non-adaptive
+        if (w["norm"], w["eps"]) == (norm, eps):
+            best_so_far = per_defense.get(w["defense"])
+            if best_so_far is None or _STRICT[w["track"]] < _STRICT[best_so_far["track"]]:
+                per_defense[w["defense"]] = w
+    defended = sorted((w for d, w in per_defense.items() if d != NONE), key=lambda w: -w["robust_accuracy"])
+    best = defended[0] if defended else None
+    rivals = [w["defense"] for w in [*defended[1:], *([per_defense[NONE]] if NONE in per_defense else [])]
+              if intervals_overlap(w["robust_accuracy_ci"], best["robust_accuracy_ci"])] if best else []
+    return {"norm": norm, "eps": eps, "attacks": sorted(attacks[(norm, eps)]), "best": best,
+            "undefended": per_defense.get(NONE), "overlapping": rivals}
+
+
+_STRICT = {"any": 0, "adaptive": 1, "non-adaptive": 2}
 
 
 def throughput(rows: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -179,12 +219,13 @@ def summarize(rows: dict[str, np.ndarray], cells: Sequence[int] = (5, 10, 20, 30
     worst = order(worst_case(rows))
     return {
         "examples": int(len(present)),
-        "clean_accuracy": dict(sorted(clean.items(), key=lambda kv: rank.get(kv[0], len(rank)))),
-        "clean_accuracy_ci": {d: list(accuracy_ci(int(ok[present].sum()), len(present)))
+        "clean_acc": dict(sorted(clean.items(), key=lambda kv: rank.get(kv[0], len(rank)))),
+        "clean_acc_ci": {d: list(accuracy_ci(int(ok[present].sum()), len(present)))
                               for d, ok in clean_ok(rows).items()},
         "attacks": entries,
         "worst_case": worst,
         "interval_overlaps": interval_overlaps(worst),
+        "headline": headline(worst),
         "throughput": order(throughput(rows)),
         "attention_iou": order(iou_entries(rows, cells)),
         "masking_flags": masking_flags(entries, rows, input_shape),

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from adv.evaluate.report.aggregate import clean_acc
 from adv.evaluate.rows import NONE
 
 # --- figures -----------------------------------------------------------------------------------------------
@@ -32,7 +33,8 @@ def plot_curves(summary: dict, path: Path) -> Path | None:
     if not entries:
         return None
     plt = _plt()
-    defenses = list(summary["clean_accuracy"])
+    clean, _ = clean_acc(summary)
+    defenses = list(clean)
     norms = list(dict.fromkeys(e["norm"] for e in entries))
     labels = list(dict.fromkeys(_series_label(e["attack_key"]) for e in entries))
     colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
@@ -48,7 +50,7 @@ def plot_curves(summary: dict, path: Path) -> Path | None:
             for (label, track), s in series.items():
                 s = sorted(s, key=lambda e: e["eps"])
                 xs = [0.0] + [e["eps"] for e in s]
-                ys = [summary["clean_accuracy"][d]] + [e["robust_accuracy"] for e in s]
+                ys = [clean[d]] + [e["robust_accuracy"] for e in s]
                 ax.plot(xs, ys, "--" if track == "adaptive" else "-", marker="o", ms=3, color=colors[label],
                         label=label + (" (adaptive)" if track == "adaptive" else ""))
             ax.set_title(f"{d} ({norm})", fontsize=9)

@@ -6,7 +6,15 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from adv.evaluate.report.aggregate import clean_acc
 from adv.evaluate.rows import NONE, TRACK_LABEL
+
+#: The one track of the undefended classifier, in every table: its attacks are crafted on the model they score.
+DIRECT = "direct"
+
+
+def _track(defense: str, track: str) -> str:
+    return DIRECT if defense == NONE else TRACK_LABEL[track]
 
 # --- markdown ---------------------------------------------------------------------------------------------
 def _pct(x: float | None) -> str:
@@ -34,21 +42,71 @@ def accuracy_markdown(summary: dict) -> list[str]:
            for e in summary["attacks"]}
     worst = {(w["defense"], w["track"], w["norm"], w["eps"]): _pct_ci(w["robust_accuracy"], w.get("robust_accuracy_ci"))
              for w in summary["worst_case"]}
-    clean_ci = summary.get("clean_accuracy_ci", {})
+    clean, clean_ci = clean_acc(summary)
     header = ["defense", "track", "clean", *keys, *(f"worst case {n} eps={e:g}" for n, e in eps_groups)]
     rows = []
-    for d, clean in summary["clean_accuracy"].items():
+    for d, c in clean.items():
         tracks = ["non-adaptive"] + (["adaptive", "any"] if d != NONE and
                                      any(e["defense"] == d and e["track"] == "adaptive" for e in summary["attacks"])
                                      else [])
         for t in tracks:
-            label = "white-box" if d == NONE else TRACK_LABEL[t]
-            rows.append([d, label, _pct_ci(clean, clean_ci.get(d)), *(acc.get((d, t, k), "–") for k in keys),
+            rows.append([d, _track(d, t), _pct_ci(c, clean_ci.get(d)), *(acc.get((d, t, k), "–") for k in keys),
                          *(worst.get((d, t, n, e), "–") for n, e in eps_groups)])
-    notes = [f"- {TRACK_LABEL[o['track']]}, {o['norm']} eps={o['eps']:g}: {o['note']}."
-             for o in summary.get("interval_overlaps", [])]
     return [*_table(header, rows), *(["", "Accuracies carry 95% Wilson intervals (binomial, over the examples).",
-                                      *notes] if rows else [])]
+                                      *_overlap_lines(summary.get("interval_overlaps", []))] if rows else [])]
+
+
+def _overlap_lines(overlaps: list[dict]) -> list[str]:
+    """One table for every pair of defenses whose worst-case intervals overlap somewhere (not a bullet each)."""
+    if not overlaps:
+        return []
+    tracks = [t for t in ("non-adaptive", "adaptive", "any") if any(o["track"] == t for o in overlaps)]
+    where: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for o in overlaps:
+        for a, b in o.get("pairs", ()):
+            threat = f"{o['norm']} eps={o['eps']:g}"
+            where.setdefault((a, b), {}).setdefault(o["track"], []).append(threat)
+    return ["", "Worst cases whose 95% intervals overlap: the difference between the two defenses is within "
+            "sampling noise at this n, so neither ranks above the other there.", "",
+            *_table(["defenses", *(TRACK_LABEL[t] for t in tracks)],
+                    [[f"{a} ~ {b}", *(", ".join(w.get(t, [])) or "–" for t in tracks)]
+                     for (a, b), w in where.items()])]
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The report's first three lines: the best defense with its interval, the undefended baseline, the flags."""
+    h = summary.get("headline")
+    if not h:
+        return []
+    threat = f"{h['norm']} eps={h['eps']:g}"
+    best, none = h["best"], h["undefended"]
+    clean, clean_ci = clean_acc(summary)
+    if best is None:
+        first = "- **Best defense**: none evaluated (only the undefended classifier)."
+    else:
+        how = {"any": "adaptive and non-adaptive", "adaptive": "adaptive",
+               "non-adaptive": "non-adaptive only, no adaptive attack: it may overstate the defense"}[best["track"]]
+        first = (f"- **Best defense**: `{best['defense']}`, worst-case robust accuracy "
+                 f"{_pct_ci(best['robust_accuracy'], best['robust_accuracy_ci'])} against every {threat} attack "
+                 f"({how}; n={summary['examples']})")
+        rivals = [f"`{d}`'s" if d != NONE else "the undefended classifier's" for d in h["overlapping"]]
+        first += f"; its interval overlaps {', '.join(rivals)}: no clear winner at this n." if rivals else "."
+    second = "- **Undefended**: " + (
+        f"{_pct_ci(none['robust_accuracy'], none['robust_accuracy_ci'])} against the same attacks; " if none else "")
+    shown = [d for d in clean if d == NONE or (best and d == best["defense"])]
+    second += "clean accuracy " + ", ".join(
+        f"{_pct_ci(clean[d], clean_ci.get(d))} " + ("undefended" if d == NONE else f"with `{d}`") for d in shown) + "."
+    return [first, second, "- **Flags**: " + _flag_digest(summary["masking_flags"])]
+
+
+def _flag_digest(flags: list[dict]) -> str:
+    if not flags:
+        return "no gradient-masking flag raised."
+    counts: dict[str, int] = {}
+    for f in flags:
+        counts[f["flag"]] = counts.get(f["flag"], 0) + 1
+    listed = ", ".join(f"{code} ×{k}" if k > 1 else code for code, k in counts.items())
+    return f"{len(flags)} gradient-masking flag{'s' if len(flags) > 1 else ''}: {listed} (see the flags section)."
 
 
 def render_markdown(summary: dict, meta: dict, figures: dict[str, Path | None]) -> str:
@@ -60,7 +118,7 @@ def render_markdown(summary: dict, meta: dict, figures: dict[str, Path | None]) 
 
 
 def _intro(summary: dict, meta: dict) -> list[str]:
-    lines = [f"# Robustness report: {meta.get('name', '')}", "",
+    lines = [f"# Robustness report: {meta.get('name', '')}", "", *summary_lines(summary), "",
              f"Run `{meta.get('run_dir', '')}` (config key `{str(meta.get('key', ''))[:12]}`), "
              f"{summary['examples']} examples from {meta.get('layout', {}).get('source', '?')}."]
     if meta.get("reuse_from"):
@@ -70,7 +128,8 @@ def _intro(summary: dict, meta: dict) -> list[str]:
 
 def _robust_section(summary: dict, figures: dict[str, Path | None]) -> list[str]:
     lines = ["", "## Robust accuracy", "",
-             "Robust accuracy per defense. *non-adaptive*: adversarials crafted on the undefended classifier, then "
+             f"Robust accuracy per defense. *{DIRECT}*: the undefended classifier attacked itself; "
+             "*non-adaptive*: adversarials crafted on the undefended classifier, then "
              "fed through the defense; *adaptive*: crafted on the defended pipeline (BPDA/EOT, detector-aware loss; "
              "query attacks query it); *worst of both*: robust against every attack of both tracks. "
              "A detected adversarial counts as defended; a rejected clean input as an error.", "",
@@ -84,7 +143,8 @@ def _attacks_section(summary: dict) -> list[str]:
     return ["", "## Attacks", "", *_table(
         ["defense", "track", "attack", "robust acc", "success rate", "mean L2", "mean Linf", "SSIM", "PSNR dB",
          "queries", "detected"],
-        [[e["defense"], e["track"], e["attack_key"], _pct_ci(e["robust_accuracy"], e.get("robust_accuracy_ci")),
+        [[e["defense"], _track(e["defense"], e["track"]), e["attack_key"],
+          _pct_ci(e["robust_accuracy"], e.get("robust_accuracy_ci")),
           _pct(e["success_rate"]),
           _num(e["mean_l2"]), _num(e["mean_linf"]), _num(e["mean_ssim"]), _num(e["mean_psnr"], ".1f"),
           _num(e["mean_queries"], ".0f"), _pct(e["detected_rate"])] for e in summary["attacks"]])]
