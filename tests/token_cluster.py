@@ -1,0 +1,104 @@
+"""A `ray start --head` cluster of the test's own, with token authentication as Ray 2.60 sets it up by default.
+
+``ray start`` turns token auth on when ``RAY_AUTH_MODE`` is unset and a token exists
+(``~/.ray/auth_token``, which any earlier ``ray.init()`` writes). The cluster gets
+its own ``HOME`` (so its token never touches the user's ``~/.ray``), temp dir and
+ports, and runs under ``ray start --block`` in a subprocess: stopping that process
+(SIGTERM) stops exactly this cluster. Never ``ray stop``: it has no ``--address``
+in Ray 2.60 and stops every Ray process of the user, other sessions' clusters too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+BIN = Path(sys.executable).parent  # the virtualenv's bin: python and ray, first on PATH as after `activate`
+
+
+def free_ports(k: int) -> list[int]:
+    """``k`` distinct ports nothing listens on right now (held open together so they differ)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(k)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+@dataclass(frozen=True)
+class TokenCluster:
+    home: Path  # HOME of every command talking to it: ~/.ray/auth_token holds the token
+    gcs: str  # GCS address (``ray.init(address=...)``, ``--address`` of jobs.serve)
+    dashboard: str  # http://127.0.0.1:PORT (``ray job submit --address``)
+    temp_dir: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A user's shell on this machine: no RAY_* settings of the test process, the venv first on PATH."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "ADV_SERVE_KEYS"}
+        env.update(HOME=str(self.home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+                   RAY_USAGE_STATS_ENABLED="0", ADV_NO_PROGRESS="1", **extra)
+        return env
+
+    def token(self) -> str:
+        return (self.home / ".ray" / "auth_token").read_text().strip()
+
+
+def _ready(url: str, token: str) -> bool:
+    """The job API answers (with the token): the dashboard and its job agent are up."""
+    req = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextmanager
+def token_cluster(num_cpus: int = 2, wait_s: float = 180.0) -> Iterator[TokenCluster]:
+    """Start the cluster (``ray get-auth-token --generate``, then ``ray start --head --block``); stop it after."""
+    root = Path(tempfile.mkdtemp(prefix="adv-rc-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    (root / "home").mkdir()
+    gcs, dash, client, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = free_ports(9)
+    workers = 20000 + (os.getpid() * 211) % 30000  # a worker-port range unlikely to meet another cluster's
+    head = TokenCluster(root / "home", f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", root / "ray")
+    env = head.env()
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    log = open(root / "ray-start.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+         "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(rt_env),
+         "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
+         "--min-worker-port", str(workers), "--max-worker-port", str(workers + 200),
+         "--num-cpus", str(num_cpus), "--num-gpus", "0", "--object-store-memory", str(300 * 2**20),
+         "--temp-dir", str(head.temp_dir), "--include-dashboard", "true"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + wait_s
+        while not _ready(head.dashboard, head.token()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start --head did not come up: {(root / 'ray-start.log').read_text()[-2000:]}")
+            time.sleep(1.0)
+        yield head
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own node's processes on SIGTERM
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
