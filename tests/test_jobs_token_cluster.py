@@ -1,4 +1,5 @@
-"""The README's `ray job submit` example, as written, against a `ray start --head` cluster with token auth.
+"""The README's `ray job submit` example, as written, against a `ray start --head` cluster with token auth;
+`jobs.serve --address` and `--shutdown` on the same cluster.
 
 The cluster is the test's own (tests/token_cluster.py: its own HOME, temp dir and
 ports, stopped by stopping its `ray start --block`), so it coexists with the
@@ -10,14 +11,18 @@ folder the command is run from.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from tests.pipeline_helpers import REPO, random_checkpoint, tiny_config, write_yaml
-from tests.token_cluster import token_cluster
+from tests.serve_helpers import SHAPE, make_bundle, npy
+from tests.token_cluster import free_ports, token_cluster
 
 pytestmark = pytest.mark.cluster_cli
 
@@ -80,3 +85,44 @@ def test_a_relative_path_in_a_submitted_job_is_one_line_naming_the_fix(head):
     error = errors.pop()
     assert "model.checkpoint" in error and "--base-dir" in error and "s3://" in error
     assert "Traceback" not in logs
+
+
+def _owners(head) -> list[str]:
+    """The detector state owners alive on the cluster (named actors of jobs.serve's namespace)."""
+    code = ("import json, ray; ray.init(address='%s', log_to_driver=False); "
+            "print(json.dumps(sorted(a['name'] for a in ray.util.list_named_actors(all_namespaces=True) "
+            "if a['namespace'] == 'adv-serve')))" % head.gcs)
+    done = subprocess.run([sys.executable, "-c", code], env=head.env(RAY_AUTH_MODE="token"), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_serve_on_a_cluster_takes_the_drivers_env_keys_and_shutdown_removes_the_state_owner(head, tmp_path):
+    """`jobs.serve --address` with $ADV_SERVE_KEYS only in the deploying shell (the cluster's replicas never see
+    it: they crash-looped); `jobs.serve --shutdown` removes Serve and the detached owner `serve shutdown` left."""
+    import httpx
+
+    bundle = make_bundle(tmp_path / "bundle")
+    port = free_ports(1)[0]
+    env = head.env(RAY_AUTH_MODE="token", ADV_SERVE_KEYS="alice=alice-secret-key,admin:ops=ops-secret-key")
+    serve = [sys.executable, "-m", "jobs.serve", "--address", head.gcs]
+    deployed = subprocess.run([*serve, "--bundle", str(bundle), "--state", str(tmp_path / "state"), "--port",
+                               str(port)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    assert "--shutdown --address" in deployed.stderr  # it names the clean way to remove it
+    url = f"http://127.0.0.1:{port}"
+    x = np.random.default_rng(0).random((1, *SHAPE), dtype=np.float32)
+    with httpx.Client(base_url=url, timeout=60) as http:
+        answer = http.post("/v1/predict", content=npy(x), headers={"content-type": "application/x-npy",
+                                                                     "Authorization": "Bearer alice-secret-key"})
+        assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1, answer.text
+        assert http.get("/v1/model", headers={"Authorization": "Bearer wrong-key-000"}).status_code == 401
+    assert _owners(head) == ["adv-detector-adv"]
+
+    stopped = subprocess.run([*serve, "--shutdown"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "adv-detector-adv" in stopped.stderr
+    assert _owners(head) == []
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/healthz", timeout=5)  # the proxy is gone with Serve
