@@ -52,7 +52,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             log(f"connecting to the Ray cluster at {address}")
-            ray.init(address=address, log_to_driver=True)
+            connect(address)
         else:
             cpus = num_cpus or os.cpu_count() or 1
             log(f"starting an embedded local Ray cluster ({cpus} logical CPUs)")
@@ -61,6 +61,25 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
             ray.init(address="local", num_cpus=cpus, object_store_memory=object_store_memory,
                      include_dashboard=False)
     DataContext.get_current().enable_progress_bars = os.environ.get("ADV_NO_PROGRESS") != "1"
+
+
+def connect(address: str) -> None:
+    """``ray.init(address)``; a refused connection is one line (a missing token: how to send it)."""
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except ConnectionError as exc:
+        chain, cause = [], exc
+        while cause is not None:
+            chain.append(f"{type(cause).__name__}: {cause}")
+            cause = cause.__cause__ or cause.__context__
+        if any("AuthenticationError" in c or "InvalidAuthToken" in c for c in chain):
+            raise ConfigError(f"the Ray cluster at {address} requires token authentication: set RAY_AUTH_MODE=token "
+                              "(the token is read from $RAY_AUTH_TOKEN, else $RAY_AUTH_TOKEN_PATH, else "
+                              "~/.ray/auth_token; `ray get-auth-token` on the head prints it)") from None
+        raise ConfigError(f"cannot connect to the Ray cluster at {address}: {str(exc).strip().splitlines()[-1]}") \
+            from None
 
 
 def versions() -> dict[str, str]:

@@ -394,7 +394,12 @@ def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_
     serve.start(http_options={"host": host, "port": port})
     url = f"http://{host}:{port}"
     try:
-        serve.run(build(cfg.model_dump(mode="json"), env_keys), name=cfg.name, route_prefix="/", blocking=False)
+        try:
+            serve.run(build(cfg.model_dump(mode="json"), env_keys), name=cfg.name, route_prefix="/", blocking=False)
+        except RuntimeError as exc:  # serve.run waits for the application; its error names no cause
+            if "Deploying application" not in str(exc):
+                raise
+            raise ConfigError(deploy_failure(cfg)) from None
         _wait_healthy(cfg, url, wait_s, check_http)
     except BaseException:
         with contextlib.suppress(Exception):  # a failed deployment must not keep holding the cluster's CPUs
@@ -410,7 +415,7 @@ def _wait_healthy(cfg: ServeConfig, url: str, wait_s: float, check_http: bool) -
     while True:
         app = serve.status().applications.get(cfg.name)
         if app is not None and app.status == "DEPLOY_FAILED":
-            raise ConfigError(f"deploying {cfg.name!r} failed: {str(app.message).strip().splitlines()[-1:]}")
+            raise ConfigError(deploy_failure(cfg))
         try:
             if app is not None and app.status == "RUNNING" and (
                     not check_http or httpx.get(f"{url}/healthz", timeout=20).status_code == 200):
@@ -420,6 +425,15 @@ def _wait_healthy(cfg: ServeConfig, url: str, wait_s: float, check_http: bool) -
         if time.monotonic() > deadline:
             raise ConfigError(f"the endpoint at {url} did not become healthy within {wait_s:.0f} s")
         time.sleep(0.5)
+
+
+def deploy_failure(cfg: ServeConfig) -> str:
+    """One line for a failed deployment: the last line of the first failing deployment's message (the replica's
+    exception), not the traceback Serve keeps."""
+    app = serve.status().applications.get(cfg.name)
+    messages = [d.message for d in (app.deployments.values() if app else ()) if d.message] + [app.message if app else ""]
+    lines = [line.strip() for m in messages for line in str(m).strip().splitlines()[-1:] if line.strip()]
+    return f"deploying {cfg.name!r} failed: {lines[0] if lines else 'see the Serve logs'}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -40,7 +40,7 @@ def _one_error(capsys) -> str:
     ([], "alice=short", "serve: error: $ADV_SERVE_KEYS: bad entry for user 'alice'"),
     ([], "alice", "serve: error: $ADV_SERVE_KEYS: entries are user=key"),
     (["--keys", "missing-keys.yaml"], None, "serve: error: cannot read the key file missing-keys.yaml"),
-])
+], ids=["no-keys", "no-keys-address", "short-key", "no-equals", "missing-file"])
 def test_bad_keys_are_one_line_and_exit_2_before_any_deployment(bundle, no_ray, monkeypatch, capsys, argv, env,
                                                                 expected):
     if env is not None:
@@ -81,3 +81,23 @@ def test_shutdown_needs_the_cluster(no_ray, monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert serve_job.main(["--shutdown"]) == 2
     assert _one_error(capsys).startswith("serve: error: --shutdown needs the cluster: --address")
+
+
+def test_a_deployment_failing_in_its_replicas_is_one_line(monkeypatch):
+    """What a replica raised (kept by Serve as a traceback), as the driver's one-line error."""
+    from types import SimpleNamespace
+
+    from adv.errors import ConfigError
+
+    failed = SimpleNamespace(message="Deploying app failed", deployments={
+        "DefendedModel": SimpleNamespace(message=""),
+        "Gateway": SimpleNamespace(message="Traceback (most recent call last):\n  File ...\n"
+                                           "ray.exceptions.RayActorError: ...\nRuntimeError: CUDA unavailable\n")})
+    monkeypatch.setattr(serve_job.serve, "start", lambda **kw: None)
+    monkeypatch.setattr(serve_job.serve, "run", lambda *a, **kw: (_ for _ in ()).throw(
+        RuntimeError("Deploying application adv failed: Failed to update the deployments ['Gateway'].")))
+    monkeypatch.setattr(serve_job.serve, "status", lambda: SimpleNamespace(applications={"adv": failed}))
+    monkeypatch.setattr(serve_job, "undeploy", lambda cfg, shutdown: None)
+    monkeypatch.setattr(serve_job, "build", lambda *a: None)
+    with pytest.raises(ConfigError, match=r"^deploying 'adv' failed: RuntimeError: CUDA unavailable$"):
+        serve_job.deploy(serve_job.parse_config({"bundle": "b"}), check_http=False)
