@@ -431,7 +431,8 @@ def deploy_failure(cfg: ServeConfig) -> str:
     """One line for a failed deployment: the last line of the first failing deployment's message (the replica's
     exception), not the traceback Serve keeps."""
     app = serve.status().applications.get(cfg.name)
-    messages = [d.message for d in (app.deployments.values() if app else ()) if d.message] + [app.message if app else ""]
+    deployments = app.deployments.values() if app else ()
+    messages = [d.message for d in deployments if d.message] + [app.message if app else ""]
     lines = [line.strip() for m in messages for line in str(m).strip().splitlines()[-1:] if line.strip()]
     return f"deploying {cfg.name!r} failed: {lines[0] if lines else 'see the Serve logs'}"
 
