@@ -70,8 +70,9 @@ def token_cluster(num_cpus: int = 2, wait_s: float = 180.0) -> Iterator[TokenClu
     """Start the cluster (``ray get-auth-token --generate``, then ``ray start --head --block``); stop it after."""
     root = Path(tempfile.mkdtemp(prefix="adv-rc-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     (root / "home").mkdir()
-    gcs, dash, client, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = free_ports(9)
-    workers = 20000 + (os.getpid() * 211) % 30000  # a worker-port range unlikely to meet another cluster's
+    # the ports whose defaults are fixed (6379, 8265, 10001, 52365) would meet another cluster's; the rest are
+    # chosen by Ray, as for every other cluster on the machine
+    gcs, dash, client, agent = free_ports(4)
     head = TokenCluster(root / "home", f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", root / "ray")
     env = head.env()
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
@@ -79,10 +80,7 @@ def token_cluster(num_cpus: int = 2, wait_s: float = 180.0) -> Iterator[TokenClu
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
-         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-         "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(rt_env),
-         "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
-         "--min-worker-port", str(workers), "--max-worker-port", str(workers + 200),
+         "--dashboard-agent-listen-port", str(agent),
          "--num-cpus", str(num_cpus), "--num-gpus", "0", "--object-store-memory", str(300 * 2**20),
          "--temp-dir", str(head.temp_dir), "--include-dashboard", "true"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
