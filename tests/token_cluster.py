@@ -55,14 +55,19 @@ class TokenCluster:
         return (self.home / ".ray" / "auth_token").read_text().strip()
 
 
-def _ready(url: str, token: str) -> bool:
-    """The job API answers (with the token): the dashboard and its job agent are up."""
-    req = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+def _ready(head: TokenCluster) -> bool:
+    """The job API answers (with the token) and a trivial job runs: the dashboard and the node's job agent are up
+    (the agent registers after the dashboard, and until then a submission fails with "No available agent")."""
+    req = urllib.request.Request(f"{head.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {head.token()}"})
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status == 200
+            if r.status != 200:
+                return False
     except (urllib.error.URLError, OSError):
         return False
+    job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--", "true"],
+                         env=head.env(RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
+    return job.returncode == 0
 
 
 @contextmanager
@@ -86,7 +91,7 @@ def token_cluster(num_cpus: int = 2, wait_s: float = 180.0) -> Iterator[TokenClu
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + wait_s
-        while not _ready(head.dashboard, head.token()):
+        while not _ready(head):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray start --head did not come up: {(root / 'ray-start.log').read_text()[-2000:]}")
             time.sleep(1.0)
