@@ -5,7 +5,12 @@
 
 Locally it starts an embedded Ray, serves until SIGINT/SIGTERM, then shuts
 Serve down. With ``--address`` or ``$RAY_ADDRESS`` it deploys on that
-cluster and exits. The application (``build``) has three parts:
+cluster and exits; ``--shutdown --address ...`` removes Serve and the state
+owner(s) (``serve shutdown`` leaves the detached owner running). Before
+deploying, the driver checks the keys, the bundle and the detector config
+(one line, exit 2) and hands ``$ADV_SERVE_KEYS`` to the replicas hashed, since
+a cluster's replicas never see the deploying shell's environment. The
+application (``build``) has three parts:
 
 * ``Gateway`` (FastAPI ingress): keys, limits, decoding, response shaping
   (``adv.serving``); never answers 500: client errors are 4xx with one line,
@@ -480,7 +485,6 @@ def check_driver(cfg: ServeConfig) -> ServeConfig:
     bundle and the detector config. Local paths come back absolute: replicas do not share this folder."""
     from adv.bundle import load_bundle
 
-    common.check_job_paths({"bundle": cfg.bundle, "keys": cfg.keys}, {"state": cfg.state})
     KeyRing(cfg.keys, cfg.keys_env)  # no keys, or a broken key file / variable: ConfigError
     detector_config(cfg, load_bundle(cfg.bundle))
     absolute = {k: os.path.abspath(v) for k in ("bundle", "keys", "state")
@@ -543,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
             shutdown(args.name)
             return 0
         with common.run_from(args.base_dir):
-            cfg = check_driver(load_args(args))
+            cfg = load_args(args)
+            if args.base_dir is None:  # a submitted job's folder is a temporary copy of its working dir
+                common.check_job_paths({"bundle": cfg.bundle, "keys": cfg.keys}, {"state": cfg.state})
+            cfg = check_driver(cfg)
         init_ray(args.address)
         url = deploy(cfg, args.host, args.port, check_http=not args.address)  # a remote proxy may be unreachable
         if args.address:

@@ -6,6 +6,9 @@ retry; now each is one line and exit status 2, and Ray is never started.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 from adv.serving.keys import KeyRing, hash_key
@@ -101,3 +104,29 @@ def test_a_deployment_failing_in_its_replicas_is_one_line(monkeypatch):
     monkeypatch.setattr(serve_job, "build", lambda *a: None)
     with pytest.raises(ConfigError, match=r"^deploying 'adv' failed: RuntimeError: CUDA unavailable$"):
         serve_job.deploy(serve_job.parse_config({"bundle": "b"}), check_http=False)
+
+
+def test_in_a_submitted_job_relative_serve_paths_are_refused_or_resolved(bundle, no_ray, monkeypatch, tmp_path,
+                                                                          capsys):
+    """`ray job submit -- python -m jobs.serve`: the job's folder is Ray's temporary copy (no runs/, deleted)."""
+    import json
+
+    from jobs import common
+
+    copy = tmp_path / "ray_pkg"
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv(common.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"},
+                                                          "metadata": {"job_submission_id": "raysubmit_1"}}))
+    monkeypatch.setenv("ADV_SERVE_KEYS", "alice=alice-secret-key")
+    assert serve_job.main(["--bundle", "runs/best"]) == 2
+    assert _one_error(capsys).startswith("serve: error: bundle: 'runs/best' is relative and not in this Ray job's")
+    assert serve_job.main(["--bundle", str(bundle)]) == 2  # the default state folder would vanish with the copy
+    assert _one_error(capsys).startswith("serve: error: state: 'runs/serve-state' is relative, so this Ray job")
+    shutil.copytree(bundle, tmp_path / "runs" / "best")
+    checked = {}
+    monkeypatch.setattr(serve_job, "init_ray", lambda address: checked.setdefault("cwd", os.getcwd()))
+    monkeypatch.setattr(serve_job, "deploy", lambda cfg, *a, **k: checked.update(cfg=cfg) or "http://x")
+    assert serve_job.main(["--bundle", "runs/best", "--base-dir", str(tmp_path), "--address", "auto"]) == 0
+    assert checked["cfg"].bundle == str(tmp_path / "runs" / "best")
+    assert checked["cfg"].state == str(tmp_path / "runs" / "serve-state") and checked["cwd"] == str(copy)
