@@ -37,6 +37,14 @@ def free_ports(k: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
+def user_env(home: Path, **extra: str) -> dict[str, str]:
+    """A user's shell on this machine: no RAY_* settings of the test process, the venv first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "ADV_SERVE_KEYS"}
+    env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+               ADV_NO_PROGRESS="1", **extra)
+    return env
+
+
 @dataclass(frozen=True)
 class TokenCluster:
     home: Path  # HOME of every command talking to it: ~/.ray/auth_token holds the token
@@ -45,11 +53,7 @@ class TokenCluster:
     temp_dir: Path
 
     def env(self, **extra: str) -> dict[str, str]:
-        """A user's shell on this machine: no RAY_* settings of the test process, the venv first on PATH."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "ADV_SERVE_KEYS"}
-        env.update(HOME=str(self.home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-                   RAY_USAGE_STATS_ENABLED="0", ADV_NO_PROGRESS="1", **extra)
-        return env
+        return user_env(self.home, **extra)
 
     def token(self) -> str:
         return (self.home / ".ray" / "auth_token").read_text().strip()
@@ -70,38 +74,56 @@ def _ready(head: TokenCluster) -> bool:
     return job.returncode == 0
 
 
-@contextmanager
-def token_cluster(num_cpus: int = 2, wait_s: float = 180.0) -> Iterator[TokenCluster]:
-    """Start the cluster (``ray get-auth-token --generate``, then ``ray start --head --block``); stop it after."""
-    root = Path(tempfile.mkdtemp(prefix="adv-rc-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    (root / "home").mkdir()
+def _start(root: Path, num_cpus: int) -> tuple[TokenCluster, subprocess.Popen]:
     # the ports whose defaults are fixed (6379, 8265, 10001, 52365) would meet another cluster's; the rest are
     # chosen by Ray, as for every other cluster on the machine
     gcs, dash, client, agent = free_ports(4)
     head = TokenCluster(root / "home", f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", root / "ray")
-    env = head.env()
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    log = open(root / "ray-start.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
-         "--dashboard-agent-listen-port", str(agent),
-         "--num-cpus", str(num_cpus), "--num-gpus", "0", "--object-store-memory", str(300 * 2**20),
-         "--temp-dir", str(head.temp_dir), "--include-dashboard", "true"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(root / "ray-start.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+             "--dashboard-agent-listen-port", str(agent),
+             "--num-cpus", str(num_cpus), "--num-gpus", "0", "--object-store-memory", str(300 * 2**20),
+             "--temp-dir", str(head.temp_dir), "--include-dashboard", "true"],
+            env=head.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return head, proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own node's processes on SIGTERM
     try:
-        deadline = time.monotonic() + wait_s
-        while not _ready(head):
-            if proc.poll() is not None or time.monotonic() > deadline:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextmanager
+def token_cluster(num_cpus: int = 2, wait_s: float = 180.0, attempts: int = 2) -> Iterator[TokenCluster]:
+    """Start the cluster (``ray get-auth-token --generate``, then ``ray start --head --block``); stop it after.
+
+    A start that fails is tried once more: on an overloaded machine Ray gives its raylet only 30 s to register.
+    """
+    root = Path(tempfile.mkdtemp(prefix="adv-rc-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    (root / "home").mkdir()
+    proc = None
+    try:
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=user_env(root / "home"), check=True,
+                       capture_output=True)
+        for attempt in range(1, attempts + 1):
+            head, proc = _start(root, num_cpus)
+            deadline, ready = time.monotonic() + wait_s, False
+            while not ready and proc.poll() is None and time.monotonic() < deadline:
+                ready = _ready(head)
+                time.sleep(0 if ready else 1.0)
+            if ready:
+                break
+            _stop(proc)
+            if attempt == attempts:
                 raise RuntimeError(f"ray start --head did not come up: {(root / 'ray-start.log').read_text()[-2000:]}")
-            time.sleep(1.0)
         yield head
     finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own node's processes on SIGTERM
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+        if proc is not None:
+            _stop(proc)
         shutil.rmtree(root, ignore_errors=True)
