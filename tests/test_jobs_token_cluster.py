@@ -130,7 +130,7 @@ def test_serve_on_a_cluster_takes_the_drivers_env_keys_and_shutdown_removes_the_
 
 def test_connecting_without_the_token_is_one_line_naming_ray_auth_mode(head):
     """An explicit --address never sends the token unless RAY_AUTH_MODE=token (it was a 50-line traceback)."""
-    # Ray retries a refused GCS connection ~20 times a second apart; 2 tries show the same error sooner
+    # Ray retries a refused GCS connection ~20 times, a second apart; 2 tries show the same error sooner
     done = subprocess.run([sys.executable, "-m", "jobs.serve", "--address", head.gcs, "--shutdown"], cwd=REPO,
                           env=head.env(RAY_gcs_server_port_wait_time_s="2"), capture_output=True, text=True,
                           timeout=200)
