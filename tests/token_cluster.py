@@ -86,7 +86,10 @@ def _start(root: Path, num_cpus: int) -> tuple[TokenCluster, subprocess.Popen]:
              "--dashboard-agent-listen-port", str(agent),
              "--num-cpus", str(num_cpus), "--num-gpus", "0", "--object-store-memory", str(300 * 2**20),
              "--temp-dir", str(head.temp_dir), "--include-dashboard", "true"],
-            env=head.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # no memory monitor: it judges the whole machine's memory, and on a shared one it killed this cluster's
+            # job drivers for what other processes used (the cluster's own work is a few hundred MB)
+            env=head.env(RAY_memory_monitor_refresh_ms="0"), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
     return head, proc
 
 
