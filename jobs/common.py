@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import platform
 import sys
 import threading
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
-from adv.errors import AdvError
+from adv.errors import AdvError, ConfigError
 
 
 def logger(stage: str) -> Callable[[str], None]:
@@ -61,7 +62,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             log(f"connecting to the Ray cluster at {address}")
-            ray.init(address=address, log_to_driver=True)
+            connect(address)
         else:
             cpus = num_cpus or os.cpu_count() or 1
             log(f"starting an embedded local Ray cluster ({cpus} logical CPUs)")
@@ -118,6 +119,25 @@ def filter_stderr(patterns: Sequence[bytes] = KNOWN_RAY_NOISE) -> bool:
     return True
 
 
+def connect(address: str) -> None:
+    """``ray.init(address)``; a refused connection is one line (a missing token: how to send it)."""
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except ConnectionError as exc:
+        chain, cause = [], exc
+        while cause is not None:
+            chain.append(f"{type(cause).__name__}: {cause}")
+            cause = cause.__cause__ or cause.__context__
+        if any("AuthenticationError" in c or "InvalidAuthToken" in c for c in chain):
+            raise ConfigError(f"the Ray cluster at {address} requires token authentication: set RAY_AUTH_MODE=token "
+                              "(the token is read from $RAY_AUTH_TOKEN, else $RAY_AUTH_TOKEN_PATH, else "
+                              "~/.ray/auth_token; `ray get-auth-token` on the head prints it)") from None
+        raise ConfigError(f"cannot connect to the Ray cluster at {address}: {str(exc).strip().splitlines()[-1]}") \
+            from None
+
+
 def versions() -> dict[str, str]:
     """The library versions a run records next to its numbers."""
     import ray
@@ -170,3 +190,77 @@ def _raised_in_ray(exc: BaseException) -> bool:
     frames = traceback.extract_tb(exc.__traceback__)
     root = os.path.dirname(os.path.realpath(ray.__file__)) + os.sep
     return bool(frames) and os.path.realpath(frames[-1].filename).startswith(root)
+
+
+# --- paths of a submitted job ------------------------------------------------------------------------------
+#: Ray sets this in a ``ray job submit`` entrypoint's environment: the job's runtime env and submission metadata.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+#: What to do instead of a relative path in a submitted job (one clause of every such error).
+JOB_PATHS_FIX = ('add --base-dir "$PWD" to the job\'s command when the cluster runs on the submitting machine '
+                 "(ray start --head there), else use absolute paths on storage every node mounts or URIs such "
+                 "as s3://... (README, \"Ray clusters\")")
+
+
+def submitted_job() -> dict | None:
+    """The runtime env of the ``ray job submit`` entrypoint this process is (or was started by); None outside one.
+
+    Such a process runs in Ray's temporary copy of ``--working-dir`` (or, without one, in the folder the cluster
+    was started from), not in the submitting folder: relative paths there do not name the submitter's files.
+    """
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    try:
+        info = json.loads(raw) if raw else {}
+    except ValueError:
+        return None
+    if not isinstance(info, dict) or not (info.get("metadata") or {}).get("job_submission_id"):
+        return None
+    return info.get("runtime_env") or {}
+
+
+def _relative(path: str | None) -> bool:
+    return bool(path) and "://" not in path and not os.path.isabs(os.path.expanduser(path))
+
+
+def check_job_paths(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
+    """In a submitted job: a relative input must exist in the job's folder, and a relative output is refused
+    (it would land in that folder, a temporary copy Ray deletes); each with one line naming the fix. No-op
+    outside a submitted job. ``inputs``/``outputs`` map what the user set (``model.checkpoint``) to its path."""
+    job = submitted_job()
+    if job is None:
+        return
+    here = os.getcwd()
+    folder = (f"Ray's temporary copy of the job's working dir ({here}), deleted after the job"
+              if job.get("working_dir") else f"the cluster's folder {here}, not the submitting one")
+    for what, path in inputs.items():
+        if _relative(path) and not os.path.exists(path):
+            raise ConfigError(f"{what}: {path!r} is relative and not in this Ray job's working dir {here} "
+                              "(ray job submit uploads --working-dir without what .gitignore lists, such as runs/); "
+                              f"{JOB_PATHS_FIX}")
+    for what, path in outputs.items():
+        if _relative(path):
+            raise ConfigError(f"{what}: {path!r} is relative, so this Ray job would write it into {folder}; "
+                              f"{JOB_PATHS_FIX}")
+
+
+@contextlib.contextmanager
+def run_from(base_dir: str | None) -> Iterator[None]:
+    """Run the body in ``base_dir`` (``--base-dir``: relative paths resolve against it), then return.
+
+    A submitted job's command gets the submitting folder this way (``--base-dir "$PWD"``, expanded by the
+    submitting shell); a node that cannot see that folder (a remote cluster) is told to use shared storage.
+    """
+    if base_dir is None:
+        yield
+        return
+    base = os.path.expanduser(base_dir)
+    if not os.path.isdir(base):
+        where = (" on the Ray node running this job (a remote cluster cannot read the submitting machine's files)"
+                 if submitted_job() is not None else "")
+        raise ConfigError(f"--base-dir {base_dir}: no such folder{where}; put inputs and outputs on storage every "
+                          "node mounts (absolute paths) or URIs such as s3://..., and drop --base-dir")
+    before = os.getcwd()
+    os.chdir(base)
+    try:
+        yield
+    finally:
+        os.chdir(before)

@@ -2,6 +2,13 @@
 
     python -m jobs.evaluate --config jobs/configs/default.yaml [--out DIR] [--reuse RUN_DIR]
     ray job submit --working-dir . -- python -m jobs.evaluate --config jobs/configs/gpu-cluster.yaml
+    ray job submit --working-dir . -- python -m jobs.evaluate --config jobs/configs/default.yaml --base-dir "$PWD"
+
+A submitted job runs in Ray's temporary copy of the working dir, which lacks
+``runs/`` (ignored by git, so not uploaded) and is deleted afterwards: its
+relative paths resolve against ``--base-dir`` (the submitting folder, for a
+cluster on the same machine), else a missing relative input or any relative
+output is refused with one line; a remote cluster needs shared storage.
 
 The same job runs on an embedded local Ray (laptop) and on a cluster (set
 ``RAY_ADDRESS`` or ``resources.address``); only the config changes. Stages:
@@ -205,7 +212,8 @@ class RunResult:
 def open_run(cfg: EvalConfig, out: str | None) -> RunStore:
     """The run folder: ``out``, or ``output.path/<name>-<key>``; a folder of another config is refused."""
     key = cfg.run_key()
-    uri = out or f"{cfg.output.path.rstrip('/')}/{cfg.name}-{key[:12]}"
+    # absolute: the actors and commit tasks that write here need not share the driver's working directory
+    uri = _abs(out or f"{cfg.output.path.rstrip('/')}/{cfg.name}-{key[:12]}")
     store = RunStore(uri)
     if store.exists("run.json"):
         found = store.read_json("run.json").get("key")
@@ -518,7 +526,7 @@ def _attempts(store: RunStore) -> list[dict]:
 
 # --- reuse of stored adversarial sets ------------------------------------------------------------
 def _stored_run(uri: str) -> tuple[RunStore, EvalConfig, Layout]:
-    stored = RunStore(uri)
+    stored = RunStore(_abs(uri))
     if not stored.exists("run.json") or not stored.exists("layout.json"):
         raise ConfigError(f"reuse_from: {uri} is not a run folder (no run.json/layout.json)")
     cfg = parse_config(stored.read_json("run.json")["config"], f"{uri}/run.json")
@@ -621,20 +629,51 @@ def write_run_report(store: RunStore, cfg: EvalConfig, layout: Layout) -> tuple[
 
 
 # --- entrypoint ----------------------------------------------------------------------------------------
+def _spec_checkpoint(spec: str | None) -> str | None:
+    if spec is None or "checkpoint=" not in spec:
+        return None
+    from adv.defenses import parse_defense_spec
+
+    return parse_defense_spec(spec)[1].get("checkpoint")
+
+
+def job_paths(cfg: EvalConfig, out: str | None) -> tuple[dict[str, str | None], dict[str, str | None]]:
+    """The config's input and output paths, by the key that sets them (for :func:`common.check_job_paths`)."""
+    inputs: dict[str, str | None] = {"reuse_from": cfg.reuse_from}
+    if cfg.model is not None:
+        inputs.update({"model.checkpoint": cfg.model.checkpoint, "model.weights": cfg.model.weights})
+    if cfg.dataset is not None:
+        inputs["dataset.root"] = cfg.dataset.root
+    for i, d in enumerate(cfg.defenses):
+        inputs.update({f"defenses[{i}].stages[{j}]": _spec_checkpoint(s) for j, s in enumerate(d.stages)})
+        inputs[f"defenses[{i}].detector"] = _spec_checkpoint(d.detector)
+    return inputs, ({"--out": out} if out else {"output.path": cfg.output.path})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (docs/pipeline.md lists the keys)")
     parser.add_argument("--out", help="run folder or URI (default: output.path/<name>-<config hash>)")
     parser.add_argument("--reuse", metavar="RUN_DIR", help="evaluate the config's defenses on this finished run's "
                                                            "stored adversarials (same as reuse_from:)")
+    parser.add_argument("--base-dir", metavar="DIR",
+                        help='resolve relative paths (--config, the config\'s files, outputs) against DIR; in '
+                             '`ray job submit ... -- python -m jobs.evaluate ... --base-dir "$PWD"` the submitting '
+                             "folder, for a cluster on the same machine")
     args = parser.parse_args(argv)
+
     def body() -> int:
-        if args.reuse:  # the stored run's dataset, model and attacks are reused
-            cfg = load_config(args.config, {"reuse_from": args.reuse, "adaptive": False},
-                              drop=("dataset", "model", "attacks"))
-        else:
-            cfg = load_config(args.config)
-        print(run(cfg, out=args.out).report)
+        with common.run_from(args.base_dir):
+            if args.base_dir is None:
+                common.check_job_paths({"--config": args.config, "--reuse": args.reuse}, {})
+            if args.reuse:  # the stored run's dataset, model and attacks are reused
+                cfg = load_config(args.config, {"reuse_from": args.reuse, "adaptive": False},
+                                  drop=("dataset", "model", "attacks"))
+            else:
+                cfg = load_config(args.config)
+            if args.base_dir is None:
+                common.check_job_paths(*job_paths(cfg, args.out))
+            print(run(cfg, out=args.out).report)
         return 0
 
     return guarded("evaluate", body, "rerun the same command to resume")

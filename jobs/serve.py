@@ -5,7 +5,12 @@
 
 Locally it starts an embedded Ray, serves until SIGINT/SIGTERM, then shuts
 Serve down. With ``--address`` or ``$RAY_ADDRESS`` it deploys on that
-cluster and exits. The application (``build``) has three parts:
+cluster and exits; ``--shutdown --address ...`` removes Serve and the state
+owner(s) (``serve shutdown`` leaves the detached owner running). Before
+deploying, the driver checks the keys, the bundle and the detector config
+(one line, exit 2) and hands ``$ADV_SERVE_KEYS`` to the replicas hashed, since
+a cluster's replicas never see the deploying shell's environment. The
+application (``build``) has three parts:
 
 * ``Gateway`` (FastAPI ingress): keys, limits, decoding, response shaping
   (``adv.serving``); never answers 500: client errors are 4xx with one line,
@@ -39,8 +44,9 @@ from ray import serve
 from adv.errors import ConfigError
 from adv.serving.config import ServeConfig, owner_name
 from adv.serving.decode import RequestError, decode
-from adv.serving.keys import KeyRing
+from adv.serving.keys import KeyEntry, KeyRing, env_entries
 from adv.serving.respond import BLOCKED, body as response_body
+from jobs import common
 from jobs.common import guarded, init_ray, logger
 from adv.validation import validate_mapping
 
@@ -115,10 +121,14 @@ def get_owner(config: dict, detector: dict):
 
 def kill_owner(cfg: ServeConfig, *, restart: bool = False) -> bool:
     """Kill the owner actor (``restart``: let Ray restart it, as a crash would); False when there is none."""
+    return _kill_named(owner_name(cfg), restart=restart)
+
+
+def _kill_named(name: str, *, restart: bool = False) -> bool:
     import ray
 
     try:
-        actor = ray.get_actor(owner_name(cfg), namespace=NAMESPACE)
+        actor = ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         return False
     ray.kill(actor, no_restart=not restart)
@@ -244,12 +254,14 @@ async def read_body(request: Request, limit: int) -> bytes:
 class Gateway:
     """Authentication, per-key limits (held by the owner), decoding, and response shaping."""
 
-    def __init__(self, model, config: dict):
+    def __init__(self, model, config: dict, env_keys: list[dict] | None = None):
         from ray.util.metrics import Counter, Histogram
 
         self.model = model
         self.cfg = ServeConfig.model_validate(config)
-        self.keys = KeyRing(self.cfg.keys, self.cfg.keys_env)
+        # env_keys: the deploying driver's $ADV_SERVE_KEYS, hashed (a remote replica's environment lacks it)
+        self.keys = (KeyRing(self.cfg.keys, self.cfg.keys_env) if env_keys is None else
+                     KeyRing(self.cfg.keys, None, entries=tuple(KeyEntry(**e) for e in env_keys)))
         self._info: dict | None = None
         self.requests = Counter("adv_serve_requests", "HTTP requests by route and status",
                                 tag_keys=("route", "status"))
@@ -361,8 +373,11 @@ class Gateway:
 
 # ---- the application --------------------------------------------------------------------------------------
 
-def build(args: dict):
-    """The Serve application (``import_path: jobs.serve:build``); ``args`` is a :class:`ServeConfig`."""
+def build(args: dict, env_keys: list[dict] | None = None):
+    """The Serve application (``import_path: jobs.serve:build``); ``args`` is a :class:`ServeConfig`.
+
+    ``env_keys`` (hashed key entries, from :func:`driver_keys`) replace the replicas' own ``$ADV_SERVE_KEYS``.
+    """
     cfg = parse_config(args)
     config = cfg.model_dump(mode="json")
     s = cfg.scaling
@@ -373,7 +388,7 @@ def build(args: dict):
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
         max_ongoing_requests=max(s.max_ongoing_requests, s.max_batch_size), **replicas).bind(config)
     return Gateway.options(ray_actor_options={"num_cpus": min(s.num_cpus, 0.25)},
-                           max_ongoing_requests=max(100, s.max_ongoing_requests)).bind(model, config)
+                           max_ongoing_requests=max(100, s.max_ongoing_requests)).bind(model, config, env_keys)
 
 
 def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_s: float = 180.0,
@@ -385,12 +400,18 @@ def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_
     the red team would otherwise write into the driver's log by the hundred."""
     from ray.serve.schema import LoggingConfig
 
+    env_keys = driver_keys(cfg)
     logging_config = LoggingConfig(enable_access_log=access_log)
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     url = f"http://{host}:{port}"
     try:
-        serve.run(build(cfg.model_dump(mode="json")), name=cfg.name, route_prefix="/", blocking=False,
-                  logging_config=logging_config)
+        try:
+            serve.run(build(cfg.model_dump(mode="json"), env_keys), name=cfg.name, route_prefix="/", blocking=False,
+                      logging_config=logging_config)
+        except RuntimeError as exc:  # serve.run waits for the application; its error names no cause
+            if "Deploying application" not in str(exc):
+                raise
+            raise ConfigError(deploy_failure(cfg)) from None
         _wait_healthy(cfg, url, wait_s, check_http)
     except BaseException:
         with contextlib.suppress(Exception):  # a failed deployment must not keep holding the cluster's CPUs
@@ -406,7 +427,7 @@ def _wait_healthy(cfg: ServeConfig, url: str, wait_s: float, check_http: bool) -
     while True:
         app = serve.status().applications.get(cfg.name)
         if app is not None and app.status == "DEPLOY_FAILED":
-            raise ConfigError(f"deploying {cfg.name!r} failed: {str(app.message).strip().splitlines()[-1:]}")
+            raise ConfigError(deploy_failure(cfg))
         try:
             if app is not None and app.status == "RUNNING" and (
                     not check_http or httpx.get(f"{url}/healthz", timeout=20).status_code == 200):
@@ -416,6 +437,16 @@ def _wait_healthy(cfg: ServeConfig, url: str, wait_s: float, check_http: bool) -
         if time.monotonic() > deadline:
             raise ConfigError(f"the endpoint at {url} did not become healthy within {wait_s:.0f} s")
         time.sleep(0.5)
+
+
+def deploy_failure(cfg: ServeConfig) -> str:
+    """One line for a failed deployment: the last line of the first failing deployment's message (the replica's
+    exception), not the traceback Serve keeps."""
+    app = serve.status().applications.get(cfg.name)
+    deployments = app.deployments.values() if app else ()
+    messages = [d.message for d in deployments if d.message] + [app.message if app else ""]
+    lines = [line.strip() for m in messages for line in str(m).strip().splitlines()[-1:] if line.strip()]
+    return f"deploying {cfg.name!r} failed: {lines[0] if lines else 'see the Serve logs'}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -437,14 +468,62 @@ def undeploy(cfg: ServeConfig, *, shutdown: bool = True) -> None:
 
 
 def load_args(args: argparse.Namespace) -> ServeConfig:
+    from jobs.config import read_yaml
+
     raw = {}
     if args.config:
-        with open(args.config) as fh:
-            raw = yaml.safe_load(fh) or {}
-        raw = raw.get("args", raw)  # a Serve application entry's args, or a bare ServeConfig mapping
+        raw = read_yaml(args.config)  # a missing or broken file: one line naming it
+        raw = raw.get("args", raw) if isinstance(raw, dict) else raw  # a Serve application entry's args
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of ServeConfig fields")
     overrides = {"bundle": args.bundle, "keys": args.keys, "state": args.state, "output": args.output}
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return parse_config(raw)
+
+
+def driver_keys(cfg: ServeConfig) -> list[dict]:
+    """``$<keys_env>`` of this process as hashed entries for the replicas, whose environment (on a cluster
+    started elsewhere) lacks it; the key file must be readable where the replicas run."""
+    return [e.model_dump(exclude_none=True) for e in env_entries(cfg.keys_env)]
+
+
+def check_driver(cfg: ServeConfig) -> ServeConfig:
+    """Everything the replicas would fail on, checked here before deploying (one line, exit 2): the keys, the
+    bundle and the detector config. Local paths come back absolute: replicas do not share this folder."""
+    from adv.bundle import load_bundle
+
+    KeyRing(cfg.keys, cfg.keys_env)  # no keys, or a broken key file / variable: ConfigError
+    detector_config(cfg, load_bundle(cfg.bundle))
+    absolute = {k: os.path.abspath(v) for k in ("bundle", "keys", "state")
+                if (v := getattr(cfg, k)) is not None and "://" not in v}
+    return cfg.model_copy(update=absolute)
+
+
+def shutdown(name: str | None) -> None:
+    """Remove the application ``name`` (all of Serve when None) and its detector state owner(s), which
+    ``serve shutdown`` leaves running (a detached actor); the detector state stays in its storage."""
+    import ray
+
+    # the namespace holds only state owners (get_owner names the one actor each application has)
+    owners = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+    if name is not None:
+        owners = [o for o in owners if o == owner_name(parse_config({"bundle": "-", "name": name}))]
+        apps = serve.status().applications if _serve_running() else {}
+        if name in apps:
+            serve.delete(name)
+        log(f"removed application {name!r}" if name in apps else f"no application {name!r} was running")
+    else:
+        serve.shutdown()
+        log("Serve shut down")
+    for owner in owners:
+        _kill_named(owner)
+    log(f"removed detector state owner(s): {', '.join(owners) or 'none running'}")
+
+
+def _serve_running() -> bool:
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,14 +537,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="deploy on this Ray cluster and exit (default $RAY_ADDRESS; none: embedded Ray)")
+    parser.add_argument("--shutdown", action="store_true",
+                        help="remove the deployment from --address: Serve (or only --name) and the detector "
+                             "state owner(s) `serve shutdown` leaves running; the state stays on disk")
+    parser.add_argument("--name", help="with --shutdown: only this application (ServeConfig name, default all)")
+    parser.add_argument("--base-dir", metavar="DIR", help='resolve relative paths against DIR (`--base-dir "$PWD"` '
+                                                          "in a `ray job submit` command: the submitting folder)")
     args = parser.parse_args(argv)
 
     def body() -> int:
-        cfg = load_args(args)
+        if args.shutdown:
+            if not args.address:
+                raise ConfigError("--shutdown needs the cluster: --address ADDRESS (or $RAY_ADDRESS; "
+                                  "--address auto for one started on this machine)")
+            init_ray(args.address)
+            shutdown(args.name)
+            return 0
+        with common.run_from(args.base_dir):
+            cfg = load_args(args)
+            if args.base_dir is None:  # a submitted job's folder is a temporary copy of its working dir
+                common.check_job_paths({"bundle": cfg.bundle, "keys": cfg.keys}, {"state": cfg.state})
+            cfg = check_driver(cfg)
         init_ray(args.address)
         url = deploy(cfg, args.host, args.port, check_http=not args.address)  # a remote proxy may be unreachable
         if args.address:
-            log(f"deployed {cfg.name!r} at {url} on {args.address}; remove with `serve shutdown`")
+            log(f"deployed {cfg.name!r} at {url} on {args.address}; remove it with "
+                f"`python -m jobs.serve --shutdown --address {args.address}`")
             return 0
         log(f"serving {cfg.bundle} at {url} (Ctrl-C or SIGTERM stops)")
         stop = threading.Event()

@@ -72,8 +72,10 @@ class Identity:
 class KeyRing:
     """``ring.lookup(key) -> Identity | None`` over the hashes of the file's and the variable's keys."""
 
-    def __init__(self, path: str | None = None, env: str | None = "ADV_SERVE_KEYS", *, check_every: float = 1.0):
-        self.path, self.env, self.check_every = path, env, check_every
+    def __init__(self, path: str | None = None, env: str | None = "ADV_SERVE_KEYS", *, check_every: float = 1.0,
+                 entries: tuple[KeyEntry, ...] = ()):
+        # ``entries``: keys given as values (hashed), e.g. a driver's $ADV_SERVE_KEYS handed to remote replicas
+        self.path, self.env, self.check_every, self.entries = path, env, check_every, tuple(entries)
         self._lock = threading.Lock()
         self._stamp: tuple | None = None
         self._checked = 0.0
@@ -92,7 +94,7 @@ class KeyRing:
     def reload(self) -> None:
         """Read the file and the variable again; a broken file keeps the previous keys (and says why)."""
         ids: dict[str, Identity] = {}
-        for entry in self._env_entries() + self._file_entries():
+        for entry in [*self.entries, *self._env_entries(), *self._file_entries()]:
             digest = entry.sha256 or hash_key(entry.key)
             limits = tuple((k, v) for k in ("rate", "burst", "quota") if (v := getattr(entry, k)) is not None)
             ids[digest] = Identity(entry.user, entry.role, entry.revoked, limits)
@@ -127,18 +129,24 @@ class KeyRing:
                               f"{len(getattr(e, 'errors', lambda: [])())} problem(s)); see adv.serving.keys") from None
 
     def _env_entries(self) -> list[KeyEntry]:
-        raw = os.environ.get(self.env, "") if self.env else ""
-        out = []
-        for item in filter(None, (s.strip() for s in raw.split(","))):
-            role, rest = ("admin", item[6:]) if item.startswith("admin:") else ("user", item)
-            user, sep, key = rest.partition("=")
-            if not sep:
-                raise ConfigError(f"${self.env}: entries are user=key or admin:user=key, separated by commas")
-            try:
-                out.append(KeyEntry(user=user, key=key, role=role))
-            except ValidationError:
-                raise ConfigError(f"${self.env}: bad entry for user {user!r} (keys need >= 8 characters)") from None
-        return out
+        return env_entries(self.env) if self.env else []
+
+
+def env_entries(env: str) -> list[KeyEntry]:
+    """The keys of the variable ``env`` (``user=key,admin:ops=key``), each as a hashed entry (no plain key kept)."""
+    raw = os.environ.get(env, "")
+    out = []
+    for item in filter(None, (s.strip() for s in raw.split(","))):
+        role, rest = ("admin", item[6:]) if item.startswith("admin:") else ("user", item)
+        user, sep, key = rest.partition("=")
+        if not sep:
+            raise ConfigError(f"${env}: entries are user=key or admin:user=key, separated by commas")
+        try:
+            KeyEntry(user=user, key=key, role=role)  # the checks (user name, key length) of a file's entry
+        except ValidationError:
+            raise ConfigError(f"${env}: bad entry for user {user!r} (keys need >= 8 characters)") from None
+        out.append(KeyEntry(user=user, sha256=hash_key(key), role=role))
+    return out
 
 
 def _stamp(path: str) -> tuple | None:
