@@ -130,6 +130,64 @@ def test_save_load_and_the_log_round_trip_exactly(tmp_path, log_mode):
     assert names == ["manifest.json", "snapshot-000002.arrow"]
 
 
+@pytest.mark.parametrize("cut", [7, 300, "header"])
+def test_a_torn_final_log_frame_is_truncated_with_a_warning_and_loading_goes_on(tmp_path, caplog, cut):
+    """Issue 25: only an unacknowledged append leaves a short final frame; loading drops it (naming the
+    bytes) and starts, then appends after the last whole frame."""
+    det = QueryDetector(_combined())
+    det.save(str(tmp_path), log_mode="append")
+    det.observe(_images(4), users=list("abcd"), probs=_probs(4), now=0.0)
+    det.flush()
+    log = tmp_path / "log-000001.log"
+    good = log.read_bytes()
+    det.observe(_images(2, seed=1), users=["a", "b"], probs=_probs(2), now=1.0)
+    det.flush()
+    whole = log.read_bytes()
+    torn = whole[: len(good) + 9] if cut == "header" else whole[:-cut]
+    log.write_bytes(torn)
+    with caplog.at_level("WARNING", logger="adv.detectors.state"):
+        back = QueryDetector.load(str(tmp_path))
+    assert f"dropped {len(torn) - len(good)} bytes of a torn final log frame" in caplog.text
+    assert log.read_bytes() == good and len(back) == 4
+    back.observe(_images(1, seed=2), users=["e"], probs=_probs(1), now=2.0)
+    back.flush()
+    assert len(QueryDetector.load(str(tmp_path))) == 5  # appended after the last whole frame, reloads whole
+
+
+def test_a_failed_append_is_cut_back_so_no_torn_frame_precedes_good_ones(tmp_path, monkeypatch):
+    det = QueryDetector(_combined())
+    det.save(str(tmp_path), log_mode="append")
+    det.observe(_images(4), users=list("abcd"), probs=_probs(4), now=0.0)
+    det.flush()
+    store = det._store
+    real = store.fs.open_append_stream
+
+    class HalfWrite:  # the disk fills up halfway through the frame
+        def __init__(self, path):
+            self.f = real(path)
+
+        def __enter__(self):
+            return self
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.close()
+            raise OSError(28, "No space left on device")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(store, "fs", type("FS", (), {"__getattr__": lambda _, k: getattr(real.__self__, k),
+                                                     "open_append_stream": lambda _, p: HalfWrite(p)})())
+    det.observe(_images(2, seed=1), users=["a", "b"], probs=_probs(2), now=1.0)
+    with pytest.raises(OSError, match="No space"):
+        det.flush()
+    monkeypatch.setattr(store, "fs", real.__self__)
+    assert det.flush() == 2  # the kept updates, written whole after the cut
+    back = QueryDetector.load(str(tmp_path))
+    _assert_same_state(det, back)
+
+
 def test_a_truncated_or_damaged_state_file_is_a_clear_error_naming_it(tmp_path):
     det = QueryDetector(_combined())
     det.observe(_images(4), users=list("abcd"), probs=_probs(4), now=0.0)
@@ -138,8 +196,8 @@ def test_a_truncated_or_damaged_state_file_is_a_clear_error_naming_it(tmp_path):
     det.flush()
     log = tmp_path / "log-000001.log"
     data = log.read_bytes()
-    log.write_bytes(data[:-7])
-    with pytest.raises(StateError, match=r"log-000001\.log: corrupt or truncated .*truncated"):
+    log.write_bytes(data[:20] + bytes([data[20] ^ 1]) + data[21:])  # damage in a whole frame: a hard error
+    with pytest.raises(StateError, match=r"log-000001\.log: corrupt or truncated .*checksum mismatch .* byte 0"):
         QueryDetector.load(str(tmp_path))
     with pytest.warns(RuntimeWarning, match="starting empty"):
         empty = QueryDetector.load(str(tmp_path), on_corrupt="empty")
