@@ -27,6 +27,9 @@ class Limits(BaseModel):
     max_images: int = Field(16, ge=1, le=1024)
     #: Pixels of one encoded image before decoding, so a decompression bomb is refused unopened (413).
     max_pixels: int = Field(1024 * 1024, ge=1)
+    #: Threads per gateway replica that decode bodies, off the event loop: big PNGs queue for these and
+    #: never stall other callers' requests (the queue itself is bounded by the gateway's ongoing requests).
+    decode_workers: int = Field(2, ge=1, le=64)
 
 
 class RateLimit(BaseModel):
@@ -94,6 +97,9 @@ class ServeConfig(BaseModel):
     #: Seconds a replica keeps retrying an unreachable state owner (it restarts from durable state) before a 503.
     owner_timeout_s: float = Field(30.0, gt=0)
     owner_num_cpus: float = Field(0.25, ge=0)
+    #: Seconds ``/healthz`` reuses its deep check (model plus owner), so unauthenticated callers cannot make
+    #: it run the model at will; ``/livez`` answers without touching either.
+    health_cache_s: float = Field(5.0, ge=0, le=300)
     device: str = "cpu"
     #: Serve application name; the state owner is the named actor ``adv-detector-<name>``.
     name: str = Field("adv", pattern=r"^[A-Za-z0-9_-]{1,40}$")
