@@ -36,7 +36,7 @@ def _nudge(x: torch.Tensor, seed: int, eps: float = 0.02) -> torch.Tensor:
 
 
 def _index_only(**kw) -> QueryDetector:
-    return QueryDetector(DetectorConfig(per_user=None, index=SMALL.model_copy(update=kw), action="flag"))
+    return QueryDetector(DetectorConfig(per_user=None, index=SMALL.model_copy(update=kw), features=None, action="flag"))
 
 
 def test_the_same_image_from_different_accounts_matches_and_a_chain_is_flagged():
@@ -77,7 +77,7 @@ def test_capacity_and_age_bound_the_index_and_per_user_retention_drops_old_image
     assert index.lookup(hashes[29], 29, now=5.0).exact_repeat  # still there
     assert not index.lookup(hashes[29], 29, now=11.0).exact_repeat  # older than max_age
     assert IndexConfig().bytes_per_query() < 1024
-    cfg = DetectorConfig(per_user=SimilarityConfig(metric="mse", max_age=10.0, downscale=2), index=None)
+    cfg = DetectorConfig(per_user=SimilarityConfig(metric="mse", max_age=10.0, downscale=2), index=None, features=None)
     det = QueryDetector(cfg)
     det.observe(_images(3, seed=4), users=["a"] * 3, probs=_probs(3), now=0.0)
     h = det.users.history
@@ -265,7 +265,7 @@ class _Model(nn.Module):
 
 @pytest.mark.parametrize("action", ["flag", "deceive", "fallback", "block"])
 def test_a_flagged_answer_has_the_same_fields_types_and_status_as_a_normal_one(action):
-    det = QueryDetector(DetectorConfig(per_user=None, index=SMALL, action=action), fallback=_Model())
+    det = QueryDetector(DetectorConfig(per_user=None, index=SMALL, features=None, action=action), fallback=_Model())
     x = _images(1, seed=10)
     xs = torch.cat([x, _nudge(x, 1)])
     probs = _Model()(xs).softmax(1)
@@ -307,7 +307,7 @@ def test_the_index_sees_a_sybil_attacker_the_per_user_layer_misses_but_not_one_s
     clf = trained_classifier()
     x, y = sample_batch(40)
     index = IndexConfig(window=10, top_k=30, match_threshold=15, max_age=100.0)
-    combined = DetectorConfig(per_user=SimilarityConfig(metric="mse"), index=index)
+    combined = DetectorConfig(per_user=SimilarityConfig(metric="mse"), index=index, features=None)
     common = dict(attack="square", eps=0.05, queries=200, accounts=300)
     with single_thread():
         per_user = evaluate_query_detection(clf, x[:8], y[:8], config=SimilarityConfig(metric="mse"), **common)
@@ -325,3 +325,43 @@ def test_the_index_sees_a_sybil_attacker_the_per_user_layer_misses_but_not_one_s
     assert noisy.detection_rate < both.detection_rate  # heavy noise breaks the hash matches...
     assert kinds["distinct"].users_flagged == 0.0 and kinds["popular"].queries == 5 * 8
     assert kinds["popular"].users_flagged == 0.0  # exact repeats of a popular image are never flagged
+
+
+def test_the_feature_index_catches_the_noisy_sybil_that_breaks_the_hashes_and_spares_benign_users():
+    """Issue 25: ±0.05 uniform noise per query, rotated over 150 accounts, goes past Blacklight's hashes; the
+    feature index (mean-free pooled images) still chains it, while benign traffic stays unflagged."""
+    from adv.evaluate.query_detection import Transform, benign_traffic, evaluate_query_detection
+    from tests.test_defenses_helpers import sample_batch, single_thread, trained_classifier
+
+    clf = trained_classifier()
+    x, y = sample_batch(48)
+    noisy = dict(attack="square", eps=0.1, queries=150, accounts=150, transform=Transform(uniform=0.05))
+    hashes = DetectorConfig(per_user=None, features=None)
+    feats = DetectorConfig(per_user=None, index=None)
+    with single_thread():
+        blind = evaluate_query_detection(clf, x[:8], y[:8], config=hashes, **noisy)
+        seen = evaluate_query_detection(clf, x[:8], y[:8], config=feats, **noisy)
+        kinds = {k: benign_traffic(clf, feats, x[8:], kind=k, users=8) for k in ("distinct", "retakes", "popular")}
+    assert blind.detection_rate <= 0.3 and seen.detection_rate >= 0.6, (blind, seen)
+    assert seen.true_success_with_layer <= seen.true_success_without_layer / 2
+    assert all(k.users_flagged == 0.0 for k in kinds.values()), {n: k.users_flagged for n, k in kinds.items()}
+
+
+def test_the_feature_index_round_trips_through_snapshot_and_log_and_old_states_load(tmp_path):
+    from adv.detectors import FeatureIndexConfig
+
+    cfg = DetectorConfig(per_user=None, index=None, features=FeatureIndexConfig(block=3, radius=0.05, chain_limit=3,
+                                                                                capacity=16))
+    det = QueryDetector(cfg)
+    base = _images(1, seed=3)
+    walk = torch.cat([(base + 0.01 * k).clamp(0, 1) for k in range(5)])  # brightness steps: mean-free, one chain
+    det.save(str(tmp_path / "s"))
+    first = det.observe(walk[:3], users=["a", "b", "c"], probs=_probs(3), now=0.0)
+    assert [d.features.chain for d in first] == [1, 2, 3] and first[2].alarms == ("features",)
+    det.flush()
+    back = QueryDetector.load(str(tmp_path / "s"))  # replayed from the log
+    _assert_same_state(det, back)
+    det.save()
+    again = QueryDetector.load(str(tmp_path / "s"))  # from the snapshot
+    _assert_same_state(det, again)
+    assert again.observe(walk[3:4], users=["d"], probs=_probs(1), now=1.0)[0].features.chain == 4

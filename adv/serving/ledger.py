@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from adv.serving.config import RateLimit
 
-ALARMS = ("distance", "prediction", "index")
+ALARMS = ("distance", "prediction", "index", "features")
 
 
 @dataclass
