@@ -400,6 +400,34 @@ def test_red_team_round_trip_with_one_and_with_several_accounts(app, tmp_path):
 
 
 @pytest.mark.ray
+def test_red_team_noisy_sybil_rotates_each_query_over_every_account(app, tmp_path):
+    """Issue 25: per-request rotation left a Square batch on one key (5 of 150 accounts ever used); per-query
+    rotation spreads each image's queries over all accounts, and every query is noised before it is sent."""
+    import torch
+
+    from adv.bundle import load_bundle
+    from adv.evaluate.query_detection import Transform
+    from adv.serving.client import Endpoint
+    from adv.serving.redteam import red_team
+    from jobs.redteam import read_keys
+
+    users = ["sybil0", "sybil1", "sybil2"]
+    keys, names, admin = read_keys(str(attacker_keys(tmp_path / "noisy.yaml", users)), 3)
+    model = load_bundle(app.bundle).build()
+    x = torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(3))
+    y = model(x).argmax(1)
+    before = {u: _stats(app, u)["queries"] for u in users}
+    endpoint = Endpoint(app.url)
+    row = red_team(endpoint, keys, names, admin, model, x, y, attack="square", eps=0.3, queries=12, classes=10,
+                   output="label", max_images=8, rotation="query", transform=Transform(uniform=0.05))
+    endpoint.close()
+    spent = {u: _stats(app, u)["queries"] - before[u] for u in users}
+    assert sum(spent.values()) == row["queries"] and row["accounts_used"] == 3 and min(spent.values()) >= 2
+    assert "each query rotated over 3 accounts" in row["threat_model"] and "uniform 0.05" in row["threat_model"]
+    assert row["rotation"] == "query" and row["transform"]["uniform"] == 0.05
+
+
+@pytest.mark.ray
 def test_red_team_without_a_bundle_judges_success_by_the_endpoints_answers(app, tmp_path, capsys):
     """Only the endpoint: the attack still runs through it and the flags come from the admin route; success is
     as answered by the endpoint and the in-process comparison is 'not run'. Bad keys or URL: one line."""

@@ -254,3 +254,44 @@ def test_red_team_without_the_model_judges_by_the_answers_asked_around_the_attac
     refused = rt.red_team(FakeEndpoint(), ["k"], ["u"], "admin", None, x, torch.tensor([0, 1, 0, 1]),
                           attack="square", eps=0.1, queries=10, classes=2, output="label")
     assert abs(refused["success_as_answered"] - 1 / 3) < 1e-6  # 0.85 is right now, its adversarial refused
+
+
+class _Refusing:
+    """An endpoint stand-in that refuses queries whose noise is small (as a detector tuned to it would)."""
+
+    def __init__(self, clean: np.ndarray, limit: float):
+        self.clean, self.limit, self.sent = clean, limit, []
+        self.rate_limited = 0
+
+    def predict(self, x: np.ndarray, key: str) -> list[dict]:
+        self.sent.append((key, len(x)))
+        moved = np.abs(x - self.clean[: len(x)]).reshape(len(x), -1).max(1)
+        return [{"blocked": True} if m < self.limit else {"label": 1, "confidence": 0.9} for m in moved]
+
+
+def test_per_query_rotation_spreads_every_images_queries_and_oars_grows_its_transform_on_refusals():
+    import torch
+
+    from adv.evaluate.query_detection import Transform
+    from adv.serving.client import HttpOracle, Oars
+
+    x = torch.full((4, *SHAPE), 0.5)
+    spread = HttpOracle(_Refusing(x.numpy(), 0.0), [f"k{i}" for i in range(5)], output="labels", classes=10,
+                        max_images=16, rotation="query")
+    for _ in range(5):
+        spread(x)
+    assert spread.accounts_used == [0, 1, 2, 3, 4] and spread.total == 20
+    assert sorted(spread._mine.values()) == [4] * 5  # each account saw 4 of the 20 queries
+    by_request = HttpOracle(_Refusing(x.numpy(), 0.0), [f"k{i}" for i in range(5)], output="labels", classes=10)
+    by_request(x)
+    assert by_request.accounts_used == [0]  # the old rotation: a batch rides one key
+    endpoint = _Refusing(x.numpy(), 0.09)  # refuses noise under 0.09: the OARS attacker must grow past it
+    oars = HttpOracle(endpoint, ["a", "b"], output="labels", classes=10, rotation="query",
+                      transform=Transform(uniform=0.05), oars=Oars(grow=2.0, retries=3))
+    labels = oars(x)
+    assert (labels == 1).all() and oars.resent >= 4 and oars.scale > 1.5 and oars.total == 4 + oars.resent
+    plain = HttpOracle(_Refusing(x.numpy(), 0.09), ["a"], output="labels", classes=10,
+                       transform=Transform(uniform=0.05))
+    assert (plain(x) == -1).all()  # without OARS the same noise stays refused
+    with pytest.raises(ValueError, match="adapts a transform"):
+        HttpOracle(endpoint, ["a"], output="labels", classes=10, oars=Oars())
