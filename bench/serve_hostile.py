@@ -40,7 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.docs import command as command_line, markers, write_section
-from bench.serve import NPY, benign_requests, closed_loop, lost_updates, make_bundle, malformed_requests, npy, replicas
+from bench.serve import (
+    NPY, benign_requests, closed_loop, lost_updates, make_bundle, malformed_requests, npy, replicas, start,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = markers("serve_hostile")
@@ -167,9 +169,7 @@ def main(argv=None) -> int:
     import ray
 
     from adv.data import load_dataset
-    from adv.serving import Limits, RateLimit, Scaling, ServeConfig
-    from adv.serving.keys import hash_key
-    from jobs.serve import deploy, free_port, undeploy
+    from jobs.serve import undeploy
 
     t_start = time.time()
     work = ROOT / "runs" / "bench-serve-hostile"
@@ -177,17 +177,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True)
     names = ["mal", "admin", *(f"torn{i}" for i in range(4))]
     keys = {u: f"{u}-bench-key-{os.urandom(6).hex()}" for u in names}
-    (work / "keys.yaml").write_text(json.dumps({"keys": [
-        {"user": u, "sha256": hash_key(k), "role": "admin" if u == "admin" else "user"} for u, k in keys.items()]}))
     images = load_dataset("fashion-mnist", split="test", n=200, seed=1).tensors()[0].numpy()
-    bundle = make_bundle(args, work / "bundle")
-    cfg = ServeConfig(bundle=bundle, keys=str(work / "keys.yaml"), keys_env="ADV_BENCH_NO_KEYS",
-                      state=str(work / "state"), name="hostile", rate_limit=RateLimit(rate=10_000, burst=10_000),
-                      limits=Limits(max_body_bytes=256 * 1024), owner_timeout_s=120.0,
-                      scaling=Scaling(min_replicas=2, max_replicas=2, max_batch_size=16, max_ongoing_requests=32))
-    ray.init(address="local", num_cpus=4, num_gpus=0, object_store_memory=512 * 2**20, include_dashboard=False,
-             log_to_driver=False)
-    url = deploy(cfg, "127.0.0.1", free_port())
+    cfg, url = start(make_bundle(args, work / "bundle"), work, keys, "hostile", owner_timeout_s=120.0)
     log(f"serving at {url}")
     res: dict = {"clients": args.clients}
     try:
