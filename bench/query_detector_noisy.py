@@ -2,7 +2,9 @@
 
     .venv/bin/python -m bench.query_detector_noisy [--n 20] [--queries 1000] [--accounts 150] [--benign 1000]
 
-Fashion-MNIST, ``lenet`` (the classifier of ``bench.query_detector``). Each
+Fashion-MNIST and ``lenet`` (the classifier of ``bench.query_detector``,
+``runs/fm-lenet``) when that checkpoint exists, else MNIST and advertorch's
+clean LeNet5 from ``../shared/data/models`` (no training needed). Each
 attacked image is one attacker whose queries rotate, query by query, over
 ``--accounts`` accounts of its own, each query changed at random before it is
 sent (``adv.evaluate.query_detection.Transform``):
@@ -61,6 +63,22 @@ def attackers(noise: float) -> dict:
             "noisy, shifted, brightened": Transform(uniform=noise, shift=1, brightness=noise)}
 
 
+def load(args):
+    """(classifier, its description, test images, labels, dataset name): Fashion-MNIST lenet, else MNIST LeNet5."""
+    from adv.data import load_dataset
+    from adv.models import load_checkpoint, load_external
+
+    n = args.n + args.benign
+    if Path(args.classifier).is_file():
+        clf, meta = load_checkpoint(args.classifier)
+        x, y = load_dataset("fashion-mnist", split="test", n=n, seed=0).tensors()
+        return clf.eval(), f"`{args.classifier}` ({meta.get('arch', '?')})", x, y, "Fashion-MNIST"
+    shared = ROOT.parent / "shared" / "data"
+    clf = load_external("lenet5", shared / "models" / "mnist_lenet5_clntrained.pt").eval()
+    x, y = load_dataset("mnist", split="test", n=n, seed=0, root=str(shared / "mnist")).tensors()
+    return clf, "advertorch's clean LeNet5 (`mnist_lenet5_clntrained.pt`, 98.9% on MNIST test)", x, y, "MNIST"
+
+
 def attack_rows(clf, x, y, args) -> list[dict]:
     from adv.attacks import get_attack
     from adv.attacks.oracle import QueryOracle
@@ -71,6 +89,8 @@ def attack_rows(clf, x, y, args) -> list[dict]:
                                     queries=args.queries)
     rows = []
     for who, transform in attackers(args.noise).items():
+        if who not in args.attackers:
+            continue
         for name, config in detectors().items():
             log(f"{who} Sybil ({args.accounts} accounts) against {name}")
             t0 = time.perf_counter()
@@ -123,7 +143,7 @@ def _pct(v) -> str:
     return "–" if v is None or v != v else f"{v:.0%}"
 
 
-def markdown(rows, benign, latency, args, command: str, info: str, meta: dict) -> str:
+def markdown(rows, benign, latency, args, command: str, info: str, model: str, dataset: str) -> str:
     from adv.detectors import FeatureIndexConfig
 
     f = FeatureIndexConfig()
@@ -139,8 +159,8 @@ def markdown(rows, benign, latency, args, command: str, info: str, meta: dict) -
              f"{f.bytes_per_query():.0f} bytes each for 28x28 grey). Action `deceive`. *No detector* is the same "
              "noisy attacker with nothing watching; *plain attack* is Square without noise or detector. Success "
              "is on the model over the correctly classified images.", "",
-             f"Produced by `{command}` ({info}). Classifier: `{args.classifier}` ({meta.get('arch', '?')}); "
-             f"{args.n} attacked and {args.benign} benign Fashion-MNIST test images (disjoint), benign traffic "
+             f"Produced by `{command}` ({info}). Classifier: {model}; "
+             f"{args.n} attacked and {args.benign} benign {dataset} test images (disjoint), benign traffic "
              f"from {args.benign_users} users; Square eps {args.eps:g}, {args.queries} queries.", "",
              "| attacker | detector | attackers detected | median queries to detection | attack success, with "
              "detector | same noisy attacker, no detector | plain attack | with / no detector |",
@@ -171,9 +191,6 @@ def markdown(rows, benign, latency, args, command: str, info: str, meta: dict) -
 
 
 def main(argv=None) -> int:
-    from adv.data import load_dataset
-    from bench.defenses import classifier
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=20, help="attacked test images (one attacker each)")
     p.add_argument("--benign", type=int, default=1000, help="benign test images (distinct from the attacked)")
@@ -182,6 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, default=0.05, help="half-width of the uniform noise per query")
     p.add_argument("--eps", type=float, default=0.1, help="Square's L-inf budget")
     p.add_argument("--queries", type=int, default=1000, help="Square's query budget")
+    p.add_argument("--attackers", nargs="+", default=list(attackers(0.05)), choices=list(attackers(0.05)))
     p.add_argument("--latency-stored", type=int, default=10_000)
     p.add_argument("--latency-reps", type=int, default=100)
     p.add_argument("--classifier", default=str(ROOT / "runs" / "fm-lenet" / "model.pt"))
@@ -190,15 +208,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0, load0 = time.time(), os.getloadavg()[0]
-    clf, meta = classifier(args)
-    x, y = load_dataset("fashion-mnist", split="test", n=args.n + args.benign, seed=0).tensors()
+    clf, model, x, y, dataset = load(args)
     rows = attack_rows(clf, x[: args.n], y[: args.n], args)
     benign = benign_rows(clf, x[args.n :], args)
     latency = latency_rows(args.latency_stored, args.latency_reps)
     info = (f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs (load average {load0:.1f} at the "
             f"start, {os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}, {args.threads} thread(s); "
             f"{(time.time() - t0) / 60:.1f} min")
-    text = markdown(rows, benign, latency, args, command_line("query_detector_noisy", argv), info, meta)
+    text = markdown(rows, benign, latency, args, command_line("query_detector_noisy", argv), info, model, dataset)
     write_section(Path(args.docs) / "benchmarks.md", text, "query_detector_noisy")
     print(text)
     return 0
