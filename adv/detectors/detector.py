@@ -158,7 +158,7 @@ class QueryDetector:
                     self.index.insert(hashes[i], int(digest[i]), now, match.chain)
                 if self.features is not None:
                     fmatch = self.features.lookup(feats[i], int(digest[i]), now)
-                    self.features.insert(feats[i], int(digest[i]), now, fmatch.chain)
+                    self.features.insert(feats[i], int(digest[i]), now, fmatch.cluster)
                 matches.append(match)
                 near.append(fmatch)
                 self._pending.append(_record(users[i], now, hashes[i] if self.index else None, int(digest[i]),
@@ -288,7 +288,7 @@ class QueryDetector:
                         self.index.insert(h, r["digest"], r["time"], r["chain"])
                     if self.features is not None and r.get("features") is not None:
                         self.features.insert(np.asarray(r["features"], np.float32), r["digest"], r["time"],
-                                             r["fchain"])
+                                             r["fcluster"])
                     if self.users is not None and r["image"] is not None:
                         self.users.history.add(r["user"], np.asarray(r["image"], np.float32),
                                                np.asarray(r["probs"], np.float32), r["distance"],
@@ -312,7 +312,7 @@ def _check(x, users, probs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _record(user, now, hashes, digest, match, pu, image, probs, feats=None, fmatch=None) -> dict:
     """One logged update: the index inserts and the per-user add this query made (None: that detector is off)."""
-    return {"user": user, "time": now, "features": feats, "fchain": fmatch.chain if fmatch is not None else 0,
+    return {"user": user, "time": now, "features": feats, "fcluster": fmatch.cluster if fmatch is not None else 0,
             "hashes": None if hashes is None else hashes[hashes != 0], "digest": digest,
             "chain": match.chain if match is not None else 0,
             "image": image, "probs": probs.numpy() if image is not None else None,
@@ -339,7 +339,7 @@ def _batch(records: list[dict]) -> pa.RecordBatch:
         "image": _lists(col["image"], np.float32, pa.float32()),
         "probs": _lists(col["probs"], np.float32, pa.float32()),
         "distance": pa.array(col["distance"], pa.bool_()), "prediction": pa.array(col["prediction"], pa.bool_()),
-        "features": _lists(col["features"], np.float32, pa.float32()), "fchain": pa.array(col["fchain"], pa.int32()),
+        "features": _lists(col["features"], np.float32, pa.float32()), "fcluster": pa.array(col["fcluster"], pa.int32()),
     })
 
 
