@@ -26,8 +26,9 @@ repeats, as in the fingerprint index: a popular image is never flagged for
 being popular.
 
 Search is exact and brute force over a ring of the last ``capacity`` queries
-(one product per query): ``4 * C * cells**2`` bytes per stored query (196 B
-for 28x28 grey at 7x7 cells), no image kept.
+(one product per query, about 1 ms at 10,000 stored on a loaded 2-core
+machine); ``4 * C * cells**2`` bytes per stored query (196 B for 28x28 grey at
+7x7 cells), no image kept.
 
 Shape: features(images (N, C, H, W) in [0, 1], config) -> (N, C * cells * cells) float32
 """
@@ -122,8 +123,9 @@ class FeatureIndex:
         n = len(self)
         if n == 0 or self.dim != len(vector):
             return FeatureMatch(float("inf"), 1, False)
-        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b over the live rows, one product (BLAS)
-        d2 = self.norms[:n] + float(vector @ vector) - 2.0 * (self.vectors[:n] @ vector)
+        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b over the stored rows; einsum, not BLAS: a multi-threaded BLAS
+        # matrix-vector product is 20-100x slower on a loaded machine than this single-threaded loop
+        d2 = self.norms[:n] + float(vector @ vector) - 2.0 * np.einsum("ij,j->i", self.vectors[:n], vector)
         rms = np.sqrt(np.maximum(d2, 0.0) / self.dim)
         live = np.ones(n, bool) if cfg.max_age is None else self.times[:n] >= now - cfg.max_age
         near = live & (rms <= cfg.radius)
