@@ -143,6 +143,22 @@ def _pct(v) -> str:
     return "–" if v is None or v != v else f"{v:.0%}"
 
 
+def targets(rows: list[dict], benign: list[dict], none: dict) -> str:
+    """Issue 25's targets for the detector serving by default (all three), as measured here."""
+    full = "per-user SSIM + index + features"
+    worst = max((r["users_flagged"] for r in benign if r["detector"] == full and r["kind"] == "distinct"), default=0)
+    parts = []
+    for r in rows:
+        if r["detector"] == full:
+            base = none[r["attacker"]]
+            ratio = "n/a (the noisy attacker fails without a detector too)" if not base else \
+                f"{r['true_success_with_layer'] / base:.2f}"
+            parts.append(f"{r['attacker']}: with / no detector {ratio}")
+    return (f"**Targets** (issue 25: success with the detector at most half of without, benign users flagged at most "
+            f"1%), for the default detector ({full}): " + "; ".join(parts) + f"; distinct benign users flagged "
+            f"{worst:.0%}.")
+
+
 def markdown(rows, benign, latency, args, command: str, info: str, model: str, dataset: str) -> str:
     from adv.detectors import FeatureIndexConfig
 
@@ -174,6 +190,7 @@ def markdown(rows, benign, latency, args, command: str, info: str, model: str, d
         lines.append(f"| {r['threat_model']} | {r['detector']} | {_pct(r['detection_rate'])} | "
                      f"{'–' if med is None else f'{med:.0f}'} | {_pct(r['true_success_with_layer'])} | "
                      f"{_pct(base)} | {_pct(r['true_success_without_layer'])} | {ratio} |")
+    lines += ["", targets(rows, benign, none)]
     lines += ["", "Benign traffic through each detector (as in the section above: *distinct* images, *retakes* "
               "after a mild crop, mirror and brightness change, a *popular* image sent by every user).", "",
               "| detector | traffic | users | queries | users flagged | queries flagged | answers changed |",
