@@ -247,14 +247,22 @@ class Bundle:
         return model.to(resolve_device(device)).eval()
 
     def public_manifest(self) -> dict[str, Any]:
-        """The manifest without detector parameters (thresholds) and file hashes: safe to show clients."""
-        out = json.loads(json.dumps(self.manifest))
-        out.pop("files", None)
-        if out.get("detector"):
-            out["detector"] = out["detector"].partition(":")[0]
-        if out.get("query_detector") is not None:
-            out["query_detector"] = {"enabled": True}
-        return out
+        """What clients may see (``GET /v1/model``), built from an allow-list: the defense names (no
+        parameters: they hold thresholds and file names), the numbers with their labels and subsets, the
+        dataset, input shape and class count. Never provenance (paths, hosts, commits, library versions, a
+        sweep candidate's detector thresholds), file hashes or the query detector's settings."""
+        clf = self.manifest["classifier"]
+        name = lambda spec: str(spec).partition(":")[0]  # noqa: E731
+        numbers = {str(k): {f: v[f] for f in ("value", "ci95", "n", "label", "subset") if f in v}
+                   for k, v in self.numbers.items() if isinstance(v, dict)}
+        return {"format": FORMAT, "schema_version": SCHEMA_VERSION,
+                "classifier": {"arch": str(clf.get("arch", "")), "num_classes": int(clf["num_classes"]),
+                               "input_size": [int(v) for v in clf["input_size"]],
+                               "dataset": str(clf.get("dataset", ""))},
+                "stages": [name(s) for s in self.stages],
+                "detector": name(self.detector) if self.detector else None,
+                "query_detector": {"enabled": True} if self.query_detector is not None else None,
+                "numbers": numbers}
 
 
 def write_bundle(
@@ -361,9 +369,54 @@ def load_bundle(location: str | os.PathLike, verify: bool = True) -> Bundle:
     for key in ("classifier", "stages", "numbers", "files"):
         if key not in manifest:
             raise BundleError(f"{manifest_path}: missing key {key!r}")
+    _check_paths(root, manifest, manifest_path)  # with or without verify: a path never leaves the bundle
     if verify:
         _verify(root, manifest["files"])
     return Bundle(root=root, manifest=manifest, location=str(location))
+
+
+def _inside(root: Path, rel: Any, what: str, manifest_path: Path) -> str:
+    """``rel`` when it names a plain file inside ``root``: relative, no ``..``, no symlink on the way."""
+    from pathlib import PurePosixPath
+
+    bad = f"{manifest_path}: {what} {str(rel)[:200]!r} is not a plain file inside the bundle"
+    if not isinstance(rel, str) or not rel or "\\" in rel or PurePosixPath(rel).is_absolute() or ":" in rel:
+        raise BundleError(bad + " (a relative path is required)")
+    parts = PurePosixPath(rel).parts
+    if any(p in ("..", ".") for p in parts) or PurePosixPath(*parts).as_posix() != rel:
+        raise BundleError(bad + " (no '..', '.' or repeated '/')")
+    path = root
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise BundleError(bad + " (a symbolic link)")
+    if path.exists() and not path.is_file():
+        raise BundleError(bad + " (not a regular file)")
+    return rel
+
+
+def _check_paths(root: Path, manifest: dict, manifest_path: Path) -> None:
+    """Every file the manifest names (``files``, ``classifier.file``, stage files) is a plain file inside the
+    bundle, and the classifier and stage files are among the hashed ``files``."""
+    from adv.defenses.registry import parse_defense_spec
+
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise BundleError(f"{manifest_path}: 'files' must map relative paths to sha256 digests")
+    for rel in files:
+        _inside(root, rel, "files entry", manifest_path)
+    clf = manifest["classifier"]
+    named = [("classifier.file", clf.get("file") if isinstance(clf, dict) else None)]
+    for spec in [*manifest["stages"], *([manifest["detector"]] if manifest.get("detector") else [])]:
+        try:
+            stage, raw = parse_defense_spec(spec)
+            named += [(f"stage {stage!r} {k}", raw[k]) for k in _file_fields(stage) if raw.get(k)]
+        except (AdvError, TypeError, ValueError) as e:
+            raise BundleError(f"{manifest_path}: bad stage spec {str(spec)[:200]!r} ({e})") from None
+    for what, rel in named:
+        _inside(root, rel, what, manifest_path)
+        if rel not in files:
+            raise BundleError(f"{manifest_path}: {what} {rel!r} is not among the hashed 'files'")
 
 
 def _verify(root: Path, files: dict[str, str]) -> None:

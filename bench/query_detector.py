@@ -55,8 +55,9 @@ def attacks(args) -> dict[str, dict]:
 def detectors() -> dict:
     from adv.detectors import DetectorConfig, SimilarityConfig
 
-    return {"per-user": SimilarityConfig(metric="ssim"), "index": DetectorConfig(per_user=None),
-            "combined": DetectorConfig()}
+    # the Blacklight index alone, without the feature index (bench.query_detector_noisy measures that one)
+    return {"per-user": SimilarityConfig(metric="ssim"), "index": DetectorConfig(per_user=None, features=None),
+            "combined": DetectorConfig(features=None)}
 
 
 def runs(args):

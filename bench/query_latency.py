@@ -52,7 +52,7 @@ def detector_latency(stored=(10_000, 100_000), users: int = 1000, reps: int = 20
     for name, (shape, downscale) in SHAPES.items():
         per_user = SimilarityConfig(candidates=4, max_age=86_400.0, downscale=downscale)
         dets = {"combined": QueryDetector(DetectorConfig(per_user=per_user)),
-                "index": QueryDetector(DetectorConfig(per_user=None))}
+                "index": QueryDetector(DetectorConfig(per_user=None, features=None))}
         rng = np.random.default_rng(0)
         for n in stored:
             row = {"image": name, "stored": n}

@@ -239,6 +239,26 @@ def faults(url: str, cfg, keys: dict, images, clients: int, seconds: float) -> d
             **lost_updates(url, keys["admin"], acked_per_user(rows, "fault"))}
 
 
+def start(bundle: str, work: Path, keys: dict, name: str, port: int = 0, *, owner_timeout_s: float):
+    """A local Ray with Serve hosting ``bundle`` (two model replicas of 0.25 CPU, the default detector) for
+    ``keys`` (``admin`` is the admin); its state under ``work``. Returns the config and the URL."""
+    import ray
+
+    from adv.serving import Limits, RateLimit, Scaling, ServeConfig
+    from adv.serving.keys import hash_key
+    from jobs.serve import deploy, free_port
+
+    (work / "keys.yaml").write_text(json.dumps({"keys": [
+        {"user": u, "sha256": hash_key(k), "role": "admin" if u == "admin" else "user"} for u, k in keys.items()]}))
+    cfg = ServeConfig(bundle=bundle, keys=str(work / "keys.yaml"), keys_env="ADV_BENCH_NO_KEYS",
+                      state=str(work / "state"), name=name, rate_limit=RateLimit(rate=10_000, burst=10_000),
+                      limits=Limits(max_body_bytes=256 * 1024), owner_timeout_s=owner_timeout_s,
+                      scaling=Scaling(min_replicas=2, max_replicas=2, max_batch_size=16, max_ongoing_requests=32))
+    ray.init(address="local", num_cpus=4, num_gpus=0, object_store_memory=512 * 2**20, include_dashboard=False,
+             log_to_driver=False)
+    return cfg, deploy(cfg, "127.0.0.1", port or free_port())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bundle", help="a defense bundle (default: lenet + DWT, see above)")
@@ -258,9 +278,7 @@ def main(argv=None) -> int:
     import ray
 
     from adv.data import load_dataset
-    from adv.serving import Limits, RateLimit, Scaling, ServeConfig
-    from adv.serving.keys import hash_key
-    from jobs.serve import deploy, free_port, undeploy
+    from jobs.serve import undeploy
 
     t_start = time.time()
     work = ROOT / "runs" / "bench-serve"
@@ -269,17 +287,9 @@ def main(argv=None) -> int:
     top = max(args.clients)
     names = ["mal", "admin", *(f"{p}{i}" for p in ("tp", "load", "fault") for i in range(top))]
     keys = {u: f"{u}-bench-key-{os.urandom(6).hex()}" for u in names}
-    (work / "keys.yaml").write_text(json.dumps({"keys": [
-        {"user": u, "sha256": hash_key(k), "role": "admin" if u == "admin" else "user"} for u, k in keys.items()]}))
     images = load_dataset("fashion-mnist", split="test", n=2000, seed=1).tensors()[0].numpy()
     bundle = make_bundle(args, work / "bundle")
-    cfg = ServeConfig(bundle=bundle, keys=str(work / "keys.yaml"), keys_env="ADV_BENCH_NO_KEYS",
-                      state=str(work / "state"), name="bench", rate_limit=RateLimit(rate=10_000, burst=10_000),
-                      limits=Limits(max_body_bytes=256 * 1024), owner_timeout_s=60.0,
-                      scaling=Scaling(min_replicas=2, max_replicas=2, max_batch_size=16, max_ongoing_requests=32))
-    ray.init(address="local", num_cpus=4, num_gpus=0, object_store_memory=512 * 2**20, include_dashboard=False,
-             log_to_driver=False)
-    url = deploy(cfg, "127.0.0.1", args.port or free_port())
+    cfg, url = start(bundle, work, keys, "bench", args.port, owner_timeout_s=60.0)
     log(f"serving at {url}")
     res: dict = {"config": cfg.model_dump(mode="json")}
     try:

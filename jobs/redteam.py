@@ -13,6 +13,15 @@ Without it (only the endpoint) success is as answered by the endpoint, to the
 attacker's first account, which a detector action can change; the in-process
 comparison is reported as not run. Writes ``redteam.json`` and
 ``redteam.md`` under ``--out``. No Ray needed.
+
+The adaptive attacker: ``--rotation query`` spreads each image's queries over
+all ``--accounts`` (not one request per key), ``--noise``/``--shift``/
+``--brightness`` transform every query at random before it is sent (uniform
+noise of that half-width, a cyclic shift of up to that many pixels, a
+brightness offset), and ``--oars`` resends refused queries with a larger
+transform (Feng et al., CCS 2023). The noisy Sybil of issue 25::
+
+    python -m jobs.redteam ... --attack square --accounts 150 --rotation query --noise 0.05
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from adv.errors import ConfigError
-from adv.serving.client import Endpoint
+from adv.serving.client import ROTATIONS, Endpoint, Oars
 from adv.serving.keys import KeyFile
 from adv.serving.redteam import ATTACKS, NO_BUNDLE, red_team
 from jobs.common import guarded, logger
@@ -56,7 +65,7 @@ def read_keys(path: str, accounts: int, only: list[str] | None = None) -> tuple[
 
 def run(url: str, keys_file: str, *, attack: str, accounts: int, n: int, dataset: str, eps: float, queries: int,
         bundle: str | None = None, seed: int = 0, data_root: str | None = None,
-        users: list[str] | None = None) -> dict:
+        users: list[str] | None = None, rotation: str = "request", transform=None, oars=None) -> dict:
     """One red-team round against ``url`` (as ``users``, default the file's first ``accounts``); the row.
 
     ``bundle``: the served bundle (true success and the in-process comparison), or None: success as
@@ -83,7 +92,8 @@ def run(url: str, keys_file: str, *, attack: str, accounts: int, n: int, dataset
             x, y = data.tensors()
             row = red_team(endpoint, keys, names, admin, model, x, y, attack=attack, eps=eps,
                            queries=queries, classes=classes,
-                           output=info["output"], max_images=int(info.get("max_images", 16)), seed=seed)
+                           output=info["output"], max_images=int(info.get("max_images", 16)), seed=seed,
+                           rotation=rotation, transform=transform, oars=oars)
         lat = 1000 * np.array(endpoint.latencies or [0.0])
         return {**row, "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}}
     finally:
@@ -114,7 +124,7 @@ def markdown(rows: list[dict]) -> str:
     extra = ("success as answered by the endpoint | ", "---|") if answered else ("", "")
     lines = ["| attack | endpoint output | oracle | accounts | threat model | success via endpoint (true, on the model) | "
              f"{extra[0]}success in-process | mean queries (endpoint / in-process) | flagged at query | "
-             "accounts flagged |", "|---|---|---|---|---|---|" + extra[1] + "---|---|---|---|"]
+             "accounts flagged (used) |", "|---|---|---|---|---|---|" + extra[1] + "---|---|---|---|"]
     for r in rows:
         flagged = "never" if r["flagged_at_query"] is None else str(r["flagged_at_query"])
         free = r["mean_queries_in_process"]
@@ -123,7 +133,7 @@ def markdown(rows: list[dict]) -> str:
                      f"{_pct(r['success_endpoint'])} | {as_answered if answered else ''}"
                      f"{_pct(r['success_in_process']) if free is not None else NO_BUNDLE} | "
                      f"{r['mean_queries']:.0f} / {'not run' if free is None else f'{free:.0f}'} | {flagged} | "
-                     f"{r['accounts_flagged']}/{r['accounts']} |")
+                     f"{r['accounts_flagged']}/{r['accounts']} (used {r.get('accounts_used', r['accounts'])}) |")
     if answered:
         judged = next(r for r in rows if "judged_by" in r)
         lines += ["", f"Success as answered by the endpoint: {judged['judged_by']} ({judged['judge_queries']} "
@@ -135,10 +145,16 @@ def markdown(rows: list[dict]) -> str:
 
 # ---- the main job's serving story: deploy, red-team with one account and many, report, shut down ---------
 
-ROUNDS = (  # (endpoint output, attack, accounts: 1 or the Sybil count)
+ROUNDS = (  # (endpoint output, attack, attacker: 1 account, "sybil" (requests rotated), "noisy" (issue 25))
     ("label", "hopskipjump", 1), ("label", "hopskipjump", "sybil"), ("label", "square", 1),
-    ("probs", "square", 1), ("probs", "square", "sybil"),
+    ("probs", "square", 1), ("probs", "square", "sybil"), ("probs", "square", "noisy"),
 )
+#: The noisy Sybil: each query rotated over this many accounts, with uniform noise of this half-width.
+NOISY_ACCOUNTS, NOISY_NOISE = 150, 0.05
+
+
+def round_accounts(kind, accounts: int) -> int:
+    return {1: 1, "sybil": accounts, "noisy": NOISY_ACCOUNTS}[kind]
 
 
 def _story_keys(folder: Path, accounts: int) -> tuple[Path, Path, dict]:
@@ -147,7 +163,8 @@ def _story_keys(folder: Path, accounts: int) -> tuple[Path, Path, dict]:
 
     from adv.serving.keys import hash_key
 
-    users = [f"attacker{r}-{j}" for r in range(len(ROUNDS)) for j in range(accounts)] + ["operator"]
+    users = [f"attacker{r}-{j}" for r, (_, _, kind) in enumerate(ROUNDS)
+             for j in range(round_accounts(kind, accounts))] + ["operator"]
     keys = {u: secrets.token_urlsafe(24) for u in users}
     role = lambda u: "admin" if u == "operator" else "user"  # noqa: E731
     server, attacker = folder / "keys.yaml", folder / "attacker-keys.yaml"
@@ -166,6 +183,7 @@ def story(bundle: str, out: str | Path, *, dataset: str = "fashion-mnist", n: in
     Serve's per-request access log is off unless ``access_log`` (the red team sends hundreds of requests)."""
     import shutil
 
+    from adv.evaluate.query_detection import Transform
     from adv.serving import RateLimit, ServeConfig
     from jobs.common import init_ray
     from jobs.serve import deploy, free_port, undeploy
@@ -187,10 +205,11 @@ def story(bundle: str, out: str | Path, *, dataset: str = "fashion-mnist", n: in
             for r, (out_kind, attack, acc) in enumerate(ROUNDS):
                 if out_kind != output:
                     continue
-                k = accounts if acc == "sybil" else 1
+                k = round_accounts(acc, accounts)
+                noisy = {"rotation": "query", "transform": Transform(uniform=NOISY_NOISE)} if acc == "noisy" else {}
                 row = run(url, str(attacker_keys), attack=attack, accounts=k, n=n, dataset=dataset, eps=eps,
                           queries=queries, bundle=str(bundle), seed=r, data_root=data_root,
-                          users=[f"attacker{r}-{j}" for j in range(k)])
+                          users=[f"attacker{r}-{j}" for j in range(k)], **noisy)
                 rows.append(row)
     finally:
         undeploy(cfg)
@@ -235,7 +254,10 @@ def write_story(folder: Path, rows: list[dict], bundle: str, cfg) -> Path:
         "'in-process' is the same attack without the endpoint or its detector. Under `deceive` a flagged "
         "attacker is served plausible wrong answers: it believes it has succeeded and stops early (fewer queries "
         "than in-process) while its true success stays low; an attacker who sees that the answers disagree "
-        "with a fresh account's could notice, which this harness does not try.", "",
+        "with a fresh account's could notice, which this harness does not try. The last row is the noisy "
+        f"Sybil of issue 25: each image's queries rotated over {NOISY_ACCOUNTS} accounts with uniform noise of "
+        f"±{NOISY_NOISE:g} on every query, which breaks the pixel fingerprint's exact hashes; its in-process "
+        "twin sends the same noisy queries with no detector.", "",
         markdown(rows),
         "Endpoint figures per round (one request per oracle call of up to 16 images): "
         + "; ".join(f"{r['attack']}/{r['output']}/{r['accounts']} acc: {r['requests']} requests, "
@@ -275,6 +297,20 @@ def plot_story(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def attacker_transform(args):
+    """The per-query transform the options ask for, or None (validated: one line on a bad value)."""
+    from pydantic import ValidationError
+
+    from adv.evaluate.query_detection import Transform
+
+    if not (args.noise or args.shift or args.brightness):
+        return None
+    try:
+        return Transform(uniform=args.noise, shift=args.shift, brightness=args.brightness)
+    except ValidationError as e:
+        raise ConfigError(f"bad transform: {e.errors()[0]['loc'][0]} {e.errors()[0]['msg']}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.redteam", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", required=True)
@@ -289,14 +325,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", help="the served bundle, if you have it: true success (on its model) and the "
                    "in-process comparison; without it success is as answered by the endpoint")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rotation", choices=ROTATIONS, default="request",
+                   help="over the accounts: one request per key in turn, or each query (each image's queries "
+                        "spread over all accounts)")
+    p.add_argument("--noise", type=float, default=0.0, help="uniform noise of this half-width on every query")
+    p.add_argument("--shift", type=int, default=0, help="a random cyclic shift of up to this many pixels per query")
+    p.add_argument("--brightness", type=float, default=0.0, help="a random brightness offset up to this per query")
+    p.add_argument("--oars", action="store_true", help="OARS (Feng et al., CCS 2023): resend refused queries with a "
+                   "larger transform, and keep the scale that passed")
     p.add_argument("--out", default="runs/redteam")
     args = p.parse_args(argv)
 
     def body() -> int:
         if args.accounts < 1 or args.n < 1 or args.queries < 1:
             raise ConfigError("--accounts, --n and --queries must be >= 1")
+        transform = attacker_transform(args)
+        if args.oars and transform is None:
+            raise ConfigError("--oars adapts a transform: give --noise, --shift or --brightness too")
         row = run(args.url, args.keys, attack=args.attack, accounts=args.accounts, n=args.n, dataset=args.dataset,
-                  eps=args.eps, queries=args.queries, bundle=args.bundle, seed=args.seed, data_root=args.data_dir)
+                  eps=args.eps, queries=args.queries, bundle=args.bundle, seed=args.seed, data_root=args.data_dir,
+                  rotation=args.rotation, transform=transform, oars=Oars() if args.oars else None)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "redteam.json").write_text(json.dumps([row], indent=2))

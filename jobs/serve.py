@@ -14,7 +14,11 @@ application (``build``) has three parts:
 
 * ``Gateway`` (FastAPI ingress): keys, limits, decoding, response shaping
   (``adv.serving``); never answers 500: client errors are 4xx with one line,
-  an unreachable backend is 503 with ``Retry-After``.
+  an unreachable backend (or a model output that is not finite) is 503 with
+  ``Retry-After``. Bodies are decoded on a small thread pool, never on the
+  event loop; rate limits and quotas are charged per image after decoding.
+  ``/healthz`` is the deep check (model and owner), cached for
+  ``health_cache_s``; ``/livez`` is the cheap liveness route.
 * ``DefendedModel``: the bundle's stages and classifier under ``@serve.batch``,
   inference in a worker thread so the event loop never blocks.
 * the **state owner**: one named, detached actor (``adv-detector-<name>``)
@@ -34,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import yaml
@@ -45,6 +50,7 @@ from adv.errors import ConfigError
 from adv.serving.config import ServeConfig, owner_name
 from adv.serving.decode import RequestError, decode
 from adv.serving.keys import KeyEntry, KeyRing, env_entries
+from adv.serving.ledger import largest_request
 from adv.serving.respond import BLOCKED, body as response_body
 from jobs import common
 from jobs.common import guarded, init_ray, logger
@@ -86,8 +92,8 @@ class StateOwner:
         self.actions = Counter("adv_serve_actions", "detector actions taken on suspicious queries",
                                tag_keys=("action",))
 
-    def admit(self, user: str, overrides: dict | None = None) -> float | None:
-        return self.owner.admit(user, overrides)
+    def admit(self, user: str, overrides: dict | None = None, cost: int = 1) -> float | None:
+        return self.owner.admit(user, overrides, cost=cost)
 
     def observe(self, x: np.ndarray, users: list[str], probs: np.ndarray) -> list[dict]:
         answers = self.owner.observe(x, users, probs)
@@ -164,6 +170,21 @@ class OwnerClient:
 
 # ---- the defended model -----------------------------------------------------------------------------------
 
+#: What ``DefendedModel.predict`` returns for a request whose model output was not finite (NaN or inf).
+NON_FINITE = "non-finite model output"
+
+
+def finite_items(sizes: list[int], probs: np.ndarray) -> tuple[list[bool], np.ndarray]:
+    """Per request of a batch (``sizes`` images each), whether all its outputs are finite, and the row mask of
+    the finite requests: one bad image fails its own request, never the batch."""
+    rows = np.isfinite(probs).all(axis=1)
+    ok, start = [], 0
+    for n in sizes:
+        ok.append(bool(rows[start : start + n].all()))
+        start += n
+    return ok, np.repeat(np.array(ok, bool), sizes)
+
+
 @serve.deployment
 class DefendedModel:
     """The bundle's stages plus classifier, batched; each batch is decided by the owner before answering."""
@@ -197,25 +218,32 @@ class DefendedModel:
             return self.model(torch.from_numpy(x).to(self.device)).softmax(1).float().cpu().numpy()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _predict(self, items: list[tuple[np.ndarray, str]]) -> list[list[dict]]:
+    async def _predict(self, items: list[tuple[np.ndarray, str]]) -> list[list[dict] | str]:
         x = np.concatenate([im for im, _ in items])
-        users = [u for im, u in items for _ in range(len(im))]
         probs = await asyncio.to_thread(self._infer, x)  # off the event loop
-        answers = await self.owner.call("observe", x, users, probs)
+        ok, keep = finite_items([len(im) for im, _ in items], probs)
+        answers = []
+        if keep.any():  # the detector records only what is answered
+            users = [u for (im, u), good in zip(items, ok) if good for _ in range(len(im))]
+            answers = await self.owner.call("observe", x[keep], users, probs[keep])
         out, i = [], 0
-        for im, _ in items:  # only what the gateway needs: never the alarms
+        for (im, _), good in zip(items, ok):  # only what the gateway needs: never the alarms
+            if not good:  # this request only: the rest of the batch is answered
+                out.append(NON_FINITE)
+                continue
             out.append([{"probs": a["probs"], "blocked": a["blocked"]} for a in answers[i : i + len(im)]])
             i += len(im)
         return out
 
-    async def predict(self, x: np.ndarray, user: str) -> list[dict]:
+    async def predict(self, x: np.ndarray, user: str) -> list[dict] | str:
+        """The answers to one request's images, or :data:`NON_FINITE` when the model's output was not finite."""
         return await self._predict((x, user))
 
     async def owner_call(self, method: str, *args, timeout_s: float | None = None):
         return await self.owner.call(method, *args, timeout_s=timeout_s)
 
     async def health(self) -> bool:
-        """A real check: the model answers on a blank image and the state owner is reachable."""
+        """A real check: the model answers on a textured probe and the state owner is reachable."""
         await asyncio.to_thread(self._infer, self._probe)
         return await self.owner.call("ping", timeout_s=5.0)
 
@@ -260,9 +288,13 @@ class Gateway:
         self.model = model
         self.cfg = ServeConfig.model_validate(config)
         # env_keys: the deploying driver's $ADV_SERVE_KEYS, hashed (a remote replica's environment lacks it)
-        self.keys = (KeyRing(self.cfg.keys, self.cfg.keys_env) if env_keys is None else
-                     KeyRing(self.cfg.keys, None, entries=tuple(KeyEntry(**e) for e in env_keys)))
+        self.keys = (KeyRing(self.cfg.keys, self.cfg.keys_env, on_error=self.cfg.keys_on_error) if env_keys is None
+                     else KeyRing(self.cfg.keys, None, entries=tuple(KeyEntry(**e) for e in env_keys),
+                                  on_error=self.cfg.keys_on_error))
         self._info: dict | None = None
+        self._decoder = ThreadPoolExecutor(self.cfg.limits.decode_workers, thread_name_prefix="adv-decode")
+        self._health: tuple[float, str | None] = (-float("inf"), None)  # (checked at, failure or None)
+        self._health_lock = asyncio.Lock()
         self.requests = Counter("adv_serve_requests", "HTTP requests by route and status",
                                 tag_keys=("route", "status"))
         self.latency = Histogram("adv_serve_latency_s", "request latency in seconds",
@@ -301,23 +333,31 @@ class Gateway:
         who, refusal = self._identify(request)
         if refusal is not None:
             return refusal
+        unavailable = error(503, "temporarily unavailable; retry", {"Retry-After": "2"})
         try:
-            wait = await self.model.owner_call.remote("admit", who.user, dict(who.limits))
+            raw = await read_body(request, self.cfg.limits.max_body_bytes)
+            info = await self.info()
+            x = await asyncio.get_running_loop().run_in_executor(  # off the event loop, on a bounded pool
+                self._decoder, decode, raw, request.headers.get("content-type"), info["shape"], self.cfg.limits)
+            if len(x) > largest_request(self.cfg.rate_limit, dict(who.limits)):
+                raise RequestError(413, f"{len(x)} images exceed this key's per-request limit of "
+                                        f"{largest_request(self.cfg.rate_limit, dict(who.limits))}")
+            wait = await self.model.owner_call.remote("admit", who.user, dict(who.limits), len(x))  # per image
             if wait is not None:
                 return error(429, f"rate limit or quota exceeded; retry in {wait:.0f} s",
                              {"Retry-After": str(int(wait))})
-            raw = await read_body(request, self.cfg.limits.max_body_bytes)
-            info = await self.info()
-            x = decode(raw, request.headers.get("content-type"), info["shape"], self.cfg.limits)
             answers = await self.model.predict.remote(x, who.user)
+            if answers == NON_FINITE:
+                log(f"predict for user {who.user}: {NON_FINITE}; answered 503")
+                return unavailable
+            if any(a["blocked"] for a in answers):
+                return error(*BLOCKED)
+            return JSONResponse(response_body(answers, self.cfg.output, self.cfg.top_k))
         except RequestError as e:
             return error(e.status, e.reason)
         except Exception as e:  # the backend, not the client: 503 with a retry hint, never a 500
             log(f"predict failed for user {who.user}: {type(e).__name__}")  # no key, no image
-            return error(503, "temporarily unavailable; retry", {"Retry-After": "2"})
-        if any(a["blocked"] for a in answers):
-            return error(*BLOCKED)
-        return JSONResponse(response_body(answers, self.cfg.output, self.cfg.top_k))
+            return unavailable
 
     @api.get("/v1/model")
     async def manifest(self, request: Request):
@@ -335,12 +375,31 @@ class Gateway:
 
     @api.get("/healthz")
     async def healthz(self):
+        """The deep check (the model answers, the owner is reachable), run at most once per
+        ``health_cache_s`` per gateway replica however many callers ask; concurrent callers share one run."""
         t0 = time.perf_counter()
-        try:
-            await asyncio.wait_for(self.model.health.remote(), 15.0)
-        except Exception as e:
-            return self._done("healthz", t0, error(503, f"unhealthy: {type(e).__name__}"))
+        failure = await self._deep_check()
+        if failure is not None:
+            return self._done("healthz", t0, error(503, f"unhealthy: {failure}", {"Retry-After": "2"}))
         return self._done("healthz", t0, JSONResponse({"status": "ok"}))
+
+    async def _deep_check(self) -> str | None:
+        async with self._health_lock:
+            checked, failure = self._health
+            if time.monotonic() - checked < self.cfg.health_cache_s:
+                return failure
+            try:
+                await asyncio.wait_for(self.model.health.remote(), 15.0)
+                failure = None
+            except Exception as e:
+                failure = type(e).__name__
+            self._health = (time.monotonic(), failure)
+            return failure
+
+    @api.get("/livez")
+    async def livez(self):
+        """Liveness only: this gateway's event loop answers (no model run, no owner call)."""
+        return JSONResponse({"status": "alive"})
 
     @api.get("/v1/admin/users/{user}")
     async def user_stats(self, user: str, request: Request):
@@ -400,6 +459,7 @@ def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_
     the red team would otherwise write into the driver's log by the hundred."""
     from ray.serve.schema import LoggingConfig
 
+    check_local_bundle(cfg.bundle)
     env_keys = driver_keys(cfg)
     logging_config = LoggingConfig(enable_access_log=access_log)
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
@@ -418,6 +478,18 @@ def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_
             undeploy(cfg, shutdown=False)
         raise
     return url
+
+
+def check_local_bundle(location: str) -> None:
+    """Verify a bundle this machine can read before deploying it (paths inside it, hashes), so a bad one is
+    one line here rather than replicas failing to start; a URI or a path only the cluster sees is checked
+    by each replica as it loads."""
+    from pathlib import Path
+
+    from adv.bundle import MANIFEST, load_bundle
+
+    if "://" not in location and (Path(location) / MANIFEST).is_file():
+        load_bundle(location)
 
 
 def _wait_healthy(cfg: ServeConfig, url: str, wait_s: float, check_http: bool) -> None:

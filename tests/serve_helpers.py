@@ -16,11 +16,14 @@ from adv.serving.keys import hash_key
 SHAPE = (1, 28, 28)
 KEYS = {"alice": "alice-key-0001", "bob": "bob-key-00002", "carol": "carol-key-003", "dave": "dave-key-0004",
         "eve": "eve-key-00005", "mallory": "mallory-key-06", "limited": "limited-key-07", "ops": "ops-admin-key-8",
-        **{f"sybil{i}": f"sybil-key-{i:04d}" for i in range(3)}}
+        "pair": "pair-key-00012", **{f"sybil{i}": f"sybil-key-{i:04d}" for i in range(3)}}
 LIMITED = {"rate": 0.05, "burst": 2}  # the "limited" key's own rate limit
+#: Keys with their own limits (images per second, bucket size in images).
+OWN_LIMITS = {"limited": LIMITED, "pair": {"rate": 0.01, "burst": 4}}
 
 
-def make_bundle(out: Path, *, query_detector: dict | None = None) -> Path:
+def make_bundle(out: Path, *, query_detector: dict | None = None, stages: tuple[str, ...] = (),
+                provenance: dict | None = None) -> Path:
     """A seeded, untrained lenet5 for 1x28x28 images in a bundle (serving needs no accuracy)."""
     from adv.bundle import accuracy_number, write_bundle
     from adv.models import create_model, save_checkpoint
@@ -29,8 +32,8 @@ def make_bundle(out: Path, *, query_detector: dict | None = None) -> Path:
     model = create_model("lenet5", num_classes=10, input_size=SHAPE)
     ckpt = save_checkpoint(out.parent / f"{out.name}-model.pt", model, dataset="synthetic")
     numbers = {"clean": accuracy_number(50, 100, label="clean", subset="synthetic[n=100]")}
-    write_bundle(out, checkpoint=ckpt, stages=[], query_detector=query_detector, numbers=numbers,
-                 provenance={"made_by": "tests/serve_helpers.py"})
+    write_bundle(out, checkpoint=ckpt, stages=list(stages), query_detector=query_detector, numbers=numbers,
+                 provenance=provenance or {"made_by": "tests/serve_helpers.py"})
     return out
 
 
@@ -38,7 +41,7 @@ def write_keys(path: Path, *, revoked: tuple[str, ...] = (), extra: dict[str, st
     """A key file with hashes only (ops is the admin)."""
     keys = {**KEYS, **(extra or {})}
     entries = [{"user": u, "sha256": hash_key(k), "role": "admin" if u == "ops" else "user",
-                "revoked": u in revoked, **(LIMITED if u == "limited" else {})} for u, k in keys.items()]
+                "revoked": u in revoked, **OWN_LIMITS.get(u, {})} for u, k in keys.items()]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump({"keys": entries}))
     tmp.replace(path)  # atomic: a reader never sees half a file

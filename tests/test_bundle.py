@@ -82,6 +82,63 @@ def test_missing_and_added_files(bundle):
         load_bundle(bundle.root)
 
 
+def _edit(bundle, change) -> None:
+    path = bundle.root / "manifest.json"
+    m = json.loads(path.read_text())
+    change(m)
+    path.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("where", ["files", "classifier", "stage"])
+@pytest.mark.parametrize("target", ["../outside.pt", "/etc/passwd", "stages/../classifier.pt", "symlink"])
+def test_no_path_leaves_the_bundle_and_the_classifier_is_hashed(bundle, tmp_path, where, target):
+    """Issue 25: ``files`` entries, ``classifier.file`` and stage files must be plain files inside the bundle
+    (no '..', absolute path or symlink), and the classifier must be among the hashed files."""
+    outside = bundle.root.parent / "outside.pt"
+    outside.write_bytes((bundle.root / "classifier.pt").read_bytes())
+    if target == "symlink":
+        (bundle.root / "link.pt").symlink_to(outside)
+        target = "link.pt"
+
+    def change(m):
+        if where == "files":
+            m["files"][target] = m["files"]["classifier.pt"]
+        elif where == "classifier":
+            m["classifier"]["file"] = target
+        else:
+            m["stages"][0] = f"initial_ae:checkpoint={target}"
+
+    _edit(bundle, change)
+    for verify in (True, False):
+        with pytest.raises(BundleError, match="not a plain file inside the bundle|not among the hashed"):
+            load_bundle(bundle.root, verify=verify)
+
+
+def test_an_unhashed_classifier_file_is_refused(bundle):
+    (bundle.root / "other.bin").write_bytes((bundle.root / "classifier.pt").read_bytes())
+    _edit(bundle, lambda m: m["classifier"].update(file="other.bin"))
+    with pytest.raises(BundleError, match="classifier.file 'other.bin' is not among the hashed 'files'"):
+        load_bundle(bundle.root, verify=False)
+
+
+def test_public_manifest_is_an_allow_list(parts, tmp_path):
+    """Issue 25: no path, host, commit, version, threshold or file hash reaches a client."""
+    ckpt, stage_file = parts
+    b = write_bundle(tmp_path / "leaky", checkpoint=str(ckpt), stages=[f"initial_ae:checkpoint={stage_file}",
+                     "dwt:wavelet=db2,threshold=0.123"], detector=None,
+                     query_detector={"action": "block"}, numbers=_numbers(),
+                     provenance={"run": "/home/secret/run", "versions": {"torch": "9.9.9-secret"},
+                                 "commit": "deadbeefcafe", "kernel": "Linux 6.1 secret-host",
+                                 "candidate": {"detector": "disagreement:threshold=0.4242"}})
+    public = b.public_manifest()
+    text = json.dumps(public)
+    for leak in ("secret", "deadbeef", "0.4242", "0.123", "stages/", "sha", "provenance", "files", "block",
+                 str(tmp_path)):
+        assert leak not in text, leak
+    assert public["stages"] == ["initial_ae", "dwt"] and public["query_detector"] == {"enabled": True}
+    assert public["classifier"]["num_classes"] == 10 and public["numbers"]["adaptive"]["subset"]
+
+
 def test_bad_schema_version_and_not_a_bundle(bundle, tmp_path):
     manifest = bundle.root / "manifest.json"
     data = json.loads(manifest.read_text())

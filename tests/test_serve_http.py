@@ -20,6 +20,10 @@ from tests.serve_helpers import KEYS, SHAPE, attacker_keys, auth, make_bundle, n
 ROOT = Path(__file__).resolve().parents[1]
 DETECTOR = {"index": {"capacity": 5000}, "action": "deceive"}  # a small index: quick snapshots
 NPY = {"content-type": "application/x-npy"}
+#: What a sweep's bundle records and no client may read (issue 25): paths, host, commit, versions, and the
+#: candidate's per-input detector threshold.
+LEAKY = {"run": "/srv/secret-runs/sweep-7", "versions": {"torch": "9.9.9-leak", "platform": "Linux-6.1-leakhost"},
+         "commit": "deadbeefcafe0123", "candidate": {"detector": "disagreement:threshold=0.4242"}}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def app(ray_cluster, tmp_path_factory):
     from jobs.serve import deploy, free_port, undeploy
 
     tmp = tmp_path_factory.mktemp("serve")
-    bundle = make_bundle(tmp / "bundle", query_detector=DETECTOR)
+    bundle = make_bundle(tmp / "bundle", query_detector=DETECTOR, stages=("dwt",), provenance=LEAKY)
     keys = write_keys(tmp / "keys.yaml", revoked=("mallory",))
     cfg = ServeConfig(bundle=str(bundle), keys=str(keys), keys_env="ADV_TEST_NO_SUCH_VAR", state=str(tmp / "state"),
                       limits=Limits(max_body_bytes=64 * 1024, max_images=8), name="test14",
@@ -109,6 +113,183 @@ def test_keys_are_isolated_and_only_admins_read_alarm_counts(app):
     assert manifest["numbers"]["clean"]["n"] == 100 and manifest["query_detector"] == {"enabled": True}
     assert "capacity" not in str(manifest) and manifest["output"] == "label"
     assert app.http.get("/healthz").json() == {"status": "ok"}
+    assert app.http.get("/livez").json() == {"status": "alive"}
+
+
+@pytest.mark.ray
+def test_v1_model_shows_no_path_host_version_commit_or_threshold(app):
+    """Issue 25 bug 4: /v1/model is an allow-list of the manifest."""
+    import json
+
+    manifest = app.http.get("/v1/model", headers=auth("bob")).json()
+    text = json.dumps(manifest)
+    for leak in ("secret", "leak", "deadbeef", "0.4242", "threshold", "provenance", "sha256", "files",
+                 str(app.tmp), "capacity", "deceive"):
+        assert leak not in text, leak
+    assert manifest["stages"] == ["dwt"] and manifest["classifier"]["input_size"] == list(SHAPE)
+    assert manifest["numbers"]["clean"]["subset"] and manifest["classifier"]["num_classes"] == 10
+
+
+@pytest.mark.ray
+def test_a_blank_image_is_answered_and_one_bad_image_never_fails_its_batch(app):
+    """Issue 25 bug 1: DWT BayesShrink gave NaN on a constant image, answered 500 for the whole batch."""
+    import concurrent.futures as cf
+
+    before = _stats(app, "dave")["queries"]
+    blanks = [np.full((1, *SHAPE), v, np.float32) for v in (0.0, 0.5, 1.0)]
+    for x in blanks:
+        r = _predict(app, "dave", x)
+        assert r.status_code == 200, r.text
+        assert 0 <= r.json()["predictions"][0]["confidence"] <= 1
+    r = app.http.post("/v1/predict", content=png(np.zeros(SHAPE)), headers={**auth("dave"), "content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    mixed = np.concatenate([blanks[0], _image(70), blanks[2]])  # blank images beside a textured one
+    with cf.ThreadPoolExecutor(4) as pool:  # concurrent: they share @serve.batch calls
+        codes = list(pool.map(lambda x: _predict(app, "dave", x).status_code, [mixed, _image(71), blanks[1]] * 2))
+    assert codes == [200] * 6
+    assert _stats(app, "dave")["queries"] == before + 4 + 2 * (3 + 1 + 1)  # every answered image recorded
+
+
+@pytest.mark.ray
+def test_client_input_is_never_a_5xx_empty_nested_json_and_foreign_formats(app):
+    """Issue 25 bug 3 and the format weakness: these were 503 with Retry-After, or parsed by any PIL plugin."""
+    import io
+
+    from PIL import Image
+
+    h = auth("bob")
+    deep = b'{"images": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"  # within the 64 KiB body limit
+    cases = [(b'{"images": []}', "application/json", 422), (deep, "application/json", 400),
+             (b"[" * 40 + b"]" * 40, "application/json", 422)]
+    for fmt in ("GIF", "TIFF", "WEBP", "BMP"):
+        buf = io.BytesIO()
+        Image.new("L", SHAPE[1:], 128).save(buf, fmt)
+        cases += [(buf.getvalue(), "image/png", 415), (buf.getvalue(), "image/jpeg", 415)]
+    for content, kind, status in cases:
+        r = app.http.post("/v1/predict", content=content, headers={**h, "content-type": kind})
+        assert r.status_code == status, (kind, content[:12], r.status_code, r.text)
+        assert "retry-after" not in r.headers and "\n" not in r.json()["error"]
+
+
+@pytest.mark.ray
+def test_a_torn_final_detector_log_frame_never_keeps_the_endpoint_down(app):
+    """Issue 25 bug 2: the owner refused to start on a short final frame (only an unacknowledged write leaves
+    one), so the endpoint stayed at 503; now it drops the tail, says so, and serves, nothing acknowledged lost."""
+    from jobs.serve import kill_owner
+
+    assert _predict(app, "eve", _image(80)).status_code == 200  # the log has frames
+    before = _stats(app, "eve")["queries"]
+    (log,) = sorted((app.tmp / "state" / "detector").glob("log-*.log"))
+    whole = log.stat().st_size
+    with open(log, "ab") as f:  # as a crash in the middle of an append would leave it
+        f.write(b"ADVL" + (10_000).to_bytes(8, "little") + b"\0\0\0\0" + b"half a frame")
+    assert kill_owner(app.cfg, restart=True)
+    r = _predict(app, "eve", _image(81))  # the gateway waits for the restarted owner (owner_timeout_s)
+    assert r.status_code == 200, r.text
+    assert _stats(app, "eve")["queries"] == before + 1
+    assert log.stat().st_size > whole  # cut back to the last whole frame, then this answer appended
+
+
+@pytest.mark.ray
+def test_a_bundle_naming_files_outside_itself_is_refused_before_deploying(app, tmp_path):
+    """Issue 25 bug 5: classifier.file and files entries could point outside the bundle, unhashed."""
+    import json
+    import shutil
+
+    from ray import serve
+
+    from adv.bundle import BundleError
+    from jobs.serve import deploy, free_port
+
+    evil = tmp_path / "evil"
+    shutil.copytree(app.bundle, evil)
+    (tmp_path / "outside.pt").write_bytes((evil / "classifier.pt").read_bytes())
+    m = json.loads((evil / "manifest.json").read_text())
+    m["classifier"]["file"] = "../outside.pt"
+    (evil / "manifest.json").write_text(json.dumps(m))
+    cfg = app.cfg.model_copy(update={"bundle": str(evil), "name": "evil25"})
+    with pytest.raises(BundleError, match=r"classifier.file '\.\./outside.pt' is not a plain file inside the bundle"):
+        deploy(cfg, "127.0.0.1", free_port(), wait_s=60)
+    assert "evil25" not in serve.status().applications
+    assert app.http.get("/v1/model", headers=auth("bob")).status_code == 200  # the served app is untouched
+
+
+@pytest.mark.ray
+def test_rate_limits_count_images_not_requests(app):
+    """Issue 25: a 16-image request cost one unit; now each image costs one (key "pair": burst 4 images)."""
+    pair = np.concatenate([_image(90), _image(91)])
+    r = _predict(app, "pair", np.concatenate([pair, pair, _image(92)]))  # 5 images > the key's burst of 4
+    assert r.status_code == 413 and "per-request limit of 4" in r.json()["error"]
+    codes = [_predict(app, "pair", pair).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]  # counted per request, all three would pass
+    assert _stats(app, "pair")["queries"] == 4
+
+
+def _gateway(model, **config):
+    """The ingress class itself around a stand-in model handle (no Serve): for what HTTP cannot observe."""
+    from jobs.serve import Gateway
+
+    cls = Gateway.func_or_class.__bases__[0]  # serve.ingress wraps the class in an ASGI replica
+    g = cls.__new__(cls)
+    cls.__init__(g, model, {"bundle": "unused", "keys_env": "ADV_TEST_GATEWAY_KEYS", **config})
+    return g
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    async def remote(self, *args):
+        return self.fn(*args)
+
+
+def test_healthz_runs_the_deep_check_once_per_cache_window_and_decoding_is_off_the_loop(monkeypatch):
+    import asyncio
+    import threading
+
+    from starlette.requests import Request
+
+    import jobs.serve
+
+    monkeypatch.setenv("ADV_TEST_GATEWAY_KEYS", "alice=alice-key-0001")
+    checks, threads = [], []
+    real = jobs.serve.decode
+    cls = jobs.serve.Gateway.func_or_class.__bases__[0]
+    space = cls._predict.__globals__  # Serve keeps its own copy of the module's namespace for the class
+    monkeypatch.setitem(space, "decode", lambda *a: threads.append(threading.current_thread().name) or real(*a))
+    model = SimpleNamespace(health=_Remote(lambda: checks.append(1) or True), info=_Remote(lambda: {"shape": SHAPE}),
+                            owner_call=_Remote(lambda *a: None),
+                            predict=_Remote(lambda x, u: [{"probs": np.full(10, 0.1), "blocked": False}] * len(x)))
+
+    async def healthz_10(cache_s):
+        g = _gateway(model, health_cache_s=cache_s)
+        return [r.status_code for r in await asyncio.gather(*[g.healthz() for _ in range(10)])]
+
+    assert asyncio.run(healthz_10(300)) == [200] * 10 and len(checks) == 1  # ten callers, one model run
+    assert asyncio.run(healthz_10(0)) == [200] * 10 and len(checks) == 11
+
+    body = npy(_image(1))
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def predict():
+        headers = [(b"authorization", b"Bearer alice-key-0001"), (b"content-type", b"application/x-npy"),
+                   (b"content-length", str(len(body)).encode())]
+        r = await _gateway(model).predict(Request({"type": "http", "method": "POST", "headers": headers}, receive))
+        return r.status_code, threading.current_thread().name
+
+    status, loop_thread = asyncio.run(predict())
+    assert status == 200 and threads and threads[0].startswith("adv-decode") and threads[0] != loop_thread
+
+
+def test_a_non_finite_output_fails_only_its_own_request():
+    from jobs.serve import finite_items
+
+    probs = np.full((6, 10), 0.1)
+    probs[3, 2] = np.nan
+    ok, keep = finite_items([2, 2, 1, 1], probs)  # requests of 2, 2, 1 and 1 images; row 3 is the second's
+    assert ok == [True, False, True, True] and keep.tolist() == [True, True, False, False, True, True]
 
 
 @pytest.mark.ray
@@ -216,6 +397,34 @@ def test_red_team_round_trip_with_one_and_with_several_accounts(app, tmp_path):
             assert v != v or 0 <= v <= 1
         assert row["flagged_at_query"] is None or 1 <= row["flagged_at_query"] <= row["queries"]
     assert markdown([one, many]).count("\n") == 4
+
+
+@pytest.mark.ray
+def test_red_team_noisy_sybil_rotates_each_query_over_every_account(app, tmp_path):
+    """Issue 25: per-request rotation left a Square batch on one key (5 of 150 accounts ever used); per-query
+    rotation spreads each image's queries over all accounts, and every query is noised before it is sent."""
+    import torch
+
+    from adv.bundle import load_bundle
+    from adv.evaluate.query_detection import Transform
+    from adv.serving.client import Endpoint
+    from adv.serving.redteam import red_team
+    from jobs.redteam import read_keys
+
+    users = ["sybil0", "sybil1", "sybil2"]
+    keys, names, admin = read_keys(str(attacker_keys(tmp_path / "noisy.yaml", users)), 3)
+    model = load_bundle(app.bundle).build()
+    x = torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(3))
+    y = model(x).argmax(1)
+    before = {u: _stats(app, u)["queries"] for u in users}
+    endpoint = Endpoint(app.url)
+    row = red_team(endpoint, keys, names, admin, model, x, y, attack="square", eps=0.3, queries=12, classes=10,
+                   output="label", max_images=8, rotation="query", transform=Transform(uniform=0.05))
+    endpoint.close()
+    spent = {u: _stats(app, u)["queries"] - before[u] for u in users}
+    assert sum(spent.values()) == row["queries"] and row["accounts_used"] == 3 and min(spent.values()) >= 2
+    assert "each query rotated over 3 accounts" in row["threat_model"] and "uniform 0.05" in row["threat_model"]
+    assert row["rotation"] == "query" and row["transform"]["uniform"] == 0.05
 
 
 @pytest.mark.ray

@@ -93,6 +93,32 @@ def test_keys_are_hashed_reloaded_on_change_and_revocable(tmp_path, monkeypatch)
         KeyRing(None, "ADV_TEST_NO_SUCH_VAR")
 
 
+@pytest.mark.parametrize("policy", ["keep", "refuse"])
+def test_a_broken_or_deleted_key_file_is_logged_once_and_follows_the_policy(tmp_path, monkeypatch, caplog, policy):
+    monkeypatch.setenv("ADV_TEST_KEYS", "carol=carol-key-123")
+    path = write_keys(tmp_path / "keys.yaml")
+    ring = KeyRing(str(path), "ADV_TEST_KEYS", check_every=0.0, on_error=policy)
+    caplog.set_level("WARNING", logger="adv.serving.keys")
+    for broken in ("keys: [{user: x}]", None):  # an invalid edit, then the file deleted
+        if broken is None:
+            path.unlink()
+        else:
+            path.write_text(broken)
+        for _ in range(5):
+            alice = ring.lookup(KEYS["alice"])
+            assert (alice is not None and alice.user == "alice") == (policy == "keep")
+            assert ring.lookup("carol-key-123").user == "carol"  # the variable's keys are not the file's
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings  # once per problem, not per request
+    assert "not a valid key file" in warnings[0] and "cannot read the key file" in warnings[1]
+    assert all(f"keys_on_error={policy}" in w and "alice-key" not in w for w in warnings)
+    write_keys(path)
+    assert ring.lookup(KEYS["alice"]).user == "alice" and ring.problem is None
+    assert "valid again" in caplog.records[-1].getMessage()
+    with pytest.raises(ConfigError, match="on_error"):
+        KeyRing(str(path), on_error="ignore")
+
+
 def test_rate_limit_and_quota_answer_with_retry_after():
     ledger = Ledger(RateLimit(rate=1.0, burst=2, quota=3, quota_window_s=100.0))
     assert ledger.admit("a", 0.0) is None and ledger.admit("a", 0.0) is None
@@ -101,6 +127,43 @@ def test_rate_limit_and_quota_answer_with_retry_after():
     assert ledger.admit("a", 1.0) is None  # refilled; third request of the window
     assert ledger.admit("a", 50.0) == 50  # quota of 3 spent until the window ends at t=100
     assert ledger.admit("a", 100.0) is None
+
+
+def test_rate_limits_and_quotas_count_images_not_requests():
+    """Issue 25: a 16-image request costs 16, so batching buys no extra queries."""
+    from adv.serving.ledger import TooLarge, largest_request
+
+    ledger = Ledger(RateLimit(rate=2.0, burst=16, quota=40, quota_window_s=100.0))
+    assert ledger.admit("a", 0.0, cost=16) is None
+    assert ledger.admit("a", 0.0, cost=1) == 1  # the bucket is empty after one 16-image request
+    assert ledger.admit("a", 8.0, cost=16) is None  # refilled at 2 images/s
+    assert ledger.admit("a", 100.0 - 1, cost=16) == 1  # quota: 32 of 40 spent, 16 more do not fit
+    assert ledger.admit("a", 99.0, cost=8) is None and ledger.users["a"].window_requests == 40
+    assert largest_request(RateLimit(burst=40)) == 40 and largest_request(RateLimit(), {"burst": 5}) == 5
+    with pytest.raises(TooLarge, match="17 images in one request exceed this key's limit of 16"):
+        ledger.admit("b", 0.0, cost=17)
+
+
+def test_blank_empty_nested_and_foreign_bodies_are_client_errors():
+    """Issue 25: empty and deeply nested JSON were 503s; a GIF/TIFF/WEBP/BMP under an image type is 415."""
+    from PIL import Image
+
+    assert _status(b'{"images": []}', "application/json") == 422
+    deep = b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert _status(deep, "application/json", Limits(max_body_bytes=2**20)) == 400
+    assert _status(b"[" * 50 + b"]" * 50, "application/json") == 422  # shallow nesting: parsed, then refused
+    for fmt in ("GIF", "TIFF", "WEBP", "BMP"):
+        buf = io.BytesIO()
+        Image.new("L", SHAPE[1:]).save(buf, fmt)
+        for kind in ("image/png", "image/jpeg"):
+            assert _status(buf.getvalue(), kind) == 415, (fmt, kind)
+    buf = io.BytesIO()
+    Image.new("L", SHAPE[1:]).save(buf, "JPEG")
+    assert _status(buf.getvalue(), "image/png") == 415 and _status(buf.getvalue(), "image/jpeg") == 200
+    assert _status(png(IMG[0]), "image/jpeg") == 415
+    assert _status(b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "image/png") == 400  # broken, not foreign
+    blank = decode(png(np.zeros(SHAPE, np.float32)), "image/png", SHAPE, LIMITS)
+    assert blank.shape == (1, *SHAPE) and not blank.any()
 
 
 def test_owner_is_durable_before_answering_and_reloads(tmp_path):
@@ -191,3 +254,44 @@ def test_red_team_without_the_model_judges_by_the_answers_asked_around_the_attac
     refused = rt.red_team(FakeEndpoint(), ["k"], ["u"], "admin", None, x, torch.tensor([0, 1, 0, 1]),
                           attack="square", eps=0.1, queries=10, classes=2, output="label")
     assert abs(refused["success_as_answered"] - 1 / 3) < 1e-6  # 0.85 is right now, its adversarial refused
+
+
+class _Refusing:
+    """An endpoint stand-in that refuses queries whose noise is small (as a detector tuned to it would)."""
+
+    def __init__(self, clean: np.ndarray, limit: float):
+        self.clean, self.limit, self.sent = clean, limit, []
+        self.rate_limited = 0
+
+    def predict(self, x: np.ndarray, key: str) -> list[dict]:
+        self.sent.append((key, len(x)))
+        moved = np.abs(x - self.clean[: len(x)]).reshape(len(x), -1).max(1)
+        return [{"blocked": True} if m < self.limit else {"label": 1, "confidence": 0.9} for m in moved]
+
+
+def test_per_query_rotation_spreads_every_images_queries_and_oars_grows_its_transform_on_refusals():
+    import torch
+
+    from adv.evaluate.query_detection import Transform
+    from adv.serving.client import HttpOracle, Oars
+
+    x = torch.full((4, *SHAPE), 0.5)
+    spread = HttpOracle(_Refusing(x.numpy(), 0.0), [f"k{i}" for i in range(5)], output="labels", classes=10,
+                        max_images=16, rotation="query")
+    for _ in range(5):
+        spread(x)
+    assert spread.accounts_used == [0, 1, 2, 3, 4] and spread.total == 20
+    assert sorted(spread._mine.values()) == [4] * 5  # each account saw 4 of the 20 queries
+    by_request = HttpOracle(_Refusing(x.numpy(), 0.0), [f"k{i}" for i in range(5)], output="labels", classes=10)
+    by_request(x)
+    assert by_request.accounts_used == [0]  # the old rotation: a batch rides one key
+    endpoint = _Refusing(x.numpy(), 0.09)  # refuses noise under 0.09: the OARS attacker must grow past it
+    oars = HttpOracle(endpoint, ["a", "b"], output="labels", classes=10, rotation="query",
+                      transform=Transform(uniform=0.05), oars=Oars(grow=2.0, retries=3))
+    labels = oars(x)
+    assert (labels == 1).all() and oars.resent >= 4 and oars.scale > 1.5 and oars.total == 4 + oars.resent
+    plain = HttpOracle(_Refusing(x.numpy(), 0.09), ["a"], output="labels", classes=10,
+                       transform=Transform(uniform=0.05))
+    assert (plain(x) == -1).all()  # without OARS the same noise stays refused
+    with pytest.raises(ValueError, match="adapts a transform"):
+        HttpOracle(endpoint, ["a"], output="labels", classes=10, oars=Oars())

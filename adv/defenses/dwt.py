@@ -62,7 +62,20 @@ def denoise_image(img: np.ndarray, p: DWTParams) -> np.ndarray:
             img, sigma=p.noise_sigma, wavelet=p.wavelet, mode=p.mode, wavelet_levels=p.level,
             method=p.method, rescale_sigma=True, channel_axis=-1, convert2ycbcr=ycbcr,
         )
+        out = _flat_channels_unchanged(img, out, ycbcr)
     return np.clip(out, 0.0, 1.0)
+
+
+def _flat_channels_unchanged(img: np.ndarray, out: np.ndarray, ycbcr: bool) -> np.ndarray:
+    """Where skimage returned NaN, the input. Its estimated noise level is 0 on a flat channel (a blank
+    image), and the BayesShrink/VisuShrink thresholds then divide 0 by 0; a zero noise level means
+    nothing to shrink, so the channel passes through unchanged (``np.clip`` would keep the NaN)."""
+    bad = ~np.isfinite(out).all(axis=(0, 1))
+    if not bad.any():
+        return out
+    if ycbcr:  # the channels were mixed by the colour transform: keep the whole image
+        return img.copy()
+    return np.where(bad[None, None, :], img, out)
 
 
 def _fixed_threshold(channel: np.ndarray, p: DWTParams) -> np.ndarray:
@@ -92,6 +105,7 @@ def dwt_transform(x: torch.Tensor, p: DWTParams) -> torch.Tensor:
     arr = x.detach().cpu().double().numpy().transpose(0, 2, 3, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # skimage's sigma-estimate warnings on flat images
+        warnings.simplefilter("ignore", RuntimeWarning)  # its 0/0 there, replaced by _flat_channels_unchanged
         out = np.stack([denoise_image(img, p) for img in arr])
     return torch.from_numpy(out.transpose(0, 3, 1, 2)).to(device=x.device, dtype=x.dtype)
 

@@ -8,8 +8,9 @@
 * Query-stream detectors watch a sequence of queries for query-based attacks:
   the per-user prediction-similarity layer (:mod:`adv.detectors.query_similarity`,
   Echeberria-Barrio et al. 2020 §4.3), the account-agnostic fingerprint index
-  (:mod:`adv.detectors.fingerprint`, Li et al. 2022 "Blacklight"), and
-  :class:`QueryDetector`, which combines both, is thread-safe and keeps durable
+  (:mod:`adv.detectors.fingerprint`, Li et al. 2022 "Blacklight"), the
+  transform-robust feature index (:mod:`adv.detectors.feature_index`), and
+  :class:`QueryDetector`, which combines them, is thread-safe and keeps durable
   state (:mod:`adv.detectors.state`). Their evaluation is
   :mod:`adv.evaluate.query_detection`.
 """
@@ -25,11 +26,13 @@ from adv.detectors.query_similarity import (
     SimilarityConfig,
 )
 from adv.detectors.detector import QUERY_DETECTORS, Decision, DetectorConfig, QueryDetector
+from adv.detectors.feature_index import FeatureIndex, FeatureIndexConfig
 from adv.detectors.fingerprint import FingerprintIndex, IndexConfig
 from adv.detectors.state import StateError
 
 __all__ = [
-    "ACTIONS", "DEFAULT_THRESHOLDS", "Decision", "DetectorConfig", "FingerprintIndex", "IndexConfig", "METRICS",
+    "ACTIONS", "DEFAULT_THRESHOLDS", "Decision", "DetectorConfig", "FeatureIndex", "FeatureIndexConfig",
+    "FingerprintIndex", "IndexConfig", "METRICS",
     "PredictionSimilarityLayer", "QUERY_DETECTORS", "QueryDecision", "QueryDetector", "QueryHistory",
     "SimilarityConfig", "StateError",
 ]

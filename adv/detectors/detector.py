@@ -9,7 +9,11 @@ Two detectors, two threat models:
 * the **global index** (Li et al. 2022, "Blacklight";
   :class:`FingerprintIndex`) compares a query's fingerprint with every
   account's recent queries, so a Sybil attacker who rotates accounts is
-  still one near-duplicate chain. It keeps hashes, not images.
+  still one near-duplicate chain. It keeps hashes, not images;
+* the **feature index** (:class:`FeatureIndex`) does the same on coarse,
+  mean-free pooled images, which per-query noise, small shifts and
+  brightness changes barely move: the adaptive Sybil who transforms each
+  query (Feng et al., CCS 2023) breaks Blacklight's exact hashes, not this.
 
 A query is suspicious when either raises an alarm; the action applies to that
 query. Under ``flag``, ``deceive`` and ``fallback`` the answer has the same
@@ -44,6 +48,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from adv.detectors.feature_index import FeatureIndex, FeatureIndexConfig, FeatureMatch, features
 from adv.detectors.fingerprint import FingerprintIndex, IndexConfig, IndexMatch, digests, fingerprints
 from adv.detectors.query_similarity import (
     ACTIONS, PredictionSimilarityLayer, QueryDecision, QueryHistory, SimilarityConfig, serve, stored_image,
@@ -60,7 +65,10 @@ QUERY_DETECTORS = {
     "index": "Blacklight fingerprint index (Li et al. 2022): near-duplicate chains across all accounts, so a Sybil "
              "attacker is still caught; O(top_k) lookups, ~0.4 KB of hashes per stored query, no images; evaded "
              "by per-query noise of about half a quantization step, at a cost in attack success",
-    "combined": "QueryDetector(DetectorConfig()): both, one action (flag/deceive/block/fallback), thread-safe "
+    "features": "feature index: near-duplicate chains across all accounts on mean-free pooled images, robust to "
+                "per-query noise, small shifts and brightness changes (the adaptive Sybil of Feng et al. 2023); "
+                "exact nearest-neighbour search over a ring of recent queries, ~0.2 KB per stored 28x28 query",
+    "combined": "QueryDetector(DetectorConfig()): all three, one action (flag/deceive/block/fallback), thread-safe "
                 "batched observe, durable state (atomic snapshot + log on any pyarrow filesystem); use it to serve",
 }
 
@@ -77,6 +85,8 @@ class DetectorConfig(BaseModel):
         default_factory=lambda: SimilarityConfig(candidates=4, max_age=86_400.0))
     #: Global Blacklight index.
     index: IndexConfig | None = Field(default_factory=IndexConfig)
+    #: Global feature index, robust to transformed queries (noise, shifts, brightness).
+    features: FeatureIndexConfig | None = Field(default_factory=FeatureIndexConfig)
     action: Literal[ACTIONS] = "deceive"
 
 
@@ -86,7 +96,7 @@ class Decision:
 
     user: str
     suspicious: bool
-    #: Alarms that fired: "distance", "prediction" (per-user layer), "index" (global index).
+    #: Alarms that fired: "distance", "prediction" (per-user layer), "index" (global index), "features".
     alarms: tuple[str, ...]
     action: str  # "none" unless suspicious
     predicted: int  # the model's class
@@ -94,6 +104,7 @@ class Decision:
     probs: np.ndarray  # the probabilities to return, (K,) float32; empty when blocked
     per_user: QueryDecision | None
     index: IndexMatch | None
+    features: FeatureMatch | None = None
 
     def response(self) -> dict:
         """What the caller sees: the same keys and types whatever the decision; ``block`` says "refused"."""
@@ -117,6 +128,7 @@ class QueryDetector:
         cfg = self.config
         self.users = PredictionSimilarityLayer(None, cfg.per_user) if cfg.per_user else None
         self.index = FingerprintIndex(cfg.index) if cfg.index else None
+        self.features = FeatureIndex(cfg.features) if cfg.features else None
         self._lock = threading.Lock()  # guards the state and the pending log
         self._flush_lock = threading.Lock()  # orders log writes
         self._pending: list[dict] = []
@@ -131,28 +143,32 @@ class QueryDetector:
         users = [str(u) for u in users]
         now = time.time() if now is None else float(now)
         cfg = self.config
-        if self.index is not None:
-            hashes, _ = fingerprints(x.numpy(), cfg.index)
-            digest = digests(x.numpy())
+        hashes = fingerprints(x.numpy(), cfg.index)[0] if self.index is not None else None
+        digest = digests(x.numpy()) if self.index is not None or self.features is not None else np.zeros(len(x))
+        feats = features(x.numpy(), cfg.features) if self.features is not None else None
         stored = [stored_image(im, cfg.per_user.downscale).flatten().numpy() for im in x] if self.users else None
         with self._lock:
             self._latest = now if self._latest is None else max(self._latest, now)
             per_user = self.users.observe(x, users, probs, now=now) if self.users else [None] * len(x)
-            matches = []
+            matches, near = [], []
             for i in range(len(x)):
-                match = None
+                match = fmatch = None
                 if self.index is not None:
                     match = self.index.lookup(hashes[i], int(digest[i]), now)
                     self.index.insert(hashes[i], int(digest[i]), now, match.chain)
+                if self.features is not None:
+                    fmatch = self.features.lookup(feats[i], int(digest[i]), now)
+                    self.features.insert(feats[i], int(digest[i]), now, fmatch.cluster)
                 matches.append(match)
-                self._pending.append(_record(users[i], now, hashes[i] if self.index else None,
-                                             int(digest[i]) if self.index else 0, match, per_user[i],
-                                             stored[i] if stored else None, probs[i]))
-        return [self._decide(u, x[i : i + 1], probs[i], p, m) for i, (u, p, m) in enumerate(zip(users, per_user,
-                                                                                               matches))]
+                near.append(fmatch)
+                self._pending.append(_record(users[i], now, hashes[i] if self.index else None, int(digest[i]),
+                                             match, per_user[i], stored[i] if stored else None, probs[i],
+                                             feats[i] if feats is not None else None, fmatch))
+        return [self._decide(u, x[i : i + 1], probs[i], p, m, f)
+                for i, (u, p, m, f) in enumerate(zip(users, per_user, matches, near))]
 
     def _decide(self, user: str, x: torch.Tensor, probs: torch.Tensor, pu: QueryDecision | None,
-                match: IndexMatch | None) -> Decision:
+                match: IndexMatch | None, fmatch: FeatureMatch | None = None) -> Decision:
         alarms = []
         if pu is not None and pu.suspicious:
             limits = self.config.per_user
@@ -160,6 +176,8 @@ class QueryDetector:
             alarms += ["prediction"] * (pu.prediction_alarms >= limits.prediction_alarm_limit)
         if match is not None and match.suspicious:
             alarms.append("index")
+        if fmatch is not None and fmatch.suspicious:
+            alarms.append("features")
         suspicious = bool(alarms)
         action = self.config.action if suspicious else "none"
         fallback = None
@@ -171,7 +189,7 @@ class QueryDetector:
         return Decision(user=user, suspicious=suspicious, alarms=tuple(alarms), action=action,
                         predicted=int(probs.argmax()), label=-1 if blocked else int(served.argmax()),
                         probs=np.zeros(0, np.float32) if blocked else served.numpy().astype(np.float32),
-                        per_user=pu, index=match)
+                        per_user=pu, index=match, features=fmatch)
 
     def __len__(self) -> int:
         """Queries the index holds (0 without an index)."""
@@ -238,6 +256,8 @@ class QueryDetector:
         out = {}
         if self.index is not None:
             out.update({f"index.{k}": v for k, v in self.index.arrays().items()})
+        if self.features is not None:
+            out.update({f"features.{k}": v for k, v in self.features.arrays().items()})
         if self.users is not None:
             out.update({f"users.{k}": v for k, v in self.users.history.arrays().items()})
         return out
@@ -247,6 +267,10 @@ class QueryDetector:
             if self.index is not None:
                 part = {k[6:]: v for k, v in arrays.items() if k.startswith("index.")}
                 self.index = FingerprintIndex.from_arrays(self.config.index, part)
+            if self.features is not None:
+                part = {k[9:]: v for k, v in arrays.items() if k.startswith("features.")}
+                if part:  # a state saved before the feature index existed starts it empty
+                    self.features = FeatureIndex.from_arrays(self.config.features, part)
             if self.users is not None:
                 part = {k[6:]: v for k, v in arrays.items() if k.startswith("users.")}
                 self.users.history.restore(part)
@@ -262,6 +286,9 @@ class QueryDetector:
                         h = np.zeros(self.config.index.top_k, np.uint64)
                         h[: len(r["hashes"])] = r["hashes"]
                         self.index.insert(h, r["digest"], r["time"], r["chain"])
+                    if self.features is not None and r.get("features") is not None:
+                        self.features.insert(np.asarray(r["features"], np.float32), r["digest"], r["time"],
+                                             r["fcluster"])
                     if self.users is not None and r["image"] is not None:
                         self.users.history.add(r["user"], np.asarray(r["image"], np.float32),
                                                np.asarray(r["probs"], np.float32), r["distance"],
@@ -283,9 +310,9 @@ def _check(x, users, probs) -> tuple[torch.Tensor, torch.Tensor]:
     return x, probs
 
 
-def _record(user, now, hashes, digest, match, pu, image, probs) -> dict:
-    """One logged update: the index insert and the per-user add this query made (None: that detector is off)."""
-    return {"user": user, "time": now,
+def _record(user, now, hashes, digest, match, pu, image, probs, feats=None, fmatch=None) -> dict:
+    """One logged update: the index inserts and the per-user add this query made (None: that detector is off)."""
+    return {"user": user, "time": now, "features": feats, "fcluster": fmatch.cluster if fmatch is not None else 0,
             "hashes": None if hashes is None else hashes[hashes != 0], "digest": digest,
             "chain": match.chain if match is not None else 0,
             "image": image, "probs": probs.numpy() if image is not None else None,
@@ -312,6 +339,7 @@ def _batch(records: list[dict]) -> pa.RecordBatch:
         "image": _lists(col["image"], np.float32, pa.float32()),
         "probs": _lists(col["probs"], np.float32, pa.float32()),
         "distance": pa.array(col["distance"], pa.bool_()), "prediction": pa.array(col["prediction"], pa.bool_()),
+        "features": _lists(col["features"], np.float32, pa.float32()), "fcluster": pa.array(col["fcluster"], pa.int32()),
     })
 
 

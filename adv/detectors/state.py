@@ -9,7 +9,12 @@ Layout under the state location (a local path or any URI pyarrow knows,
     log-000007/000000012.seg object stores (no append): one object per flush
 
 A *segment* is ``b"ADVL" | length (u64) | CRC-32 (u32) | Arrow IPC stream``:
-a torn or altered one is detected, never replayed. A snapshot starts a new
+a torn or altered one is detected, never replayed. Only an append that was
+never acknowledged can leave a *short final* segment (a crash mid-write), so
+loading truncates that tail (with a warning naming the bytes dropped) and
+starts; a damaged segment anywhere else, or a bad checksum or marker, stays a
+hard error naming the file and byte. An append that fails is truncated back
+to the last good offset, so a torn frame is never followed by good ones. A snapshot starts a new
 generation; the manifest switches to it only once the snapshot is complete,
 so a crash at any point leaves the previous generation (snapshot plus its
 log) loadable. Writes are atomic: temporary file and rename where the
@@ -19,8 +24,10 @@ filesystem renames atomically (local, HDFS), a single PUT on object stores
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 import struct
 import zlib
@@ -37,6 +44,7 @@ FORMAT = "adv-query-detector"
 VERSION = 1
 _MAGIC = b"ADVL"
 _HEADER = struct.Struct("<4sQI")
+log = logging.getLogger(__name__)
 _ARRAYS = pa.schema([("name", pa.string()), ("dtype", pa.string()), ("shape", pa.list_(pa.int64())),
                      ("crc32", pa.uint32()), ("data", pa.large_binary())])
 
@@ -70,6 +78,7 @@ class StateStore:
         self.append = self.renames if log_mode == "auto" else log_mode == "append"
         self.generation: int | None = None
         self._segments = 0
+        self._log_bytes: int | None = None  # the appended log's length after the last good frame
 
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
@@ -100,7 +109,7 @@ class StateStore:
         self._write(self.snapshot_path(gen), _encode_arrays(arrays))
         manifest = {"format": FORMAT, "version": VERSION, "generation": gen, **meta}
         self._write(self.path("manifest.json"), json.dumps(manifest, indent=1).encode())
-        self.generation, self._segments = gen, 0
+        self.generation, self._segments, self._log_bytes = gen, 0, 0
         if old is not None and not keep_previous:
             self._delete_generation(old)
 
@@ -137,15 +146,43 @@ class StateStore:
         payload = sink.getvalue()
         frame = _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
         if self.append:
-            path = self._log(self.generation, True)
-            with self.fs.open_append_stream(path) as f:
-                f.write(frame)
-            self._sync(path)
+            self._append(self._log(self.generation, True), frame)
         else:
             self._segments += 1
             folder = self._log(self.generation, False)
             self.fs.create_dir(folder, recursive=True)
             self._write(f"{folder}/{self._segments:09d}.seg", frame)
+
+    def _append(self, path: str, frame: bytes) -> None:
+        """Append ``frame``; on failure cut the file back to the last good offset (then re-raise), and cut
+        any bytes a failure left there before appending, so the log is always whole frames."""
+        info = self.fs.get_file_info(path)
+        size = info.size if info.type == pafs.FileType.File else 0
+        good = self._log_bytes if self._log_bytes is not None else size
+        if size > good:
+            self._truncate(path, good, size)
+        try:
+            with self.fs.open_append_stream(path) as f:
+                f.write(frame)
+            self._sync(path)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                self._truncate(path, good, None)
+            raise
+        self._log_bytes = good + len(frame)
+
+    def _truncate(self, path: str, keep: int, size: int | None) -> None:
+        """Cut ``path`` to its first ``keep`` bytes (in place locally, else by an atomic rewrite)."""
+        if self.fs.type_name == "local":
+            os.truncate(path, keep)
+            fsync(path)
+        else:
+            with self.fs.open_input_stream(path) as f:
+                data = f.read(keep)
+            self._write(path, data)
+        if size is not None:
+            log.warning("%s: dropped %d bytes of a torn final log frame (an unacknowledged write)", path,
+                        size - keep)
 
     # ---- reading -------------------------------------------------------------------------------------------
 
@@ -170,8 +207,20 @@ class StateStore:
         gen = self.generation if self.generation is not None else int(self.read_manifest()["generation"])
         arrays = _decode_arrays(self.fs, self.snapshot_path(gen))
         batches = []
-        for path in self._log_files(gen):
-            batches += _read_segments(self.fs, path)
+        files = self._log_files(gen)
+        for i, path in enumerate(files):
+            found, good, size = _read_segments(self.fs, path)
+            batches += found
+            if good < size:  # a short final frame: only the last file can hold an unacknowledged write
+                if i != len(files) - 1:
+                    raise corrupt(path, f"torn segment at byte {good} before later log files")
+                if path.endswith(".seg"):
+                    self.fs.delete_file(path)
+                    log.warning("%s: removed a torn final log object of %d bytes", path, size)
+                else:
+                    self._truncate(path, good, size)
+            if not path.endswith(".seg"):
+                self._log_bytes = good
         self._segments = sum(p.endswith(".seg") for p in self._log_files(gen))
         return arrays, batches
 
@@ -222,19 +271,25 @@ def _decode_arrays(fs: pafs.FileSystem, path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _read_segments(fs: pafs.FileSystem, path: str) -> list[pa.RecordBatch]:
+def _read_segments(fs: pafs.FileSystem, path: str) -> tuple[list[pa.RecordBatch], int, int]:
+    """The batches of the log ``path``, the offset after its last whole frame, and its size. A short final
+    frame ends the read there (the caller truncates it); any other damage is a :class:`StateError`."""
     with fs.open_input_stream(path) as f:
         data = f.read()
     batches, pos = [], 0
     while pos < len(data):
         if len(data) - pos < _HEADER.size:
-            raise corrupt(path, f"truncated segment header at byte {pos}")
+            if data[pos : pos + 4] != _MAGIC[: len(data) - pos]:
+                raise corrupt(path, f"bad segment marker at byte {pos}")
+            break  # a torn header at the very end
         magic, length, crc = _HEADER.unpack_from(data, pos)
         payload = data[pos + _HEADER.size : pos + _HEADER.size + length]
         if magic != _MAGIC:
             raise corrupt(path, f"bad segment marker at byte {pos}")
         if len(payload) < length:
-            raise corrupt(path, f"segment at byte {pos} truncated: {len(payload)} of {length} bytes")
+            if _whole_frame_after(data, pos + 1):  # a bad length in the middle, not a torn tail
+                raise corrupt(path, f"segment at byte {pos} claims {length} bytes, past later whole segments")
+            break  # a torn payload: the frame runs past the end of the file
         if zlib.crc32(payload) != crc:
             raise corrupt(path, f"checksum mismatch in the segment at byte {pos}")
         try:
@@ -242,4 +297,16 @@ def _read_segments(fs: pafs.FileSystem, path: str) -> list[pa.RecordBatch]:
         except pa.ArrowInvalid as e:
             raise corrupt(path, f"segment at byte {pos}: {e}") from None
         pos += _HEADER.size + length
-    return batches
+    return batches, pos, len(data)
+
+
+def _whole_frame_after(data: bytes, start: int) -> bool:
+    """Whether a complete frame with a good checksum starts anywhere at or after ``start``."""
+    pos = data.find(_MAGIC, start)
+    while pos >= 0 and len(data) - pos >= _HEADER.size:
+        _, length, crc = _HEADER.unpack_from(data, pos)
+        payload = data[pos + _HEADER.size : pos + _HEADER.size + length]
+        if len(payload) == length and zlib.crc32(payload) == crc:
+            return True
+        pos = data.find(_MAGIC, pos + 1)
+    return False

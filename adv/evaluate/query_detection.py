@@ -64,6 +64,8 @@ class Transform(BaseModel):
     brightness: float = Field(0.0, ge=0.0, le=1.0)
     #: Standard deviation of Gaussian pixel noise.
     noise: float = Field(0.0, ge=0.0, le=1.0)
+    #: Half-width of uniform pixel noise (each pixel moves by up to this much either way).
+    uniform: float = Field(0.0, ge=0.0, le=1.0)
 
     def describe(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in self.model_dump().items() if v)
@@ -91,19 +93,21 @@ def perturb(x: torch.Tensor, t: Transform, gen: torch.Generator) -> torch.Tensor
         out += (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * t.brightness
     if t.noise:
         out += torch.randn(out.shape, generator=gen) * t.noise
+    if t.uniform:
+        out += (torch.rand(out.shape, generator=gen) * 2 - 1) * t.uniform
     return out.clamp(0.0, 1.0)
 
 
 def as_detector_config(config: SimilarityConfig | DetectorConfig | None) -> DetectorConfig:
     """A :class:`SimilarityConfig` alone means the per-user layer alone (with its own action)."""
     if isinstance(config, SimilarityConfig):
-        return DetectorConfig(per_user=config, index=None, action=config.action)
+        return DetectorConfig(per_user=config, index=None, features=None, action=config.action)
     return config if config is not None else DetectorConfig()
 
 
 def detector_name(config: DetectorConfig) -> str:
     parts = (["per-user " + config.per_user.metric.upper()] if config.per_user else []) + (
-        ["index"] if config.index else [])
+        ["index"] if config.index else []) + (["features"] if config.features else [])
     return " + ".join(parts) or "none"
 
 

@@ -27,18 +27,22 @@ class Limits(BaseModel):
     max_images: int = Field(16, ge=1, le=1024)
     #: Pixels of one encoded image before decoding, so a decompression bomb is refused unopened (413).
     max_pixels: int = Field(1024 * 1024, ge=1)
+    #: Threads per gateway replica that decode bodies, off the event loop: big PNGs queue for these and
+    #: never stall other callers' requests (the queue itself is bounded by the gateway's ongoing requests).
+    decode_workers: int = Field(2, ge=1, le=64)
 
 
 class RateLimit(BaseModel):
-    """Per-key limits, kept by the one state owner so they hold across every replica."""
+    """Per-key limits, kept by the one state owner so they hold across every replica. They count images:
+    a request of 16 images costs 16 (a request-count limit would let one request carry 16 queries)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    #: Sustained requests per second per key (token bucket refill rate).
+    #: Sustained images per second per key (token bucket refill rate).
     rate: float = Field(20.0, gt=0)
-    #: Bucket size: requests a key may send at once after a pause.
+    #: Bucket size: images a key may send at once after a pause (also the most one request may carry).
     burst: int = Field(40, ge=1)
-    #: Requests per key per ``quota_window_s``; None: no quota.
+    #: Images per key per ``quota_window_s``; None: no quota.
     quota: int | None = Field(None, ge=1)
     quota_window_s: float = Field(86_400.0, gt=0)
 
@@ -80,6 +84,9 @@ class ServeConfig(BaseModel):
     #: API key file (YAML); ``keys_env`` names an environment variable read as well.
     keys: str | None = None
     keys_env: str = "ADV_SERVE_KEYS"
+    #: A key file that breaks while serving (deleted, invalid): ``keep`` the last good keys, or ``refuse``
+    #: every key from it until it is valid again (fail closed). Logged once per problem (adv.serving.keys).
+    keys_on_error: Literal["keep", "refuse"] = "keep"
     output: Literal[OUTPUTS] = "label"
     top_k: int = Field(3, ge=1)
     #: Replace the bundle's query-detector config (a ``DetectorConfig`` dump); None: the bundle's, else defaults.
@@ -90,6 +97,9 @@ class ServeConfig(BaseModel):
     #: Seconds a replica keeps retrying an unreachable state owner (it restarts from durable state) before a 503.
     owner_timeout_s: float = Field(30.0, gt=0)
     owner_num_cpus: float = Field(0.25, ge=0)
+    #: Seconds ``/healthz`` reuses its deep check (model plus owner), so unauthenticated callers cannot make
+    #: it run the model at will; ``/livez`` answers without touching either.
+    health_cache_s: float = Field(5.0, ge=0, le=300)
     device: str = "cpu"
     #: Serve application name; the state owner is the named actor ``adv-detector-<name>``.
     name: str = Field("adv", pattern=r"^[A-Za-z0-9_-]{1,40}$")

@@ -3,9 +3,13 @@
 Accepted bodies: raw ``image/png``, ``image/jpeg`` or ``application/x-npy``
 (one image, or for ``.npy`` a batch ``(N, C, H, W)``), or JSON
 ``{"images": ["<base64 PNG/JPEG/npy>", ...]}``. Statuses: 400 undecodable
-(truncated image, bad base64 or JSON), 413 too large (body, image count,
-pixels), 415 unsupported content type, 422 decodable but unusable (wrong
-shape, NaN, values outside [0, 1]). Messages never quote the body.
+(truncated image, bad base64 or JSON, JSON nested too deeply), 413 too large
+(body, image count, pixels), 415 unsupported content type or an image whose
+format is not the declared one (PIL opens only PNG under ``image/png`` and
+only JPEG under ``image/jpeg``: a GIF, TIFF, WEBP or BMP is never parsed),
+422 decodable but unusable (no images, wrong shape, NaN, values outside
+[0, 1]). Messages never quote the body; an unforeseen decoder exception is
+still a 400 (the body is the only input), never a 5xx.
 
 Shape: decode(...) -> (N, C, H, W) float32 in [0, 1]
 """
@@ -27,6 +31,10 @@ from adv.serving.config import Limits
 IMAGE_TYPES = ("image/png", "image/jpeg")
 CONTENT_TYPES = (*IMAGE_TYPES, "application/x-npy", "application/json")
 _MAGIC = {b"\x89PNG": "png", b"\xff\xd8": "jpeg", b"\x93NUMPY": "npy"}
+#: The one PIL plugin each image kind may use: nothing else is ever parsed (``Image.open(formats=...)``).
+_PIL_FORMATS = {"png": ("PNG",), "jpeg": ("JPEG",)}
+#: ``{"images": [...]}`` needs two containers; anything far beyond is a nesting attack, refused unparsed.
+MAX_JSON_CONTAINERS = 64
 
 
 class RequestError(AdvError):
@@ -48,6 +56,17 @@ def media_type(content_type: str | None) -> str:
 
 def decode(body: bytes, content_type: str | None, shape: tuple[int, int, int], limits: Limits) -> np.ndarray:
     """The images of one request body, checked against the model's input ``shape`` (C, H, W)."""
+    try:
+        return _decode(body, content_type, shape, limits)
+    except RequestError:
+        raise
+    except RecursionError:
+        raise RequestError(400, "JSON nested too deeply") from None
+    except Exception as e:  # noqa: BLE001  anything else a decoder raises still comes from the body alone
+        raise RequestError(400, f"cannot decode the request body ({type(e).__name__})") from None
+
+
+def _decode(body: bytes, content_type: str | None, shape: tuple[int, int, int], limits: Limits) -> np.ndarray:
     kind = media_type(content_type)
     if len(body) > limits.max_body_bytes:
         raise RequestError(413, f"body of {len(body)} bytes exceeds the limit of {limits.max_body_bytes}")
@@ -55,6 +74,8 @@ def decode(body: bytes, content_type: str | None, shape: tuple[int, int, int], l
         raise RequestError(400, "empty body")
     if kind == "application/json":
         parts = [_one(raw, _sniff(raw, i), shape, limits) for i, raw in enumerate(_json_images(body, limits))]
+        if not parts:
+            raise RequestError(422, "no images in the request")
         x = np.concatenate(parts)
     else:
         x = _one(body, {"image/png": "png", "image/jpeg": "jpeg"}.get(kind, "npy"), shape, limits)
@@ -66,8 +87,12 @@ def decode(body: bytes, content_type: str | None, shape: tuple[int, int, int], l
 
 
 def _json_images(body: bytes, limits: Limits) -> list[bytes]:
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_CONTAINERS:  # cheap guard before any parsing
+        raise RequestError(400, f"JSON with more than {MAX_JSON_CONTAINERS} arrays or objects")
     try:
         doc = json.loads(body)
+    except RecursionError:
+        raise RequestError(400, "JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise RequestError(400, "body is not valid JSON") from None
     images = doc.get("images") if isinstance(doc, dict) else None
@@ -92,15 +117,18 @@ def _sniff(raw: bytes, i: int) -> str:
 
 
 def _one(raw: bytes, kind: str, shape: tuple[int, int, int], limits: Limits) -> np.ndarray:
-    x = _npy(raw, limits) if kind == "npy" else _picture(raw, shape[0], limits)
+    x = _npy(raw, limits) if kind == "npy" else _picture(raw, kind, shape[0], limits)
     return _check_shape(x, shape)
 
 
-def _picture(raw: bytes, channels: int, limits: Limits) -> np.ndarray:
+def _picture(raw: bytes, kind: str, channels: int, limits: Limits) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(raw))
+            try:
+                im = Image.open(io.BytesIO(raw), formats=_PIL_FORMATS[kind])
+            except Image.UnidentifiedImageError:
+                raise RequestError(*_foreign(raw, kind)) from None
             w, h = im.size  # read from the header: nothing decoded yet
             if w * h > limits.max_pixels:
                 raise RequestError(413, f"image of {w}x{h} pixels exceeds the limit of {limits.max_pixels}")
@@ -114,6 +142,19 @@ def _picture(raw: bytes, channels: int, limits: Limits) -> np.ndarray:
     im = im.convert("L" if channels == 1 else "RGB")
     arr = np.asarray(im, dtype=np.float32) / 255.0
     return (arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]).copy()
+
+
+#: Other image formats, told by their first bytes (never by a PIL plugin, which would parse them).
+_FOREIGN = ((b"GIF8", "GIF"), (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"), (b"BM", "BMP"), (b"\0\0\1\0", "ICO"),
+            (b"RIFF", "WEBP"), (b"8BPS", "PSD"), (b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"))
+
+
+def _foreign(raw: bytes, kind: str) -> tuple[int, str]:
+    """415 when the bytes are an image of another format (GIF, TIFF, WEBP, BMP...), else 400 (broken)."""
+    other = next((name for magic, name in _FOREIGN if raw.startswith(magic)), None)
+    if other is None or other.lower() == kind:
+        return 400, f"cannot decode the image (not a valid {kind.upper()})"
+    return 415, f"a {other} image sent as image/{kind}; send PNG as image/png or JPEG as image/jpeg"
 
 
 def _npy(raw: bytes, limits: Limits) -> np.ndarray:

@@ -12,11 +12,25 @@ Environment variable (``ADV_SERVE_KEYS``): ``user=key,user2=key2`` (role user)
 or ``admin:ops=key`` for an admin. The file is re-read when its modification
 time or size changes (checked at most once a second), so adding or revoking a
 key needs no restart.
+
+A key file that becomes unreadable or invalid while serving (deleted, half
+written, a YAML error) is logged once per distinct problem, without its
+content, and then handled by the policy ``on_error``:
+
+* ``keep`` (the default): keep serving the last good keys until the file is
+  valid again. Safe against a botched edit; a key removed by *deleting* the
+  file stays valid, so revoke keys with ``revoked: true``, never by deletion.
+* ``refuse``: accept no key from the file (only ``$ADV_SERVE_KEYS``'s) until
+  it is valid again: fail closed, at the cost of an outage on a botched edit.
+
+At start a broken file is always a one-line error (nothing to keep).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -29,6 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from adv.errors import ConfigError
 
 ROLES = ("user", "admin")
+ON_ERROR = ("keep", "refuse")
+log = logging.getLogger(__name__)
 
 
 def hash_key(key: str) -> str:
@@ -73,9 +89,13 @@ class KeyRing:
     """``ring.lookup(key) -> Identity | None`` over the hashes of the file's and the variable's keys."""
 
     def __init__(self, path: str | None = None, env: str | None = "ADV_SERVE_KEYS", *, check_every: float = 1.0,
-                 entries: tuple[KeyEntry, ...] = ()):
+                 entries: tuple[KeyEntry, ...] = (), on_error: Literal[ON_ERROR] = "keep"):
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         # ``entries``: keys given as values (hashed), e.g. a driver's $ADV_SERVE_KEYS handed to remote replicas
-        self.path, self.env, self.check_every, self.entries = path, env, check_every, tuple(entries)
+        self.path, self.env, self.check_every, self.on_error = path, env, check_every, on_error
+        self.entries = tuple(entries)
+        self.problem: str | None = None  # the key file's current problem (logged once), None when it is good
         self._lock = threading.Lock()
         self._stamp: tuple | None = None
         self._checked = 0.0
@@ -92,14 +112,19 @@ class KeyRing:
         return len(self._ids)
 
     def reload(self) -> None:
-        """Read the file and the variable again; a broken file keeps the previous keys (and says why)."""
+        """Read the file and the variable again; raises :class:`ConfigError` on a broken file."""
+        ids = self._entries_ids(self._env_entries() + self._file_entries())
+        with self._lock:
+            self._ids = ids
+
+    @staticmethod
+    def _entries_ids(entries: list[KeyEntry]) -> dict[str, Identity]:
         ids: dict[str, Identity] = {}
-        for entry in [*self.entries, *self._env_entries(), *self._file_entries()]:
+        for entry in entries:
             digest = entry.sha256 or hash_key(entry.key)
             limits = tuple((k, v) for k in ("rate", "burst", "quota") if (v := getattr(entry, k)) is not None)
             ids[digest] = Identity(entry.user, entry.role, entry.revoked, limits)
-        with self._lock:
-            self._ids = ids
+        return ids
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -110,8 +135,25 @@ class KeyRing:
         if stamp != self._stamp:
             try:
                 self.reload()
-            except ConfigError:  # a half-written or broken file: keep serving with the previous keys
-                pass
+            except ConfigError as e:  # a deleted, half-written or broken file: the policy decides
+                self._broken(str(e))
+                return
+            if self.problem is not None:
+                log.warning("API key file %s is valid again: %d keys loaded", self.path, len(self._ids))
+                self.problem = None
+
+    def _broken(self, problem: str) -> None:
+        if problem != self.problem:  # once per distinct problem, not once per request
+            then = ("keeping the last good keys" if self.on_error == "keep"
+                    else "refusing every key from the file until it is valid")
+            log.warning("%s; %s (keys_on_error=%s)", problem, then, self.on_error)
+            self.problem = problem
+        if self.on_error == "refuse":
+            env = {}
+            with contextlib.suppress(ConfigError):
+                env = self._entries_ids(self._env_entries())
+            with self._lock:
+                self._ids = env
 
     def _file_entries(self) -> list[KeyEntry]:
         if self.path is None:
@@ -129,7 +171,8 @@ class KeyRing:
                               f"{len(getattr(e, 'errors', lambda: [])())} problem(s)); see adv.serving.keys") from None
 
     def _env_entries(self) -> list[KeyEntry]:
-        return env_entries(self.env) if self.env else []
+        # values handed over at construction count as the variable's: a broken key file keeps them too
+        return [*self.entries, *(env_entries(self.env) if self.env else [])]
 
 
 def env_entries(env: str) -> list[KeyEntry]:

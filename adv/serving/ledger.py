@@ -1,8 +1,10 @@
 """Per-key bookkeeping the state owner keeps for every replica: rate limits, quotas and alarm counts.
 
 One owner holds it (not each replica), so a key's limits hold across all
-replicas. Rate limits are token buckets (``rate`` per second, ``burst``
-deep); quotas count requests per fixed window. Alarm counts are what the
+replicas. Both count *images*, not requests (a 16-image request costs 16):
+rate limits are token buckets (``rate`` images per second, ``burst`` deep);
+quotas count images per fixed window. A request of more images than the
+key's ``burst`` could never be admitted, so it is refused outright (413). Alarm counts are what the
 admin endpoint shows: queries, suspicious queries, alarms by kind, and
 when the user was first flagged. The ledger is saved with the detector
 state (``to_json``/``from_json``); the token buckets are not (a restart
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from adv.serving.config import RateLimit
 
-ALARMS = ("distance", "prediction", "index")
+ALARMS = ("distance", "prediction", "index", "features")
 
 
 @dataclass
@@ -27,7 +29,17 @@ class UserStats:
     first_flagged_query: int | None = None  # 1-based: the user's n-th query was the first one flagged
     first_flagged_at: float | None = None
     window_start: float = 0.0
-    window_requests: int = 0
+    window_requests: int = 0  # images admitted in the current quota window
+
+
+def largest_request(limits: RateLimit, overrides: dict | None = None) -> int:
+    """The most images one request may carry under these limits (the bucket and the quota must hold it)."""
+    lim = limits.model_copy(update=overrides) if overrides else limits
+    return min(lim.burst, lim.quota or lim.burst)
+
+
+class TooLarge(ValueError):
+    """One request holds more images than the key's burst or quota allows (413)."""
 
 
 class Ledger:
@@ -38,25 +50,30 @@ class Ledger:
         self.users: dict[str, UserStats] = users or {}
         self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, last refill time)
 
-    def admit(self, user: str, now: float, overrides: dict | None = None) -> float | None:
-        """Take one request from ``user``'s bucket and quota; None when allowed, else seconds to wait.
+    def admit(self, user: str, now: float, overrides: dict | None = None, cost: int = 1) -> float | None:
+        """Take ``cost`` images from ``user``'s bucket and quota; None when allowed, else seconds to wait.
 
-        ``overrides`` (``rate``, ``burst``, ``quota``) are the key's own limits."""
+        ``overrides`` (``rate``, ``burst``, ``quota``) are the key's own limits. Raises :class:`TooLarge`
+        when ``cost`` exceeds the key's burst or quota (no wait would ever admit it)."""
         lim = self.limits.model_copy(update=overrides) if overrides else self.limits
+        cost = max(1, int(cost))
+        if cost > largest_request(lim):
+            raise TooLarge(f"{cost} images in one request exceed this key's limit of {largest_request(lim)}; "
+                           "send fewer per request")
         tokens, last = self._buckets.get(user, (float(lim.burst), now))
         tokens = min(float(lim.burst), tokens + (now - last) * lim.rate)
-        if tokens < 1.0:
+        if tokens < cost:
             self._buckets[user] = (tokens, now)
-            return max(1.0, math.ceil((1.0 - tokens) / lim.rate))
+            return max(1.0, math.ceil((cost - tokens) / lim.rate))
         s = self.users.setdefault(user, UserStats())
         if lim.quota is not None:
             if now - s.window_start >= lim.quota_window_s:
                 s.window_start, s.window_requests = now, 0
-            if s.window_requests >= lim.quota:
+            if s.window_requests + cost > lim.quota:
                 self._buckets[user] = (tokens, now)
                 return max(1.0, math.ceil(s.window_start + lim.quota_window_s - now))
-            s.window_requests += 1
-        self._buckets[user] = (tokens - 1.0, now)
+            s.window_requests += cost
+        self._buckets[user] = (tokens - cost, now)
         return None
 
     def record(self, user: str, alarms: tuple[str, ...], now: float) -> None:

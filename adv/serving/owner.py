@@ -62,9 +62,10 @@ class DetectorOwner:
         except (OSError, ValueError, TypeError) as e:
             raise StateError(f"{self._ledger_path}: unreadable ledger ({type(e).__name__})") from None
 
-    def admit(self, user: str, overrides: dict | None = None, now: float | None = None) -> float | None:
-        """None when ``user`` may send one more request, else the seconds to wait (``Retry-After``)."""
-        return self.ledger.admit(user, time.time() if now is None else now, overrides)
+    def admit(self, user: str, overrides: dict | None = None, now: float | None = None, cost: int = 1) -> float | None:
+        """None when ``user`` may send ``cost`` more images, else the seconds to wait (``Retry-After``);
+        :class:`adv.serving.ledger.TooLarge` when no wait would do."""
+        return self.ledger.admit(user, time.time() if now is None else now, overrides, cost)
 
     def observe(self, x: np.ndarray, users: list[str], probs: np.ndarray) -> list[dict]:
         """Decide a batch and make it durable; per query ``{label, probs, blocked, alarms, action}``."""

@@ -1,8 +1,11 @@
 """The red-team round: a library query attack against the live endpoint, and the same attack in-process.
 
-The attacker owns ``accounts`` keys and rotates its requests over them (the
-Sybil attacker when more than one); it learns when it was flagged only from
-the admin endpoint (an operator's view), never from the answers. With the
+The attacker owns ``accounts`` keys and rotates over them (the Sybil attacker
+when more than one): per request, or per query (each image's queries spread
+over every account). It may change every query at random before sending it
+(noise, shift, brightness: ``transform``) and adapt that change to refusals
+(OARS, Feng et al., CCS 2023: ``oars``). It learns when it was flagged only
+from the admin endpoint (an operator's view), never from the answers. With the
 served bundle's model, success is measured on it in-process (what a fresh
 account would be served), because under ``deceive`` the endpoint's answers to
 a flagged attacker are not the truth, and the same attack runs in-process for
@@ -28,7 +31,8 @@ from torch import nn
 from adv.attacks import get_attack
 from adv.attacks.oracle import QueryOracle
 from adv.errors import ConfigError
-from adv.serving.client import Endpoint, HttpOracle
+from adv.evaluate.query_detection import perturb
+from adv.serving.client import Endpoint, HttpOracle, Oars
 
 ATTACKS = ("square", "hopskipjump")
 
@@ -65,10 +69,27 @@ def endpoint_labels(endpoint: Endpoint, key: str, x: torch.Tensor, *, classes: i
     return HttpOracle(endpoint, [key], output="labels", classes=classes, max_images=max_images)(x)
 
 
+def threat_model(accounts: int, rotation: str = "request", transform=None, oars: Oars | None = None) -> str:
+    """The row's threat-model label: non-adaptive only for one account sending its queries unchanged."""
+    parts = []
+    if accounts > 1:
+        parts.append(f"Sybil, {'requests' if rotation == 'request' else 'each query'} rotated over {accounts} "
+                     "accounts")
+    if transform is not None:
+        parts.append(f"random transforms per query ({transform.describe()})")
+    if oars is not None:
+        parts.append(f"OARS (Feng et al., CCS 2023): a refused query is resent with a transform up to "
+                     f"{oars.max_scale:g}x larger")
+    return "adaptive: " + "; ".join(parts) if parts else "non-adaptive: one account"
+
+
 def red_team(endpoint: Endpoint, keys: list[str], users: list[str], admin_key: str, model: nn.Module | None,
              x: torch.Tensor, y: torch.Tensor, *, attack: str, eps: float, queries: int, classes: int,
-             output: str, max_images: int = 16, seed: int = 0) -> dict:
+             output: str, max_images: int = 16, seed: int = 0, rotation: str = "request", transform=None,
+             oars: Oars | None = None) -> dict:
     """One round over ``keys`` (user ids ``users``); returns the report row (JSON-able).
+
+    ``rotation``, ``transform`` and ``oars``: the adaptive attacker (see :class:`HttpOracle`).
 
     ``model``: the served bundle's model (true success, in-process comparison), or None to judge success
     by the endpoint's answers (see the module docstring).
@@ -82,7 +103,8 @@ def red_team(endpoint: Endpoint, keys: list[str], users: list[str], admin_key: s
     # and before the admin read below, so the flag times stay the attack's own
     clean = None if model is not None else endpoint_labels(endpoint, keys[0], x, **judge)
     before = {u: endpoint.get(f"/v1/admin/users/{u}", admin_key) for u in users}
-    oracle = HttpOracle(endpoint, keys, output=spec.oracle, classes=classes, max_images=max_images)
+    oracle = HttpOracle(endpoint, keys, output=spec.oracle, classes=classes, max_images=max_images,
+                        rotation=rotation, transform=transform, oars=oars, seed=seed)
     t0 = time.perf_counter()
     x_adv, used = spec(oracle, x, y, eps=eps, **params)
     seconds = time.perf_counter() - t0
@@ -100,26 +122,41 @@ def red_team(endpoint: Endpoint, keys: list[str], users: list[str], admin_key: s
                    "judged_by": f"the endpoint's labels to account {users[0]!r}: clean images before the attack, "
                                 "final adversarials after it", "judge_queries": 2 * len(x), "in_process": NO_BUNDLE}
     else:
-        compare = _in_process(spec, model, x, y, x_adv, eps=eps, params=params)
+        compare = _in_process(spec, model, x, y, x_adv, eps=eps, params=params, transform=transform, seed=seed)
     return {
         "attack": attack, "accounts": len(keys), "n": len(x), "eps": eps, "budget": queries, "output": output,
         "oracle": spec.oracle + (" (from top-1 confidence)" if spec.oracle == "probs" and output == "label" else ""),
-        "threat_model": f"adaptive: Sybil, requests rotated over {len(keys)} accounts" if len(keys) > 1
-        else "non-adaptive: one account",
+        "threat_model": threat_model(len(keys), rotation, transform, oars), "rotation": rotation,
+        "transform": transform.model_dump() if transform is not None else None, "oars": oars is not None,
         **compare,
         "queries": oracle.total, "requests": oracle.requests, "mean_queries": float(used.float().mean()),
         "flagged_at_query": oracle.flagged_at(per_account),
-        "accounts_flagged": len(per_account), "already_flagged_before": already,
+        "accounts_flagged": len(per_account), "accounts_used": len(oracle.accounts_used),
+        "already_flagged_before": already,
         "suspicious_queries": sum(after[u]["suspicious"] - before[u]["suspicious"] for u in users),
-        "blocked": oracle.blocked, "rate_limited": endpoint.rate_limited, "seconds": round(seconds, 1),
+        "blocked": oracle.blocked, "resent": oracle.resent, "rate_limited": endpoint.rate_limited, "seconds": round(seconds, 1),
         "params": params,
     }
 
 
+class _Transformed(nn.Module):
+    """``model`` seeing every query after the attacker's random transform (the in-process twin of a noisy
+    attacker: the same attack, the same transforms, no endpoint and no detector)."""
+
+    def __init__(self, model: nn.Module, transform, seed: int):
+        super().__init__()
+        self.model, self.transform, self.gen = model, transform, torch.Generator().manual_seed(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(perturb(x, self.transform, self.gen))
+
+
 def _in_process(spec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, eps: float,
-                params: dict) -> dict:
-    """True success of the endpoint's adversarials on ``model``, and the same attack run on it directly."""
-    x_free, used_free = spec(QueryOracle(model, output=spec.oracle), x, y, eps=eps, **params)
+                params: dict, transform=None, seed: int = 0) -> dict:
+    """True success of the endpoint's adversarials on ``model``, and the same attack (with the same random
+    transforms of its queries, when it has them) run on it directly."""
+    seen = model if transform is None else _Transformed(model, transform, seed)
+    x_free, used_free = spec(QueryOracle(seen, output=spec.oracle), x, y, eps=eps, **params)
     with torch.no_grad():
         correct = model(x).argmax(1) == y
     return {"success_endpoint": _success(model, x_adv, y, correct),
