@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -218,6 +219,7 @@ def run_training(loss_spec: str, checkpoint: str, train, val, setting: Setting, 
     model = create_model(meta["arch"], num_classes=meta["num_classes"], input_size=tuple(meta["input_size"]),
                          mean=tuple(meta["mean"]), std=tuple(meta["std"]))
     last: dict[str, Any] = {}
+    cpu0 = time.process_time()
 
     def validate(m: torch.nn.Module) -> dict[str, Any]:
         last.clear()
@@ -230,7 +232,9 @@ def run_training(loss_spec: str, checkpoint: str, train, val, setting: Setting, 
         history = json.loads((Path(work_dir) / "metrics.json").read_text())["history"]
         flag = catastrophic_overfitting(history, drop=overfit_drop, gap=overfit_gap) or ""
         objective = last["objective"] - 2.0 if flag else last["objective"]
-        report({**last, "epoch": epoch, "overfit": flag, "objective": objective}, checkpoint_dir=work_dir)
+        # CPU seconds of this trial process so far: what an idle core would have taken, under any contention
+        report({**last, "epoch": epoch, "overfit": flag, "objective": objective,
+                "cpu_seconds": time.process_time() - cpu0}, checkpoint_dir=work_dir)
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=setting.seed, device=setting.device)
     fit(model, train, None, config, loss_fn=tl.loss_fn, out_dir=work_dir, resume=True, show_progress=False,
