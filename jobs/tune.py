@@ -85,7 +85,6 @@ def run_uri(cfg: TuneConfig) -> str:
 def load_split(cfg: TuneConfig, store: RunStore):
     """The full split, the disjoint subsets (checked against a resumed run's split.json) and the grid."""
     from adv.data import load_dataset
-    from jobs.evaluate import build_plan
 
     d = cfg.data
     full = load_dataset(d.name, split=d.split, root=d.root, download=d.download)
@@ -93,9 +92,7 @@ def load_split(cfg: TuneConfig, store: RunStore):
     if store.exists("split.json") and store.read_json("split.json") != split.to_json():
         raise ConfigError(f"data: {store.uri} was run with other subsets (split.json differs); use another name")
     store.write_json("split.json", split.to_json())
-    grid = build_plan(SimpleNamespace(attacks=cfg.attacks, adaptive=True, features=[], store_images=False,
-                                      seed=cfg.seed)).grid
-    return full, split, grid
+    return full, split, _grid(cfg)
 
 
 def ensure_stored(cfg: TuneConfig, split: Split, val, uri: str) -> str:
@@ -107,6 +104,8 @@ def ensure_stored(cfg: TuneConfig, split: Split, val, uri: str) -> str:
     if cfg.stored.run:
         check_stored(cfg.stored.run, split)
         return cfg.stored.run
+    if _in_process(cfg, len(val)):
+        return stored_in_process(cfg, val, uri)
     vstore, root = RunStore(uri), f"{uri}/validation"
     if not vstore.exists("validation.json"):  # beside the Parquet folder: Parquet readers take every file in it
         export_dataset(val, root)
@@ -122,6 +121,38 @@ def ensure_stored(cfg: TuneConfig, split: Split, val, uri: str) -> str:
     log(f"stored set: the {len(val)} validation images attacked once by the Ray Data job (resumed if partial) -> {out}")
     evaluate(ecfg, out=out, report=False)
     return out
+
+
+def _in_process(cfg: TuneConfig, n: int) -> bool:
+    import ray
+
+    mode = cfg.stored.generate
+    if mode == "auto":
+        return n <= cfg.stored.in_process_max and len([x for x in ray.nodes() if x.get("Alive")]) == 1
+    return mode == "in_process"
+
+
+def stored_in_process(cfg: TuneConfig, val, uri: str) -> str:
+    """The stored set generated in the driver (``adv.tuning.trials.generate_stored``) into
+    ``<run>/stored-local/rows.npz``, once: a resumed run reads it back."""
+    from adv.evaluate.worker import ModelLoader
+    from adv.tuning import trials
+
+    out = f"{uri}/stored-local"
+    store = RunStore(out)
+    if not store.exists("rows.npz"):
+        log(f"stored set: the {len(val)} validation images attacked once in this process -> {out}")
+        setting = Setting(tuple(_grid(cfg)), cfg.objective.max_clean_drop, "", cfg.seed, cfg.resources.batch_size)
+        rows = trials.generate_stored(ModelLoader(checkpoint=_abs(cfg.checkpoint)), val, setting)
+        store.write_bytes("rows.npz", trials.save_rows(rows))
+    return out
+
+
+def _grid(cfg: TuneConfig):
+    from jobs.evaluate import build_plan
+
+    return build_plan(SimpleNamespace(attacks=cfg.attacks, adaptive=True, features=[], store_images=False,
+                                      seed=cfg.seed)).grid
 
 
 def check_stored(run: str, split: Split) -> None:
@@ -152,6 +183,11 @@ def stored_groups(uri: str):
     from jobs.evaluate import _to_numpy
 
     store = RunStore(uri)
+    if store.exists("rows.npz"):  # generated in the driver (stored_in_process)
+        from adv.tuning.trials import stored_chunks
+
+        yield from stored_chunks(store.read_bytes("rows.npz"))
+        return
     shards = len(set(store.read_json("layout.json")["chunk_shard"]))
     for k in range(shards):
         table = store.read_table([k])

@@ -97,6 +97,10 @@ class ResourcesConfig(RayConnection):
 class StoredConfig(_Strict):
     #: A finished ``jobs.evaluate`` run made on this sweep's validation subset; null = generate it once.
     run: str | None = None
+    #: How a missing set is generated: ``ray_data`` (the evaluation job, distributed), ``in_process`` (in the
+    #: driver), ``auto``: in the driver on a one-node cluster for at most ``in_process_max`` images.
+    generate: Literal["auto", "ray_data", "in_process"] = "auto"
+    in_process_max: int = Field(20_000, ge=1)
 
 
 class TrainingSweepConfig(_Strict):

@@ -167,6 +167,39 @@ def run_adaptive(loader: Callable[[], Models], data, setting: Setting, report: R
     return out
 
 
+def generate_stored(loader: Callable[[], Models], data, setting: Setting) -> dict[str, np.ndarray]:
+    """The stored non-adaptive set in one process: clean and non-adaptive rows of the undefended classifier on
+    ``data`` (images included), chunk by chunk as the Ray Data job seeds them. For a set one machine attacks
+    in seconds, the distributed job's actor start-up and Parquet commits cost more than the attacks."""
+    evaluator = BatchEvaluator(loader, Plan(setting.grid, adaptive=False, features=(), store_images=True,
+                                            seed=setting.seed), device=setting.device)
+    x, y = data.tensors()
+    parts = list(evaluate_range(evaluator, x, y, 0, len(y), setting.batch_size))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def save_rows(rows: Mapping[str, np.ndarray]) -> bytes:
+    """``.npz`` bytes of result rows (string columns as fixed-width unicode: no pickles)."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v.astype(str) if v.dtype == object else v for k, v in rows.items()})
+    return buf.getvalue()
+
+
+def stored_chunks(data: bytes) -> Iterable[dict[str, np.ndarray]]:
+    """The rows of :func:`save_rows` bytes, one chunk at a time (what :func:`run_stored` takes)."""
+    import io
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        rows = {k: z[k] for k in z.files}
+    keep = (rows["defense"] == NONE) & (rows["track"] != "adaptive")
+    rows = {k: v[keep] for k, v in rows.items()}
+    for c in np.unique(rows["chunk"]):
+        sel = rows["chunk"] == c
+        yield {k: v[sel] for k, v in rows.items()}
+
+
 def measure(loader: Callable[[], Models], data, setting: Setting) -> dict[str, dict]:
     """All three numbers of one defended model on ``data`` (the bundle's final numbers, in one process)."""
     from adv.tuning.objective import numbers_from_flat
