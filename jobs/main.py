@@ -173,10 +173,10 @@ def with_selected(cfg: EvalConfig, tuned) -> EvalConfig:
 
 def selected_lines(tuned) -> list[str]:
     """The last lines of the main job: what it selected and serves, with the test subset's numbers."""
-    prov = tuned.selected
-    lines = [f"selected configuration: {prov.label} ({prov.kind or 'stored'} trial {prov.trial_id})"]
     from adv.bundle import load_bundle
 
+    sel = tuned.selected
+    lines = [f"selected configuration: {sel.label} ({sel.kind or 'stored'} trial {sel.trial_id})"]
     numbers = load_bundle(tuned.bundle).manifest["numbers"]
     lines.append("test subset: " + ", ".join(
         f"{k.replace('_', '-')} {v['value']:.1%} [{v['ci95'][0]:.1%}, {v['ci95'][1]:.1%}]" for k, v in numbers.items())
