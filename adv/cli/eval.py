@@ -139,7 +139,10 @@ def with_bundle(args: argparse.Namespace) -> argparse.Namespace:
         return getattr(args, key) if getattr(args, key) is not None else ev.get(key, default)
 
     return argparse.Namespace(**{
-        **vars(args), "checkpoint": str(b.checkpoint), "defense": stages, "detector": detector, "adaptive": True,
+        # a bundle of a trained classifier alone (a training-time defense) is attacked directly: white-box on it
+        # is the adaptive attack, and there is no pipeline to wrap
+        **vars(args), "checkpoint": str(b.checkpoint), "defense": stages, "detector": detector,
+        "adaptive": bool(stages or detector),
         "dataset": pick("dataset"), "n": pick("n"), "eps": pick("eps"), "seed": pick("seed", 0),
         "split": args.split if args.split != "test" else ev.get("split", "test"),
         "suite": args.suite or (None if args.attack else "standard"),
