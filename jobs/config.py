@@ -105,13 +105,16 @@ class DefenseConfig(_Strict):
     name: str | None = None
     stages: list[str] = Field(default_factory=list)
     detector: str | None = None
+    #: A training-time defense: an adv checkpoint that answers in place of ``model`` for this defense (behind
+    #: ``stages``); its non-adaptive adversarials are still crafted on ``model``, the undefended classifier.
+    classifier: str | None = None
 
     @model_validator(mode="after")
     def _check(self):
         from adv.defenses.registry import get_defense, resolve
 
-        if not self.stages and not self.detector:
-            raise ValueError("a defense needs at least one stage or a detector")
+        if not self.stages and not self.detector and not self.classifier:
+            raise ValueError("a defense needs at least one stage, a detector or a classifier")
         for i, spec in enumerate(self.stages):
             try:
                 name, _ = resolve(spec)
@@ -130,7 +133,8 @@ class DefenseConfig(_Strict):
 
     @property
     def label(self) -> str:
-        return self.name or " + ".join([*self.stages, *([f"detector {self.detector}"] if self.detector else [])])
+        return self.name or " + ".join([*([f"classifier {self.classifier}"] if self.classifier else []), *self.stages,
+                                        *([f"detector {self.detector}"] if self.detector else [])])
 
 
 def _parse_eps(v: Any) -> float:

@@ -97,7 +97,7 @@ def make_loader(model, defenses) -> ModelLoader:
     return ModelLoader(checkpoint=_abs(model.checkpoint), arch=model.arch, weights=_abs(model.weights),
                        factory=model.factory,
                        defenses=tuple((d.label, tuple(_abs_spec(s) for s in d.stages), _abs_spec(d.detector))
-                                      for d in defenses))
+                                      + ((_abs(d.classifier),) if d.classifier else ()) for d in defenses))
 
 
 def build_loader(cfg: EvalConfig) -> ModelLoader:

@@ -6,13 +6,17 @@
    config's ``model.checkpoint`` exists;
 2. train every learned defense stage whose ``checkpoint=`` file is missing
    (on 10,000 training images, against the frozen classifier);
-3. run ``jobs.evaluate`` with ``jobs/configs/default.yaml`` (several attacks,
-   two defenses, the adaptive track) and print the report's path;
-4. run the default sweep ``jobs.tune`` with ``jobs/configs/tune-default.yaml``
+3. run the default sweep ``jobs.tune`` with ``jobs/configs/tune-default.yaml``
    (DWT settings and the learned stage on a validation subset disjoint from the
-   evaluation's images, adaptive re-check of the best few), write the selected
-   defense as a bundle (``runs/tune/default/best``) and print the sweep
-   report's path (``--no-tune`` skips it).
+   evaluation's images, adaptive re-check of the best few, against fast
+   adversarial training and TRADES trials with ASHA on epochs), write the
+   selected defense as a bundle (``runs/tune/default/best``) and print the sweep
+   report's path (``--no-tune`` skips it);
+4. run ``jobs.evaluate`` with ``jobs/configs/default.yaml`` (several attacks,
+   two defenses, the adaptive track) plus the sweep's selection as one more
+   defense (a trained classifier answers in place of the model), so the report
+   compares input transformations with the selected defense on the same images,
+   and print the report's path;
 5. deploy that bundle on local Ray Serve (``jobs.serve``), red-team it with one
    account and with several (``jobs.redteam``), write ``serve-report.md`` with
    its figure under the sweep's folder, ``serve/``, shut Serve down and print
@@ -120,17 +124,21 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{args.config}: the main job needs model.checkpoint (trained when missing)")
         train_default(cfg)
         train_stages(cfg)
-        log(f"models ready after {time.perf_counter() - t0:.0f} s; evaluating")
+        log(f"models ready after {time.perf_counter() - t0:.0f} s")
+        tuned = None if args.no_tune else sweep(args.tune_config, t0)
+        cfg = cfg if tuned is None else with_selected(cfg, tuned)
+        log("evaluating" + (" (the sweep's selection is one more defense)" if tuned else ""))
         result = run(cfg, out=args.out)
         acc = result.summary.get("clean_acc", {})
         log(f"done in {time.perf_counter() - t0:.0f} s; clean accuracy " +
             ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
         print(result.report)
-        if not args.no_tune:
-            tuned = sweep(args.tune_config, t0)
+        if tuned is not None:
             print(tuned.report)
             if not args.no_serve:
                 print(serve_stage(tuned.bundle, tuned.report, t0, args.access_log))
+            for line in selected_lines(tuned):
+                print(line)
         return 0
 
     return guarded("main", body, "rerun to resume (finished shards and trials are kept)")
@@ -146,6 +154,38 @@ def sweep(config: str, t0: float):
     log(f"sweep done at {time.perf_counter() - t0:.0f} s; selected {result.selected.label!r}; "
         f"bundle {result.bundle}")
     return result
+
+
+def with_selected(cfg: EvalConfig, tuned) -> EvalConfig:
+    """The evaluation config plus the sweep's selected defense (its trained classifier from the bundle, when a
+    training trial won), labelled ``selected: ...``, on the evaluation's own images and grid."""
+    from jobs.config import DefenseConfig
+
+    cand, kind = tuned.selected.candidate, tuned.selected.kind
+    classifier = f"{tuned.bundle}/classifier.pt" if kind == "training" else None
+    if kind == "training":
+        from adv.train.registry import training_loss
+
+        stages = training_loss(cand["loss"]).stages
+    else:
+        stages = list(cand["stages"])
+    label = f"selected: {tuned.selected.label}" + (" (trained)" if kind == "training" else "")
+    extra = DefenseConfig(name=label, stages=stages, detector=cand.get("detector"), classifier=classifier)
+    return cfg.model_copy(update={"defenses": [*cfg.defenses, extra]})
+
+
+def selected_lines(tuned) -> list[str]:
+    """The last lines of the main job: what it selected and serves, with the test subset's numbers."""
+    from adv.bundle import load_bundle
+
+    sel = tuned.selected
+    lines = [f"selected configuration: {sel.label} ({sel.kind or 'stored'} trial {sel.trial_id})"]
+    numbers = load_bundle(tuned.bundle).manifest["numbers"]
+    lines.append("test subset: " + ", ".join(
+        f"{k.replace('_', '-')} {v['value']:.1%} [{v['ci95'][0]:.1%}, {v['ci95'][1]:.1%}]" for k, v in numbers.items())
+        + f" (n={numbers['clean']['n']})")
+    lines.append(f"bundle: {tuned.bundle}")
+    return lines
 
 
 if __name__ == "__main__":

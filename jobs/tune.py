@@ -41,7 +41,7 @@ from adv.tuning.splits import Split, check_disjoint, make_split, take
 from adv.tuning.trials import Setting
 from jobs import common
 from jobs.store import RunStore
-from jobs.tune_config import TuneConfig, load_tune_config
+from jobs.tune_config import AshaConfig, SearchConfig, TrainingConfig, TuneConfig, load_tune_config
 
 log = common.logger("tune")
 
@@ -85,7 +85,6 @@ def run_uri(cfg: TuneConfig) -> str:
 def load_split(cfg: TuneConfig, store: RunStore):
     """The full split, the disjoint subsets (checked against a resumed run's split.json) and the grid."""
     from adv.data import load_dataset
-    from jobs.evaluate import build_plan
 
     d = cfg.data
     full = load_dataset(d.name, split=d.split, root=d.root, download=d.download)
@@ -93,9 +92,7 @@ def load_split(cfg: TuneConfig, store: RunStore):
     if store.exists("split.json") and store.read_json("split.json") != split.to_json():
         raise ConfigError(f"data: {store.uri} was run with other subsets (split.json differs); use another name")
     store.write_json("split.json", split.to_json())
-    grid = build_plan(SimpleNamespace(attacks=cfg.attacks, adaptive=True, features=[], store_images=False,
-                                      seed=cfg.seed)).grid
-    return full, split, grid
+    return full, split, _grid(cfg)
 
 
 def ensure_stored(cfg: TuneConfig, split: Split, val, uri: str) -> str:
@@ -107,6 +104,8 @@ def ensure_stored(cfg: TuneConfig, split: Split, val, uri: str) -> str:
     if cfg.stored.run:
         check_stored(cfg.stored.run, split)
         return cfg.stored.run
+    if _in_process(cfg, len(val)):
+        return stored_in_process(cfg, val, uri)
     vstore, root = RunStore(uri), f"{uri}/validation"
     if not vstore.exists("validation.json"):  # beside the Parquet folder: Parquet readers take every file in it
         export_dataset(val, root)
@@ -122,6 +121,38 @@ def ensure_stored(cfg: TuneConfig, split: Split, val, uri: str) -> str:
     log(f"stored set: the {len(val)} validation images attacked once by the Ray Data job (resumed if partial) -> {out}")
     evaluate(ecfg, out=out, report=False)
     return out
+
+
+def _in_process(cfg: TuneConfig, n: int) -> bool:
+    import ray
+
+    mode = cfg.stored.generate
+    if mode == "auto":
+        return n <= cfg.stored.in_process_max and len([x for x in ray.nodes() if x.get("Alive")]) == 1
+    return mode == "in_process"
+
+
+def stored_in_process(cfg: TuneConfig, val, uri: str) -> str:
+    """The stored set generated in the driver (``adv.tuning.trials.generate_stored``) into
+    ``<run>/stored-local/rows.npz``, once: a resumed run reads it back."""
+    from adv.evaluate.worker import ModelLoader
+    from adv.tuning import trials
+
+    out = f"{uri}/stored-local"
+    store = RunStore(out)
+    if not store.exists("rows.npz"):
+        log(f"stored set: the {len(val)} validation images attacked once in this process -> {out}")
+        setting = Setting(tuple(_grid(cfg)), cfg.objective.max_clean_drop, "", cfg.seed, cfg.resources.batch_size)
+        rows = trials.generate_stored(ModelLoader(checkpoint=_abs(cfg.checkpoint)), val, setting)
+        store.write_bytes("rows.npz", trials.save_rows(rows))
+    return out
+
+
+def _grid(cfg: TuneConfig):
+    from jobs.evaluate import build_plan
+
+    return build_plan(SimpleNamespace(attacks=cfg.attacks, adaptive=True, features=[], store_images=False,
+                                      seed=cfg.seed)).grid
 
 
 def check_stored(run: str, split: Split) -> None:
@@ -152,6 +183,11 @@ def stored_groups(uri: str):
     from jobs.evaluate import _to_numpy
 
     store = RunStore(uri)
+    if store.exists("rows.npz"):  # generated in the driver (stored_in_process)
+        from adv.tuning.trials import stored_chunks
+
+        yield from stored_chunks(store.read_bytes("rows.npz"))
+        return
     shards = len(set(store.read_json("layout.json")["chunk_shard"]))
     for k in range(shards):
         table = store.read_table([k])
@@ -194,7 +230,8 @@ def trainable(config: dict, ctx: dict) -> None:
             restored.to_directory(work)
         t = ctx["training"]
         trials.run_training(cand.loss, ctx["checkpoint"], ctx["train"], ctx["val"], setting, report,
-                            epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], work_dir=work)
+                            epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], work_dir=work,
+                            overfit_drop=t["overfit_drop"], overfit_gap=t["overfit_gap"])
     _trace(ctx.get("trace"), "end", cand)
 
 
@@ -234,11 +271,11 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"  # the default name embeds the whole candidate dict
 
 
-def search_setup(cfg: TuneConfig, space: SearchSpace) -> tuple[dict, Any, int, str]:
+def search_setup(search: SearchConfig, space: SearchSpace) -> tuple[dict, Any, int, str]:
     """``(param_space, search_alg, num_samples, description)``: grid search, or Optuna over tune domains."""
     from ray import tune
 
-    algorithm = cfg.search.algorithm
+    algorithm = search.algorithm
     if algorithm == "auto":
         algorithm = "grid" if space.discrete else "optuna"
     if algorithm == "grid":
@@ -254,21 +291,21 @@ def search_setup(cfg: TuneConfig, space: SearchSpace) -> tuple[dict, Any, int, s
             domains[key] = tune.randint(int(dim.low), int(dim.high))
         else:
             domains[key] = getattr(tune, dim.kind)(dim.low, dim.high)
-    return domains, OptunaSearch(seed=cfg.search.seed), cfg.search.num_samples, \
-        f"Optuna (TPE), {cfg.search.num_samples} samples"
+    return domains, OptunaSearch(seed=search.seed), search.num_samples, \
+        f"Optuna (TPE), {search.num_samples} samples"
 
 
-def asha(cfg: TuneConfig, resource: str, max_t: int, grace: int):
+def asha(cfg: AshaConfig, resource: str, max_t: int, grace: int):
     from ray.tune.schedulers import ASHAScheduler
 
-    if not cfg.asha.enabled:
+    if not cfg.enabled:
         return None, "none"
     sched = ASHAScheduler(time_attr=resource, max_t=max_t, grace_period=grace,
-                          reduction_factor=cfg.asha.reduction_factor)  # metric/mode come from TuneConfig
-    return sched, f"ASHA on {resource} (grace {grace}, reduction factor {cfg.asha.reduction_factor}, max {max_t})"
+                          reduction_factor=cfg.reduction_factor)  # metric/mode come from TuneConfig
+    return sched, f"ASHA on {resource} (grace {grace}, reduction factor {cfg.reduction_factor}, max {max_t})"
 
 
-def records_of(results, full: int, resource: str, space: SearchSpace) -> list[TrialRecord]:
+def records_of(results, full: int, resource: str, space: SearchSpace, kind: str) -> list[TrialRecord]:
     out = []
     for r in results:
         m = r.metrics or {}
@@ -276,13 +313,17 @@ def records_of(results, full: int, resource: str, space: SearchSpace) -> list[Tr
             config = dict(r.config or {})
             cand = Candidate.from_dict(config["candidate"]) if "candidate" in config else space.candidate(config)
             out.append(TrialRecord(os.path.basename(r.path or "?"), cand.to_dict(), {}, math.nan, math.nan, 0,
-                                   status=f"error: {str(r.error).strip().splitlines()[-1][:160] if r.error else '?'}"))
+                                   status=f"error: {str(r.error).strip().splitlines()[-1][:160] if r.error else '?'}",
+                                   kind=kind))
             continue
         got = m.get(resource, 0)
         status = "finished" if got >= full else f"stopped early by ASHA at {got} {resource}"
+        overfit = str(m.get("overfit") or "")
+        status = f"{overfit}; never selected ({status})" if overfit else status
         out.append(TrialRecord(m.get("trial_id", "?"), json.loads(m["candidate"]), numbers_from_flat(m),
                                float(m["objective"]), float(m["clean_ref"]), float(got), status,
-                               r.checkpoint.path if r.checkpoint else None, handle=r.checkpoint))
+                               r.checkpoint.path if r.checkpoint else None, kind=kind, overfit=overfit,
+                               handle=r.checkpoint))
     return sorted(out, key=lambda r: r.trial_id)
 
 
@@ -306,27 +347,31 @@ def run(cfg: TuneConfig) -> TuneResult:
            "threads": max(1, int(res.cpus_per_trial)), "grace": cfg.asha.grace or 64,
            "factor": cfg.asha.reduction_factor, "training": cfg.training.model_dump(),
            "trace": os.environ.get("ADV_TUNE_TRACE")}  # read on the driver: trial workers have the cluster's env
-    param_space, search_alg, samples, search_desc = search_setup(cfg, space)
+    param_space, search_alg, samples, search_desc = search_setup(cfg.search, space)
     lap("split")
     if cfg.kind == "stored":
         ctx["stored"] = ensure_stored(cfg, split, val, uri)
         scheduler, sched_desc, resource, full_t = None, "none (one report per trial)", "examples", len(val)
     elif cfg.kind == "adaptive":
         resource, full_t = "examples", len(val)
-        scheduler, sched_desc = asha(cfg, resource, full_t, cfg.asha.grace or 64)
+        scheduler, sched_desc = asha(cfg.asha, resource, full_t, cfg.asha.grace or 64)
     else:
-        ctx["train"] = _train_data(cfg)
-        ctx["val"] = val if cfg.training.eval_n is None else take(val, range(min(cfg.training.eval_n, len(val))))
+        ctx.update(training_ctx(cfg, cfg.training, val))
         resource, full_t = "epoch", cfg.training.epochs
-        scheduler, sched_desc = asha(cfg, resource, full_t, cfg.asha.grace or 1)
+        scheduler, sched_desc = asha(cfg.asha, resource, full_t, cfg.asha.grace or 1)
     lap("stored_set")
     log(f"sweep: {search_desc}, scheduler {sched_desc}, {len(val)} validation images")
     records = records_of(tune_phase(cfg, uri, "sweep", ctx, param_space, search_alg=search_alg,
-                                    scheduler=scheduler, num_samples=samples), full_t, resource, space)
+                                    scheduler=scheduler, num_samples=samples), full_t, resource, space, cfg.kind)
     lap("sweep")
     if cfg.kind == "stored":
         recheck(cfg, uri, ctx, records)
     lap("recheck")
+    if cfg.training_sweep is not None:
+        trained, desc = training_phase(cfg, uri, ctx, val)
+        records += trained
+        search_desc, sched_desc = f"{search_desc}; training trials: {desc[0]}", f"{sched_desc}; training: {desc[1]}"
+    lap("training")
     selected, warnings = select(records, cfg.kind)
     log(f"selected {selected.trial_id}: {selected.label}")
     for w in warnings:
@@ -376,11 +421,29 @@ def key(candidate: dict) -> str:
     return json.dumps(candidate, sort_keys=True, default=str)
 
 
-def _train_data(cfg: TuneConfig):
+def training_ctx(cfg: TuneConfig, training: TrainingConfig, val) -> dict:
+    """What a training trial needs beside the sweep's context: the training data, its settings, its images."""
     from adv.data import load_dataset
 
     d = cfg.data
-    return load_dataset(d.name, split="train", n=d.train_n, seed=cfg.seed, root=d.root, download=d.download)
+    train = load_dataset(d.name, split="train", n=d.train_n, seed=cfg.seed, root=d.root, download=d.download)
+    return {"kind": "training", "train": train, "training": training.model_dump(),
+            "val": val if training.eval_n is None else take(val, range(min(training.eval_n, len(val))))}
+
+
+def training_phase(cfg: TuneConfig, uri: str, ctx: dict, val) -> tuple[list[TrialRecord], tuple[str, str]]:
+    """The training-time trials of a stored/adaptive sweep (``training_sweep``), a second Tune experiment at
+    ``<run>/training`` on the same validation images and grid: their records and (search, scheduler)."""
+    ts = cfg.training_sweep
+    space = SearchSpace.parse(ts.space, kind="training")
+    param_space, search_alg, samples, search_desc = search_setup(ts.search, space)
+    scheduler, sched_desc = asha(ts.asha, "epoch", ts.training.epochs, ts.asha.grace or 1)
+    tctx = {**ctx, **training_ctx(cfg, ts.training, val), "space": space}
+    log(f"training trials: {search_desc}, scheduler {sched_desc}, {len(tctx['train'])} training images, "
+        f"{len(tctx['val'])} validation images")
+    results = tune_phase(cfg, uri, "training", tctx, param_space, search_alg=search_alg, scheduler=scheduler,
+                         num_samples=samples)
+    return records_of(results, ts.training.epochs, "epoch", space, "training"), (search_desc, sched_desc)
 
 
 def export(cfg: TuneConfig, uri: str, full, split: Split, grid, selected: TrialRecord, ctx: dict):
@@ -394,7 +457,7 @@ def export(cfg: TuneConfig, uri: str, full, split: Split, grid, selected: TrialR
                       cfg.seed, cfg.resources.batch_size)
     checkpoint, stages = ctx["checkpoint"], list(cand.stages)
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.kind == "training":
+        if selected.kind == "training":
             from ray import tune
 
             from adv.models import load_checkpoint
@@ -413,7 +476,8 @@ def export(cfg: TuneConfig, uri: str, full, split: Split, grid, selected: TrialR
             f"{uri}/best", checkpoint=checkpoint, stages=stages, detector=cand.detector, numbers=final,
             query_detector=cfg.query_detector.model_dump(mode="json") if cfg.query_detector else None,
             provenance={**provenance_defaults(), "versions": common.versions(), "sweep": cfg.name, "run": uri,
-                        "trial": selected.trial_id, "kind": cfg.kind, "candidate": selected.candidate,
+                        "trial": selected.trial_id, "kind": selected.kind or cfg.kind,
+                        "candidate": selected.candidate, **_training_provenance(cfg, selected),
                         "validation": split.describe("validation"), "test": split.describe("test"),
                         "selected_on": "adaptive robust accuracy under the clean-accuracy constraint"},
             evaluation={"dataset": split.dataset, "split": split.split, "n": len(split.test),
@@ -423,12 +487,27 @@ def export(cfg: TuneConfig, uri: str, full, split: Split, grid, selected: TrialR
     return final, bundle.location
 
 
+def _training_provenance(cfg: TuneConfig, selected: TrialRecord) -> dict:
+    """A trained classifier's training spec, as the bundle's provenance records it (empty for stage trials)."""
+    if selected.kind != "training":
+        return {}
+    t = cfg.training if cfg.kind == "training" else cfg.training_sweep.training
+    d = cfg.data
+    return {"training": {"loss": selected.candidate["loss"], "epochs": int(selected.resource),
+                         "batch_size": t.batch_size, "lr": t.lr, "dataset": d.name, "split": "train",
+                         "train_n": d.train_n, "seed": cfg.seed, "architecture_of": cfg.checkpoint}}
+
+
 def _meta(cfg: TuneConfig, split: Split, grid, search: str, sched: str, wall: float) -> dict:
     objective = (f"maximize adaptive robust accuracy subject to a clean-accuracy drop of at most "
                  f"{cfg.objective.max_clean_drop:g} (penalty: robust - 1 - breach below the allowed clean accuracy)"
                  + (f"; stored trials rank on the non-adaptive number, the best {cfg.objective.recheck} are "
-                    "re-checked adaptively and the selection uses the re-check" if cfg.kind == "stored" else ""))
-    return {"name": cfg.name, "kind": cfg.kind, "search": search, "scheduler": sched,
+                    "re-checked adaptively and the selection uses the re-check" if cfg.kind == "stored" else "")
+                 + ("; training trials marked for catastrophic overfitting (multi-step accuracy collapsing while "
+                    "FGSM accuracy rises, Wong et al. 2020) are never selected"
+                    if cfg.kind == "training" or cfg.training_sweep is not None else ""))
+    kind = cfg.kind + (" + training" if cfg.training_sweep is not None else "")
+    return {"name": cfg.name, "kind": kind, "search": search, "scheduler": sched,
             "validation": split.describe("validation"), "test": split.describe("test"), "objective": objective,
             "grid": "; ".join(gp.key for gp in grid), "wall_seconds": wall, "versions": common.versions(),
             "max_clean_drop": cfg.objective.max_clean_drop}
@@ -451,10 +530,23 @@ def _write_report(store: RunStore, meta, records, selected, warnings, final, bun
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="sweep YAML (docs/tuning.md lists the keys)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="shrink the sweep to a CPU smoke run (tiny subsets, 2 epochs, 2 samples, 3-step "
+                             "attacks, no GPUs unless visible), named <name>-smoke")
+    parser.add_argument("--checkpoint", help="replace the config's checkpoint (e.g. a local one for --smoke)")
+    parser.add_argument("--storage-path", help="replace the config's storage_path")
     args = parser.parse_args(argv)
 
     def body() -> int:
-        result = run(load_tune_config(args.config))
+        from jobs.tune_config import smoke_config
+
+        cfg = load_tune_config(args.config)
+        if args.smoke:
+            cfg = smoke_config(cfg, checkpoint=args.checkpoint, storage_path=args.storage_path)
+        elif args.checkpoint or args.storage_path:
+            cfg = cfg.model_copy(update={k: v for k, v in (("checkpoint", args.checkpoint),
+                                                           ("storage_path", args.storage_path)) if v})
+        result = run(cfg)
         print(result.report)
         return 0
 

@@ -76,6 +76,11 @@ class TrainingConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     #: Validation examples evaluated after every epoch (all of ``data.validation`` when null).
     eval_n: int | None = Field(None, ge=1)
+    #: Catastrophic overfitting (Wong et al. 2020): a trial is marked, penalized and never selected when its
+    #: multi-step accuracy falls this far below its best epoch while its FGSM accuracy does not fall ...
+    overfit_drop: float = Field(0.2, gt=0, le=1)
+    #: ... or when its FGSM accuracy exceeds its multi-step accuracy by this much (the gradient-masking gap).
+    overfit_gap: float = Field(0.3, gt=0, le=1)
 
 
 class ResourcesConfig(RayConnection):
@@ -92,6 +97,33 @@ class ResourcesConfig(RayConnection):
 class StoredConfig(_Strict):
     #: A finished ``jobs.evaluate`` run made on this sweep's validation subset; null = generate it once.
     run: str | None = None
+    #: How a missing set is generated: ``ray_data`` (the evaluation job, distributed), ``in_process`` (in the
+    #: driver), ``auto``: in the driver on a one-node cluster for at most ``in_process_max`` images.
+    generate: Literal["auto", "ray_data", "in_process"] = "auto"
+    in_process_max: int = Field(20_000, ge=1)
+
+
+class TrainingSweepConfig(_Strict):
+    """Training-time trials beside a ``stored``/``adaptive`` sweep: a second Tune experiment (``<run>/training``)
+    on the same validation subset and attack grid, whose trials compete in the same selection."""
+
+    #: ``loss`` and ``loss.NAME.PARAM`` dimensions (a ``kind: training`` space).
+    space: dict[str, Any]
+    search: SearchConfig = SearchConfig()
+    asha: AshaConfig = AshaConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _space(self):
+        from adv.tuning.space import SearchSpace
+
+        from adv.errors import ConfigError
+
+        try:
+            SearchSpace.parse(self.space, kind="training")
+        except ConfigError as exc:
+            raise ConfigError(f"training_sweep.{exc}") from None
+        return self
 
 
 class TuneConfig(_Strict):
@@ -113,6 +145,8 @@ class TuneConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     resources: ResourcesConfig = ResourcesConfig()
     stored: StoredConfig = StoredConfig()
+    #: Stored/adaptive sweeps: training-time trials that compete with the inference stages (null: none).
+    training_sweep: TrainingSweepConfig | None = None
     #: The query-attack detector the exported bundle ships (``adv.detectors.DetectorConfig``: ``per_user``,
     #: ``index``, ``action``), validated by the detector's own model; ``jobs.serve`` runs it unless its config
     #: sets ``detector``. Null: the bundle ships none and Serve falls back to ``DetectorConfig()``'s defaults.
@@ -134,6 +168,8 @@ class TuneConfig(_Strict):
         from adv.tuning.space import SearchSpace
 
         SearchSpace.parse(self.space, kind=self.kind)  # raises "space.<key>: ..." before any trial
+        if self.training_sweep is not None and self.kind == "training":
+            raise ValueError("training_sweep: a kind: training sweep trains in its main phase already")
         return self
 
 
@@ -144,3 +180,37 @@ def parse_tune_config(data: Any, source: str = "") -> TuneConfig:
 def load_tune_config(path: str | Path) -> TuneConfig:
     """Read and validate a sweep's YAML; every error is one line naming the key."""
     return parse_tune_config(read_yaml(path), str(path))
+
+
+#: ``--smoke``: the sizes a sweep shrinks to, so a cluster config runs end to end on a laptop's CPU in a minute.
+SMOKE = {"test": 16, "validation": 32, "train_n": 256, "epochs": 2, "eval_n": 16, "num_samples": 2, "steps": 3,
+         "batch_size": 16}
+
+
+def smoke_config(cfg: TuneConfig, *, checkpoint: str | None = None, storage_path: str | None = None) -> TuneConfig:
+    """``cfg`` shrunk for a CPU smoke run (``python -m jobs.tune --smoke``): tiny subsets, 2 epochs, 2 samples,
+    attacks capped at 3 steps, no GPUs when none is visible (``gpus_per_trial`` stays for clusters otherwise),
+    no downloads; ``checkpoint``/``storage_path`` replace the config's cluster paths. The run is named
+    ``<name>-smoke``; the sweep's logic (search, ASHA, checkpoints, selection, export) is unchanged."""
+    import torch
+
+    s = SMOKE
+    raw = cfg.model_dump(mode="json")
+    raw["name"] = f"{cfg.name}-smoke"
+    raw["checkpoint"] = checkpoint or raw["checkpoint"]
+    raw["storage_path"] = storage_path or raw["storage_path"]
+    raw["data"].update(download=False, test={"n": s["test"], "seed": cfg.data.test.seed},
+                       validation={"n": s["validation"], "seed": cfg.data.validation.seed}, train_n=s["train_n"])
+    for a in raw["attacks"]:
+        a["steps"] = [min(x, s["steps"]) for x in a["steps"]] if a.get("steps") else a.get("steps")
+    res = raw["resources"]
+    gpus = res["gpus_per_trial"] if torch.cuda.is_available() else 0
+    res.update(cpus_per_trial=1, gpus_per_trial=gpus, max_concurrent=2, batch_size=s["batch_size"],
+               generate_actors=1, address=None)
+    for section in [raw] + ([raw["training_sweep"]] if raw.get("training_sweep") else []):
+        section["training"].update(epochs=min(section["training"]["epochs"], s["epochs"]), eval_n=s["eval_n"],
+                                   batch_size=min(section["training"]["batch_size"], 64))
+        section["search"]["num_samples"] = min(section["search"]["num_samples"], s["num_samples"])
+        section["asha"]["grace"] = 1 if section["asha"]["grace"] else None
+    raw["objective"]["recheck"] = min(raw["objective"]["recheck"], 2)
+    return parse_tune_config(raw, f"{cfg.name} (--smoke)")

@@ -55,8 +55,9 @@ def test_grid_sweep_on_stored_adversarials_exports_a_bundle_that_adv_eval_loads(
     query = {"action": "flag", "per_user": None, "index": {"chain_limit": 3}}
     result = run(parse_tune_config(_cfg(ckpt, tmp_path, query_detector=query)))
     run_dir = Path(result.run_dir)
-    # the stored set was generated once, on the validation subset, and the trials never regenerated it
-    assert (run_dir / "validation.json").is_file() and (run_dir / "stored/shards/shard-00000.done").is_file()
+    # the stored set was generated once, on the validation subset (in the driver: one node, a small set), and
+    # the trials never regenerated it
+    assert (run_dir / "stored-local/rows.npz").is_file()
     assert len(result.records) == 3 and all(r.status == "finished" for r in result.records)
     for r in result.records:  # every trial keeps clean and non-adaptive numbers with their labels
         _numbers_have_labels(r.numbers, ("clean", "non_adaptive"))

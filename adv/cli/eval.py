@@ -147,7 +147,9 @@ def with_bundle(args: argparse.Namespace) -> argparse.Namespace:
     model = ({"model_factory": b.factory, "weights": str(b.checkpoint), "checkpoint": None} if b.factory
              else {"checkpoint": str(b.checkpoint)})
     return argparse.Namespace(**{
-        **vars(args), **model, "defense": stages, "detector": detector, "adaptive": True,
+        # a bundle of a trained classifier alone (a training-time defense) is attacked directly: white-box on it
+        # is the adaptive attack, and there is no pipeline to wrap
+        **vars(args), **model, "defense": stages, "detector": detector, "adaptive": bool(stages or detector),
         "dataset": pick("dataset"), "n": pick("n"), "eps": pick("eps"), "seed": pick("seed", 0),
         "split": args.split if args.split != "test" else ev.get("split", "test"),
         "suite": args.suite or (None if args.attack else "standard"),

@@ -109,14 +109,17 @@ class ModelLoader:
     """The default loader: an adv checkpoint (a registry name plus foreign weights, or a user's factory) and
     defended models composed from stage specs. Picklable, so it travels to every actor.
 
-    ``defenses`` holds ``(label, stage_specs, detector_spec)``; learned stages
-    need ``checkpoint=PATH`` in their spec (actors never train).
+    ``defenses`` holds ``(label, stage_specs, detector_spec)``, or ``(label,
+    stage_specs, detector_spec, classifier_checkpoint)`` for a training-time
+    defense, whose own classifier answers (non-adaptive adversarials are still
+    crafted on the undefended one); learned stages need ``checkpoint=PATH`` in
+    their spec (actors never train).
     """
 
     checkpoint: str | None = None
     arch: str | None = None
     weights: str | None = None
-    defenses: tuple[tuple[str, tuple[str, ...], str | None], ...] = ()
+    defenses: tuple[tuple, ...] = ()
     eot_samples: int = 8
     #: A user's architecture, ``"mypkg.nets:make_net"`` (:mod:`adv.models.factory`); ``weights`` fill it.
     factory: str | None = None
@@ -136,14 +139,16 @@ class ModelLoader:
 
     def __call__(self) -> Models:
         from adv.evaluate.threat import build_evaluated_model
+        from adv.models import load_checkpoint
 
         model, meta = self.classifier()
         model.eval()
-        defenses = {
-            label: build_evaluated_model(model, list(stages), adaptive=True, detector=detector,
-                                         checkpoint_meta=meta, eot_samples=self.eot_samples)
-            for label, stages, detector in self.defenses
-        }
+        defenses = {}
+        for label, stages, detector, *own in self.defenses:
+            classifier, cmeta = load_checkpoint(own[0]) if own else (model, meta)
+            defenses[label] = build_evaluated_model(classifier, list(stages), adaptive=True, detector=detector,
+                                                    checkpoint_meta=cmeta, source=model if own else None,
+                                                    eot_samples=self.eot_samples)
         return Models(model, defenses)
 
 

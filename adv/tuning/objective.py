@@ -76,6 +76,11 @@ class TrialRecord:
     checkpoint: str | None = None
     recheck: dict[str, dict] = field(default_factory=dict)
     recheck_objective: float | None = None
+    #: The trial's kind (``stored``, ``adaptive``, ``training``): a sweep with training trials mixes two.
+    kind: str = ""
+    #: Training trials: the catastrophic-overfitting finding (``adv.tuning.overfitting``); such a trial is never
+    #: selected.
+    overfit: str = ""
     #: The trial's last checkpoint as the runner returned it (a ``tune.Checkpoint`` in jobs.tune); not serialized.
     handle: Any = field(default=None, repr=False, compare=False)
 
@@ -93,7 +98,7 @@ class TrialRecord:
         return {"trial_id": self.trial_id, "candidate": self.candidate, "numbers": self.numbers,
                 "objective": self.objective, "clean_ref": self.clean_ref, "resource": self.resource,
                 "status": self.status, "checkpoint": self.checkpoint, "recheck": self.recheck,
-                "recheck_objective": self.recheck_objective}
+                "recheck_objective": self.recheck_objective, "kind": self.kind, "overfit": self.overfit}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -126,21 +131,42 @@ def ranking_warning(by_first: list[TrialRecord], first: str, second_scores: dict
 def select(records: list[TrialRecord], kind: str) -> tuple[TrialRecord, list[str]]:
     """The selected trial and the warnings the report prints.
 
-    Adaptive and training sweeps select on their objective (adaptive robust
-    accuracy under the clean constraint); stored sweeps rank on the
-    non-adaptive objective, and the selection comes from the adaptive
-    re-check of the best few, with a warning when the rankings disagree.
+    Every trial competes on its adaptive objective (adaptive robust accuracy
+    under the clean constraint): adaptive and training trials on their own
+    number, stored trials on their adaptive re-check (they rank on the
+    non-adaptive objective first; a warning when the rankings disagree). A
+    sweep with training trials beside its stored ones pools both on the same
+    validation images and grid. ``kind`` is the sweep's kind, the default of
+    records that do not name theirs. Trials marked for catastrophic
+    overfitting are never selected.
     """
+    from adv.errors import AdvError
+
     done = [r for r in records if not math.isnan(r.objective)]
     if not done:
-        from adv.errors import AdvError
-
         raise AdvError("no trial reported a result; see the trial errors in the Tune run folder")
-    if kind != "stored":
-        # A trial ASHA stopped early was scored on fewer examples (or epochs): its number is noisier and
-        # optimistic by selection, so only trials that reached the full resource compete.
-        full = max(r.resource for r in done)
-        return max((r for r in done if r.resource >= full), key=lambda r: r.objective), []
+    eligible = [r for r in done if not r.overfit]
+    if not eligible:
+        raise AdvError(f"every trial that reported was marked for catastrophic overfitting ({done[0].overfit}); "
+                       "lower the training eps, use a multi-step attack, or add an eps ramp")
+    warnings: list[str] = []
+    scored: list[tuple[float, TrialRecord]] = []
+    for k in dict.fromkeys(r.kind or kind for r in eligible):
+        group = [r for r in eligible if (r.kind or kind) == k]
+        if k == "stored":
+            best, warn = _select_stored(group)
+            warnings += warn
+            scored.append((best.recheck_objective if best.recheck_objective is not None else best.objective, best))
+        else:
+            # A trial ASHA stopped early was scored on fewer examples (or epochs): its number is noisier and
+            # optimistic by selection, so only trials that reached the full resource compete.
+            full = max(r.resource for r in group)
+            scored += [(r.objective, r) for r in group if r.resource >= full]
+    return max(scored, key=lambda p: p[0])[1], warnings
+
+
+def _select_stored(done: list[TrialRecord]) -> tuple[TrialRecord, list[str]]:
+    """The best stored trial by its adaptive re-check (by its non-adaptive number, with a warning, without one)."""
     rechecked = sorted((r for r in done if r.recheck_objective is not None), key=lambda r: -r.objective)
     if not rechecked:
         best = max(done, key=lambda r: r.objective)

@@ -21,7 +21,10 @@ correct and every attack of the grid on that track fails.
 from __future__ import annotations
 
 import copy
+import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -32,11 +35,12 @@ from adv.evaluate.report.aggregate import clean_ok
 from adv.evaluate.rows import NONE
 from adv.evaluate.worker import BatchEvaluator, GridPoint, ModelLoader, Models, Plan, StoredEvaluator
 from adv.tuning.objective import flat_metrics, numbers_from_counts, penalized
+from adv.tuning.overfitting import BY_ATTACK, catastrophic_overfitting
 
 #: The defended model's label in the rows a trial computes.
 TRIAL = "trial"
 Report = Callable[..., None]
-_NEEDED = ("index", "defense", "track", "robust")
+_NEEDED = ("index", "defense", "track", "robust", "attack")
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,23 @@ def metrics(rows: Mapping[str, np.ndarray], setting: Setting, track: str) -> dic
     numbers = numbers_from_counts(c, n, labels(setting.grid), setting.subset)
     robust = numbers[track]["value"]
     clean_ref = ref / n
-    return {**flat_metrics(numbers), "clean_ref": clean_ref, "examples": n,
+    return {**flat_metrics(numbers), **by_attack(rows), "clean_ref": clean_ref, "examples": n,
             "objective": penalized(robust, numbers["clean"]["value"], clean_ref, setting.max_clean_drop),
             "objective_track": track}
+
+
+def by_attack(rows: Mapping[str, np.ndarray], label: str = TRIAL) -> dict[str, float]:
+    """Adaptive robust accuracy per attack (worst over its grid points): ``adaptive_by_attack_<attack>``, what
+    :mod:`adv.tuning.overfitting` compares (FGSM against the multi-step attacks)."""
+    ok = clean_ok(rows)[label]
+    present = np.unique(rows["index"])
+    sel = (rows["defense"] == label) & (rows["track"] == "adaptive")
+    out = {}
+    for attack in np.unique(rows["attack"][sel]):
+        one = sel & (rows["attack"] == attack)
+        alive = worst_case_mask(ok, rows["index"][one], rows["robust"][one])
+        out[f"{BY_ATTACK}{attack}"] = float(alive[present].mean())
+    return out
 
 
 class _Columns:
@@ -149,6 +167,39 @@ def run_adaptive(loader: Callable[[], Models], data, setting: Setting, report: R
     return out
 
 
+def generate_stored(loader: Callable[[], Models], data, setting: Setting) -> dict[str, np.ndarray]:
+    """The stored non-adaptive set in one process: clean and non-adaptive rows of the undefended classifier on
+    ``data`` (images included), chunk by chunk as the Ray Data job seeds them. For a set one machine attacks
+    in seconds, the distributed job's actor start-up and Parquet commits cost more than the attacks."""
+    evaluator = BatchEvaluator(loader, Plan(setting.grid, adaptive=False, features=(), store_images=True,
+                                            seed=setting.seed), device=setting.device)
+    x, y = data.tensors()
+    parts = list(evaluate_range(evaluator, x, y, 0, len(y), setting.batch_size))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def save_rows(rows: Mapping[str, np.ndarray]) -> bytes:
+    """``.npz`` bytes of result rows (string columns as fixed-width unicode: no pickles)."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v.astype(str) if v.dtype == object else v for k, v in rows.items()})
+    return buf.getvalue()
+
+
+def stored_chunks(data: bytes) -> Iterable[dict[str, np.ndarray]]:
+    """The rows of :func:`save_rows` bytes, one chunk at a time (what :func:`run_stored` takes)."""
+    import io
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        rows = {k: z[k] for k in z.files}
+    keep = (rows["defense"] == NONE) & (rows["track"] != "adaptive")
+    rows = {k: v[keep] for k, v in rows.items()}
+    for c in np.unique(rows["chunk"]):
+        sel = rows["chunk"] == c
+        yield {k: v[sel] for k, v in rows.items()}
+
+
 def measure(loader: Callable[[], Models], data, setting: Setting) -> dict[str, dict]:
     """All three numbers of one defended model on ``data`` (the bundle's final numbers, in one process)."""
     from adv.tuning.objective import numbers_from_flat
@@ -181,11 +232,15 @@ class TrainedLoader:
 
 
 def run_training(loss_spec: str, checkpoint: str, train, val, setting: Setting, report: Report, *, epochs: int,
-                 batch_size: int, lr: float, work_dir: str) -> dict[str, Any]:
+                 batch_size: int, lr: float, work_dir: str, overfit_drop: float = 0.2,
+                 overfit_gap: float = 0.3) -> dict[str, Any]:
     """Train a fresh classifier of the checkpoint's architecture with ``loss_spec``; after every epoch report
     all three numbers on ``val`` with ``work_dir`` (model.pt, train_state.pt) as the checkpoint.
 
     ``work_dir`` already holding a ``train_state.pt`` (a restored Tune checkpoint) resumes training there.
+    Every report carries ``overfit``: the catastrophic-overfitting finding of the epochs so far
+    (:mod:`adv.tuning.overfitting`, empty when none); a marked trial's objective drops by 2, below every
+    unmarked trial, even one that breaks the clean-accuracy constraint, so ASHA stops it.
     """
     from adv.models import create_model, load_checkpoint
     from adv.train import TrainConfig, fit
@@ -197,6 +252,7 @@ def run_training(loss_spec: str, checkpoint: str, train, val, setting: Setting, 
     model = create_model(meta["arch"], num_classes=meta["num_classes"], input_size=tuple(meta["input_size"]),
                          mean=tuple(meta["mean"]), std=tuple(meta["std"]))
     last: dict[str, Any] = {}
+    cpu0 = time.process_time()
 
     def validate(m: torch.nn.Module) -> dict[str, Any]:
         last.clear()
@@ -205,7 +261,13 @@ def run_training(loss_spec: str, checkpoint: str, train, val, setting: Setting, 
         return {k: v for k, v in last.items() if isinstance(v, (int, float))}
 
     def on_epoch_end(epoch: int, _metrics: dict) -> None:
-        report({**last, "epoch": epoch}, checkpoint_dir=work_dir)
+        # fit wrote metrics.json (every epoch's metrics, resumed epochs included) just before this call
+        history = json.loads((Path(work_dir) / "metrics.json").read_text())["history"]
+        flag = catastrophic_overfitting(history, drop=overfit_drop, gap=overfit_gap) or ""
+        objective = last["objective"] - 2.0 if flag else last["objective"]
+        # CPU seconds of this trial process so far: what an idle core would have taken, under any contention
+        report({**last, "epoch": epoch, "overfit": flag, "objective": objective,
+                "cpu_seconds": time.process_time() - cpu0}, checkpoint_dir=work_dir)
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=setting.seed, device=setting.device)
     fit(model, train, None, config, loss_fn=tl.loss_fn, out_dir=work_dir, resume=True, show_progress=False,
