@@ -1,0 +1,74 @@
+"""FAB-T and Square after their speed-up (issue 26): the same per-example results as the code before it.
+
+``fixtures/fab_square_before_speedup.pt`` holds a tiny CNN's weights, the images, and what FAB-T and Square
+returned for them with the code of commit 3d3f9e8 (before the speed-up), made by running this module as a
+script at that commit. The weights are stored rather than retrained, so only the attacks can change the outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adv.attacks import fab_t, get_attack
+from adv.attacks.seeding import example_seeds
+from tests.attack_helpers import NUM_CLASSES, TinyCNN, one_thread, synthetic, train_tiny
+
+FIXTURE = Path(__file__).parent / "fixtures" / "fab_square_before_speedup.pt"
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+
+def outputs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each setting returns: FAB-T as the suite runs it, minimal, targeted and L2; Square with per-example
+    streams (the suite's seeding) and with one joint generator."""
+    square = get_attack("square")
+    rows = example_seeds(0, "square", range(len(x)))
+    sq_rows, q_rows = square.run(model, x, y, eps=0.08, queries=300, seed=rows)
+    sq_joint, q_joint = square.run(model, x, y, eps=0.08, queries=150, seed=5)
+    return {
+        "fab_suite": fab_t(model, x, y, eps=0.06, steps=30, n_target_classes=9),
+        "fab_minimal": fab_t(model, x, y, eps=math.inf, steps=20, n_target_classes=2),
+        "fab_targeted": fab_t(model, x, y, eps=0.3, targeted=True, y_target=(y + 2) % NUM_CLASSES, steps=20),
+        "fab_l2": fab_t(model, x, y, eps=0.6, norm="l2", steps=20, n_target_classes=3),
+        "square_rows": sq_rows, "square_rows_queries": q_rows,
+        "square_joint": sq_joint, "square_joint_queries": q_joint,
+    }
+
+
+@pytest.fixture(scope="module")
+def before():
+    return torch.load(FIXTURE, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def after(before):
+    model = TinyCNN()
+    model.load_state_dict(before["weights"])
+    return outputs(model.eval(), before["x"], before["y"])
+
+
+@pytest.mark.parametrize("key", ["fab_suite", "fab_minimal", "fab_targeted", "fab_l2", "square_rows",
+                                 "square_rows_queries", "square_joint", "square_joint_queries"])
+def test_the_same_per_example_results_as_before_the_speed_up(before, after, key):
+    assert torch.equal(after[key], before[key]), (key, (after[key] != before[key]).flatten(1).any(1).nonzero())
+
+
+def _make() -> None:
+    with one_thread():
+        model = train_tiny()
+        x, y = synthetic(40, seed=7)
+        out = outputs(model, x, y)
+    FIXTURE.parent.mkdir(exist_ok=True)
+    torch.save({"weights": model.state_dict(), "x": x, "y": y, **out}, FIXTURE)
+    for k, v in out.items():
+        if v.is_floating_point():
+            print(k, "fooled", int((model(v).argmax(1) != y).sum()))
+
+
+if __name__ == "__main__":  # regenerate, only ever with the code the fixture describes
+    sys.exit(_make())
