@@ -1,8 +1,8 @@
-"""FAB-T and Square after their speed-up (issue 26): the same per-example results as the code before it.
+"""APGD, FAB-T and Square after their speed-up (issue 26): the same per-example results as the code before it.
 
-``fixtures/fab_square_before_speedup.pt`` holds a tiny CNN's weights, the images, and what FAB-T and Square
-returned for them with the code of commit 3d3f9e8 (before the speed-up), made by running this module as a
-script at that commit. The weights are stored rather than retrained, so only the attacks can change the outputs.
+``fixtures/fab_square_before_speedup.pt`` holds a tiny CNN's weights, the images, and what APGD, FAB-T and
+Square returned for them with the code of commit 3d3f9e8 (before the speed-up), made by running this module as a
+script with that commit's ``adv`` package. The weights are stored rather than retrained, so only the attacks can change the outputs.
 """
 
 from __future__ import annotations
@@ -24,13 +24,16 @@ pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def outputs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What each setting returns: FAB-T as the suite runs it, minimal, targeted and L2; Square with per-example
-    streams (the suite's seeding) and with one joint generator."""
-    square = get_attack("square")
-    rows = example_seeds(0, "square", range(len(x)))
-    sq_rows, q_rows = square.run(model, x, y, eps=0.08, queries=300, seed=rows)
+    """What each setting returns: APGD-CE/DLR/T (restarts, L2), FAB-T as the suite runs it, minimal, targeted
+    and L2; Square with per-example streams (the suite's seeding) and with one joint generator."""
+    square, seeds = get_attack("square"), lambda name: example_seeds(0, name, range(len(x)))
+    apgd = {f"apgd_{k}": get_attack(name)(model, x, y, seed=seeds(name), **kw) for k, name, kw in (
+        ("ce", "apgd_ce", dict(eps=0.06, steps=25)), ("dlr", "apgd_dlr", dict(eps=0.06, steps=25, restarts=2)),
+        ("l2", "apgd_ce", dict(eps=0.5, norm="l2", steps=25)), ("t", "apgd_t", dict(eps=0.06, steps=20)))}
+    sq_rows, q_rows = square.run(model, x, y, eps=0.08, queries=300, seed=seeds("square"))
     sq_joint, q_joint = square.run(model, x, y, eps=0.08, queries=150, seed=5)
     return {
+        **apgd,
         "fab_suite": fab_t(model, x, y, eps=0.06, steps=30, n_target_classes=9),
         "fab_minimal": fab_t(model, x, y, eps=math.inf, steps=20, n_target_classes=2),
         "fab_targeted": fab_t(model, x, y, eps=0.3, targeted=True, y_target=(y + 2) % NUM_CLASSES, steps=20),
@@ -52,7 +55,7 @@ def after(before):
     return outputs(model.eval(), before["x"], before["y"])
 
 
-@pytest.mark.parametrize("key", ["fab_suite", "fab_minimal", "fab_targeted", "fab_l2", "square_rows",
+@pytest.mark.parametrize("key", ["apgd_ce", "apgd_dlr", "apgd_l2", "apgd_t", "fab_suite", "fab_minimal", "fab_targeted", "fab_l2", "square_rows",
                                  "square_rows_queries", "square_joint", "square_joint_queries"])
 def test_the_same_per_example_results_as_before_the_speed_up(before, after, key):
     assert torch.equal(after[key], before[key]), (key, (after[key] != before[key]).flatten(1).any(1).nonzero())
@@ -60,8 +63,13 @@ def test_the_same_per_example_results_as_before_the_speed_up(before, after, key)
 
 def _make() -> None:
     with one_thread():
-        model = train_tiny()
-        x, y = synthetic(40, seed=7)
+        if FIXTURE.is_file():  # keep the stored weights and images
+            old = torch.load(FIXTURE, weights_only=True)
+            model, x, y = TinyCNN(), old["x"], old["y"]
+            model.load_state_dict(old["weights"])
+            model.eval()
+        else:
+            model, (x, y) = train_tiny(), synthetic(40, seed=7)
         out = outputs(model, x, y)
     FIXTURE.parent.mkdir(exist_ok=True)
     torch.save({"weights": model.state_dict(), "x": x, "y": y, **out}, FIXTURE)
