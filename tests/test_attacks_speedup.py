@@ -49,16 +49,34 @@ def before():
 
 
 @pytest.fixture(scope="module")
-def after(before):
+def tiny(before):
     model = TinyCNN()
     model.load_state_dict(before["weights"])
-    return outputs(model.eval(), before["x"], before["y"])
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def after(before, tiny):
+    return outputs(tiny, before["x"], before["y"])
 
 
 @pytest.mark.parametrize("key", ["apgd_ce", "apgd_dlr", "apgd_l2", "apgd_t", "fab_suite", "fab_minimal", "fab_targeted", "fab_l2", "square_rows",
                                  "square_rows_queries", "square_joint", "square_joint_queries"])
 def test_the_same_per_example_results_as_before_the_speed_up(before, after, key):
     assert torch.equal(after[key], before[key]), (key, (after[key] != before[key]).flatten(1).any(1).nonzero())
+
+
+def test_fab_early_stop_breaks_the_same_points_and_leaves_the_others_as_they_were(before, tiny):
+    """The protocol's early exit (a point stops once it has an adversarial within eps) changes which adversarial
+    a broken point gets, never whether it is broken, nor anything for the points that stand."""
+    x, y = before["x"], before["y"]
+    full = fab_t(tiny, x, y, eps=0.06, steps=30)
+    early = fab_t(tiny, x, y, eps=0.06, steps=30, early_stop=True)
+    with torch.no_grad():
+        broken, broken_early = tiny(full).argmax(1) != y, tiny(early).argmax(1) != y
+    assert torch.equal(broken, broken_early) and 0 < int(broken.sum()) < len(x)
+    assert torch.equal(full[~broken], early[~broken])
+    assert (early - x).abs().flatten(1).amax(1).max() <= 0.06 + 1e-6
 
 
 def _make() -> None:
