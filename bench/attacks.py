@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -281,31 +282,53 @@ def torchattacks_suite(model, x, y, eps) -> tuple[float, torch.Tensor] | None:
     return secs, still_correct(model, x_adv, y)
 
 
-def suite_comparison(args) -> list[dict]:
-    """One row per model: each implementation's robust accuracy, CPU seconds and disagreements with adv's."""
+SUITE_RUNS = {"adv_cl": "adv (channels_last)", "adv": "adv", "ref": "pyautoattack",
+              "ref_cl": "pyautoattack, channels_last model", "ta": "torchattacks (APGD/FAB 10 steps)"}
+
+
+def suite_comparison(args) -> dict:
+    """Each implementation's robust verdicts and CPU seconds per case, merged into ``--suite-results`` (so
+    implementations can run as separate processes, ``--suite-runs``)."""
     from adv.evaluate.precision import fast_model
 
-    rows = []
+    path = Path(args.suite_results)
+    store = json.loads(path.read_text()) if path.is_file() else {}
     for label, model, x, y, eps, n in suite_cases(args.suite_n):
         x, y = x[:n], y[:n]
-        plans = {"adv (channels_last)": lambda: adv_suite(model, x, y, eps, True),
-                 "adv": lambda: adv_suite(model, x, y, eps, False),
-                 "pyautoattack": lambda: reference_suite(model, x, y, eps),
-                 "pyautoattack, channels_last model": lambda: reference_suite(
-                     fast_model(model, channels_last=True), x, y, eps),
-                 "torchattacks (APGD/FAB 10 steps)": lambda: torchattacks_suite(model, x, y, eps)}
-        runs = {}
-        for name, plan in plans.items():
-            out = plan()
-            if out is not None:  # torchattacks not installed
-                runs[name] = out
-                print(f"{label}: {name} {out[0]:.1f} CPU s, robust {out[1].float().mean():.4f}", flush=True)
-        mine = runs["adv (channels_last)"][1]
-        rows.append({"case": label, "n": n, "runs": {k: {
-            "cpu_s": round(secs, 1), "robust_acc": round(float(rob.float().mean()), 4),
-            "disagree_with_adv": int((rob != mine).sum()), "weaker_than_adv": int((rob & ~mine).sum())}
-            for k, (secs, rob) in runs.items()}})
-        print(json.dumps(rows[-1]), flush=True)
+        plans = {"adv_cl": lambda: adv_suite(model, x, y, eps, True), "adv": lambda: adv_suite(model, x, y, eps, False),
+                 "ref": lambda: reference_suite(model, x, y, eps),
+                 "ref_cl": lambda: reference_suite(fast_model(model, channels_last=True), x, y, eps),
+                 "ta": lambda: torchattacks_suite(model, x, y, eps)}
+        for key in args.suite_runs:
+            out = plans[key]()
+            if out is None:  # torchattacks not installed
+                continue
+            print(f"{label}: {SUITE_RUNS[key]} {out[0]:.1f} CPU s, robust {out[1].float().mean():.4f}", flush=True)
+            store = json.loads(path.read_text()) if path.is_file() else {}  # another process may have written
+            store.setdefault(f"{label} | {n}", {})[key] = {
+                "cpu_s": round(out[0], 1), "robust": "".join("1" if r else "0" for r in out[1].tolist()),
+                "load": round(os.getloadavg()[0], 1)}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(store, indent=1))
+    return store
+
+
+def suite_rows(store: dict) -> list[dict]:
+    """Table rows from the stored verdicts: robust accuracy, CPU s, disagreements with adv (channels_last)."""
+    rows = []
+    for case, runs in store.items():
+        label, n = case.rsplit(" | ", 1)
+        mine = runs.get("adv_cl", {}).get("robust")
+        out = {}
+        for key in SUITE_RUNS:
+            if key not in runs:
+                continue
+            rob = runs[key]["robust"]
+            out[SUITE_RUNS[key]] = {
+                "cpu_s": runs[key]["cpu_s"], "robust_acc": rob.count("1") / len(rob),
+                "disagree_with_adv": sum(a != b for a, b in zip(rob, mine)) if mine else None,
+                "weaker_than_adv": sum(a == "1" and b == "0" for a, b in zip(rob, mine)) if mine else None}
+        rows.append({"case": label, "n": int(n), "runs": out})
     return rows
 
 
@@ -317,14 +340,18 @@ def suite_markdown(rows, info, command) -> str:
              "images; CPU seconds are this process's (`time.process_time`, one intra-op thread unless said), so "
              "other jobs on the machine distort them little. \"vs adv\": images whose robust verdict differs "
              "from adv's (channels_last) run, and of those, images only the other implementation breaks "
-             "(adv weaker).", ""]
+             "(adv weaker).", "",
+             "The full-size run is `.venv/bin/python -m bench.attacks --suite` (500 MNIST images; the shared "
+             "CIFAR-10 sample holds 100, so at most those). Implementations may run as separate processes "
+             "(`--suite-runs adv_cl`, `--suite-runs ref`, ...; they merge into `bench/results/attacks_suite.json` "
+             "and `--suite-runs ''` only renders), each timed by its own process CPU clock.", ""]
     for r in rows:
-        base = r["runs"]["pyautoattack"]["cpu_s"]
+        base = r["runs"].get("pyautoattack", {}).get("cpu_s", math.nan)  # nan: "nanx" until it has run
         lines += [f"**{r['case']}**, first {r['n']} test images:", "",
                   "| implementation | robust accuracy | CPU s | vs pyautoattack | differs from adv (adv weaker) |",
                   "|---|---:|---:|---:|---:|"]
         for k, v in r["runs"].items():
-            lines.append(f"| {k} | {v['robust_acc']:.2%} | {v['cpu_s']} | {v['cpu_s'] / max(base, 1e-9):.2f}x | "
+            lines.append(f"| {k} | {v['robust_acc']:.2%} | {v['cpu_s']} | {v['cpu_s'] / base:.2f}x | "
                          f"{v['disagree_with_adv']} ({v['weaker_than_adv']}) |")
         lines.append("")
     return "\n".join(lines + [SUITE_END])
@@ -341,6 +368,9 @@ def main(argv=None) -> int:
     p.add_argument("--suite", action="store_true", help="only the standard suite against the original AutoAttack")
     p.add_argument("--suite-n", type=lambda v: [int(i) for i in v.split(",")], default=[500, 200],
                    help="MNIST,CIFAR-10 images of --suite (the shared CIFAR-10 sample holds 100)")
+    p.add_argument("--suite-runs", type=lambda v: [k for k in v.split(",") if k], default=list(SUITE_RUNS),
+                   help=f"implementations to run ({','.join(SUITE_RUNS)}); others are read from --suite-results")
+    p.add_argument("--suite-results", default=str(ROOT / "bench" / "results" / "attacks_suite.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.suite:
@@ -363,7 +393,7 @@ def main(argv=None) -> int:
 def run_suite(args, argv) -> int:
     info = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs, torch "
             f"{torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f} at start")
-    rows = suite_comparison(args)
+    rows = [r for r in suite_rows(suite_comparison(args)) if r["n"] in args.suite_n]
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     write_section(docs / "benchmarks.md", suite_markdown(rows, info, command_line("attacks", argv)), "attacks_suite")
