@@ -327,7 +327,7 @@ def suite_rows(store: dict) -> list[dict]:
             out[SUITE_RUNS[key]] = {
                 "cpu_s": runs[key]["cpu_s"], "robust_acc": rob.count("1") / len(rob),
                 "disagree_with_adv": sum(a != b for a, b in zip(rob, mine)) if mine else None,
-                "weaker_than_adv": sum(a == "1" and b == "0" for a, b in zip(rob, mine)) if mine else None}
+                "adv_weaker": sum(a == "0" and b == "1" for a, b in zip(rob, mine)) if mine else None}
         rows.append({"case": label, "n": int(n), "runs": out})
     return rows
 
@@ -352,7 +352,7 @@ def suite_markdown(rows, info, command) -> str:
                   "|---|---:|---:|---:|---:|"]
         for k, v in r["runs"].items():
             lines.append(f"| {k} | {v['robust_acc']:.2%} | {v['cpu_s']} | {v['cpu_s'] / base:.2f}x | "
-                         f"{v['disagree_with_adv']} ({v['weaker_than_adv']}) |")
+                         f"{v['disagree_with_adv']} ({v['adv_weaker']}) |")
         lines.append("")
     return "\n".join(lines + [SUITE_END])
 
