@@ -18,12 +18,25 @@
 Writes ``docs/benchmarks_attacks.png`` and the "## Attacks" section of
 ``docs/benchmarks.md`` (between markers), with the command that produced it.
 Without ../shared/data it falls back to random weights and random images.
+
+``--suite`` runs only the **standard-suite comparison** and rewrites its own
+section ("## The standard suite against the original AutoAttack"):
+
+    .venv/bin/python -m bench.attacks --suite [--suite-n 500,200] [--threads 1]
+
+adv's ``suite="standard"`` against the original AutoAttack code (the
+``pyautoattack`` package, the ``bench`` extra: APGD-CE, APGD-T, FAB-T with 100
+iterations, Square 5000) on the published Madry LeNet5 (MNIST, eps 0.3, the
+first n test images) and the shared CIFAR-10 ResNet-20 (eps 8/255): robust
+accuracy of both, process CPU seconds of both, their ratio and the images where
+they disagree; torchattacks' AutoAttack beside them when installed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -216,6 +229,134 @@ def markdown(rows, exit_row, fast, info, command) -> str:
     return "\n".join(lines + ["", END])
 
 
+SUITE_BEGIN, SUITE_END = markers("attacks_suite")
+
+
+def suite_cases(ns: list[int]):
+    """(label, model, x, y, eps) of the suite comparison: the published Madry LeNet5 and the CIFAR ResNet-20."""
+    from adv.data import load_dataset
+    from adv.models import load_external
+
+    models = SHARED / "models"
+    mnist = load_dataset("mnist", split="test", root=str(SHARED / "mnist")).tensors()
+    cifar = load_dataset("cifar10", split="test", root=str(SHARED / "cifar10")).tensors()
+    return [("Madry LeNet5 (advertorch), MNIST, eps 0.3",
+             load_external("lenet5", str(models / "mnist_lenet5_advtrained.pt")).eval(), *mnist, 0.3, ns[0]),
+            ("ResNet-20 (akamaster), CIFAR-10, eps 8/255",
+             load_external("resnet20", str(models / "cifar10_resnet20_akamaster.th")).eval(), *cifar, 8 / 255,
+             ns[1])]
+
+
+def still_correct(model, x_adv, y) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(a).argmax(1) for a in x_adv.split(500)]) == y
+
+
+def adv_suite(model, x, y, eps, channels_last: bool) -> tuple[float, torch.Tensor]:
+    from adv.evaluate import robust_accuracy
+
+    secs, res = timed(lambda: robust_accuracy(model, (x, y), suite="standard", eps=eps, batch_size=500,
+                                              progress=False, checks=(), channels_last=channels_last))
+    return secs, res.per_example.robust
+
+
+def reference_suite(model, x, y, eps) -> tuple[float, torch.Tensor]:
+    """The original AutoAttack code, standard version, as its README runs it."""
+    import logging
+
+    from pyautoattack import AutoAttack
+
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    aa = AutoAttack(model, eps=eps, norm="Linf", version="standard", seed=0)
+    secs, (x_adv, _) = timed(lambda: aa.run_standard_evaluation(x, y, batch_size=500))
+    return secs, still_correct(model, x_adv, y)
+
+
+def torchattacks_suite(model, x, y, eps) -> tuple[float, torch.Tensor] | None:
+    try:
+        import torchattacks
+    except ImportError:
+        return None
+    atk = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
+    secs, x_adv = timed(lambda: atk(x, y))
+    return secs, still_correct(model, x_adv, y)
+
+
+SUITE_RUNS = {"adv_cl": "adv (channels_last)", "adv": "adv", "ref": "pyautoattack",
+              "ref_cl": "pyautoattack, channels_last model", "ta": "torchattacks (APGD/FAB 10 steps)"}
+
+
+def suite_comparison(args) -> dict:
+    """Each implementation's robust verdicts and CPU seconds per case, merged into ``--suite-results`` (so
+    implementations can run as separate processes, ``--suite-runs``)."""
+    from adv.evaluate.precision import fast_model
+
+    path = Path(args.suite_results)
+    store = json.loads(path.read_text()) if path.is_file() else {}
+    for label, model, x, y, eps, n in suite_cases(args.suite_n):
+        x, y = x[:n], y[:n]
+        plans = {"adv_cl": lambda: adv_suite(model, x, y, eps, True), "adv": lambda: adv_suite(model, x, y, eps, False),
+                 "ref": lambda: reference_suite(model, x, y, eps),
+                 "ref_cl": lambda: reference_suite(fast_model(model, channels_last=True), x, y, eps),
+                 "ta": lambda: torchattacks_suite(model, x, y, eps)}
+        for key in args.suite_runs:
+            out = plans[key]()
+            if out is None:  # torchattacks not installed
+                continue
+            print(f"{label}: {SUITE_RUNS[key]} {out[0]:.1f} CPU s, robust {out[1].float().mean():.4f}", flush=True)
+            store = json.loads(path.read_text()) if path.is_file() else {}  # another process may have written
+            store.setdefault(f"{label} | {n}", {})[key] = {
+                "cpu_s": round(out[0], 1), "robust": "".join("1" if r else "0" for r in out[1].tolist()),
+                "load": round(os.getloadavg()[0], 1)}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(store, indent=1))
+    return store
+
+
+def suite_rows(store: dict) -> list[dict]:
+    """Table rows from the stored verdicts: robust accuracy, CPU s, disagreements with adv (channels_last)."""
+    rows = []
+    for case, runs in store.items():
+        label, n = case.rsplit(" | ", 1)
+        mine = runs.get("adv_cl", {}).get("robust")
+        out = {}
+        for key in SUITE_RUNS:
+            if key not in runs:
+                continue
+            rob = runs[key]["robust"]
+            out[SUITE_RUNS[key]] = {
+                "cpu_s": runs[key]["cpu_s"], "robust_acc": rob.count("1") / len(rob),
+                "disagree_with_adv": sum(a != b for a, b in zip(rob, mine)) if mine else None,
+                "adv_weaker": sum(a == "0" and b == "1" for a, b in zip(rob, mine)) if mine else None}
+        rows.append({"case": label, "n": int(n), "runs": out})
+    return rows
+
+
+def suite_markdown(rows, info, command) -> str:
+    lines = [SUITE_BEGIN, "## The standard suite against the original AutoAttack", "",
+             f"Produced by `{command}` on {info}.", "",
+             "adv's `suite=\"standard\"` (APGD-CE, APGD-T and FAB-T over 9 targets with 100 iterations, Square "
+             "5000) against the original AutoAttack code (`pyautoattack`, the same attacks and budgets) on the same "
+             "images; CPU seconds are this process's (`time.process_time`, one intra-op thread unless said), so "
+             "other jobs on the machine distort them little. \"vs adv\": images whose robust verdict differs "
+             "from adv's (channels_last) run, and of those, images only the other implementation breaks "
+             "(adv weaker).", "",
+             "The full-size run is `.venv/bin/python -m bench.attacks --suite` (500 MNIST images; the shared "
+             "CIFAR-10 sample holds 100, so at most those). Implementations may run as separate processes "
+             "(`--suite-runs adv_cl`, `--suite-runs ref`, ...; they merge into `bench/results/attacks_suite.json` "
+             "and `--suite-runs ''` only renders), each timed by its own process CPU clock.", ""]
+    for r in rows:
+        base = r["runs"].get("pyautoattack", {}).get("cpu_s", math.nan)  # nan: "nanx" until it has run
+        lines += [f"**{r['case']}**, first {r['n']} test images:", "",
+                  "| implementation | robust accuracy | CPU s | vs pyautoattack | differs from adv (adv weaker) |",
+                  "|---|---:|---:|---:|---:|"]
+        for k, v in r["runs"].items():
+            lines.append(f"| {k} | {v['robust_acc']:.2%} | {v['cpu_s']} | {v['cpu_s'] / base:.2f}x | "
+                         f"{v['disagree_with_adv']} ({v['adv_weaker']}) |")
+        lines.append("")
+    return "\n".join(lines + [SUITE_END])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=1000)
@@ -224,8 +365,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--docs", default=str(ROOT / "docs"))
+    p.add_argument("--suite", action="store_true", help="only the standard suite against the original AutoAttack")
+    p.add_argument("--suite-n", type=lambda v: [int(i) for i in v.split(",")], default=[500, 200],
+                   help="MNIST,CIFAR-10 images of --suite (the shared CIFAR-10 sample holds 100)")
+    p.add_argument("--suite-runs", type=lambda v: [k for k in v.split(",") if k], default=list(SUITE_RUNS),
+                   help=f"implementations to run ({','.join(SUITE_RUNS)}); others are read from --suite-results")
+    p.add_argument("--suite-results", default=str(ROOT / "bench" / "results" / "attacks_suite.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.suite:
+        return run_suite(args, argv)
     model, x, y, source = load(args.n)
     info = (f"{source}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
             f"{torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f} at start")
@@ -238,6 +387,16 @@ def main(argv=None) -> int:
     command = command_line("attacks", argv)
     write_section(docs / "benchmarks.md", markdown(rows, exit_row, fast, info, command), "attacks")
     print(json.dumps({"throughput": rows, "early_exit": exit_row, "fast_paths": fast, "machine": info}))
+    return 0
+
+
+def run_suite(args, argv) -> int:
+    info = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs, torch "
+            f"{torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f} at start")
+    rows = [r for r in suite_rows(suite_comparison(args)) if r["n"] in args.suite_n]
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    write_section(docs / "benchmarks.md", suite_markdown(rows, info, command_line("attacks", argv)), "attacks_suite")
     return 0
 
 

@@ -81,41 +81,75 @@ def checkpoints(steps: int) -> list[int]:
 
 
 def _apgd_run(obj, x, rows, y, targeted, y_target, eps, norm, steps, rho, gen):
+    """One APGD run; each example leaves the run at its first fooling iterate (what it returns for it), so
+    the iterations cost only the examples still standing, and every other example's numbers stay the same."""
     n = len(x)
     check_at = checkpoints(steps)
     x_adv = random_start(x, eps, norm, gen)
     grad, loss, logits = input_grad(obj, x_adv, rows)
     fooled = is_success(logits, y[rows], targeted, take(y_target, rows))
-    x_fooled = x_adv.clone()
-    x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
-    step = torch.full((n,), 2.0 * eps, device=x.device)
-    losses = [loss]  # loss at every iterate, for the oscillation test
-    last_check = 0
-    best_at_check = loss_best.clone()
-    reduced_at_check = torch.ones(n, dtype=torch.bool, device=x.device)
-    x_prev = x_adv
+    out = torch.where(fooled.view(-1, 1, 1, 1), x_adv, x)  # the answer of each example that has left
+    s = _State(x, x_adv, x_adv, grad, loss, torch.arange(n, device=x.device), rows, steps, eps)
+    s = s.keep((~fooled).nonzero()[:, 0])
     for i in range(steps):
+        if len(s.live) == 0:
+            break
         with torch.no_grad():
             momentum = 0.75 if i > 0 else 1.0
-            z = project(fgm_step(x_adv, grad, step, norm), x, eps, norm)
-            x_new = project(x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_prev), x, eps, norm)
-            x_prev, x_adv = x_adv, x_new
-        grad, loss, logits = input_grad(obj, x_adv, rows)
-        ok = is_success(logits, y[rows], targeted, take(y_target, rows))
-        x_fooled[ok & ~fooled] = x_adv[ok & ~fooled]
-        fooled |= ok
-        losses.append(loss)
-        better = loss > loss_best
-        x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss[better]
+            z = project(fgm_step(s.x_adv, s.grad, s.step, norm), s.x, eps, norm)
+            x_new = project(s.x_adv + momentum * (z - s.x_adv) + (1 - momentum) * (s.x_adv - s.x_prev), s.x, eps, norm)
+            s.x_prev, s.x_adv = s.x_adv, x_new
+        s.grad, loss, logits = input_grad(obj, s.x_adv, s.rows)
+        ok = is_success(logits, y[s.rows], targeted, take(y_target, s.rows))
+        hit = ok.any()
+        if hit:
+            out[s.live[ok]] = s.x_adv[ok]
+            fooled[s.live[ok]] = True
+        s.losses[i + 1] = loss
+        better = loss > s.loss_best
+        s.x_best = torch.where(better.view(-1, 1, 1, 1), s.x_adv, s.x_best)
+        s.grad_best = torch.where(better.view(-1, 1, 1, 1), s.grad, s.grad_best)
+        s.loss_best = torch.where(better, loss, s.loss_best)
         if i + 1 in check_at:
-            k = i + 1 - last_check
-            recent = torch.stack(losses[-k - 1 :])
-            increases = (recent[1:] > recent[:-1]).sum(0)
-            reduce = (increases <= k * rho) | (~reduced_at_check & (best_at_check >= loss_best))
-            reduced_at_check, best_at_check = reduce, loss_best.clone()
-            if reduce.any():
-                step[reduce] /= 2.0
-                x_adv = x_adv.clone()
-                x_adv[reduce], grad[reduce] = x_best[reduce], grad_best[reduce]
-            last_check = i + 1
-    return torch.where(fooled.view(-1, 1, 1, 1), x_fooled, x_best), fooled
+            s.check(i + 1, rho)
+        if hit:
+            s = s.keep((~ok).nonzero()[:, 0])
+    out[s.live] = s.x_best
+    return out, fooled
+
+
+class _State:
+    """The per-example state of the examples still in an APGD run (``live``: their positions in the run)."""
+
+    def __init__(self, x, x_adv, x_prev, grad, loss, live, rows, steps, eps):
+        n = len(x)
+        self.x, self.x_adv, self.x_prev, self.grad, self.live, self.rows = x, x_adv, x_prev, grad, live, rows
+        self.x_best, self.grad_best, self.loss_best = x_adv.clone(), grad.clone(), loss.clone()
+        self.step = torch.full((n,), 2.0 * eps, device=x.device)
+        self.losses = loss.new_full((steps + 1, n), float("nan"))  # loss at every iterate, for the oscillation test
+        self.losses[0] = loss
+        self.last_check = 0
+        self.best_at_check = loss.clone()
+        self.reduced_at_check = torch.ones(n, dtype=torch.bool, device=x.device)
+
+    def keep(self, idx: torch.Tensor) -> "_State":
+        """The same state for the examples at ``idx`` only."""
+        if len(idx) == len(self.live):
+            return self
+        for name in ("x", "x_adv", "x_prev", "grad", "live", "rows", "x_best", "grad_best", "loss_best", "step",
+                     "best_at_check", "reduced_at_check"):
+            setattr(self, name, getattr(self, name)[idx])
+        self.losses = self.losses[:, idx]
+        return self
+
+    def check(self, at: int, rho: float) -> None:
+        """The step-size checkpoint (Croce & Hein 2020, conditions 1 and 2): halve and restart from the best."""
+        k = at - self.last_check
+        recent = self.losses[at - k : at + 1]
+        increases = (recent[1:] > recent[:-1]).sum(0)
+        reduce = (increases <= k * rho) | (~self.reduced_at_check & (self.best_at_check >= self.loss_best))
+        self.reduced_at_check, self.best_at_check = reduce, self.loss_best.clone()
+        self.step = torch.where(reduce, self.step / 2.0, self.step)
+        self.x_adv = torch.where(reduce.view(-1, 1, 1, 1), self.x_best, self.x_adv)
+        self.grad = torch.where(reduce.view(-1, 1, 1, 1), self.grad_best, self.grad)
+        self.last_check = at

@@ -69,15 +69,23 @@ def square_search(oracle, x, y, *, eps: float, norm: str, norms: tuple[str, ...]
         y = oracle(x, rows).argmax(1)
     x_best = init(x, rows, gen)
     margin, loss = _margin_and_loss(oracle(x_best, rows), y, targeted, y_target)
+    # the standing examples' copies, gathered again only when one falls (not at every query)
+    todo = (margin > 0).nonzero()[:, 0]
+    xs, xb, ys, ts, ms, ls = (take(v, todo) for v in (x, x_best, y, y_target, margin, loss))
     for it in range(int(queries) - 1):
-        todo = (margin > 0).nonzero()[:, 0]
         if len(todo) == 0:
             break
-        x_new = propose(x[todo], x_best[todo], p_selection(p_init, it, queries), todo, gen)
-        m_new, l_new = _margin_and_loss(oracle(x_new, todo), take(y, todo), targeted, take(y_target, todo))
-        better = (l_new < loss[todo]) | (m_new <= 0)
-        idx = todo[better]
-        x_best[idx], margin[idx], loss[idx] = x_new[better], m_new[better], l_new[better]
+        x_new = propose(xs, xb, p_selection(p_init, it, queries), todo, gen)
+        m_new, l_new = _margin_and_loss(oracle(x_new, todo), ys, targeted, ts)
+        better = (l_new < ls) | (m_new <= 0)
+        xb = torch.where(better.view(_V), x_new, xb)
+        ms, ls = torch.where(better, m_new, ms), torch.where(better, l_new, ls)
+        fell = m_new <= 0
+        if fell.any():
+            x_best[todo], margin[todo], loss[todo] = xb, ms, ls
+            keep = (~fell).nonzero()[:, 0]
+            todo, xs, xb, ys, ts, ms, ls = (take(v, keep) for v in (todo, xs, xb, ys, ts, ms, ls))
+    x_best[todo] = xb
     return x_best, oracle.used(n) - start
 
 
@@ -123,18 +131,24 @@ def square(
 
 def _new_candidate(xc, xb, window, eps, rows, gen, tries: int = 10):
     """Set each example's window to ±eps per channel; redraw an example's signs while that changes nothing
-    (the reference implementation's loop, capped at ``tries``)."""
+    (the reference implementation's loop, capped at ``tries``).
+
+    Whether a sign leaves a channel's window as it is depends on that channel and sign only, so both answers are
+    computed once and the redraws test signs against them, not whole candidate images.
+    """
     delta, c = xb - xc, xc.shape[1]
-    x_new = (xc + torch.where(window, eps * signs(gen, (c, 1, 1), rows, xc), delta)).clamp(0.0, 1.0)
-    redo = _unchanged(x_new, xb, window).nonzero()[:, 0]
+    up, down = _unchanged(xc + eps, xb, window), _unchanged(xc - eps, xb, window)
+    sign = signs(gen, (c, 1, 1), rows, xc)
+    redo = torch.where(sign.view(-1, c) > 0, up, down).all(1).nonzero()[:, 0]
     for _ in range(tries - 1):
         if len(redo) == 0:
             break
-        cand = (xc[redo] + torch.where(window[redo], eps * signs(gen, (c, 1, 1), rows[redo], xc), delta[redo]))
-        x_new[redo] = cand = cand.clamp(0.0, 1.0)
-        redo = redo[_unchanged(cand, xb[redo], window[redo])]
-    return x_new
+        again = signs(gen, (c, 1, 1), rows[redo], xc)
+        sign[redo] = again
+        redo = redo[torch.where(again.view(-1, c) > 0, up[redo], down[redo]).all(1)]
+    return (xc + torch.where(window, eps * sign, delta)).clamp(0.0, 1.0)
 
 
-def _unchanged(x_new, xb, window):
-    return (((x_new - xb).abs() < 1e-7) | ~window).flatten(1).all(1)
+def _unchanged(x_window, xb, window):
+    """Per example and channel (m, c): whether ``x_window`` (clipped to [0, 1]) equals ``xb`` on the window."""
+    return (((x_window.clamp(0.0, 1.0) - xb).abs() < 1e-7) | ~window).flatten(2).all(2)

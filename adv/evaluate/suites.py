@@ -13,7 +13,11 @@ the points still standing, reporting the worst case:
   (EOT), AutoAttack's ``rand`` version for randomized defenses such as
   the noise stage.
 
-The suites are data, so reports can say exactly what ran.
+The suites are data, so reports can say exactly what ran. The protocol's early
+exits (APGD leaving an example at its first fooling iterate, FAB-T's
+``early_stop``, Square dropping fooled points) never change an example's
+verdict; docs/benchmarks.md compares the standard suite with the original
+AutoAttack code (``python -m bench.attacks --suite``).
 """
 
 from __future__ import annotations
