@@ -73,6 +73,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
     DataContext.get_current().enable_progress_bars = os.environ.get("ADV_NO_PROGRESS") != "1"
 
 
+def live_progress() -> bool:
+    """Whether redrawn progress displays (bars, Tune's status table) suit stderr: a terminal, not a log file."""
+    from adv.progress import interactive
+
+    return os.environ.get("ADV_NO_PROGRESS") != "1" and interactive(sys.stderr)
+
+
 #: Lines Ray writes at error level that are harmless here, each with why; :func:`filter_stderr` drops them.
 KNOWN_RAY_NOISE = (
     # The driver's core worker (core_worker.cc), once per actor-pool actor: Ray Data hands each MapWorker its
@@ -240,6 +247,14 @@ def check_job_paths(inputs: dict[str, str | None], outputs: dict[str, str | None
         if _relative(path):
             raise ConfigError(f"{what}: {path!r} is relative, so this Ray job would write it into {folder}; "
                               f"{JOB_PATHS_FIX}")
+
+
+def add_base_dir(parser, prog: str) -> None:
+    """The ``--base-dir`` option every submittable job takes (see :func:`run_from`)."""
+    parser.add_argument("--base-dir", metavar="DIR",
+                        help="resolve relative paths (--config, the config's files, outputs) against DIR; in "
+                             f'`ray job submit ... -- python -m {prog} ... --base-dir "$PWD"` the submitting '
+                             "folder, for a cluster on the same machine")
 
 
 @contextlib.contextmanager

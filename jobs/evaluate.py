@@ -656,10 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="run folder or URI (default: output.path/<name>-<config hash>)")
     parser.add_argument("--reuse", metavar="RUN_DIR", help="evaluate the config's defenses on this finished run's "
                                                            "stored adversarials (same as reuse_from:)")
-    parser.add_argument("--base-dir", metavar="DIR",
-                        help='resolve relative paths (--config, the config\'s files, outputs) against DIR; in '
-                             '`ray job submit ... -- python -m jobs.evaluate ... --base-dir "$PWD"` the submitting '
-                             "folder, for a cluster on the same machine")
+    common.add_base_dir(parser, "jobs.evaluate")
     args = parser.parse_args(argv)
 
     def body() -> int:

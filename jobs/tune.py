@@ -1,7 +1,10 @@
 """Ray Tune: sweep defense settings on validation data, select on adaptive robustness, export a bundle.
 
     python -m jobs.tune --config jobs/configs/tune-default.yaml
-    ray job submit --working-dir . -- python -m jobs.tune --config jobs/configs/tune-gpu.yaml
+    ray job submit --working-dir . -- python -m jobs.tune --config jobs/configs/tune-gpu.yaml --base-dir "$PWD"
+
+(``--base-dir``: relative paths resolve against the submitting folder; on a
+remote cluster use absolute shared paths or URIs instead, README "Ray clusters").
 
 Stages (the Ray-free logic is :mod:`adv.tuning`):
 
@@ -261,10 +264,34 @@ def tune_phase(cfg: TuneConfig, uri: str, phase: str, ctx: dict, param_space: di
             tune_config=tune.TuneConfig(metric="objective", mode="max", search_alg=search_alg, scheduler=scheduler,
                                         num_samples=num_samples, max_concurrent_trials=res.max_concurrent,
                                         trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=phase, storage_path=uri, verbose=0 if os.environ.get("ADV_NO_PROGRESS") == "1" else 1,
+            # Tune's status table is a multi-line box every few seconds: a terminal redraws it, a log file
+            # would keep every copy (most of a make main log), so logs get one line per finished trial instead
+            run_config=tune.RunConfig(name=phase, storage_path=uri, verbose=1 if common.live_progress() else 0,
+                                      callbacks=[] if common.live_progress() else [trial_lines(phase, log)],
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     return tuner.fit()
+
+
+def trial_lines(phase: str, log):
+    """A Tune callback writing one line when a trial finishes or fails: a log file's progress of the sweep."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def __init__(self):
+            self.done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            objective = (trial.last_result or {}).get("objective")
+            shown = "-" if objective is None else f"{objective:.3f}"
+            log(f"{phase}: trial {trial.trial_id} finished ({self.done} of {len(trials)}), objective {shown}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            log(f"{phase}: trial {trial.trial_id} failed ({self.done} of {len(trials)}); see its error.txt")
+
+    return TrialLines()
 
 
 def _trial_dirname(trial) -> str:
@@ -535,19 +562,25 @@ def main(argv: list[str] | None = None) -> int:
                              "attacks, no GPUs unless visible), named <name>-smoke")
     parser.add_argument("--checkpoint", help="replace the config's checkpoint (e.g. a local one for --smoke)")
     parser.add_argument("--storage-path", help="replace the config's storage_path")
+    common.add_base_dir(parser, "jobs.tune")
     args = parser.parse_args(argv)
 
     def body() -> int:
         from jobs.tune_config import smoke_config
 
-        cfg = load_tune_config(args.config)
-        if args.smoke:
-            cfg = smoke_config(cfg, checkpoint=args.checkpoint, storage_path=args.storage_path)
-        elif args.checkpoint or args.storage_path:
-            cfg = cfg.model_copy(update={k: v for k, v in (("checkpoint", args.checkpoint),
-                                                           ("storage_path", args.storage_path)) if v})
-        result = run(cfg)
-        print(result.report)
+        with common.run_from(args.base_dir):
+            if args.base_dir is None:
+                common.check_job_paths({"--config": args.config}, {})
+            cfg = load_tune_config(args.config)
+            if args.smoke:
+                cfg = smoke_config(cfg, checkpoint=args.checkpoint, storage_path=args.storage_path)
+            elif args.checkpoint or args.storage_path:
+                cfg = cfg.model_copy(update={k: v for k, v in (("checkpoint", args.checkpoint),
+                                                               ("storage_path", args.storage_path)) if v})
+            if args.base_dir is None:
+                common.check_job_paths({"checkpoint": cfg.checkpoint, "data.root": cfg.data.root,
+                                        "stored.run": cfg.stored.run}, {"storage_path": cfg.storage_path})
+            print(run(cfg).report)
         return 0
 
     return common.guarded("tune", body, "rerun the same command to resume (finished trials are kept)")

@@ -100,3 +100,41 @@ def test_outside_a_submitted_job_relative_paths_stay_the_users(tmp_path, monkeyp
     with pytest.raises(common.ConfigError, match="the cluster's folder .* not the submitting one"):
         common.check_job_paths({}, {"output.path": "runs/eval"})
     common.check_job_paths({"model.checkpoint": "/abs/m.pt", "dataset.root": "s3://b/x"}, {"--out": "gs://b/run"})
+
+
+# --- jobs.tune: the same rules (its docstring's `ray job submit` example) ---------------------------------------
+def _sweep(checkpoint: str, storage_path: str) -> dict:
+    return {"name": "t", "kind": "stored", "checkpoint": checkpoint, "storage_path": storage_path,
+            "data": {"name": "digits"}, "attacks": [{"name": "fgsm", "eps": [0.1]}], "space": {"pipeline": [["dwt"]]}}
+
+
+def test_the_tune_submit_example_is_one_line_naming_the_fix(job_copy, capsys):
+    from jobs import tune
+
+    shutil.copy(REPO / "jobs" / "configs" / "tune-default.yaml", job_copy / "jobs" / "configs")
+    assert tune.main(["--config", "jobs/configs/tune-default.yaml"]) == 2
+    line = _one_error(capsys)
+    assert line.startswith("tune: error: checkpoint: 'runs/main/fashion-mnist-lenet/model.pt' is relative")
+    assert '--base-dir "$PWD"' in line
+    write_yaml(job_copy / "up.yaml", _sweep("/abs/model.pt", "runs/tune"))
+    assert tune.main(["--config", "up.yaml"]) == 2  # an uploaded config whose output would land in the copy
+    assert _one_error(capsys).startswith("tune: error: storage_path: 'runs/tune' is relative")
+
+
+def test_tune_base_dir_resolves_the_sweep_paths_against_the_submitting_folder(job_copy, submit_dir, monkeypatch,
+                                                                               capsys):
+    from jobs import tune
+
+    seen = {}
+
+    def fake_run(cfg):
+        seen.update(cwd=os.getcwd(), checkpoint=os.path.abspath(cfg.checkpoint))
+        return type("R", (), {"report": "report.md"})()
+
+    write_yaml(submit_dir / "sweep.yaml", _sweep("runs/m/model.pt", "runs/tune"))
+    monkeypatch.setattr(tune, "run", fake_run)
+    assert tune.main(["--config", "sweep.yaml"]) == 2  # the submitting folder's config is not in the copy
+    assert _one_error(capsys).startswith("tune: error: --config: 'sweep.yaml' is relative")
+    assert tune.main(["--config", "sweep.yaml", "--base-dir", str(submit_dir)]) == 0, capsys.readouterr().err
+    assert seen == {"cwd": str(submit_dir), "checkpoint": str(submit_dir / "runs" / "m" / "model.pt")}
+    assert os.getcwd() == str(job_copy)
