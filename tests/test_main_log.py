@@ -41,7 +41,8 @@ def test_serve_access_log_is_off_unless_asked(monkeypatch):
     seen = []
     monkeypatch.setattr(js.serve, "start", lambda **kw: seen.append(kw["logging_config"]))
     monkeypatch.setattr(js.serve, "run", lambda app, **kw: seen.append(kw["logging_config"]))
-    monkeypatch.setattr(js, "build", lambda cfg: None)
+    monkeypatch.setattr(js, "build", lambda cfg, env_keys=None: None)
+    monkeypatch.setattr(js, "check_local_bundle", lambda location: None)
     monkeypatch.setattr(js, "_wait_healthy", lambda *a: None)
     cfg = js.ServeConfig(bundle="b")
     js.deploy(cfg, access_log=False)

@@ -217,8 +217,9 @@ def test_a_truncated_or_damaged_state_file_is_a_clear_error_naming_it(tmp_path):
 
 
 def test_one_accounts_history_never_changes_another_accounts_decisions():
+    # the global layers (index, features) compare accounts on purpose (Sybils): only the per-user layer here
     cfg = DetectorConfig(per_user=SimilarityConfig(metric="mse", history=8, distance_alarm_limit=2), index=None,
-                         action="deceive")
+                         features=None, action="deceive")
     mine = torch.cat([_images(1, seed=8)] + [_nudge(_images(1, seed=8), s) for s in range(4)])
     theirs = _nudge(mine, 20)  # the same walk, from another account
     alone = QueryDetector(cfg).observe(mine, users=["alice"] * 5, probs=_probs(5), now=0.0)
