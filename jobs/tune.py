@@ -285,11 +285,11 @@ def trial_lines(phase: str, log):
             self.done += 1
             objective = (trial.last_result or {}).get("objective")
             shown = "-" if objective is None else f"{objective:.3f}"
-            log(f"{phase}: trial {trial.trial_id} finished ({self.done} of {len(trials)}), objective {shown}")
+            log(f"{phase}: trial {trial.trial_id} finished ({self.done} so far), objective {shown}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
-            log(f"{phase}: trial {trial.trial_id} failed ({self.done} of {len(trials)}); see its error.txt")
+            log(f"{phase}: trial {trial.trial_id} failed ({self.done} so far); see its error.txt")
 
     return TrialLines()
 
