@@ -115,18 +115,24 @@ def benign_rows(clf, benign, args) -> list[dict]:
     return rows
 
 
+def traffic_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every query-detector benchmark shares: attacked and benign images, Square's budget."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--n", type=int, default=20, help="attacked test images (one attacker each)")
+    p.add_argument("--benign", type=int, default=1000, help="benign test images (distinct from the attacked ones)")
+    p.add_argument("--benign-users", type=int, default=100)
+    p.add_argument("--eps", type=float, default=0.1, help="Square's L-inf budget")
+    p.add_argument("--queries", type=int, default=1000, help="Square's query budget")
+    return p
+
+
 def main(argv=None) -> int:
     from adv.data import load_dataset
     from bench.defenses import classifier
     from bench.query_latency import detector_latency, per_user_latency
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=20, help="attacked test images (one attacker each)")
-    p.add_argument("--benign", type=int, default=1000, help="benign test images (distinct from the attacked ones)")
-    p.add_argument("--benign-users", type=int, default=100)
-    p.add_argument("--eps", type=float, default=0.1, help="Square's L-inf budget")
+    p = traffic_parser(__doc__)
     p.add_argument("--eps-l2", type=float, default=2.0, help="Square L2's and HopSkipJump's L2 budget")
-    p.add_argument("--queries", type=int, default=1000, help="Square's query budget")
     p.add_argument("--hsj-steps", type=int, default=10)
     p.add_argument("--hsj-evals", type=int, default=100, help="HopSkipJump gradient-estimation queries per step")
     p.add_argument("--latency-reps", type=int, default=100, help="timed observe calls per latency point")

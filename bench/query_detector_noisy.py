@@ -26,7 +26,6 @@ Writes the "## Query-attack detector: the noisy Sybil" section of
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -208,14 +207,11 @@ def markdown(rows, benign, latency, args, command: str, info: str, model: str, d
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=20, help="attacked test images (one attacker each)")
-    p.add_argument("--benign", type=int, default=1000, help="benign test images (distinct from the attacked)")
-    p.add_argument("--benign-users", type=int, default=100)
+    from bench.query_detector import traffic_parser
+
+    p = traffic_parser(__doc__)
     p.add_argument("--accounts", type=int, default=150, help="accounts per attacker, rotated per query")
     p.add_argument("--noise", type=float, default=0.05, help="half-width of the uniform noise per query")
-    p.add_argument("--eps", type=float, default=0.1, help="Square's L-inf budget")
-    p.add_argument("--queries", type=int, default=1000, help="Square's query budget")
     p.add_argument("--attackers", nargs="+", default=list(attackers(0.05)), choices=list(attackers(0.05)))
     p.add_argument("--latency-stored", type=int, default=10_000)
     p.add_argument("--latency-reps", type=int, default=100)
