@@ -9,6 +9,7 @@ runs the dashboard so job-submission tests can reach it. Never ``ray stop
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -33,14 +34,42 @@ def model(single_threaded):
     return train_tiny()
 
 
+@contextlib.contextmanager
+def free_agent_port():
+    """``ray.init`` with the job agent on a free port instead of the fixed 52365.
+
+    Another Ray on the machine (a developer's cluster, a parallel test run) may hold 52365; the agent then never
+    comes up and every job submission fails with "No available agent". ``ray start`` takes
+    ``--dashboard-agent-listen-port`` but ``ray.init`` has no such argument, so the node parameters' default is
+    replaced for the duration of the call (Ray is pinned, so this private default is stable).
+    """
+    from ray._private.parameter import RayParams
+
+    from tests.token_cluster import free_ports
+
+    original = RayParams.__init__
+    port = free_ports(1)[0]
+
+    def init(self, *args, **kwargs):
+        kwargs["dashboard_agent_listen_port"] = kwargs.get("dashboard_agent_listen_port") or port
+        original(self, *args, **kwargs)
+
+    RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        RayParams.__init__ = original
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The session's Ray context (``ray.init`` once; shut down at the end of the session)."""
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ctx = ray.init(num_cpus=4, num_gpus=0, object_store_memory=512 * 2**20, include_dashboard=True,
-                       log_to_driver=False)
+        with free_agent_port():
+            ctx = ray.init(num_cpus=4, num_gpus=0, object_store_memory=512 * 2**20, include_dashboard=True,
+                           log_to_driver=False)
     else:  # someone else's ray.init: expose the same field the tests read
         from types import SimpleNamespace
 
