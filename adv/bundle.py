@@ -335,6 +335,16 @@ def _classifier_entry(checkpoint: str | os.PathLike, factory: dict[str, Any] | N
             "input_size": [int(v) for v in factory["input_size"]], "dataset": factory.get("dataset", "")}
 
 
+def save_factory_classifier(model, spec: str, path: str | os.PathLike, data) -> dict[str, Any]:
+    """Save a factory-built ``model`` at ``path`` as the state_dict a bundle ships (its keys are the module's
+    own, so the factory rebuilds it as it is) and return :func:`write_bundle`'s ``factory`` entry; ``data``
+    (an ``ImageData``) gives the classes, input size and dataset name."""
+    import torch
+
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    return {"spec": spec, "num_classes": data.num_classes, "input_size": list(data.input_size), "dataset": data.name}
+
+
 def _remove_bundle_files(folder: Path) -> None:
     """Overwriting a bundle: remove what the old manifest listed, so no stale stage file stays behind."""
     try:

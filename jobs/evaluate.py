@@ -234,9 +234,10 @@ def get_layout(store: RunStore, make) -> Layout:
     return layout
 
 
-def preflight(loader, plan: Plan, data=None) -> tuple[tuple[int, ...], list[dict]]:
+def preflight(loader, plan: Plan, data=None, size=None) -> tuple[tuple[int, ...], list[dict]]:
     """Build the models once on the driver and score a few inputs, so config errors surface here, clearly.
 
+    ``size``: the images' (C, H, W) when the source knows it without ``data`` (a Parquet set).
     Returns the model's input size and the model checks of :mod:`adv.evaluate.checks` (softmax
     outputs, randomness, zero input gradients of the attacked model) on up to 16 real examples.
     """
@@ -249,7 +250,7 @@ def preflight(loader, plan: Plan, data=None) -> tuple[tuple[int, ...], list[dict
         scorer = Scorer(loader, plan, device="cpu")
     except (AdvError, ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"model/defenses: {exc}") from None
-    model_size = _input_size(scorer.classifier, data)
+    model_size = _input_size(scorer.classifier, data, size)
     if data is not None:
         if tuple(data.input_size) != model_size:
             raise ConfigError(f"dataset: images are {'x'.join(map(str, data.input_size))} but the model expects "
@@ -276,11 +277,14 @@ def preflight(loader, plan: Plan, data=None) -> tuple[tuple[int, ...], list[dict
     return model_size, checks
 
 
-def _input_size(classifier, data) -> tuple[int, ...]:
-    """The registry's input size; a factory's module without one takes the in-memory dataset's."""
+def _input_size(classifier, data, stored=None) -> tuple[int, ...]:
+    """The registry's input size; a factory's module without one takes the in-memory dataset's, or a Parquet
+    set's stored image shape (``stored``)."""
     size = getattr(classifier, "input_size", None)
     if size is not None:
         return tuple(size)
+    if data is None and stored is not None:
+        return tuple(stored)
     if data is None:
         raise ConfigError("model.factory: the module has no input_size attribute (C, H, W), which file datasets "
                           "need to size the images; set one on the module or use a registered dataset")
@@ -457,7 +461,7 @@ def run(cfg: EvalConfig, out: str | None = None, *, loader=None, report: bool = 
     plan = build_plan(cfg)
     loader = loader or build_loader(cfg)
     source = make_source(cfg.dataset)
-    input_size, checks = preflight(loader, plan, getattr(source, "data", None))
+    input_size, checks = preflight(loader, plan, getattr(source, "data", None), getattr(source, "input_size", None))
     store.write_json("checks.json", {"input_shape": list(input_size), "flags": checks})
 
     def make_layout() -> Layout:

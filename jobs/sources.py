@@ -224,6 +224,7 @@ class ParquetSource:
 
     def __init__(self, cfg: DatasetConfig):
         import pyarrow.dataset as pads
+        import ray.data  # noqa: F401  (registers the tensor column type, which records the images' shape)
 
         self.cfg = cfg
         self.fs, self.path = open_filesystem(cfg.root)
@@ -236,6 +237,8 @@ class ParquetSource:
         if need:
             raise ConfigError(f"dataset.root: {cfg.root} lacks column(s) {need}; a stored set needs "
                               "image (C, H, W), label and index (jobs.sources.export_dataset writes one)")
+        #: The stored images' (C, H, W) (a tensor column's type records it), or None.
+        self.input_size = _tensor_shape(dataset.schema.field("image").type)
         table = dataset.to_table(columns=["index", "label"])
         order = np.argsort(table.column("index").to_numpy(), kind="stable")
         self.index = table.column("index").to_numpy()[order]
@@ -260,6 +263,11 @@ class ParquetSource:
                   for i in idx}
         ds = ray.data.read_parquet(self.path, filesystem=self.fs).select_columns(["image", "label", "index"])
         return ds.map_batches(attach_layout, fn_kwargs={"by_key": by_key, "key_column": "index"})
+
+
+def _tensor_shape(arrow_type) -> tuple[int, ...] | None:
+    shape = getattr(arrow_type, "shape", None)
+    return tuple(int(v) for v in shape) if shape is not None and len(shape) == 3 else None
 
 
 def make_source(cfg: DatasetConfig):

@@ -100,7 +100,6 @@ def load_split(cfg: TuneConfig, store: RunStore):
 
 def ensure_stored(cfg: TuneConfig, split: Split, val, uri: str) -> str:
     """The stored non-adaptive set on the validation subset: ``stored.run`` (checked) or generated once."""
-    from jobs.config import parse_config
     from jobs.evaluate import run as evaluate
     from jobs.sources import export_dataset
 
@@ -113,17 +112,24 @@ def ensure_stored(cfg: TuneConfig, split: Split, val, uri: str) -> str:
     if not vstore.exists("validation.json"):  # beside the Parquet folder: Parquet readers take every file in it
         export_dataset(val, root)
         vstore.write_json("validation.json", split.to_json())
-    ecfg = parse_config({
-        "name": f"{cfg.name}-validation", "seed": cfg.seed, "dataset": {"name": "parquet", "root": root},
-        "model": {"checkpoint": _abs(cfg.checkpoint)}, "defenses": [], "adaptive": False, "features": [],
-        "attacks": [a.model_dump(mode="json") for a in cfg.attacks], "store_images": True,
-        "shards": min(4, len(val)), "resources": {"actors": cfg.resources.generate_actors,
-                                                  "batch_size": cfg.resources.batch_size},
-    }, "stored set")
+    ecfg = stored_eval_config(cfg, root, len(val))
     out = f"{uri}/stored"
     log(f"stored set: the {len(val)} validation images attacked once by the Ray Data job (resumed if partial) -> {out}")
     evaluate(ecfg, out=out, report=False)
     return out
+
+
+def stored_eval_config(cfg: TuneConfig, root: str, n: int):
+    """The ``jobs.evaluate`` config that attacks the ``n`` validation images exported to ``root`` once."""
+    from jobs.config import parse_config
+
+    return parse_config({
+        "name": f"{cfg.name}-validation", "seed": cfg.seed, "dataset": {"name": "parquet", "root": root},
+        "model": _eval_model(cfg), "defenses": [], "adaptive": False, "features": [],
+        "attacks": [a.model_dump(mode="json") for a in cfg.attacks], "store_images": True,
+        "shards": min(4, n), "resources": {"actors": cfg.resources.generate_actors,
+                                           "batch_size": cfg.resources.batch_size},
+    }, "stored set")
 
 
 def _in_process(cfg: TuneConfig, n: int) -> bool:
@@ -146,9 +152,53 @@ def stored_in_process(cfg: TuneConfig, val, uri: str) -> str:
     if not store.exists("rows.npz"):
         log(f"stored set: the {len(val)} validation images attacked once in this process -> {out}")
         setting = Setting(tuple(_grid(cfg)), cfg.objective.max_clean_drop, "", cfg.seed, cfg.resources.batch_size)
-        rows = trials.generate_stored(ModelLoader(checkpoint=_abs(cfg.checkpoint)), val, setting)
+        rows = trials.generate_stored(ModelLoader(**classifier_kwargs(cfg)), val, setting)
         store.write_bytes("rows.npz", trials.save_rows(rows))
     return out
+
+
+def classifier_kwargs(cfg: TuneConfig) -> dict:
+    """The undefended classifier as ``ModelLoader`` keywords: the adv checkpoint, or the user's factory."""
+    if cfg.model is None:
+        return {"checkpoint": _abs(cfg.checkpoint)}
+    return {"factory": cfg.model.factory, "weights": _abs(cfg.model.weights) if cfg.model.weights else None}
+
+
+def _eval_model(cfg: TuneConfig) -> dict:
+    """The stored set's ``jobs.evaluate`` ``model:`` block (the same spelling as the sweep's)."""
+    return {"checkpoint": _abs(cfg.checkpoint)} if cfg.model is None else classifier_kwargs(cfg)
+
+
+def check_model(cfg: TuneConfig) -> None:
+    """A factory model is imported and built once on the driver before Ray starts: an unknown module, a
+    missing weights file or weights of another architecture is one line naming the key."""
+    from adv.cli.common import factory_on_path
+    from adv.errors import AdvError
+    from adv.models.factory import build_from_factory
+
+    if cfg.model is None:
+        return
+    weights = cfg.model.weights
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise ConfigError(f"model.weights: file not found: {weights}")
+    try:
+        factory_on_path(cfg.model.factory)  # trials import it from the driver's sys.path (or the job's working dir)
+        build_from_factory(cfg.model.factory, weights)
+    except AdvError as exc:
+        raise ConfigError(f"model.factory: {exc}") from None
+
+
+def check_outputs(cfg: TuneConfig, data) -> None:
+    """A factory model's logits cover the dataset's classes (two images through it, before any trial)."""
+    from adv.evaluate.worker import ModelLoader
+    from jobs.evaluate import _outputs
+
+    if cfg.model is None:
+        return
+    k = _outputs(ModelLoader(**classifier_kwargs(cfg)).classifier()[0], data)
+    if data.num_classes > k:
+        raise ConfigError(f"model.factory: the module has {k} outputs but {cfg.data.name} has "
+                          f"{data.num_classes} classes")
 
 
 def _grid(cfg: TuneConfig):
@@ -221,10 +271,10 @@ def trainable(config: dict, ctx: dict) -> None:
 
     setting, kind = ctx["setting"], ctx["kind"]
     if kind == "stored":
-        loader = trials.stage_loader(ctx["checkpoint"], cand.stages, cand.detector)
+        loader = trials.stage_loader(ctx["checkpoint"], cand.stages, cand.detector, **ctx["model"])
         trials.run_stored(loader, stored_groups(ctx["stored"]), setting, report)
     elif kind == "adaptive":
-        loader = trials.stage_loader(ctx["checkpoint"], cand.stages, cand.detector)
+        loader = trials.stage_loader(ctx["checkpoint"], cand.stages, cand.detector, **ctx["model"])
         trials.run_adaptive(loader, ctx["val"], setting, report, grace=ctx["grace"], factor=ctx["factor"])
     else:
         work = tempfile.mkdtemp(prefix="adv-trial-")
@@ -360,17 +410,22 @@ def run(cfg: TuneConfig) -> TuneResult:
     timings: dict[str, float] = {}
     lap = _stopwatch(timings)
     space = SearchSpace.parse(_abs_space(cfg.space), kind=cfg.kind)
+    check_model(cfg)
     uri = run_uri(cfg)
     store = RunStore(uri)
-    store.write_json("config.json", cfg.model_dump(mode="json"))
+    # a checkpoint sweep's config.json stays as it was before model: existed
+    store.write_json("config.json", cfg.model_dump(mode="json", exclude={"model"} if cfg.model is None else None))
     res = cfg.resources
     need = int(math.ceil(res.cpus_per_trial * res.max_concurrent)) + 1
     common.init_ray(res.address, num_cpus=res.local_cpus or max(os.cpu_count() or 1, need), log=log)
     lap("ray")
     full, split, grid = load_split(cfg, store)
     val = take(full, split.validation)
+    check_outputs(cfg, val)
     setting = Setting(grid, cfg.objective.max_clean_drop, split.describe("validation"), cfg.seed, res.batch_size)
-    ctx = {"space": space, "setting": setting, "kind": cfg.kind, "checkpoint": _abs(cfg.checkpoint), "val": val,
+    ctx = {"space": space, "setting": setting, "kind": cfg.kind, "val": val,
+           "checkpoint": _abs(cfg.checkpoint) if cfg.model is None else None,
+           "model": {} if cfg.model is None else classifier_kwargs(cfg),
            "threads": max(1, int(res.cpus_per_trial)), "grace": cfg.asha.grace or 64,
            "factor": cfg.asha.reduction_factor, "training": cfg.training.model_dump(),
            "trace": os.environ.get("ADV_TUNE_TRACE")}  # read on the driver: trial workers have the cluster's env
@@ -482,9 +537,18 @@ def export(cfg: TuneConfig, uri: str, full, split: Split, grid, selected: TrialR
     test = take(full, split.test)
     setting = Setting(grid, cfg.objective.max_clean_drop, split.describe("test") + ", disjoint from validation",
                       cfg.seed, cfg.resources.batch_size)
-    checkpoint, stages = ctx["checkpoint"], list(cand.stages)
+    checkpoint, stages, factory = ctx["checkpoint"], list(cand.stages), None
     with tempfile.TemporaryDirectory() as tmp:
-        if selected.kind == "training":
+        if cfg.model is not None:  # the user's module ships as the state_dict it loaded; its factory rebuilds it
+            from adv.bundle import save_factory_classifier
+            from adv.evaluate.worker import ModelLoader
+
+            checkpoint = f"{tmp}/classifier.pt"
+            factory = save_factory_classifier(ModelLoader(**ctx["model"]).classifier()[0], cfg.model.factory,
+                                              checkpoint, full)
+            loader = trials.stage_loader(None, stages, cand.detector, factory=cfg.model.factory,
+                                         weights=checkpoint)
+        elif selected.kind == "training":
             from ray import tune
 
             from adv.models import load_checkpoint
@@ -502,9 +566,11 @@ def export(cfg: TuneConfig, uri: str, full, split: Split, grid, selected: TrialR
         bundle = write_bundle(
             f"{uri}/best", checkpoint=checkpoint, stages=stages, detector=cand.detector, numbers=final,
             query_detector=cfg.query_detector.model_dump(mode="json") if cfg.query_detector else None,
+            factory=factory,
             provenance={**provenance_defaults(), "versions": common.versions(), "sweep": cfg.name, "run": uri,
                         "trial": selected.trial_id, "kind": selected.kind or cfg.kind,
                         "candidate": selected.candidate, **_training_provenance(cfg, selected),
+                        **({"model": cfg.model.model_dump(mode="json")} if cfg.model is not None else {}),
                         "validation": split.describe("validation"), "test": split.describe("test"),
                         "selected_on": "adaptive robust accuracy under the clean-accuracy constraint"},
             evaluation={"dataset": split.dataset, "split": split.split, "n": len(split.test),
@@ -574,11 +640,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_tune_config(args.config)
             if args.smoke:
                 cfg = smoke_config(cfg, checkpoint=args.checkpoint, storage_path=args.storage_path)
+            elif args.checkpoint and cfg.model is not None:
+                raise ConfigError("--checkpoint: the config gives model.factory; give one of them")
             elif args.checkpoint or args.storage_path:
                 cfg = cfg.model_copy(update={k: v for k, v in (("checkpoint", args.checkpoint),
                                                                ("storage_path", args.storage_path)) if v})
             if args.base_dir is None:
                 common.check_job_paths({"checkpoint": cfg.checkpoint, "data.root": cfg.data.root,
+                                        "model.weights": cfg.model.weights if cfg.model else None,
                                         "stored.run": cfg.stored.run}, {"storage_path": cfg.storage_path})
             print(run(cfg).report)
         return 0

@@ -126,6 +126,28 @@ class TrainingSweepConfig(_Strict):
         return self
 
 
+class FactoryModel(_Strict):
+    """A user's own architecture, spelled as ``jobs.evaluate``'s ``model:`` block (``factory`` + ``weights``)."""
+
+    #: ``"mypkg.nets:make_net"``, a function returning the nn.Module (logits of [0, 1] images), imported from the
+    #: job's working directory (``ray job submit --working-dir .``), which Ray gives every trial.
+    factory: str
+    #: The state_dict the built module loads (prefixes aligned as ``adv eval --model-factory`` does); null when
+    #: the factory returns a trained module itself.
+    weights: str | None = None
+
+    @model_validator(mode="after")
+    def _spec(self):
+        from adv.errors import AdvError
+        from adv.models.factory import parse_factory
+
+        try:
+            parse_factory(self.factory)
+        except AdvError as exc:
+            raise ValueError(f"factory: {exc}") from None
+        return self
+
+
 class TuneConfig(_Strict):
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -134,7 +156,10 @@ class TuneConfig(_Strict):
     kind: Literal["stored", "adaptive", "training"]
     data: DataConfig = DataConfig()
     #: The classifier (an adv checkpoint) the stages defend, or whose architecture training trials train.
-    checkpoint: str
+    checkpoint: str | None = None
+    #: Or your own architecture, as in jobs.evaluate: ``model: {factory: mypkg.nets:make_net, weights: net.pt}``
+    #: (stored and adaptive sweeps; exactly one of ``checkpoint`` and ``model``).
+    model: FactoryModel | None = None
     #: The attack grid (the ``attacks`` schema of jobs.evaluate); the numbers are worst cases over it.
     attacks: list[AttackConfig] = Field(min_length=1)
     #: Namespaced dimensions (``pipeline``, ``stage.NAME.PARAM``, ``loss.NAME.PARAM``, ``detector.NAME.PARAM``).
@@ -153,6 +178,22 @@ class TuneConfig(_Strict):
     query_detector: DetectorConfig | None = None
     #: Where runs go: a local folder or a pyarrow URI (``s3://bucket/prefix``); a run is ``<storage_path>/<name>``.
     storage_path: str = "runs/tune"
+
+    @model_validator(mode="after")
+    def _one_model(self):
+        if self.checkpoint is not None and self.model is not None:
+            raise ValueError("give checkpoint: PATH (an adv checkpoint) or model: {factory: ..., weights: ...}, "
+                             "not both")
+        if self.checkpoint is None and self.model is None:
+            raise ValueError("checkpoint: required (an adv checkpoint), or model: {factory: MODULE:FUNCTION, "
+                             "weights: PATH} for your own architecture")
+        if self.model is not None and (self.kind == "training" or self.training_sweep is not None):
+            # training trials save and resume adv checkpoints (model.pt), which record a registry architecture
+            # and its normalization; a factory's module is neither, and re-initialising its output is a guess
+            what = "kind: training" if self.kind == "training" else "training_sweep"
+            raise ValueError(f"{what}: training trials need an adv checkpoint (they save adv checkpoints of its "
+                             "architecture); with model.factory use kind: stored or adaptive without training_sweep")
+        return self
 
     @model_validator(mode="after")
     def _query_detector(self):

@@ -117,8 +117,7 @@ def _classifier_file(args, classifier, data, tmp: str) -> tuple[str, dict | None
     An adv checkpoint ships as it is; a registry model with foreign weights becomes an adv checkpoint; a
     factory's module ships as the state_dict it loaded (prefixes already aligned), rebuilt by the factory.
     """
-    import torch
-
+    from adv.bundle import save_factory_classifier
     from adv.models import save_checkpoint
 
     if args.checkpoint:
@@ -127,21 +126,16 @@ def _classifier_file(args, classifier, data, tmp: str) -> tuple[str, dict | None
     if not args.model_factory:
         save_checkpoint(path, classifier, dataset=data.name, extra={"weights": str(args.weights or "pretrained")})
         return path, None
-    torch.save({k: v.detach().cpu() for k, v in classifier.state_dict().items()}, path)
-    return path, {"spec": args.model_factory, "num_classes": data.num_classes, "input_size": list(data.input_size),
-                  "dataset": data.name}
+    return path, save_factory_classifier(classifier, args.model_factory, path, data)
 
 
 def _loader(args, checkpoint: str):
     """The grid worker's loader of the defended classifier (a factory is rebuilt from the shipped state_dict)."""
-    import dataclasses
-
     from adv.tuning.trials import stage_loader
 
     if not args.model_factory:
         return stage_loader(checkpoint, args.defense, args.detector)
-    return dataclasses.replace(stage_loader(None, args.defense, args.detector), factory=args.model_factory,
-                               weights=checkpoint)
+    return stage_loader(None, args.defense, args.detector, factory=args.model_factory, weights=checkpoint)
 
 
 def _show(args) -> int:

@@ -207,9 +207,12 @@ def measure(loader: Callable[[], Models], data, setting: Setting) -> dict[str, d
     return numbers_from_flat(run_adaptive(loader, data, setting, lambda m, *a: None, grace=len(data) + 1))
 
 
-def stage_loader(checkpoint: str, stages: Iterable[str], detector: str | None, eot_samples: int = 8) -> ModelLoader:
-    """The evaluation job's picklable loader for one defended model, labelled :data:`TRIAL`."""
-    return ModelLoader(checkpoint=checkpoint, defenses=((TRIAL, tuple(stages), detector),), eot_samples=eot_samples)
+def stage_loader(checkpoint: str | None, stages: Iterable[str], detector: str | None, eot_samples: int = 8, *,
+                 factory: str | None = None, weights: str | None = None) -> ModelLoader:
+    """The evaluation job's picklable loader for one defended model, labelled :data:`TRIAL`: the classifier is
+    the adv ``checkpoint``, or a user's ``factory`` filled with ``weights`` (:mod:`adv.models.factory`)."""
+    return ModelLoader(checkpoint=checkpoint, factory=factory, weights=weights,
+                       defenses=((TRIAL, tuple(stages), detector),), eot_samples=eot_samples)
 
 
 # --- training-time trials ------------------------------------------------------------------------------------
