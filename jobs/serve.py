@@ -16,23 +16,29 @@ application (``build``) has three parts:
   (``adv.serving``); never answers 500: client errors are 4xx with one line,
   an unreachable backend (or a model output that is not finite) is 503 with
   ``Retry-After``. Bodies are decoded on a small thread pool, never on the
-  event loop; rate limits and quotas are charged per image after decoding.
+  event loop; rate limits and quotas are charged per image, by the owner, in
+  the same call as the detector update (a refused user is then refused by
+  the gateway itself until its ``Retry-After``).
   ``/healthz`` is the deep check (model and owner), cached for
   ``health_cache_s``; ``/livez`` is the cheap liveness route.
 * ``DefendedModel``: the bundle's stages and classifier under ``@serve.batch``,
-  inference in a worker thread so the event loop never blocks.
+  inference in a worker thread so the event loop never blocks; then **one**
+  owner call per batch (``step``: admission, detector update, durable).
 * the **state owner**: one named, detached actor (``adv-detector-<name>``)
   holding the detector and the per-key ledger (``adv.serving.owner``). A
   named actor rather than a Serve ``deployment_actors`` entry because it must
   outlive any replica (no fate-sharing with the replica that created it) and
   restart by itself (``max_restarts=-1``), reloading from its durable state;
-  replicas refresh their handle and retry while it restarts.
+  replicas refresh their handle and retry while it restarts. It is a threaded
+  actor: concurrent batches decide in turn and share one log write and one
+  fsync (group commit, ``adv.serving.owner``).
 """
 
 
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -58,6 +64,10 @@ from adv.validation import validate_mapping
 
 NAMESPACE = "adv-serve"
 log = logger("serve")
+
+
+#: Threads of an owner actor: concurrent steps decide one at a time and share one log write (group commit).
+OWNER_THREADS = 16
 
 
 class OwnerUnavailable(Exception):
@@ -92,17 +102,25 @@ class StateOwner:
         self.actions = Counter("adv_serve_actions", "detector actions taken on suspicious queries",
                                tag_keys=("action",))
 
-    def admit(self, user: str, overrides: dict | None = None, cost: int = 1) -> float | None:
-        return self.owner.admit(user, overrides, cost=cost)
+    def step(self, x: np.ndarray, requests: list[tuple[str, dict | None, int]], probs: np.ndarray) -> list[dict]:
+        """One call per batch: admission and the detector update, durable before returning (group commit)."""
+        from adv.serving.owner import Request
+
+        outcomes = self.owner.step(x, [Request(*r) for r in requests], probs)
+        self._count([a for o in outcomes for a in o.get("answers", ())])
+        return outcomes
 
     def observe(self, x: np.ndarray, users: list[str], probs: np.ndarray) -> list[dict]:
         answers = self.owner.observe(x, users, probs)
+        self._count(answers)
+        return answers
+
+    def _count(self, answers: list[dict]) -> None:
         for a in answers:
             for alarm in a["alarms"]:
                 self.alarms.inc(tags={"alarm": alarm})
             if a["action"] != "none":
                 self.actions.inc(tags={"action": a["action"]})
-        return answers
 
     def stats(self, user: str) -> dict:
         return self.owner.stats(user)
@@ -121,7 +139,7 @@ def get_owner(config: dict, detector: dict):
     cfg = ServeConfig.model_validate(config)
     actor = ray.remote(StateOwner).options(
         name=owner_name(cfg), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
-        num_cpus=cfg.owner_num_cpus)
+        num_cpus=cfg.owner_num_cpus, max_concurrency=OWNER_THREADS)
     return actor.remote(config, detector)
 
 
@@ -218,26 +236,28 @@ class DefendedModel:
             return self.model(torch.from_numpy(x).to(self.device)).softmax(1).float().cpu().numpy()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _predict(self, items: list[tuple[np.ndarray, str]]) -> list[list[dict] | str]:
-        x = np.concatenate([im for im, _ in items])
+    async def _predict(self, items: list[tuple[np.ndarray, str, dict | None]]) -> list[dict | str]:
+        x = np.concatenate([im for im, *_ in items])
         probs = await asyncio.to_thread(self._infer, x)  # off the event loop
-        ok, keep = finite_items([len(im) for im, _ in items], probs)
-        answers = []
-        if keep.any():  # the detector records only what is answered
-            users = [u for (im, u), good in zip(items, ok) if good for _ in range(len(im))]
-            answers = await self.owner.call("observe", x[keep], users, probs[keep])
-        out, i = [], 0
-        for (im, _), good in zip(items, ok):  # only what the gateway needs: never the alarms
+        ok, keep = finite_items([len(im) for im, *_ in items], probs)
+        outcomes = iter([])
+        if keep.any():  # one owner call: admission, then the detector records only what is answered
+            requests = [(user, limits, len(im)) for (im, user, limits), good in zip(items, ok) if good]
+            outcomes = iter(await self.owner.call("step", x[keep], requests, probs[keep]))
+        out = []
+        for good in ok:  # only what the gateway needs: never the alarms
             if not good:  # this request only: the rest of the batch is answered
                 out.append(NON_FINITE)
                 continue
-            out.append([{"probs": a["probs"], "blocked": a["blocked"]} for a in answers[i : i + len(im)]])
-            i += len(im)
+            o = next(outcomes)
+            out.append({k: v for k, v in o.items() if k != "answers"} if "answers" not in o else
+                       {"answers": [{"probs": a["probs"], "blocked": a["blocked"]} for a in o["answers"]]})
         return out
 
-    async def predict(self, x: np.ndarray, user: str) -> list[dict] | str:
-        """The answers to one request's images, or :data:`NON_FINITE` when the model's output was not finite."""
-        return await self._predict((x, user))
+    async def predict(self, x: np.ndarray, user: str, limits: dict | None = None) -> dict | str:
+        """One request's outcome: ``{"answers": [...]}``, ``{"wait": s}`` (rate limit or quota),
+        ``{"too_large": reason}``, or :data:`NON_FINITE` when the model's output was not finite."""
+        return await self._predict((x, user, limits or None))
 
     async def owner_call(self, method: str, *args, timeout_s: float | None = None):
         return await self.owner.call(method, *args, timeout_s=timeout_s)
@@ -295,6 +315,7 @@ class Gateway:
         self._decoder = ThreadPoolExecutor(self.cfg.limits.decode_workers, thread_name_prefix="adv-decode")
         self._health: tuple[float, str | None] = (-float("inf"), None)  # (checked at, failure or None)
         self._health_lock = asyncio.Lock()
+        self._refused: dict[str, float] = {}  # user -> monotonic time until which the owner said to wait
         self.requests = Counter("adv_serve_requests", "HTTP requests by route and status",
                                 tag_keys=("route", "status"))
         self.latency = Histogram("adv_serve_latency_s", "request latency in seconds",
@@ -319,6 +340,17 @@ class Gateway:
             return None, error(403, "this API key is revoked")
         return who, None
 
+    def _refuse(self, user: str, wait: float) -> JSONResponse:
+        """429 with ``Retry-After``; until then this replica refuses the user itself. The model runs before
+        the owner admits (one owner call per batch), so this keeps a client that ignores Retry-After from
+        costing a model run per request; it never admits anyone the owner would refuse."""
+        wait = max(1, math.ceil(wait))
+        now = time.monotonic()
+        if len(self._refused) > 10_000:  # bounded: forget the waits already over
+            self._refused = {u: t for u, t in self._refused.items() if t > now}
+        self._refused[user] = max(self._refused.get(user, 0.0), now + wait)
+        return error(429, f"rate limit or quota exceeded; retry in {wait} s", {"Retry-After": str(wait)})
+
     def _done(self, route: str, t0: float, response: JSONResponse) -> JSONResponse:
         self.requests.inc(tags={"route": route, "status": str(response.status_code)})
         self.latency.observe(time.perf_counter() - t0, tags={"route": route})
@@ -333,6 +365,9 @@ class Gateway:
         who, refusal = self._identify(request)
         if refusal is not None:
             return refusal
+        waited = self._refused.get(who.user, 0.0) - time.monotonic()
+        if waited > 0:  # told to wait and not waited out: refused here, without running the model again
+            return self._refuse(who.user, waited)
         unavailable = error(503, "temporarily unavailable; retry", {"Retry-After": "2"})
         try:
             raw = await read_body(request, self.cfg.limits.max_body_bytes)
@@ -342,14 +377,15 @@ class Gateway:
             if len(x) > largest_request(self.cfg.rate_limit, dict(who.limits)):
                 raise RequestError(413, f"{len(x)} images exceed this key's per-request limit of "
                                         f"{largest_request(self.cfg.rate_limit, dict(who.limits))}")
-            wait = await self.model.owner_call.remote("admit", who.user, dict(who.limits), len(x))  # per image
-            if wait is not None:
-                return error(429, f"rate limit or quota exceeded; retry in {wait:.0f} s",
-                             {"Retry-After": str(int(wait))})
-            answers = await self.model.predict.remote(x, who.user)
-            if answers == NON_FINITE:
+            result = await self.model.predict.remote(x, who.user, dict(who.limits))  # admitted by the owner
+            if result == NON_FINITE:
                 log(f"predict for user {who.user}: {NON_FINITE}; answered 503")
                 return unavailable
+            if "too_large" in result:
+                raise RequestError(413, result["too_large"])
+            if "wait" in result:
+                return self._refuse(who.user, result["wait"])
+            answers = result["answers"]
             if any(a["blocked"] for a in answers):
                 return error(*BLOCKED)
             return JSONResponse(response_body(answers, self.cfg.output, self.cfg.top_k))

@@ -259,7 +259,8 @@ def test_healthz_runs_the_deep_check_once_per_cache_window_and_decoding_is_off_t
     monkeypatch.setitem(space, "decode", lambda *a: threads.append(threading.current_thread().name) or real(*a))
     model = SimpleNamespace(health=_Remote(lambda: checks.append(1) or True), info=_Remote(lambda: {"shape": SHAPE}),
                             owner_call=_Remote(lambda *a: None),
-                            predict=_Remote(lambda x, u: [{"probs": np.full(10, 0.1), "blocked": False}] * len(x)))
+                            predict=_Remote(lambda x, u, lim: {"answers": [{"probs": np.full(10, 0.1),
+                                                                            "blocked": False}] * len(x)}))
 
     async def healthz_10(cache_s):
         g = _gateway(model, health_cache_s=cache_s)
