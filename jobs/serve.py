@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -88,39 +89,47 @@ def detector_config(cfg: ServeConfig, bundle) -> dict:
 
 # ---- the state owner --------------------------------------------------------------------------------------
 
+class DetectorMetrics:
+    """Alarms and actions as Prometheus counters, counted where the decision is made: the single owner, or
+    with shards the replica that merges."""
+
+    def __init__(self):
+        from ray.util.metrics import Counter
+
+        self.alarms = Counter("adv_serve_alarms", "detector alarms raised, by kind", tag_keys=("alarm",))
+        self.actions = Counter("adv_serve_actions", "detector actions taken on suspicious queries",
+                               tag_keys=("action",))
+
+    def count(self, answers: list[dict]) -> None:
+        for a in answers:
+            for alarm in a["alarms"]:
+                self.alarms.inc(tags={"alarm": alarm})
+            if a["action"] != "none":
+                self.actions.inc(tags={"action": a["action"]})
+
+
 class StateOwner:
     """The Ray actor around :class:`adv.serving.owner.DetectorOwner`; counts alarms and actions as metrics."""
 
     def __init__(self, config: dict, detector: dict):
-        from ray.util.metrics import Counter
-
         from adv.detectors import DetectorConfig
         from adv.serving.owner import DetectorOwner
 
         self.owner = DetectorOwner(ServeConfig.model_validate(config), DetectorConfig.model_validate(detector))
-        self.alarms = Counter("adv_serve_alarms", "detector alarms raised, by kind", tag_keys=("alarm",))
-        self.actions = Counter("adv_serve_actions", "detector actions taken on suspicious queries",
-                               tag_keys=("action",))
+        self.metrics = DetectorMetrics()
 
     def step(self, x: np.ndarray, requests: list[tuple[str, dict | None, int]], probs: np.ndarray) -> list[dict]:
         """One call per batch: admission and the detector update, durable before returning (group commit)."""
         from adv.serving.owner import Request
 
         outcomes = self.owner.step(x, [Request(*r) for r in requests], probs)
-        self._count([a for o in outcomes for a in o.get("answers", ())])
+        self.metrics.count([a for o in outcomes for a in o.get("answers", ())])
         return outcomes
 
     def observe(self, x: np.ndarray, users: list[str], probs: np.ndarray) -> list[dict]:
         answers = self.owner.observe(x, users, probs)
-        self._count(answers)
+        self.metrics.count(answers)
         return answers
-
-    def _count(self, answers: list[dict]) -> None:
-        for a in answers:
-            for alarm in a["alarms"]:
-                self.alarms.inc(tags={"alarm": alarm})
-            if a["action"] != "none":
-                self.actions.inc(tags={"action": a["action"]})
 
     def stats(self, user: str) -> dict:
         return self.owner.stats(user)
@@ -132,20 +141,56 @@ class StateOwner:
         return True
 
 
-def get_owner(config: dict, detector: dict):
-    """The application's owner actor, created on first use (by whichever replica asks first)."""
+class StateShard:
+    """The Ray actor around shard ``shard`` of :class:`adv.serving.shards.Shard` (``shards`` > 1): its rounds
+    of a batch (``admit``, ``lookup``, ``commit``), its users' stats, its totals."""
+
+    def __init__(self, config: dict, detector: dict, shard: int):
+        from adv.detectors import DetectorConfig
+        from adv.serving.shards import Shard
+
+        self.shard = Shard(ServeConfig.model_validate(config), DetectorConfig.model_validate(detector), shard)
+
+    def admit(self, *args):
+        return self.shard.admit(*args)
+
+    def lookup(self, *args):
+        return self.shard.lookup(*args)
+
+    def commit(self, *args):
+        return self.shard.commit(*args)
+
+    def detector_config(self) -> dict:
+        """The detector config this shard's state was made with (the replicas decide with it)."""
+        return self.shard.detector.model_dump(mode="json")
+
+    def stats(self, user: str) -> dict:
+        return self.shard.stats(user)
+
+    def totals(self) -> dict:
+        return self.shard.totals()
+
+    def ping(self) -> bool:
+        return True
+
+
+def get_owner(config: dict, detector: dict, shard: int = 0):
+    """The application's owner actor (or shard ``shard`` of several), created on first use (by whichever
+    replica asks first)."""
     import ray
 
     cfg = ServeConfig.model_validate(config)
-    actor = ray.remote(StateOwner).options(
-        name=owner_name(cfg), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
+    cls, args = (StateOwner, (config, detector)) if cfg.shards == 1 else (StateShard, (config, detector, shard))
+    actor = ray.remote(cls).options(
+        name=owner_name(cfg, shard), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
         num_cpus=cfg.owner_num_cpus, max_concurrency=OWNER_THREADS)
-    return actor.remote(config, detector)
+    return actor.remote(*args)
 
 
-def kill_owner(cfg: ServeConfig, *, restart: bool = False) -> bool:
-    """Kill the owner actor (``restart``: let Ray restart it, as a crash would); False when there is none."""
-    return _kill_named(owner_name(cfg), restart=restart)
+def kill_owner(cfg: ServeConfig, *, restart: bool = False, shard: int = 0) -> bool:
+    """Kill the owner actor, or shard ``shard`` of several (``restart``: let Ray restart it, as a crash
+    would); False when there is none."""
+    return _kill_named(owner_name(cfg, shard), restart=restart)
 
 
 def _kill_named(name: str, *, restart: bool = False) -> bool:
@@ -162,8 +207,8 @@ def _kill_named(name: str, *, restart: bool = False) -> bool:
 class OwnerClient:
     """A replica's handle on the owner: refreshed and retried (with backoff) while the owner restarts."""
 
-    def __init__(self, config: dict, detector: dict, timeout_s: float):
-        self.config, self.detector, self.timeout_s = config, detector, timeout_s
+    def __init__(self, config: dict, detector: dict, timeout_s: float, shard: int = 0):
+        self.config, self.detector, self.timeout_s, self.shard = config, detector, timeout_s, shard
         self._handle = None
 
     async def call(self, method: str, *args, timeout_s: float | None = None):
@@ -174,7 +219,7 @@ class OwnerClient:
         while True:
             try:
                 if self._handle is None:
-                    self._handle = await asyncio.to_thread(get_owner, self.config, self.detector)
+                    self._handle = await asyncio.to_thread(get_owner, self.config, self.detector, self.shard)
                 left = max(0.1, deadline - time.monotonic())
                 return await asyncio.wait_for(getattr(self._handle, method).remote(*args), left)
             # only an unreachable owner is retried; its own errors (a failed write) give the request a 503
@@ -220,7 +265,11 @@ class DefendedModel:
         self.info_ = {"shape": tuple(bundle.manifest["classifier"]["input_size"]),
                       "classes": int(bundle.manifest["classifier"]["num_classes"]),
                       "manifest": bundle.public_manifest()}
-        self.owner = OwnerClient(config, detector_config(cfg, bundle), cfg.owner_timeout_s)
+        detector = detector_config(cfg, bundle)
+        self.owners = [OwnerClient(config, detector, cfg.owner_timeout_s, s) for s in range(cfg.shards)]
+        self.owner = self.owners[0]
+        self._detector = None  # the shards' detector config (asked once): the merge in this replica uses it
+        self.metrics = DetectorMetrics() if cfg.shards > 1 else None
         c, h, w = self.info_["shape"]  # a fixed textured probe for health checks (a blank image is degenerate)
         self._probe = np.random.default_rng(0).random((1, c, h, w), dtype=np.float32)
         self._predict.set_max_batch_size(cfg.scaling.max_batch_size)
@@ -243,7 +292,10 @@ class DefendedModel:
         outcomes = iter([])
         if keep.any():  # one owner call: admission, then the detector records only what is answered
             requests = [(user, limits, len(im)) for (im, user, limits), good in zip(items, ok) if good]
-            outcomes = iter(await self.owner.call("step", x[keep], requests, probs[keep]))
+            if len(self.owners) == 1:
+                outcomes = iter(await self.owner.call("step", x[keep], requests, probs[keep]))
+            else:
+                outcomes = iter(await self._sharded_step(x[keep], requests, probs[keep]))
         out = []
         for good in ok:  # only what the gateway needs: never the alarms
             if not good:  # this request only: the rest of the batch is answered
@@ -259,13 +311,41 @@ class DefendedModel:
         ``{"too_large": reason}``, or :data:`NON_FINITE` when the model's output was not finite."""
         return await self._predict((x, user, limits or None))
 
+    async def _sharded_step(self, x: np.ndarray, requests: list[tuple], probs: np.ndarray) -> list[dict]:
+        """:func:`adv.serving.shards.protocol` with each round's calls in parallel, one per shard; the merge
+        runs here, in the replica, so the shards only look up and store."""
+        from adv.detectors import DetectorConfig
+        from adv.serving.owner import Request
+        from adv.serving.shards import protocol
+
+        if self._detector is None:
+            self._detector = DetectorConfig.model_validate(await self.owner.call("detector_config"))
+        gen = protocol(self._detector, len(self.owners), x, [Request(*r) for r in requests], probs)
+        try:
+            calls = next(gen)
+            while True:  # the merge is a few ms of numpy: off the event loop with the model's inference
+                results = await asyncio.gather(*(self.owners[c.shard].call(c.method, *c.args) for c in calls))
+                calls = await asyncio.to_thread(gen.send, list(results))
+        except StopIteration as done:
+            outcomes = done.value
+        self.metrics.count([a for o in outcomes for a in o.get("answers", ())])
+        return outcomes
+
     async def owner_call(self, method: str, *args, timeout_s: float | None = None):
-        return await self.owner.call(method, *args, timeout_s=timeout_s)
+        """An admin read: a user's stats (from their shard), the totals (summed over shards), or a ping."""
+        from adv.serving.shards import totals, user_shard
+
+        if len(self.owners) == 1:
+            return await self.owner.call(method, *args, timeout_s=timeout_s)
+        if method == "stats":
+            return await self.owners[user_shard(args[0], len(self.owners))].call(method, *args, timeout_s=timeout_s)
+        parts = await asyncio.gather(*(o.call(method, *args, timeout_s=timeout_s) for o in self.owners))
+        return totals(list(parts)) if method == "totals" else all(parts)
 
     async def health(self) -> bool:
         """A real check: the model answers on a textured probe and the state owner is reachable."""
         await asyncio.to_thread(self._infer, self._probe)
-        return await self.owner.call("ping", timeout_s=5.0)
+        return await self.owner_call("ping", timeout_s=5.0)
 
     def check_health(self) -> None:
         self._infer(self._probe)
@@ -567,12 +647,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def undeploy(cfg: ServeConfig, *, shutdown: bool = True) -> None:
-    """Delete the application (and Serve with ``shutdown``), then the state owner (its state stays on disk)."""
+    """Delete the application (and Serve with ``shutdown``), then the state owner or shards (the state stays
+    on disk)."""
     if shutdown:
         serve.shutdown()
     else:
         serve.delete(cfg.name)
-    kill_owner(cfg)
+    for shard in range(cfg.shards):
+        kill_owner(cfg, shard=shard)
 
 
 def load_args(args: argparse.Namespace) -> ServeConfig:
@@ -612,10 +694,11 @@ def shutdown(name: str | None) -> None:
     ``serve shutdown`` leaves running (a detached actor); the detector state stays in its storage."""
     import ray
 
-    # the namespace holds only state owners (get_owner names the one actor each application has)
+    # the namespace holds only state owners (get_owner names the owner, or the shards, of each application)
     owners = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
     if name is not None:
-        owners = [o for o in owners if o == owner_name(parse_config({"bundle": "-", "name": name}))]
+        mine = owner_name(parse_config({"bundle": "-", "name": name}))
+        owners = [o for o in owners if o == mine or re.fullmatch(re.escape(mine) + r"-\d+-of-\d+", o)]
         apps = serve.status().applications if _serve_running() else {}
         if name in apps:
             serve.delete(name)

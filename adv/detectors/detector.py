@@ -148,11 +148,7 @@ class QueryDetector:
             raise ConfigError(f"{len(x)} images need {len(x)} tags, got {len(tags)}")
         users = [str(u) for u in users]
         now = time.time() if now is None else float(now)
-        cfg = self.config
-        hashes = fingerprints(x.numpy(), cfg.index)[0] if self.index is not None else None
-        digest = digests(x.numpy()) if self.index is not None or self.features is not None else np.zeros(len(x))
-        feats = features(x.numpy(), cfg.features) if self.features is not None else None
-        stored = [stored_image(im, cfg.per_user.downscale).flatten().numpy() for im in x] if self.users else None
+        hashes, digest, feats, stored = prepare(x, self.config)
         with self._lock:
             self._latest = now if self._latest is None else max(self._latest, now)
             per_user = self.users.observe(x, users, probs, now=now) if self.users else [None] * len(x)
@@ -170,39 +166,10 @@ class QueryDetector:
                 self._pending.append(_record(users[i], now, hashes[i] if self.index else None, int(digest[i]),
                                              match, per_user[i], stored[i] if stored else None, probs[i],
                                              feats[i] if feats is not None else None, fmatch,
-                                             self._alarms(per_user[i], match, fmatch),
+                                             query_alarms(self.config, per_user[i], match, fmatch),
                                              tags[i] if tags is not None else None))
-        return [self._decide(u, x[i : i + 1], probs[i], p, m, f)
+        return [decide(self.config, self.fallback, u, x[i : i + 1], probs[i], p, m, f)
                 for i, (u, p, m, f) in enumerate(zip(users, per_user, matches, near))]
-
-    def _alarms(self, pu: QueryDecision | None, match: IndexMatch | None,
-                fmatch: FeatureMatch | None) -> tuple[str, ...]:
-        alarms = []
-        if pu is not None and pu.suspicious:
-            limits = self.config.per_user
-            alarms += ["distance"] * (pu.distance_alarms >= limits.distance_alarm_limit)
-            alarms += ["prediction"] * (pu.prediction_alarms >= limits.prediction_alarm_limit)
-        if match is not None and match.suspicious:
-            alarms.append("index")
-        if fmatch is not None and fmatch.suspicious:
-            alarms.append("features")
-        return tuple(alarms)
-
-    def _decide(self, user: str, x: torch.Tensor, probs: torch.Tensor, pu: QueryDecision | None,
-                match: IndexMatch | None, fmatch: FeatureMatch | None = None) -> Decision:
-        alarms = self._alarms(pu, match, fmatch)
-        suspicious = bool(alarms)
-        action = self.config.action if suspicious else "none"
-        fallback = None
-        if action == "fallback":
-            with torch.no_grad():
-                fallback = self.fallback(x).softmax(1)[0].float()
-        served = serve(action, probs, fallback)
-        blocked = action == "block"
-        return Decision(user=user, suspicious=suspicious, alarms=alarms, action=action,
-                        predicted=int(probs.argmax()), label=-1 if blocked else int(served.argmax()),
-                        probs=np.zeros(0, np.float32) if blocked else served.numpy().astype(np.float32),
-                        per_user=pu, index=match, features=fmatch)
 
     def __len__(self) -> int:
         """Queries the index holds (0 without an index)."""
@@ -321,6 +288,52 @@ class QueryDetector:
             raise corrupt(f"{location} (log)", f"log record does not fit the config: {e}") from None
 
 
+def prepare(x: torch.Tensor, config: DetectorConfig) -> tuple:
+    """What a query contributes to each detector, computed from the images alone (outside any lock, or in
+    another process): Blacklight fingerprints (N, top_k), 8-byte digests (N,), pooled features (N, F) and the
+    per-user layer's stored images (N flat arrays); None for a detector that is off."""
+    xn = x.numpy()
+    hashes = fingerprints(xn, config.index)[0] if config.index is not None else None
+    digest = digests(xn) if config.index is not None or config.features is not None else np.zeros(len(x), np.uint64)
+    feats = features(xn, config.features) if config.features is not None else None
+    stored = ([stored_image(im, config.per_user.downscale).flatten().numpy() for im in x]
+              if config.per_user is not None else None)
+    return hashes, digest, feats, stored
+
+
+def query_alarms(config: DetectorConfig, pu: QueryDecision | None, match: IndexMatch | None,
+                 fmatch: FeatureMatch | None) -> tuple[str, ...]:
+    """The alarms one query raised: per-user layer limits reached, index chain, feature cluster."""
+    alarms = []
+    if pu is not None and pu.suspicious:
+        limits = config.per_user
+        alarms += ["distance"] * (pu.distance_alarms >= limits.distance_alarm_limit)
+        alarms += ["prediction"] * (pu.prediction_alarms >= limits.prediction_alarm_limit)
+    if match is not None and match.suspicious:
+        alarms.append("index")
+    if fmatch is not None and fmatch.suspicious:
+        alarms.append("features")
+    return tuple(alarms)
+
+
+def decide(config: DetectorConfig, fallback: nn.Module | None, user: str, x: torch.Tensor, probs: torch.Tensor,
+           pu: QueryDecision | None, match: IndexMatch | None, fmatch: FeatureMatch | None = None) -> Decision:
+    """The decision on one query from what each detector found (``x``: the query, (1, C, H, W))."""
+    alarms = query_alarms(config, pu, match, fmatch)
+    suspicious = bool(alarms)
+    action = config.action if suspicious else "none"
+    served_by = None
+    if action == "fallback":
+        with torch.no_grad():
+            served_by = fallback(x).softmax(1)[0].float()
+    served = serve(action, probs, served_by)
+    blocked = action == "block"
+    return Decision(user=user, suspicious=suspicious, alarms=alarms, action=action,
+                    predicted=int(probs.argmax()), label=-1 if blocked else int(served.argmax()),
+                    probs=np.zeros(0, np.float32) if blocked else served.numpy().astype(np.float32),
+                    per_user=pu, index=match, features=fmatch)
+
+
 def _logged(batches: list[pa.RecordBatch]) -> list[dict]:
     """What :meth:`QueryDetector.load` hands ``replay``: user, time, alarms (a tuple, or None) and tag."""
     out = []
@@ -357,7 +370,7 @@ def _record(user, now, hashes, digest, match, pu, image, probs, feats=None, fmat
             "prediction": bool(pu.walked) if pu is not None else False}
 
 
-def _lists(values: list, dtype, pa_type) -> pa.Array:
+def list_column(values: list, dtype, pa_type) -> pa.Array:
     """A list column from numpy rows (None = null) without going through Python floats."""
     lengths = np.array([0 if v is None else len(v) for v in values], np.int32)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
@@ -371,12 +384,12 @@ def _batch(records: list[dict]) -> pa.RecordBatch:
     col = {k: [r[k] for r in records] for k in records[0]}
     return pa.RecordBatch.from_pydict({
         "user": pa.array(col["user"], pa.string()), "time": pa.array(col["time"], pa.float64()),
-        "hashes": _lists(col["hashes"], np.uint64, pa.uint64()), "digest": pa.array(col["digest"], pa.uint64()),
+        "hashes": list_column(col["hashes"], np.uint64, pa.uint64()), "digest": pa.array(col["digest"], pa.uint64()),
         "chain": pa.array(col["chain"], pa.int32()),
-        "image": _lists(col["image"], np.float32, pa.float32()),
-        "probs": _lists(col["probs"], np.float32, pa.float32()),
+        "image": list_column(col["image"], np.float32, pa.float32()),
+        "probs": list_column(col["probs"], np.float32, pa.float32()),
         "distance": pa.array(col["distance"], pa.bool_()), "prediction": pa.array(col["prediction"], pa.bool_()),
-        "features": _lists(col["features"], np.float32, pa.float32()), "fcluster": pa.array(col["fcluster"], pa.int32()),
+        "features": list_column(col["features"], np.float32, pa.float32()), "fcluster": pa.array(col["fcluster"], pa.int32()),
         "alarms": pa.array(col["alarms"], pa.string()), "tag": pa.array(col["tag"], pa.string()),
     })
 

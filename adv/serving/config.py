@@ -97,6 +97,10 @@ class ServeConfig(BaseModel):
     #: Seconds a replica keeps retrying an unreachable state owner (it restarts from durable state) before a 503.
     owner_timeout_s: float = Field(30.0, gt=0)
     owner_num_cpus: float = Field(0.25, ge=0)
+    #: State owners (shards): 1 is one owner holding everything; n > 1 splits per-user state by user and the
+    #: indexes by hash over n owners (``adv.serving.shards``; docs/serving.md). Each n has its own state folder
+    #: (``<state>/shards-<n>``): changing it starts a new state, see the docs for moving one.
+    shards: int = Field(1, ge=1, le=256)
     #: Seconds ``/healthz`` reuses its deep check (model plus owner), so unauthenticated callers cannot make
     #: it run the model at will; ``/livez`` answers without touching either.
     health_cache_s: float = Field(5.0, ge=0, le=300)
@@ -105,5 +109,6 @@ class ServeConfig(BaseModel):
     name: str = Field("adv", pattern=r"^[A-Za-z0-9_-]{1,40}$")
 
 
-def owner_name(config: ServeConfig) -> str:
-    return f"adv-detector-{config.name}"
+def owner_name(config: ServeConfig, shard: int = 0) -> str:
+    """The named actor of the state owner (``shards: 1``), or of shard ``shard`` of several."""
+    return f"adv-detector-{config.name}" + (f"-{shard}-of-{config.shards}" if config.shards > 1 else "")

@@ -53,6 +53,12 @@ class Request:
     images: int
 
 
+def answer(d) -> dict:
+    """What a replica gets back for one query (an :class:`adv.detectors.Decision`): only plain values."""
+    return {"label": d.label, "probs": d.probs, "blocked": d.action == "block", "alarms": list(d.alarms),
+            "action": d.action}
+
+
 class DetectorOwner:
     """``step(x, requests, probs)`` (admission plus detector update, durable before returning), ``stats(user)``."""
 
@@ -152,8 +158,7 @@ class DetectorOwner:
         if self._since_snapshot >= COMPACT_EVERY:  # the snapshot holds these updates: no flush needed for them
             self.detector.save(extra=self._ledger_arrays())
             self._since_snapshot = 0
-        return [{"label": d.label, "probs": d.probs, "blocked": d.action == "block", "alarms": list(d.alarms),
-                 "action": d.action} for d in decisions]
+        return [answer(d) for d in decisions]
 
     def _window_tag(self, user: str) -> str | None:
         """The user's quota window after admission, logged so a restart keeps quotas (None without quotas)."""
