@@ -54,7 +54,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from adv.errors import ConfigError
-from adv.serving.config import ServeConfig, owner_name
+from adv.serving.config import ServeConfig, autoscaling_config, owner_name
 from adv.serving.decode import RequestError, decode
 from adv.serving.keys import KeyEntry, KeyRing, env_entries
 from adv.serving.ledger import largest_request
@@ -556,9 +556,8 @@ def build(args: dict, env_keys: list[dict] | None = None):
     cfg = parse_config(args)
     config = cfg.model_dump(mode="json")
     s = cfg.scaling
-    replicas = ({"num_replicas": s.min_replicas} if s.min_replicas == s.max_replicas else
-                {"autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                                        "target_ongoing_requests": s.target_ongoing_requests}})
+    auto = autoscaling_config(s)
+    replicas = {"num_replicas": s.min_replicas} if auto is None else {"autoscaling_config": auto}
     model = DefendedModel.options(
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
         max_ongoing_requests=max(s.max_ongoing_requests, s.max_batch_size), **replicas).bind(config)

@@ -48,7 +48,8 @@ class RateLimit(BaseModel):
 
 
 class Scaling(BaseModel):
-    """Replica resources and autoscaling of the defended-model deployment (0 GPUs on CPU)."""
+    """Replica resources and autoscaling of the defended-model deployment (0 GPUs on CPU); min < max replicas
+    makes it Serve's ``autoscaling_config`` (:func:`autoscaling_config`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -57,6 +58,10 @@ class Scaling(BaseModel):
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
+    #: Seconds the load must stay above (below) target before Serve adds (removes) a replica: quick to grow, slow
+    #: to shrink, so a bursty attacker cannot make the deployment flap (Serve's defaults are 30 and 600).
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
     #: Requests one ``@serve.batch`` call groups; ``max_ongoing_requests`` is kept at least this (RAY_NOTES).
     max_batch_size: int = Field(16, ge=1, le=512)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=1)
@@ -70,6 +75,16 @@ class Scaling(BaseModel):
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or batches never fill")
         return self
+
+
+def autoscaling_config(s: Scaling) -> dict | None:
+    """Serve's ``autoscaling_config`` for the model deployment (None: a fixed ``min_replicas``); the same
+    mapping a Serve config file's ``deployments`` override holds (cluster/serve-config.yaml)."""
+    if s.min_replicas == s.max_replicas:
+        return None
+    return {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests, "upscale_delay_s": s.upscale_delay_s,
+            "downscale_delay_s": s.downscale_delay_s}
 
 
 class ServeConfig(BaseModel):
