@@ -31,7 +31,10 @@ application (``build``) has three parts:
   restart by itself (``max_restarts=-1``), reloading from its durable state;
   replicas refresh their handle and retry while it restarts. It is a threaded
   actor: concurrent batches decide in turn and share one log write and one
-  fsync (group commit, ``adv.serving.owner``).
+  fsync (group commit, ``adv.serving.owner``). With ``shards: N`` there are N
+  such actors (``StateShard``, ``adv.serving.shards``): users by user, the
+  indexes by hash; the replica drives three parallel rounds per batch and
+  merges (docs/serving.md).
 """
 
 
@@ -214,7 +217,8 @@ class OwnerClient:
     async def call(self, method: str, *args, timeout_s: float | None = None):
         from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        timeout_s = timeout_s or self.timeout_s
+        deadline = time.monotonic() + timeout_s
         delay = 0.05
         while True:
             try:
@@ -226,7 +230,7 @@ class OwnerClient:
             except (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError, asyncio.TimeoutError):
                 self._handle = None  # stale: the actor died or is restarting; look it up again
                 if time.monotonic() + delay > deadline:
-                    raise OwnerUnavailable(f"detector state owner unreachable for {self.timeout_s:.0f} s") from None
+                    raise OwnerUnavailable(f"detector state owner unreachable for {timeout_s:.0f} s") from None
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 1.0)
 
@@ -321,13 +325,13 @@ class DefendedModel:
         if self._detector is None:
             self._detector = DetectorConfig.model_validate(await self.owner.call("detector_config"))
         gen = protocol(self._detector, len(self.owners), x, [Request(*r) for r in requests], probs)
-        try:
-            calls = next(gen)
-            while True:  # the merge is a few ms of numpy: off the event loop with the model's inference
-                results = await asyncio.gather(*(self.owners[c.shard].call(c.method, *c.args) for c in calls))
-                calls = await asyncio.to_thread(gen.send, list(results))
-        except StopIteration as done:
-            outcomes = done.value
+        # the generator's work (fingerprints, the merge) runs off the event loop; a StopIteration cannot cross
+        # a thread's future, so each step says whether the protocol is done
+        done, value = await asyncio.to_thread(_advance, gen, None)
+        while not done:
+            results = await asyncio.gather(*(self.owners[c.shard].call(c.method, *c.args) for c in value))
+            done, value = await asyncio.to_thread(_advance, gen, list(results))
+        outcomes = value
         self.metrics.count([a for o in outcomes for a in o.get("answers", ())])
         return outcomes
 
@@ -349,6 +353,14 @@ class DefendedModel:
 
     def check_health(self) -> None:
         self._infer(self._probe)
+
+
+def _advance(gen, value) -> tuple[bool, object]:
+    """Resume the generator ``gen`` with ``value``: (False, what it yields) or (True, what it returns)."""
+    try:
+        return False, (next(gen) if value is None else gen.send(value))
+    except StopIteration as done:
+        return True, done.value
 
 
 # ---- the ingress ------------------------------------------------------------------------------------------

@@ -290,7 +290,7 @@ def test_two_shards_over_http_answer_every_request_as_one_owner(sharded, tmp_pat
     flagged = 0
     for user in users:
         got, want = _admin(sharded, f"/v1/admin/users/{user}"), one.stats(user)
-        assert got.pop("first_flagged_at") is None == (want.pop("first_flagged_at") is None)
+        assert (got.pop("first_flagged_at") is None) == (want.pop("first_flagged_at") is None)
         assert got == want
         flagged += got["suspicious"]
     assert flagged >= 5 and _admin(sharded, "/v1/admin/totals")["queries"] == one.totals()["queries"]
