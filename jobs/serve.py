@@ -16,24 +16,34 @@ application (``build``) has three parts:
   (``adv.serving``); never answers 500: client errors are 4xx with one line,
   an unreachable backend (or a model output that is not finite) is 503 with
   ``Retry-After``. Bodies are decoded on a small thread pool, never on the
-  event loop; rate limits and quotas are charged per image after decoding.
+  event loop; rate limits and quotas are charged per image, by the owner, in
+  the same call as the detector update (a refused user is then refused by
+  the gateway itself until its ``Retry-After``).
   ``/healthz`` is the deep check (model and owner), cached for
   ``health_cache_s``; ``/livez`` is the cheap liveness route.
 * ``DefendedModel``: the bundle's stages and classifier under ``@serve.batch``,
-  inference in a worker thread so the event loop never blocks.
+  inference in a worker thread so the event loop never blocks; then **one**
+  owner call per batch (``step``: admission, detector update, durable).
 * the **state owner**: one named, detached actor (``adv-detector-<name>``)
   holding the detector and the per-key ledger (``adv.serving.owner``). A
   named actor rather than a Serve ``deployment_actors`` entry because it must
   outlive any replica (no fate-sharing with the replica that created it) and
   restart by itself (``max_restarts=-1``), reloading from its durable state;
-  replicas refresh their handle and retry while it restarts.
+  replicas refresh their handle and retry while it restarts. It is a threaded
+  actor: concurrent batches decide in turn and share one log write and one
+  fsync (group commit, ``adv.serving.owner``). With ``shards: N`` there are N
+  such actors (``StateShard``, ``adv.serving.shards``): users by user, the
+  indexes by hash; the replica drives three parallel rounds per batch and
+  merges (docs/serving.md).
 """
 
 
 import argparse
 import asyncio
 import contextlib
+import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -47,7 +57,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from adv.errors import ConfigError
-from adv.serving.config import ServeConfig, owner_name
+from adv.serving.config import ServeConfig, autoscaling_config, owner_name
 from adv.serving.decode import RequestError, decode
 from adv.serving.keys import KeyEntry, KeyRing, env_entries
 from adv.serving.ledger import largest_request
@@ -58,6 +68,10 @@ from adv.validation import validate_mapping
 
 NAMESPACE = "adv-serve"
 log = logger("serve")
+
+
+#: Threads of an owner actor: concurrent steps decide one at a time and share one log write (group commit).
+OWNER_THREADS = 16
 
 
 class OwnerUnavailable(Exception):
@@ -78,30 +92,46 @@ def detector_config(cfg: ServeConfig, bundle) -> dict:
 
 # ---- the state owner --------------------------------------------------------------------------------------
 
-class StateOwner:
-    """The Ray actor around :class:`adv.serving.owner.DetectorOwner`; counts alarms and actions as metrics."""
+class DetectorMetrics:
+    """Alarms and actions as Prometheus counters, counted where the decision is made: the single owner, or
+    with shards the replica that merges."""
 
-    def __init__(self, config: dict, detector: dict):
+    def __init__(self):
         from ray.util.metrics import Counter
 
-        from adv.detectors import DetectorConfig
-        from adv.serving.owner import DetectorOwner
-
-        self.owner = DetectorOwner(ServeConfig.model_validate(config), DetectorConfig.model_validate(detector))
         self.alarms = Counter("adv_serve_alarms", "detector alarms raised, by kind", tag_keys=("alarm",))
         self.actions = Counter("adv_serve_actions", "detector actions taken on suspicious queries",
                                tag_keys=("action",))
 
-    def admit(self, user: str, overrides: dict | None = None, cost: int = 1) -> float | None:
-        return self.owner.admit(user, overrides, cost=cost)
-
-    def observe(self, x: np.ndarray, users: list[str], probs: np.ndarray) -> list[dict]:
-        answers = self.owner.observe(x, users, probs)
+    def count(self, answers: list[dict]) -> None:
         for a in answers:
             for alarm in a["alarms"]:
                 self.alarms.inc(tags={"alarm": alarm})
             if a["action"] != "none":
                 self.actions.inc(tags={"action": a["action"]})
+
+
+class StateOwner:
+    """The Ray actor around :class:`adv.serving.owner.DetectorOwner`; counts alarms and actions as metrics."""
+
+    def __init__(self, config: dict, detector: dict):
+        from adv.detectors import DetectorConfig
+        from adv.serving.owner import DetectorOwner
+
+        self.owner = DetectorOwner(ServeConfig.model_validate(config), DetectorConfig.model_validate(detector))
+        self.metrics = DetectorMetrics()
+
+    def step(self, x: np.ndarray, requests: list[tuple[str, dict | None, int]], probs: np.ndarray) -> list[dict]:
+        """One call per batch: admission and the detector update, durable before returning (group commit)."""
+        from adv.serving.owner import Request
+
+        outcomes = self.owner.step(x, [Request(*r) for r in requests], probs)
+        self.metrics.count([a for o in outcomes for a in o.get("answers", ())])
+        return outcomes
+
+    def observe(self, x: np.ndarray, users: list[str], probs: np.ndarray) -> list[dict]:
+        answers = self.owner.observe(x, users, probs)
+        self.metrics.count(answers)
         return answers
 
     def stats(self, user: str) -> dict:
@@ -114,20 +144,56 @@ class StateOwner:
         return True
 
 
-def get_owner(config: dict, detector: dict):
-    """The application's owner actor, created on first use (by whichever replica asks first)."""
+class StateShard:
+    """The Ray actor around shard ``shard`` of :class:`adv.serving.shards.Shard` (``shards`` > 1): its rounds
+    of a batch (``admit``, ``lookup``, ``commit``), its users' stats, its totals."""
+
+    def __init__(self, config: dict, detector: dict, shard: int):
+        from adv.detectors import DetectorConfig
+        from adv.serving.shards import Shard
+
+        self.shard = Shard(ServeConfig.model_validate(config), DetectorConfig.model_validate(detector), shard)
+
+    def admit(self, *args):
+        return self.shard.admit(*args)
+
+    def lookup(self, *args):
+        return self.shard.lookup(*args)
+
+    def commit(self, *args):
+        return self.shard.commit(*args)
+
+    def detector_config(self) -> dict:
+        """The detector config this shard's state was made with (the replicas decide with it)."""
+        return self.shard.detector.model_dump(mode="json")
+
+    def stats(self, user: str) -> dict:
+        return self.shard.stats(user)
+
+    def totals(self) -> dict:
+        return self.shard.totals()
+
+    def ping(self) -> bool:
+        return True
+
+
+def get_owner(config: dict, detector: dict, shard: int = 0):
+    """The application's owner actor (or shard ``shard`` of several), created on first use (by whichever
+    replica asks first)."""
     import ray
 
     cfg = ServeConfig.model_validate(config)
-    actor = ray.remote(StateOwner).options(
-        name=owner_name(cfg), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
-        num_cpus=cfg.owner_num_cpus)
-    return actor.remote(config, detector)
+    cls, args = (StateOwner, (config, detector)) if cfg.shards == 1 else (StateShard, (config, detector, shard))
+    actor = ray.remote(cls).options(
+        name=owner_name(cfg, shard), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
+        num_cpus=cfg.owner_num_cpus, max_concurrency=OWNER_THREADS)
+    return actor.remote(*args)
 
 
-def kill_owner(cfg: ServeConfig, *, restart: bool = False) -> bool:
-    """Kill the owner actor (``restart``: let Ray restart it, as a crash would); False when there is none."""
-    return _kill_named(owner_name(cfg), restart=restart)
+def kill_owner(cfg: ServeConfig, *, restart: bool = False, shard: int = 0) -> bool:
+    """Kill the owner actor, or shard ``shard`` of several (``restart``: let Ray restart it, as a crash
+    would); False when there is none."""
+    return _kill_named(owner_name(cfg, shard), restart=restart)
 
 
 def _kill_named(name: str, *, restart: bool = False) -> bool:
@@ -144,26 +210,27 @@ def _kill_named(name: str, *, restart: bool = False) -> bool:
 class OwnerClient:
     """A replica's handle on the owner: refreshed and retried (with backoff) while the owner restarts."""
 
-    def __init__(self, config: dict, detector: dict, timeout_s: float):
-        self.config, self.detector, self.timeout_s = config, detector, timeout_s
+    def __init__(self, config: dict, detector: dict, timeout_s: float, shard: int = 0):
+        self.config, self.detector, self.timeout_s, self.shard = config, detector, timeout_s, shard
         self._handle = None
 
     async def call(self, method: str, *args, timeout_s: float | None = None):
         from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        timeout_s = timeout_s or self.timeout_s
+        deadline = time.monotonic() + timeout_s
         delay = 0.05
         while True:
             try:
                 if self._handle is None:
-                    self._handle = await asyncio.to_thread(get_owner, self.config, self.detector)
+                    self._handle = await asyncio.to_thread(get_owner, self.config, self.detector, self.shard)
                 left = max(0.1, deadline - time.monotonic())
                 return await asyncio.wait_for(getattr(self._handle, method).remote(*args), left)
             # only an unreachable owner is retried; its own errors (a failed write) give the request a 503
             except (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError, asyncio.TimeoutError):
                 self._handle = None  # stale: the actor died or is restarting; look it up again
                 if time.monotonic() + delay > deadline:
-                    raise OwnerUnavailable(f"detector state owner unreachable for {self.timeout_s:.0f} s") from None
+                    raise OwnerUnavailable(f"detector state owner unreachable for {timeout_s:.0f} s") from None
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 1.0)
 
@@ -202,7 +269,11 @@ class DefendedModel:
         self.info_ = {"shape": tuple(bundle.manifest["classifier"]["input_size"]),
                       "classes": int(bundle.manifest["classifier"]["num_classes"]),
                       "manifest": bundle.public_manifest()}
-        self.owner = OwnerClient(config, detector_config(cfg, bundle), cfg.owner_timeout_s)
+        detector = detector_config(cfg, bundle)
+        self.owners = [OwnerClient(config, detector, cfg.owner_timeout_s, s) for s in range(cfg.shards)]
+        self.owner = self.owners[0]
+        self._detector = None  # the shards' detector config (asked once): the merge in this replica uses it
+        self.metrics = DetectorMetrics() if cfg.shards > 1 else None
         c, h, w = self.info_["shape"]  # a fixed textured probe for health checks (a blank image is degenerate)
         self._probe = np.random.default_rng(0).random((1, c, h, w), dtype=np.float32)
         self._predict.set_max_batch_size(cfg.scaling.max_batch_size)
@@ -218,37 +289,78 @@ class DefendedModel:
             return self.model(torch.from_numpy(x).to(self.device)).softmax(1).float().cpu().numpy()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _predict(self, items: list[tuple[np.ndarray, str]]) -> list[list[dict] | str]:
-        x = np.concatenate([im for im, _ in items])
+    async def _predict(self, items: list[tuple[np.ndarray, str, dict | None]]) -> list[dict | str]:
+        x = np.concatenate([im for im, *_ in items])
         probs = await asyncio.to_thread(self._infer, x)  # off the event loop
-        ok, keep = finite_items([len(im) for im, _ in items], probs)
-        answers = []
-        if keep.any():  # the detector records only what is answered
-            users = [u for (im, u), good in zip(items, ok) if good for _ in range(len(im))]
-            answers = await self.owner.call("observe", x[keep], users, probs[keep])
-        out, i = [], 0
-        for (im, _), good in zip(items, ok):  # only what the gateway needs: never the alarms
+        ok, keep = finite_items([len(im) for im, *_ in items], probs)
+        outcomes = iter([])
+        if keep.any():  # one owner call: admission, then the detector records only what is answered
+            requests = [(user, limits, len(im)) for (im, user, limits), good in zip(items, ok) if good]
+            if len(self.owners) == 1:
+                outcomes = iter(await self.owner.call("step", x[keep], requests, probs[keep]))
+            else:
+                outcomes = iter(await self._sharded_step(x[keep], requests, probs[keep]))
+        out = []
+        for good in ok:  # only what the gateway needs: never the alarms
             if not good:  # this request only: the rest of the batch is answered
                 out.append(NON_FINITE)
                 continue
-            out.append([{"probs": a["probs"], "blocked": a["blocked"]} for a in answers[i : i + len(im)]])
-            i += len(im)
+            o = next(outcomes)
+            out.append({k: v for k, v in o.items() if k != "answers"} if "answers" not in o else
+                       {"answers": [{"probs": a["probs"], "blocked": a["blocked"]} for a in o["answers"]]})
         return out
 
-    async def predict(self, x: np.ndarray, user: str) -> list[dict] | str:
-        """The answers to one request's images, or :data:`NON_FINITE` when the model's output was not finite."""
-        return await self._predict((x, user))
+    async def predict(self, x: np.ndarray, user: str, limits: dict | None = None) -> dict | str:
+        """One request's outcome: ``{"answers": [...]}``, ``{"wait": s}`` (rate limit or quota),
+        ``{"too_large": reason}``, or :data:`NON_FINITE` when the model's output was not finite."""
+        return await self._predict((x, user, limits or None))
+
+    async def _sharded_step(self, x: np.ndarray, requests: list[tuple], probs: np.ndarray) -> list[dict]:
+        """:func:`adv.serving.shards.protocol` with each round's calls in parallel, one per shard; the merge
+        runs here, in the replica, so the shards only look up and store."""
+        from adv.detectors import DetectorConfig
+        from adv.serving.owner import Request
+        from adv.serving.shards import protocol
+
+        if self._detector is None:
+            self._detector = DetectorConfig.model_validate(await self.owner.call("detector_config"))
+        gen = protocol(self._detector, len(self.owners), x, [Request(*r) for r in requests], probs)
+        # the generator's work (fingerprints, the merge) runs off the event loop; a StopIteration cannot cross
+        # a thread's future, so each step says whether the protocol is done
+        done, value = await asyncio.to_thread(_advance, gen, None)
+        while not done:
+            results = await asyncio.gather(*(self.owners[c.shard].call(c.method, *c.args) for c in value))
+            done, value = await asyncio.to_thread(_advance, gen, list(results))
+        outcomes = value
+        self.metrics.count([a for o in outcomes for a in o.get("answers", ())])
+        return outcomes
 
     async def owner_call(self, method: str, *args, timeout_s: float | None = None):
-        return await self.owner.call(method, *args, timeout_s=timeout_s)
+        """An admin read: a user's stats (from their shard), the totals (summed over shards), or a ping."""
+        from adv.serving.shards import totals, user_shard
+
+        if len(self.owners) == 1:
+            return await self.owner.call(method, *args, timeout_s=timeout_s)
+        if method == "stats":
+            return await self.owners[user_shard(args[0], len(self.owners))].call(method, *args, timeout_s=timeout_s)
+        parts = await asyncio.gather(*(o.call(method, *args, timeout_s=timeout_s) for o in self.owners))
+        return totals(list(parts)) if method == "totals" else all(parts)
 
     async def health(self) -> bool:
         """A real check: the model answers on a textured probe and the state owner is reachable."""
         await asyncio.to_thread(self._infer, self._probe)
-        return await self.owner.call("ping", timeout_s=5.0)
+        return await self.owner_call("ping", timeout_s=5.0)
 
     def check_health(self) -> None:
         self._infer(self._probe)
+
+
+def _advance(gen, value) -> tuple[bool, object]:
+    """Resume the generator ``gen`` with ``value``: (False, what it yields) or (True, what it returns)."""
+    try:
+        return False, (next(gen) if value is None else gen.send(value))
+    except StopIteration as done:
+        return True, done.value
 
 
 # ---- the ingress ------------------------------------------------------------------------------------------
@@ -295,6 +407,7 @@ class Gateway:
         self._decoder = ThreadPoolExecutor(self.cfg.limits.decode_workers, thread_name_prefix="adv-decode")
         self._health: tuple[float, str | None] = (-float("inf"), None)  # (checked at, failure or None)
         self._health_lock = asyncio.Lock()
+        self._refused: dict[str, float] = {}  # user -> monotonic time until which the owner said to wait
         self.requests = Counter("adv_serve_requests", "HTTP requests by route and status",
                                 tag_keys=("route", "status"))
         self.latency = Histogram("adv_serve_latency_s", "request latency in seconds",
@@ -319,6 +432,17 @@ class Gateway:
             return None, error(403, "this API key is revoked")
         return who, None
 
+    def _refuse(self, user: str, wait: float) -> JSONResponse:
+        """429 with ``Retry-After``; until then this replica refuses the user itself. The model runs before
+        the owner admits (one owner call per batch), so this keeps a client that ignores Retry-After from
+        costing a model run per request; it never admits anyone the owner would refuse."""
+        wait = max(1, math.ceil(wait))
+        now = time.monotonic()
+        if len(self._refused) > 10_000:  # bounded: forget the waits already over
+            self._refused = {u: t for u, t in self._refused.items() if t > now}
+        self._refused[user] = max(self._refused.get(user, 0.0), now + wait)
+        return error(429, f"rate limit or quota exceeded; retry in {wait} s", {"Retry-After": str(wait)})
+
     def _done(self, route: str, t0: float, response: JSONResponse) -> JSONResponse:
         self.requests.inc(tags={"route": route, "status": str(response.status_code)})
         self.latency.observe(time.perf_counter() - t0, tags={"route": route})
@@ -333,6 +457,9 @@ class Gateway:
         who, refusal = self._identify(request)
         if refusal is not None:
             return refusal
+        waited = self._refused.get(who.user, 0.0) - time.monotonic()
+        if waited > 0:  # told to wait and not waited out: refused here, without running the model again
+            return self._refuse(who.user, waited)
         unavailable = error(503, "temporarily unavailable; retry", {"Retry-After": "2"})
         try:
             raw = await read_body(request, self.cfg.limits.max_body_bytes)
@@ -342,14 +469,15 @@ class Gateway:
             if len(x) > largest_request(self.cfg.rate_limit, dict(who.limits)):
                 raise RequestError(413, f"{len(x)} images exceed this key's per-request limit of "
                                         f"{largest_request(self.cfg.rate_limit, dict(who.limits))}")
-            wait = await self.model.owner_call.remote("admit", who.user, dict(who.limits), len(x))  # per image
-            if wait is not None:
-                return error(429, f"rate limit or quota exceeded; retry in {wait:.0f} s",
-                             {"Retry-After": str(int(wait))})
-            answers = await self.model.predict.remote(x, who.user)
-            if answers == NON_FINITE:
+            result = await self.model.predict.remote(x, who.user, dict(who.limits))  # admitted by the owner
+            if result == NON_FINITE:
                 log(f"predict for user {who.user}: {NON_FINITE}; answered 503")
                 return unavailable
+            if "too_large" in result:
+                raise RequestError(413, result["too_large"])
+            if "wait" in result:
+                return self._refuse(who.user, result["wait"])
+            answers = result["answers"]
             if any(a["blocked"] for a in answers):
                 return error(*BLOCKED)
             return JSONResponse(response_body(answers, self.cfg.output, self.cfg.top_k))
@@ -440,9 +568,8 @@ def build(args: dict, env_keys: list[dict] | None = None):
     cfg = parse_config(args)
     config = cfg.model_dump(mode="json")
     s = cfg.scaling
-    replicas = ({"num_replicas": s.min_replicas} if s.min_replicas == s.max_replicas else
-                {"autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                                        "target_ongoing_requests": s.target_ongoing_requests}})
+    auto = autoscaling_config(s)
+    replicas = {"num_replicas": s.min_replicas} if auto is None else {"autoscaling_config": auto}
     model = DefendedModel.options(
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
         max_ongoing_requests=max(s.max_ongoing_requests, s.max_batch_size), **replicas).bind(config)
@@ -531,12 +658,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def undeploy(cfg: ServeConfig, *, shutdown: bool = True) -> None:
-    """Delete the application (and Serve with ``shutdown``), then the state owner (its state stays on disk)."""
+    """Delete the application (and Serve with ``shutdown``), then the state owner or shards (the state stays
+    on disk)."""
     if shutdown:
         serve.shutdown()
     else:
         serve.delete(cfg.name)
-    kill_owner(cfg)
+    for shard in range(cfg.shards):
+        kill_owner(cfg, shard=shard)
 
 
 def load_args(args: argparse.Namespace) -> ServeConfig:
@@ -576,10 +705,11 @@ def shutdown(name: str | None) -> None:
     ``serve shutdown`` leaves running (a detached actor); the detector state stays in its storage."""
     import ray
 
-    # the namespace holds only state owners (get_owner names the one actor each application has)
+    # the namespace holds only state owners (get_owner names the owner, or the shards, of each application)
     owners = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
     if name is not None:
-        owners = [o for o in owners if o == owner_name(parse_config({"bundle": "-", "name": name}))]
+        mine = owner_name(parse_config({"bundle": "-", "name": name}))
+        owners = [o for o in owners if o == mine or re.fullmatch(re.escape(mine) + r"-\d+-of-\d+", o)]
         apps = serve.status().applications if _serve_running() else {}
         if name in apps:
             serve.delete(name)

@@ -259,7 +259,8 @@ def test_healthz_runs_the_deep_check_once_per_cache_window_and_decoding_is_off_t
     monkeypatch.setitem(space, "decode", lambda *a: threads.append(threading.current_thread().name) or real(*a))
     model = SimpleNamespace(health=_Remote(lambda: checks.append(1) or True), info=_Remote(lambda: {"shape": SHAPE}),
                             owner_call=_Remote(lambda *a: None),
-                            predict=_Remote(lambda x, u: [{"probs": np.full(10, 0.1), "blocked": False}] * len(x)))
+                            predict=_Remote(lambda x, u, lim: {"answers": [{"probs": np.full(10, 0.1),
+                                                                            "blocked": False}] * len(x)}))
 
     async def healthz_10(cache_s):
         g = _gateway(model, health_cache_s=cache_s)
@@ -537,6 +538,7 @@ def test_serve_config_and_rayservice_manifest_validate_offline():
     from ray.serve.schema import ServeDeploySchema
 
     from adv.serving import ServeConfig
+    from adv.serving.config import autoscaling_config
     from jobs.serve import build
 
     config = yaml.safe_load((ROOT / "cluster" / "serve-config.yaml").read_text())
@@ -547,8 +549,16 @@ def test_serve_config_and_rayservice_manifest_validate_offline():
             else ServeDeploySchema.parse_obj(doc)
         (application,) = schema.applications
         assert application.import_path == "jobs.serve:build"
-        ServeConfig.model_validate(application.args)  # the args the builder will get
-        assert isinstance(build(application.args), Application)  # what `serve run`/`serve deploy` builds
+        cfg = ServeConfig.model_validate(application.args)  # the args the builder will get
+        app = build(application.args)
+        assert isinstance(app, Application)  # what `serve run`/`serve deploy` builds
+        # the model deployment autoscales; Serve's override in the file says what args.scaling builds
+        model = app._bound_deployment._replica_config.init_args[0]._bound_deployment
+        (override,) = [d for d in application.deployments if d.name == model.name]
+        built = model._deployment_config.autoscaling_config
+        want = autoscaling_config(cfg.scaling)
+        assert want and want["max_replicas"] > want["min_replicas"]
+        assert override.autoscaling_config == want and built.model_dump(include=set(want)) == want
         assert not (application.runtime_env or {}).get("working_dir", "").startswith(("/", "."))
     spec = manifest["spec"]["rayClusterConfig"]
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"

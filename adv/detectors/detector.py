@@ -40,7 +40,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -137,16 +137,18 @@ class QueryDetector:
 
     # ---- observing ----------------------------------------------------------------------------------------
 
-    def observe(self, x, users: list[str], probs, now: float | None = None) -> list[Decision]:
-        """Record a batch of queries in order and decide each one."""
+    def observe(self, x, users: list[str], probs, now: float | None = None,
+                tags: list[str | None] | None = None) -> list[Decision]:
+        """Record a batch of queries in order and decide each one.
+
+        ``tags``: one opaque string (or None) per query, logged with its update and handed back on
+        :meth:`load` (``replay``): how a caller keeps its own bookkeeping in the same durable write."""
         x, probs = _check(x, users, probs)
+        if tags is not None and len(tags) != len(x):
+            raise ConfigError(f"{len(x)} images need {len(x)} tags, got {len(tags)}")
         users = [str(u) for u in users]
         now = time.time() if now is None else float(now)
-        cfg = self.config
-        hashes = fingerprints(x.numpy(), cfg.index)[0] if self.index is not None else None
-        digest = digests(x.numpy()) if self.index is not None or self.features is not None else np.zeros(len(x))
-        feats = features(x.numpy(), cfg.features) if self.features is not None else None
-        stored = [stored_image(im, cfg.per_user.downscale).flatten().numpy() for im in x] if self.users else None
+        hashes, digest, feats, stored = prepare(x, self.config)
         with self._lock:
             self._latest = now if self._latest is None else max(self._latest, now)
             per_user = self.users.observe(x, users, probs, now=now) if self.users else [None] * len(x)
@@ -163,33 +165,11 @@ class QueryDetector:
                 near.append(fmatch)
                 self._pending.append(_record(users[i], now, hashes[i] if self.index else None, int(digest[i]),
                                              match, per_user[i], stored[i] if stored else None, probs[i],
-                                             feats[i] if feats is not None else None, fmatch))
-        return [self._decide(u, x[i : i + 1], probs[i], p, m, f)
+                                             feats[i] if feats is not None else None, fmatch,
+                                             query_alarms(self.config, per_user[i], match, fmatch),
+                                             tags[i] if tags is not None else None))
+        return [decide(self.config, self.fallback, u, x[i : i + 1], probs[i], p, m, f)
                 for i, (u, p, m, f) in enumerate(zip(users, per_user, matches, near))]
-
-    def _decide(self, user: str, x: torch.Tensor, probs: torch.Tensor, pu: QueryDecision | None,
-                match: IndexMatch | None, fmatch: FeatureMatch | None = None) -> Decision:
-        alarms = []
-        if pu is not None and pu.suspicious:
-            limits = self.config.per_user
-            alarms += ["distance"] * (pu.distance_alarms >= limits.distance_alarm_limit)
-            alarms += ["prediction"] * (pu.prediction_alarms >= limits.prediction_alarm_limit)
-        if match is not None and match.suspicious:
-            alarms.append("index")
-        if fmatch is not None and fmatch.suspicious:
-            alarms.append("features")
-        suspicious = bool(alarms)
-        action = self.config.action if suspicious else "none"
-        fallback = None
-        if action == "fallback":
-            with torch.no_grad():
-                fallback = self.fallback(x).softmax(1)[0].float()
-        served = serve(action, probs, fallback)
-        blocked = action == "block"
-        return Decision(user=user, suspicious=suspicious, alarms=tuple(alarms), action=action,
-                        predicted=int(probs.argmax()), label=-1 if blocked else int(served.argmax()),
-                        probs=np.zeros(0, np.float32) if blocked else served.numpy().astype(np.float32),
-                        per_user=pu, index=match, features=fmatch)
 
     def __len__(self) -> int:
         """Queries the index holds (0 without an index)."""
@@ -197,10 +177,13 @@ class QueryDetector:
 
     # ---- persistence --------------------------------------------------------------------------------------
 
-    def save(self, path: str | None = None, *, log_mode: Literal["auto", "append", "objects"] = "auto") -> None:
+    def save(self, path: str | None = None, *, log_mode: Literal["auto", "append", "objects"] = "auto",
+             extra: dict[str, np.ndarray] | None = None) -> None:
         """Write a snapshot atomically to ``path`` (a local path or any pyarrow URI) and log there from now on.
 
-        Without ``path``, snapshot where the detector already logs (compacting the log).
+        Without ``path``, snapshot where the detector already logs (compacting the log). ``extra``: a caller's
+        own arrays, written in the same snapshot (so they are exactly as current as the detector's) and handed
+        back on :meth:`load` (``replay``).
         """
         with self._flush_lock, self._lock:
             store = StateStore(path, log_mode) if path is not None else self._store
@@ -208,7 +191,8 @@ class QueryDetector:
                 raise StateError("save() needs a path the first time (a local path or a URI such as s3://b/k)")
             if self.users is not None and self._latest is not None:  # retention: expired images leave the state
                 self.users.history.expire(self._latest)
-            store.write_snapshot({"config": self.config.model_dump(mode="json")}, self._arrays())
+            arrays = {**self._arrays(), **{f"extra.{k}": v for k, v in (extra or {}).items()}}
+            store.write_snapshot({"config": self.config.model_dump(mode="json")}, arrays)
             self._store, self._pending = store, []
 
     def flush(self) -> int:
@@ -230,9 +214,14 @@ class QueryDetector:
 
     @classmethod
     def load(cls, path: str, on_corrupt: Literal["fail", "empty"] = "fail", *, fallback: nn.Module | None = None,
-             log_mode: Literal["auto", "append", "objects"] = "auto") -> "QueryDetector":
+             log_mode: Literal["auto", "append", "objects"] = "auto",
+             replay: Callable[[dict[str, np.ndarray], list[dict]], None] | None = None) -> "QueryDetector":
         """Snapshot plus log from ``path``. A damaged state raises :class:`StateError` naming the file, or with
-        ``on_corrupt="empty"`` warns and starts empty (same config when the manifest is readable) at ``path``."""
+        ``on_corrupt="empty"`` warns and starts empty (same config when the manifest is readable) at ``path``.
+
+        ``replay(extra, records)``: the snapshot's ``extra`` arrays (see :meth:`save`) and, in log order, each
+        logged update's ``{"user", "time", "alarms", "tag"}`` (``alarms`` None in logs written before alarms
+        were logged), for a caller rebuilding its own bookkeeping; not called when starting empty."""
         if on_corrupt not in ("fail", "empty"):
             raise ConfigError(f"on_corrupt must be 'fail' or 'empty', got {on_corrupt!r}")
         store = StateStore(path, log_mode)
@@ -243,6 +232,8 @@ class QueryDetector:
             det = cls(config, fallback=fallback)
             det._restore(arrays, store.snapshot_path(store.generation))
             det._replay(batches, store.location)
+            if replay is not None:
+                replay({k[6:]: v for k, v in arrays.items() if k.startswith("extra.")}, _logged(batches))
         except StateError as e:
             if on_corrupt == "fail" or "no detector state" in str(e):
                 raise
@@ -297,6 +288,64 @@ class QueryDetector:
             raise corrupt(f"{location} (log)", f"log record does not fit the config: {e}") from None
 
 
+def prepare(x: torch.Tensor, config: DetectorConfig) -> tuple:
+    """What a query contributes to each detector, computed from the images alone (outside any lock, or in
+    another process): Blacklight fingerprints (N, top_k), 8-byte digests (N,), pooled features (N, F) and the
+    per-user layer's stored images (N flat arrays); None for a detector that is off."""
+    xn = x.numpy()
+    hashes = fingerprints(xn, config.index)[0] if config.index is not None else None
+    digest = digests(xn) if config.index is not None or config.features is not None else np.zeros(len(x), np.uint64)
+    feats = features(xn, config.features) if config.features is not None else None
+    stored = ([stored_image(im, config.per_user.downscale).flatten().numpy() for im in x]
+              if config.per_user is not None else None)
+    return hashes, digest, feats, stored
+
+
+def query_alarms(config: DetectorConfig, pu: QueryDecision | None, match: IndexMatch | None,
+                 fmatch: FeatureMatch | None) -> tuple[str, ...]:
+    """The alarms one query raised: per-user layer limits reached, index chain, feature cluster."""
+    alarms = []
+    if pu is not None and pu.suspicious:
+        limits = config.per_user
+        alarms += ["distance"] * (pu.distance_alarms >= limits.distance_alarm_limit)
+        alarms += ["prediction"] * (pu.prediction_alarms >= limits.prediction_alarm_limit)
+    if match is not None and match.suspicious:
+        alarms.append("index")
+    if fmatch is not None and fmatch.suspicious:
+        alarms.append("features")
+    return tuple(alarms)
+
+
+def decide(config: DetectorConfig, fallback: nn.Module | None, user: str, x: torch.Tensor, probs: torch.Tensor,
+           pu: QueryDecision | None, match: IndexMatch | None, fmatch: FeatureMatch | None = None) -> Decision:
+    """The decision on one query from what each detector found (``x``: the query, (1, C, H, W))."""
+    alarms = query_alarms(config, pu, match, fmatch)
+    suspicious = bool(alarms)
+    action = config.action if suspicious else "none"
+    served_by = None
+    if action == "fallback":
+        with torch.no_grad():
+            served_by = fallback(x).softmax(1)[0].float()
+    served = serve(action, probs, served_by)
+    blocked = action == "block"
+    return Decision(user=user, suspicious=suspicious, alarms=alarms, action=action,
+                    predicted=int(probs.argmax()), label=-1 if blocked else int(served.argmax()),
+                    probs=np.zeros(0, np.float32) if blocked else served.numpy().astype(np.float32),
+                    per_user=pu, index=match, features=fmatch)
+
+
+def _logged(batches: list[pa.RecordBatch]) -> list[dict]:
+    """What :meth:`QueryDetector.load` hands ``replay``: user, time, alarms (a tuple, or None) and tag."""
+    out = []
+    for batch in batches:
+        names = batch.schema.names
+        cols = {k: (batch.column(k).to_pylist() if k in names else [None] * batch.num_rows)
+                for k in ("user", "time", "alarms", "tag")}
+        out += [{"user": u, "time": t, "alarms": None if a is None else tuple(x for x in a.split(",") if x),
+                 "tag": g} for u, t, a, g in zip(cols["user"], cols["time"], cols["alarms"], cols["tag"])]
+    return out
+
+
 def _check(x, users, probs) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.as_tensor(x).detach().cpu().float()
     probs = torch.as_tensor(probs).detach().cpu().float()
@@ -310,9 +359,10 @@ def _check(x, users, probs) -> tuple[torch.Tensor, torch.Tensor]:
     return x, probs
 
 
-def _record(user, now, hashes, digest, match, pu, image, probs, feats=None, fmatch=None) -> dict:
-    """One logged update: the index inserts and the per-user add this query made (None: that detector is off)."""
-    return {"user": user, "time": now, "features": feats, "fcluster": fmatch.cluster if fmatch is not None else 0,
+def _record(user, now, hashes, digest, match, pu, image, probs, feats=None, fmatch=None, alarms=(), tag=None) -> dict:
+    """One logged update: the index inserts and the per-user add this query made (None: that detector is off),
+    the alarms it raised and the caller's tag."""
+    return {"user": user, "time": now, "alarms": ",".join(alarms), "tag": tag, "features": feats, "fcluster": fmatch.cluster if fmatch is not None else 0,
             "hashes": None if hashes is None else hashes[hashes != 0], "digest": digest,
             "chain": match.chain if match is not None else 0,
             "image": image, "probs": probs.numpy() if image is not None else None,
@@ -320,7 +370,7 @@ def _record(user, now, hashes, digest, match, pu, image, probs, feats=None, fmat
             "prediction": bool(pu.walked) if pu is not None else False}
 
 
-def _lists(values: list, dtype, pa_type) -> pa.Array:
+def list_column(values: list, dtype, pa_type) -> pa.Array:
     """A list column from numpy rows (None = null) without going through Python floats."""
     lengths = np.array([0 if v is None else len(v) for v in values], np.int32)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
@@ -334,12 +384,13 @@ def _batch(records: list[dict]) -> pa.RecordBatch:
     col = {k: [r[k] for r in records] for k in records[0]}
     return pa.RecordBatch.from_pydict({
         "user": pa.array(col["user"], pa.string()), "time": pa.array(col["time"], pa.float64()),
-        "hashes": _lists(col["hashes"], np.uint64, pa.uint64()), "digest": pa.array(col["digest"], pa.uint64()),
+        "hashes": list_column(col["hashes"], np.uint64, pa.uint64()), "digest": pa.array(col["digest"], pa.uint64()),
         "chain": pa.array(col["chain"], pa.int32()),
-        "image": _lists(col["image"], np.float32, pa.float32()),
-        "probs": _lists(col["probs"], np.float32, pa.float32()),
+        "image": list_column(col["image"], np.float32, pa.float32()),
+        "probs": list_column(col["probs"], np.float32, pa.float32()),
         "distance": pa.array(col["distance"], pa.bool_()), "prediction": pa.array(col["prediction"], pa.bool_()),
-        "features": _lists(col["features"], np.float32, pa.float32()), "fcluster": pa.array(col["fcluster"], pa.int32()),
+        "features": list_column(col["features"], np.float32, pa.float32()), "fcluster": pa.array(col["fcluster"], pa.int32()),
+        "alarms": pa.array(col["alarms"], pa.string()), "tag": pa.array(col["tag"], pa.string()),
     })
 
 

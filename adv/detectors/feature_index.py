@@ -126,11 +126,8 @@ class FeatureIndex:
         n = len(self)
         if n == 0 or self.dim != len(vector):
             return FeatureMatch(float("inf"), 1, False)
-        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b over the stored rows; einsum, not BLAS: a multi-threaded BLAS
-        # matrix-vector product is 20-100x slower on a loaded machine than this single-threaded loop
-        d2 = self.norms[:n] + float(vector @ vector) - 2.0 * np.einsum("ij,j->i", self.vectors[:n], vector)
-        rms = np.sqrt(np.maximum(d2, 0.0) / self.dim)
-        live = np.ones(n, bool) if cfg.max_age is None else self.times[:n] >= now - cfg.max_age
+        rms = self.distances(vector)
+        live = self.live(now)
         near = live & (rms <= cfg.radius)
         best = float(rms[live].min()) if live.any() else float("inf")
         if not near.any():
@@ -141,6 +138,19 @@ class FeatureIndex:
         else:
             cluster = 1 + len(np.unique(self.digests[:n][near]))
         return FeatureMatch(best, cluster, cluster >= cfg.neighbour_limit)
+
+    def distances(self, vector: np.ndarray) -> np.ndarray:
+        """RMS distance of ``vector`` to each stored row (the first ``len(self)`` rows)."""
+        n = len(self)
+        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b over the stored rows; einsum, not BLAS: a multi-threaded BLAS
+        # matrix-vector product is 20-100x slower on a loaded machine than this single-threaded loop
+        d2 = self.norms[:n] + float(vector @ vector) - 2.0 * np.einsum("ij,j->i", self.vectors[:n], vector)
+        return np.sqrt(np.maximum(d2, 0.0) / self.dim)
+
+    def live(self, now: float) -> np.ndarray:
+        """Which stored rows are young enough to match at ``now`` (``max_age``)."""
+        n = len(self)
+        return np.ones(n, bool) if self.config.max_age is None else self.times[:n] >= now - self.config.max_age
 
     def insert(self, vector: np.ndarray, digest: int, now: float, cluster: int) -> None:
         if self.dim is None or not len(self.vectors):

@@ -89,6 +89,17 @@ class IndexConfig(BaseModel):
         return 24 + 8 * self.top_k * self.table_load
 
 
+def bucket_count(config: IndexConfig) -> int:
+    """Buckets of the hash table (a power of two): ``capacity * top_k * table_load / bucket_size``."""
+    buckets = max(1, int(config.capacity * config.top_k * config.table_load / config.bucket_size))
+    return 1 << (buckets - 1).bit_length()
+
+
+def hash_partition(hashes: np.ndarray, config: IndexConfig, parts: int) -> np.ndarray:
+    """Which of ``parts`` index parts holds each hash's bucket (``partition`` of :class:`FingerprintIndex`)."""
+    return ((hashes & _U64(bucket_count(config) - 1)) % _U64(parts)).astype(np.int64)
+
+
 def _mix(h: np.ndarray) -> np.ndarray:
     """splitmix64's finalizer: spreads the polynomial hash so "the largest k" is a pseudo-random choice."""
     with np.errstate(over="ignore"):
@@ -181,38 +192,52 @@ class FingerprintIndex:
     """A bounded, account-agnostic store of fingerprints: ``lookup`` then ``insert`` per query, in order.
 
     Not thread-safe on its own: :class:`adv.detectors.QueryDetector` serialises calls.
+
+    ``partition=(s, n)``: this index is part ``s`` of ``n`` of one logical index (``adv.serving.shards``): its
+    hash table holds only the buckets ``b`` with ``b % n == s`` (:func:`hash_partition` routes a hash there), so
+    ``n`` parts together hold the same table as one index; the per-query ring is whole in every part.
     """
 
-    def __init__(self, config: IndexConfig | None = None):
+    def __init__(self, config: IndexConfig | None = None, partition: tuple[int, int] | None = None):
         self.config = cfg = config or IndexConfig()
+        self.partition = partition or (0, 1)
         self.ring = 1 << max(int(cfg.capacity - 1).bit_length(), 0)  # a power of two: slot = id mod ring
         # np.zeros maps untouched pages lazily, so a large default costs nothing until used
         self.ids = np.zeros(self.ring, np.uint32)  # 32-bit query id stored in each slot
         self.times = np.zeros(self.ring, np.float64)
         self.chains = np.zeros(self.ring, np.int32)
         self.digests = np.zeros(self.ring, _U64)
-        buckets = max(1, int(cfg.capacity * cfg.top_k * cfg.table_load / cfg.bucket_size))
-        self.buckets = 1 << (buckets - 1).bit_length()
-        self.keys = np.zeros((self.buckets, cfg.bucket_size), np.uint32)  # high hash bits, 0 = empty
-        self.refs = np.zeros((self.buckets, cfg.bucket_size), np.uint32)  # query id
-        self.heads = np.zeros(self.buckets, np.uint8)
+        self.buckets = bucket_count(cfg)  # of the whole logical table
+        rows = -(-self.buckets // self.partition[1])  # this part's buckets
+        self.keys = np.zeros((rows, cfg.bucket_size), np.uint32)  # high hash bits, 0 = empty
+        self.refs = np.zeros((rows, cfg.bucket_size), np.uint32)  # query id
+        self.heads = np.zeros(rows, np.uint8)
         self.next_id = 0  # ids ever issued; the live ones are the last ``capacity`` of them
 
     def __len__(self) -> int:
         return min(self.next_id, self.config.capacity)
 
     def _split(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        bucket = (hashes & _U64(self.buckets - 1)).astype(np.int64)
+        bucket = (hashes & _U64(self.buckets - 1)).astype(np.int64) // self.partition[1]  # this part's row
         check = ((hashes >> _U64(32)) | _U64(1)).astype(np.uint32)
         return bucket, check
+
+    def candidates(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stored query ids sharing any of ``hashes`` (nonzero, all routed to this part) and how many each
+        shares; live or not (see :meth:`live`)."""
+        hashes = hashes[hashes != 0]
+        bucket, check = self._split(hashes)
+        hit = self.keys[bucket] == check[:, None]
+        return np.unique(self.refs[bucket][hit], return_counts=True)
+
+    def live(self, cand: np.ndarray, now: float) -> np.ndarray:
+        """Which of the query ids ``cand`` are still stored (see :meth:`_live`)."""
+        return self._live(cand, np.zeros(len(cand)), now)[0] if len(cand) else cand
 
     def lookup(self, hashes: np.ndarray, digest: int, now: float) -> IndexMatch:
         """Match one fingerprint (the nonzero ``hashes``) against the live stored queries."""
         cfg = self.config
-        hashes = hashes[hashes != 0]
-        bucket, check = self._split(hashes)
-        hit = self.keys[bucket] == check[:, None]
-        cand, shared = np.unique(self.refs[bucket][hit], return_counts=True)
+        cand, shared = self.candidates(hashes)
         best = int(shared.max()) if len(shared) else 0
         keep = shared >= cfg.match_threshold
         cand, shared = cand[keep], shared[keep]
@@ -255,8 +280,9 @@ class FingerprintIndex:
                 "next_id": np.array([self.next_id], np.int64)}
 
     @classmethod
-    def from_arrays(cls, config: IndexConfig, arrays: dict[str, np.ndarray]) -> "FingerprintIndex":
-        index = cls(config)
+    def from_arrays(cls, config: IndexConfig, arrays: dict[str, np.ndarray],
+                    partition: tuple[int, int] | None = None) -> "FingerprintIndex":
+        index = cls(config, partition)
         for name, value in arrays.items():
             if name == "next_id":
                 continue

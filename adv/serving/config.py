@@ -48,7 +48,8 @@ class RateLimit(BaseModel):
 
 
 class Scaling(BaseModel):
-    """Replica resources and autoscaling of the defended-model deployment (0 GPUs on CPU)."""
+    """Replica resources and autoscaling of the defended-model deployment (0 GPUs on CPU); min < max replicas
+    makes it Serve's ``autoscaling_config`` (:func:`autoscaling_config`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -57,6 +58,10 @@ class Scaling(BaseModel):
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
+    #: Seconds the load must stay above (below) target before Serve adds (removes) a replica: quick to grow, slow
+    #: to shrink, so a bursty attacker cannot make the deployment flap (Serve's defaults are 30 and 600).
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
     #: Requests one ``@serve.batch`` call groups; ``max_ongoing_requests`` is kept at least this (RAY_NOTES).
     max_batch_size: int = Field(16, ge=1, le=512)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=1)
@@ -70,6 +75,16 @@ class Scaling(BaseModel):
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or batches never fill")
         return self
+
+
+def autoscaling_config(s: Scaling) -> dict | None:
+    """Serve's ``autoscaling_config`` for the model deployment (None: a fixed ``min_replicas``); the same
+    mapping a Serve config file's ``deployments`` override holds (cluster/serve-config.yaml)."""
+    if s.min_replicas == s.max_replicas:
+        return None
+    return {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests, "upscale_delay_s": s.upscale_delay_s,
+            "downscale_delay_s": s.downscale_delay_s}
 
 
 class ServeConfig(BaseModel):
@@ -97,6 +112,10 @@ class ServeConfig(BaseModel):
     #: Seconds a replica keeps retrying an unreachable state owner (it restarts from durable state) before a 503.
     owner_timeout_s: float = Field(30.0, gt=0)
     owner_num_cpus: float = Field(0.25, ge=0)
+    #: State owners (shards): 1 is one owner holding everything; n > 1 splits per-user state by user and the
+    #: indexes by hash over n owners (``adv.serving.shards``; docs/serving.md). Each n has its own state folder
+    #: (``<state>/shards-<n>``): changing it starts a new state, see the docs for moving one.
+    shards: int = Field(1, ge=1, le=256)
     #: Seconds ``/healthz`` reuses its deep check (model plus owner), so unauthenticated callers cannot make
     #: it run the model at will; ``/livez`` answers without touching either.
     health_cache_s: float = Field(5.0, ge=0, le=300)
@@ -105,5 +124,6 @@ class ServeConfig(BaseModel):
     name: str = Field("adv", pattern=r"^[A-Za-z0-9_-]{1,40}$")
 
 
-def owner_name(config: ServeConfig) -> str:
-    return f"adv-detector-{config.name}"
+def owner_name(config: ServeConfig, shard: int = 0) -> str:
+    """The named actor of the state owner (``shards: 1``), or of shard ``shard`` of several."""
+    return f"adv-detector-{config.name}" + (f"-{shard}-of-{config.shards}" if config.shards > 1 else "")

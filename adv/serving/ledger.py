@@ -7,8 +7,9 @@ quotas count images per fixed window. A request of more images than the
 key's ``burst`` could never be admitted, so it is refused outright (413). Alarm counts are what the
 admin endpoint shows: queries, suspicious queries, alarms by kind, and
 when the user was first flagged. The ledger is saved with the detector
-state (``to_json``/``from_json``); the token buckets are not (a restart
-refills them, which only ever lets a client send sooner).
+state (``to_json``/``from_json`` in its snapshot, each update in its log);
+the token buckets are not (a restart refills them, which only ever lets a
+client send sooner).
 """
 
 from __future__ import annotations
@@ -85,6 +86,21 @@ class Ledger:
                 s.alarms[a] = s.alarms.get(a, 0) + 1
             if s.first_flagged_query is None:
                 s.first_flagged_query, s.first_flagged_at = s.queries, now
+
+    def has_window(self, user: str) -> bool:
+        """Whether ``user`` has a quota window in force (a quota, global or the key's own, admitted images)."""
+        s = self.users.get(user)
+        return s is not None and s.window_requests > 0
+
+    def window(self, user: str) -> list:
+        """``[window_start, images admitted in it]`` of ``user``'s quota window (logged with each update)."""
+        s = self.users.get(user, UserStats())
+        return [s.window_start, s.window_requests]
+
+    def set_window(self, user: str, start: float, requests: int) -> None:
+        """Restore ``user``'s quota window from the log (see :meth:`window`)."""
+        s = self.users.setdefault(user, UserStats())
+        s.window_start, s.window_requests = float(start), int(requests)
 
     def stats(self, user: str) -> dict:
         s = self.users.get(user, UserStats())
