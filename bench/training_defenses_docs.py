@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bench.docs import markers, write_section
-from bench.training_defenses import BUDGET, COLUMNS, EPS, PAPER, PAPER_BUDGET, ROWS
+from bench.training_defenses_grid import BUDGET, COLUMNS, EPS, PAPER, PAPER_BUDGET, ROWS
 
 BEGIN, END = markers("training_defenses")
 HEADER = ["Clean", "FGSM", "PGD-10", "PGD-20", "PGD-40", "PGD-100", "CW-10", "CW-20", "CW-40", "CW-100"]

@@ -77,7 +77,7 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self):
-        from adv.models import list_models
+        from adv.models.registry import MODELS
 
         if self.factory:
             if self.arch or self.checkpoint:
@@ -93,8 +93,8 @@ class ModelConfig(_Strict):
             raise ValueError("give checkpoint, or arch (with optional weights), not both")
         if not self.checkpoint and not (self.arch and self.weights):
             raise ValueError("give checkpoint: PATH, or arch: NAME with weights: PATH (random weights are not evaluated)")
-        if self.arch and self.arch not in list_models():
-            raise ValueError(f"arch: unknown model {self.arch!r}; known: {', '.join(list_models())}")
+        if self.arch and self.arch not in MODELS:
+            raise ValueError(f"arch: {MODELS.unknown(self.arch)}")
         return self
 
 

@@ -164,7 +164,7 @@ def with_selected(cfg: EvalConfig, tuned) -> EvalConfig:
     cand, kind = tuned.selected.candidate, tuned.selected.kind
     classifier = f"{tuned.bundle}/classifier.pt" if kind == "training" else None
     if kind == "training":
-        from adv.train.registry import training_loss
+        from adv.train.losses import training_loss
 
         stages = training_loss(cand["loss"]).stages
     else:

@@ -461,7 +461,7 @@ def export(cfg: TuneConfig, uri: str, full, split: Split, grid, selected: TrialR
             from ray import tune
 
             from adv.models import load_checkpoint
-            from adv.train.registry import training_loss
+            from adv.train.losses import training_loss
 
             (selected.handle or tune.Checkpoint(selected.checkpoint)).to_directory(tmp)
             checkpoint, stages = f"{tmp}/model.pt", training_loss(cand.loss).stages

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from adv.data import load_dataset
-from adv.errors import CheckpointError
+from adv.errors import CheckpointError, ConfigError
 from adv.models import (
     ImageClassifier, create_model, get_spec, list_models, load_checkpoint, load_external, save_checkpoint,
 )
@@ -59,8 +59,10 @@ def test_normalization_lives_inside_the_model():
 
 
 def test_unknown_model_and_bad_classes():
-    with pytest.raises(ValueError, match="unknown model 'nope'"):
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
         create_model("nope")
+    with pytest.raises(ConfigError, match="unknown model 'lenett'; did you mean 'lenet'"):
+        create_model("lenett")
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         create_model("lenet", num_classes=1)
 

@@ -12,7 +12,8 @@ from adv.cli import main
 from adv.data import load_dataset
 from adv.errors import ConfigError
 from adv.models import create_model, load_checkpoint, save_checkpoint
-from adv.train import TrainConfig, fit, seed_everything, training_loss
+from adv.train import TrainConfig, fit, seed_everything
+from adv.train.losses import training_loss
 from adv.train.losses.aad import aad_terms, attention_mask
 from adv.train.selection import RobustValidation, holdout
 from tests.attack_helpers import synthetic
