@@ -171,7 +171,8 @@ def markdown(rows, benign, latency, args, command: str, info: str, model: str, d
              f"offset of up to ±{args.noise:g}, the transforms of Feng et al., CCS 2023). Such noise is about half "
              "of Blacklight's quantization step, so the pixel fingerprint's exact hashes rarely match. The feature "
              f"index (`adv.detectors.feature_index`) compares mean-free {f.block}x{f.block}-pooled images instead "
-             f"(radius {f.radius:g} RMS, flagged from a cluster of {f.neighbour_limit} distinct images, {f.capacity:,} stored queries, "
+             f"(radius {f.radius:g} RMS, flagged from a cluster of {f.neighbour_limit} distinct images, "
+             f"{f.capacity:,} stored queries, "
              f"{f.bytes_per_query():.0f} bytes each for 28x28 grey). Action `deceive`. *No detector* is the same "
              "noisy attacker with nothing watching; *plain attack* is Square without noise or detector. Success "
              "is on the model over the correctly classified images.", "",

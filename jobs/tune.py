@@ -261,7 +261,8 @@ def tune_phase(cfg: TuneConfig, uri: str, phase: str, ctx: dict, param_space: di
             tune_config=tune.TuneConfig(metric="objective", mode="max", search_alg=search_alg, scheduler=scheduler,
                                         num_samples=num_samples, max_concurrent_trials=res.max_concurrent,
                                         trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=phase, storage_path=uri, verbose=0 if os.environ.get("ADV_NO_PROGRESS") == "1" else 1,
+            run_config=tune.RunConfig(name=phase, storage_path=uri,
+                                      verbose=0 if os.environ.get("ADV_NO_PROGRESS") == "1" else 1,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     return tuner.fit()
@@ -280,7 +281,8 @@ def search_setup(search: SearchConfig, space: SearchSpace) -> tuple[dict, Any, i
         algorithm = "grid" if space.discrete else "optuna"
     if algorithm == "grid":
         grid = space.grid()
-        return {"candidate": tune.grid_search([c.to_dict() for c in grid])}, None, 1, f"grid ({len(grid)} configurations)"
+        grid_space = {"candidate": tune.grid_search([c.to_dict() for c in grid])}
+        return grid_space, None, 1, f"grid ({len(grid)} configurations)"
     from ray.tune.search.optuna import OptunaSearch
 
     domains = {}

@@ -183,5 +183,6 @@ def test_imagenet_a_label_space_and_logit_mask(tmp_path):
 
 @needs_shared_data
 def test_real_imagenet_jpegs_via_csv():
-    data = load_dataset("imagefolder", root=SHARED_DATA / "imagenet-sample", label_space="imagenet1k", n=10, size=64, resize=73)
+    data = load_dataset("imagefolder", root=SHARED_DATA / "imagenet-sample", label_space="imagenet1k", n=10, size=64,
+                        resize=73)
     assert len(data) == 10 and not data.skipped and len(data.classes) == 1000

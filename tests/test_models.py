@@ -4,7 +4,7 @@ import torch
 from adv.data import load_dataset
 from adv.errors import CheckpointError, ConfigError
 from adv.models import (
-    ImageClassifier, create_model, get_spec, list_models, load_checkpoint, load_external, save_checkpoint,
+    create_model, get_spec, list_models, load_checkpoint, load_external, save_checkpoint,
 )
 from adv.train import evaluate_accuracy
 from tests.helpers import FASHION_DIR, SHARED_DATA, SHARED_MODELS, needs_shared_data
@@ -80,7 +80,8 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_checkpoint_roundtrip_with_metadata(tmp_path):
     model = create_model("lenet5", num_classes=4, input_size=(1, 16, 16)).eval()
-    path = save_checkpoint(tmp_path / "m.pt", model, dataset="digits", metrics={"test_acc": 0.5}, train_config={"lr": 0.1})
+    path = save_checkpoint(tmp_path / "m.pt", model, dataset="digits", metrics={"test_acc": 0.5},
+                           train_config={"lr": 0.1})
     raw = torch.load(path, weights_only=True)  # no pickled code needed
     assert raw["arch"] == "lenet5" and raw["input_size"] == [1, 16, 16]
     loaded, meta = load_checkpoint(path)

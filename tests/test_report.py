@@ -156,7 +156,8 @@ def test_write_report_files_and_strict_json(tmp_path):
     assert result["clean_acc"]["dwt"] == 1.0
     report = (tmp_path / "report.md").read_text()
     assert "| none | direct | 75.0% [30.1, 95.4] |" in report  # with its 95% Wilson interval (3 of 4)
-    assert "95% Wilson intervals" in report and loaded["clean_acc_ci"]["none"] == pytest.approx([0.301, 0.954], abs=1e-3)
+    assert "95% Wilson intervals" in report
+    assert loaded["clean_acc_ci"]["none"] == pytest.approx([0.301, 0.954], abs=1e-3)
     assert "skipped (corrupt or unreadable) images: 1" in report and "a/bad.jpg" in report
     assert "Not computed: add `gradcam`" in report
 
@@ -173,7 +174,8 @@ def test_report_opens_with_three_summary_lines(summary):
     assert best.startswith("- **Best defense**: `dwt`, worst-case robust accuracy 25.0% [4.6, 69.9] against every "
                            "linf eps=0.1 attack (adaptive and non-adaptive; n=4)")
     assert "overlaps the undefended classifier's" in best
-    assert undefended.startswith("- **Undefended**: 25.0% [4.6, 69.9]") and "100.0% [51.0, 100.0] with `dwt`" in undefended
+    assert undefended.startswith("- **Undefended**: 25.0% [4.6, 69.9]")
+    assert "100.0% [51.0, 100.0] with `dwt`" in undefended
     assert flags == "- **Flags**: 2 gradient-masking flags: adaptive_much_stronger ×2 (see the flags section)."
     assert lines[5] == ""
 

@@ -122,7 +122,8 @@ def _intro(summary: dict, meta: dict) -> list[str]:
              f"Run `{meta.get('run_dir', '')}` (config key `{str(meta.get('key', ''))[:12]}`), "
              f"{summary['examples']} examples from {meta.get('layout', {}).get('source', '?')}."]
     if meta.get("reuse_from"):
-        lines += ["", f"Adversarials reused from `{meta['reuse_from']}` (non-adaptive track only; nothing regenerated)."]
+        lines += ["", f"Adversarials reused from `{meta['reuse_from']}` "
+                      "(non-adaptive track only; nothing regenerated)."]
     return lines
 
 
