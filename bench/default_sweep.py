@@ -23,6 +23,7 @@ import json
 import re
 from pathlib import Path
 
+from adv.evaluate.stats import pct
 from bench.docs import command as command_line, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pct(num: dict) -> str:
     lo, hi = num["ci95"]
-    return f"{num['value']:.1%} [{lo:.1%}, {hi:.1%}]"
+    return f"{pct(num['value'])} [{pct(lo)}, {pct(hi)}]"
 
 
 def section(r: dict, cmd: str) -> str:

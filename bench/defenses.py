@@ -31,10 +31,12 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from adv.evaluate.stats import pct
 from bench.docs import command as command_line, markers, write_section
 import torch
 
@@ -293,8 +295,8 @@ def plot(results: dict, study: list[dict], docs: Path) -> None:
     plt.close(fig)
 
 
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}"
+#: percentages as this section prints them (the one formatter: adv.evaluate.stats.pct)
+_pct = partial(pct, sign=False, missing="nan")
 
 
 def overlap_md(results: dict, cols: list, n: int | None) -> list[str]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
+from adv.evaluate.stats import pct
 from bench.docs import markers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,8 +14,8 @@ BEGIN, END = markers("query_detector")
 TARGET_SUCCESS, STRETCH_SUCCESS, TARGET_FP, TARGET_MS, TARGET_GROWTH = 0.20, 0.05, 0.01, 5.0, 1.5
 
 
-def _pct(v) -> str:
-    return "–" if v is None or v != v else f"{100 * v:.0f}%"
+#: percentages as this section prints them (the one formatter: adv.evaluate.stats.pct)
+_pct = partial(pct, digits=0)
 
 
 def _sybil(rows, attack, kind):

@@ -31,11 +31,13 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from adv.evaluate.stats import pct
 from bench.docs import command as command_line, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,8 +141,8 @@ def latency_rows(stored: int, reps: int) -> list[dict]:
     return rows
 
 
-def _pct(v) -> str:
-    return "–" if v is None or v != v else f"{v:.0%}"
+#: percentages as this section prints them (the one formatter: adv.evaluate.stats.pct)
+_pct = partial(pct, digits=0)
 
 
 def targets(rows: list[dict], benign: list[dict], none: dict) -> str:

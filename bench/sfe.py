@@ -34,12 +34,14 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adv.evaluate.stats import pct
 from bench.docs import command as command_line, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,8 +340,8 @@ def plot(paper: dict, disjoint: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _pct(v: float) -> str:
-    return "n/a" if v != v else f"{100 * v:.1f}"
+#: percentages as this section prints them (the one formatter: adv.evaluate.stats.pct)
+_pct = partial(pct, sign=False, missing="n/a")
 
 
 def _ms(res: dict, row: str, key: str) -> str:

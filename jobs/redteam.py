@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from adv.errors import ConfigError
+from adv.evaluate.stats import pct
 from adv.serving.client import ROTATIONS, Endpoint, Oars
 from adv.serving.keys import KeyFile
 from adv.serving.redteam import ATTACKS, NO_BUNDLE, red_team
@@ -115,7 +116,7 @@ def served_classes(info: dict, shape, dataset: str) -> int:
 def _pct(v: float | None) -> str:
     if v is None:
         return "not measured (no --bundle)"
-    return "n/a (none classified correctly)" if v != v else f"{v:.0%}"
+    return pct(v, 0, missing="n/a (none classified correctly)")
 
 
 def markdown(rows: list[dict]) -> str:

@@ -213,3 +213,12 @@ def test_results_json_uses_clean_acc_and_old_files_still_read():
     old = {"clean_accuracy": {"none": 0.5}, "clean_accuracy_ci": {"none": [0.1, 0.9]}}  # results.json before
     assert clean_acc(old) == ({"none": 0.5}, {"none": [0.1, 0.9]})
     assert clean_acc(summary)[0] == summary["clean_acc"]
+
+
+def test_one_percentage_formatter_matches_the_formats_it_replaced():
+    from adv.evaluate.stats import fmt_ci, pct
+
+    for v in [i / 1000 for i in range(1001)] + [1 / 3, 0.125, 0.005]:
+        assert pct(v) == f"{v:.1%}" and pct(v, 0) == f"{v:.0%}" and pct(v, sign=False) == f"{100 * v:.1f}"
+    assert pct(None) == pct(float("nan")) == "–" and pct(None, missing="n/a") == "n/a"
+    assert fmt_ci(0.51, (0.466, 0.554)) == "51.0% [46.6, 55.4]" and fmt_ci(0.5, None) == "50.0%"
