@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from adv.evaluate.stats import pct
-from bench.docs import command as command_line, markers, write_section
+from bench.docs import STAMP, command as command_line, logger, markers, write_section
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +51,7 @@ ROWS = ("no defense", "DWT-haar", "DWT-db4", "DWT-trained + reconstruction", "in
         "encoder variant", "U-Net")
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench.defenses", STAMP)
 
 
 @torch.no_grad()

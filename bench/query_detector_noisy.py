@@ -38,14 +38,13 @@ import numpy as np
 import torch
 
 from adv.evaluate.stats import pct
-from bench.docs import command as command_line, markers, write_section
+from bench.docs import command as command_line, logger, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = markers("query_detector_noisy")
 
 
-def log(msg: str) -> None:
-    print(f"[bench.query_detector_noisy] {msg}", file=sys.stderr, flush=True)
+log = logger("bench.query_detector_noisy")
 
 
 def detectors() -> dict:

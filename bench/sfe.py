@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from adv.evaluate.stats import pct
-from bench.docs import command as command_line, markers, write_section
+from bench.docs import CpuStamp, command as command_line, logger, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = markers("sfe")
@@ -52,9 +52,7 @@ PGD = {"steps": 10, "seed": 0}
 SFE = {"hidden": 256, "depth": 2, "lambda_gan": 0.01, "lr": 1e-3, "batch_size": 64}
 
 
-def log(msg: str) -> None:
-    """Progress on stderr with the process's CPU time so far (the budget this bench is held to)."""
-    print(f"[{time.strftime('%H:%M:%S')} cpu {time.process_time() / 60:.1f} min] {msg}", file=sys.stderr, flush=True)
+log = logger("bench.sfe", CpuStamp())
 
 
 def predict(logits_fn, f: torch.Tensor, mask: torch.Tensor | None = None, batch: int = 1024) -> torch.Tensor:

@@ -32,14 +32,13 @@ import shutil
 import os
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from adv.io import atomic_write_json
-from bench.docs import command as command_line
+from bench.docs import STAMP, command as command_line, logger
 from bench.training_defenses_docs import write_docs
 from bench.training_defenses_grid import BUDGET, COLUMNS, CONTINUES, EPOCHS, EPS, PUBLISHED, ROWS, TRAIN_ARGS
 
@@ -47,8 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "training_defenses"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench.training_defenses", STAMP)
 
 
 def adv_train(args, out: Path, *extra: str) -> list[str]:
