@@ -48,7 +48,8 @@ def _hwc(img: torch.Tensor | np.ndarray) -> np.ndarray:
 def image_quality(x: torch.Tensor, x_other: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-example MSE, PSNR (dB, data range 1; inf when identical) and SSIM (skimage)."""
     if x.shape != x_other.shape or x.ndim != 4:
-        raise ValueError(f"need two (N, C, H, W) batches of equal shape, got {tuple(x.shape)} and {tuple(x_other.shape)}")
+        raise ValueError(f"need two (N, C, H, W) batches of equal shape, "
+                         f"got {tuple(x.shape)} and {tuple(x_other.shape)}")
     mse, psnr, ssim = [], [], []
     for a, b in zip(x, x_other):
         a, b = _hwc(a), _hwc(b)
@@ -62,7 +63,8 @@ def image_quality(x: torch.Tensor, x_other: torch.Tensor) -> dict[str, np.ndarra
     return {"mse": np.array(mse), "psnr": np.array(psnr), "ssim": np.array(ssim)}
 
 
-def detection_metrics(scores: np.ndarray, is_adversarial: np.ndarray, flags: np.ndarray | None = None) -> dict[str, float]:
+def detection_metrics(scores: np.ndarray, is_adversarial: np.ndarray,
+                      flags: np.ndarray | None = None) -> dict[str, float]:
     """TPR/FPR of hard ``flags`` (if given) and AUROC of continuous ``scores`` (sklearn)."""
     from sklearn.metrics import roc_auc_score
 

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from adv.errors import ConfigError
+from adv.registry import check_renamed
 
 
 def parse_spec(text: str, what: str = "defense") -> tuple[str, dict[str, str]]:
@@ -46,10 +47,7 @@ def build_params(model: type[BaseModel], raw: dict[str, Any] | BaseModel | None,
             values[key] = [v for v in value.split("+") if v]
         elif isinstance(value, str) and value.lower() in ("none", "null") and "None" in annotation:
             values[key] = None
-    renamed = getattr(model, "renamed_keys", {})
-    for old, new in renamed.items():
-        if old in values:
-            raise ConfigError(f"{where}: {old!r} was renamed to {new!r}")
+    check_renamed(getattr(model, "renamed_keys", {}), values, where)
     try:
         return model(**values)
     except ValidationError as exc:

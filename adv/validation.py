@@ -6,13 +6,13 @@ this is the one place that turns pydantic's error list into the line a user read
 
 from __future__ import annotations
 
-import difflib
 import typing
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from adv.errors import ConfigError
+from adv.registry import closest
 
 
 def _loc(loc: tuple) -> str:
@@ -53,9 +53,9 @@ def _unknown_key_hint(model: type[BaseModel] | None, loc: tuple) -> str:
     names = {name: field for field, info in model.model_fields.items() for name in _names(field, info)}
     if key in names:  # an alias given beside its field: pydantic keeps the first and calls this one extra
         return f" ({key!r} and {names[key]!r} are one key; give it once)"
-    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
+    near = closest(key, names)
     known = ", ".join(model.model_fields)
-    return f"; did you mean {close[0]!r}? (keys: {known})" if close else f" (keys: {known})"
+    return f"; did you mean {near!r}? (keys: {known})" if near else f" (keys: {known})"
 
 
 def format_validation_error(exc: ValidationError, source: str = "", model: type[BaseModel] | None = None) -> str:
@@ -71,7 +71,8 @@ def format_validation_error(exc: ValidationError, source: str = "", model: type[
     elif ":" in msg.split(" ")[0]:
         key, msg = msg.split(":", 1)[0], msg.split(":", 1)[1].strip()
     got = err.get("input")
-    extra = f" (got {got!r})" if err["type"] not in ("value_error", "missing") and not isinstance(got, (dict, list)) else ""
+    shown = err["type"] not in ("value_error", "missing") and not isinstance(got, (dict, list))
+    extra = f" (got {got!r})" if shown else ""
     if err["type"] == "extra_forbidden":
         msg, extra = "unknown key" + _unknown_key_hint(model, tuple(err["loc"])), ""
     prefix = f"{source}: " if source else ""

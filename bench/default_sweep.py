@@ -23,6 +23,7 @@ import json
 import re
 from pathlib import Path
 
+from adv.evaluate.stats import pct
 from bench.docs import command as command_line, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pct(num: dict) -> str:
     lo, hi = num["ci95"]
-    return f"{num['value']:.1%} [{lo:.1%}, {hi:.1%}]"
+    return f"{pct(num['value'])} [{pct(lo)}, {pct(hi)}]"
 
 
 def section(r: dict, cmd: str) -> str:
@@ -94,28 +95,34 @@ def section(r: dict, cmd: str) -> str:
     nums, prov, s, g = r["numbers"], r["provenance"], r["suite"], r["grid_on_suite_images"]
     ok_robust = nums["adaptive"]["value"] >= 0.60 and nums["clean"]["value"] >= 0.80
     lines = [begin, "## Default sweep: training-time defenses (bench/default_sweep.py)", "",
-             f"`make main`'s sweep (`jobs/configs/tune-default.yaml`) selected **`{prov['candidate'].get('loss') or ' + '.join(prov['candidate']['stages'])}`** "
+             f"`make main`'s sweep (`jobs/configs/tune-default.yaml`) selected "
+             f"**`{prov['candidate'].get('loss') or ' + '.join(prov['candidate']['stages'])}`** "
              f"({prov.get('kind')} trial {prov.get('trial')}). Its bundle's numbers on the test subset "
              f"({nums['clean']['subset']}), ε = 0.1 L∞, worst case of the grid (FGSM, PGD-10, APGD-CE 25 steps):",
              "", "| | clean | non-adaptive | adaptive |", "|---|---|---|---|",
-             f"| selected bundle | {_pct(nums['clean'])} | {_pct(nums['non_adaptive'])} | **{_pct(nums['adaptive'])}** |", "",
+             f"| selected bundle | {_pct(nums['clean'])} | {_pct(nums['non_adaptive'])} "
+             f"| **{_pct(nums['adaptive'])}** |", "",
              f"Target adaptive >= 60% with clean >= 80%: **{'met' if ok_robust else 'missed'}**.", "",
              f"Standard suite (APGD-CE, APGD-T, FAB-T, Square) on the first {s['n']} images of the test subset: "
              f"robust {s['robust_acc']:.1%} (clean {s['clean_acc']:.1%}); the sweep's grid attacks on the same images "
              f"as one worst-case sequence (FGSM, PGD, APGD-CE; `adv eval --steps 25` gives PGD 25 steps, not the "
-             f"grid's 10, so this is at most the grid's number): {g['robust_acc']:.1%}. Target suite <= grid + 0.5 point: "
+             f"grid's 10, so this is at most the grid's number): {g['robust_acc']:.1%}. "
+             "Target suite <= grid + 0.5 point: "
              f"**{'met' if s['robust_acc'] <= g['robust_acc'] + 0.005 else 'missed'}** "
              f"(the suite finds {100 * (g['robust_acc'] - s['robust_acc']):.1f} points more).", "",
-             "Every trial (validation subset; CPU seconds: the trial process's CPU time, what one idle core takes):", "",
+             "Every trial (validation subset; CPU seconds: the trial process's CPU time, "
+             "what one idle core takes):", "",
              "| trial | configuration | epochs | clean | adaptive | status | CPU s |", "|---|---|---|---|---|---|---|"]
     for t in r["trials"]:
         num = lambda k: (t.get("recheck") or {}).get(k) or t["numbers"].get(k)  # noqa: E731
         cpu = r["cpu"].get(t["trial_id"])
         label = t["candidate"].get("loss") or " + ".join(t["candidate"]["stages"])
         lines.append(f"| {t['trial_id']} | `{label}` | {t['resource']:g} | "
-                     f"{_pct(num('clean')) if num('clean') else '–'} | {_pct(num('adaptive')) if num('adaptive') else '–'} "
+                     f"{_pct(num('clean')) if num('clean') else '–'} "
+                     f"| {_pct(num('adaptive')) if num('adaptive') else '–'} "
                      f"| {t['status']} | {f'{cpu:.0f}' if cpu else '–'} |")
-    lines += ["", "Sweep phases (wall seconds, this run): " + ", ".join(f"{k} {v:.0f}" for k, v in r["timings"].items())]
+    lines += ["", "Sweep phases (wall seconds, this run): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in r["timings"].items())]
     if r["stages"]:
         lines += ["", "`make main` stages (seconds since start): " + "; ".join(f"{w}" for w, _ in r["stages"])]
     lines += ["", "```", cmd, "```", end]

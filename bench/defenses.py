@@ -31,11 +31,13 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from bench.docs import command as command_line, markers, write_section
+from adv.evaluate.stats import pct
+from bench.docs import STAMP, command as command_line, logger, markers, write_section
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +51,7 @@ ROWS = ("no defense", "DWT-haar", "DWT-db4", "DWT-trained + reconstruction", "in
         "encoder variant", "U-Net")
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench.defenses", STAMP)
 
 
 @torch.no_grad()
@@ -89,7 +90,8 @@ def classifier(args):
 
 
 def select_dwt(train) -> dict:
-    """Kaminskyi, DWT study: per wavelet, the strongest DWT whose output keeps PSNR >= 30 dB / MSE <= 1e-3 on 64 images."""
+    """Kaminskyi, DWT study: per wavelet, the strongest DWT whose output keeps PSNR >= 30 dB / MSE <= 1e-3 on 64
+    images."""
     from adv.defenses import select_dwt_params
     from adv.defenses.dwt import DWTParams
 
@@ -125,7 +127,8 @@ def dwt_trained(params, train, args, out: Path):
     """Kaminskyi, DWT study's proactive half: lenet trained on x and DWT(x) (``adv train --defense dwt:...``)."""
     from adv.defenses import format_defense_spec
     from adv.models import create_model, load_checkpoint
-    from adv.train import TrainConfig, fit, training_loss
+    from adv.train import TrainConfig, fit
+    from adv.train.losses import training_loss
 
     path = out / "dwt-trained" / "model.pt"
     if path.is_file() and not args.retrain:
@@ -221,7 +224,8 @@ def unet_study(clf, train, source_adv: dict, x, y, args) -> list[dict]:
             with torch.no_grad():
                 psnr = image_quality(x, unet(source_adv[("pgd", 0.1)]))["psnr"].mean()
             rows.append({"width": width, "parameters": parameter_count(unet), "epoch": epoch,
-                         "clean": accuracy(defended, x, y), "fgsm@0.1": accuracy(defended, source_adv[("fgsm", 0.1)], y),
+                         "clean": accuracy(defended, x, y),
+                         "fgsm@0.1": accuracy(defended, source_adv[("fgsm", 0.1)], y),
                          "pgd@0.1": accuracy(defended, source_adv[("pgd", 0.1)], y), "psnr_pgd@0.1": float(psnr)})
             unet.train()
 
@@ -231,7 +235,8 @@ def unet_study(clf, train, source_adv: dict, x, y, args) -> list[dict]:
 
 
 def explain(clf, rows: dict, source_adv: dict, x, y, classes, docs: Path) -> dict:
-    """Grad-CAM before/after the U-Net (Khoshbakht et al. 2024 (SFE) Figs. 3-4) and Wu et al. 2022 (AAD)'s attention IoU (Table 3)."""
+    """Grad-CAM before/after the U-Net (Khoshbakht et al. 2024 (SFE) Figs. 3-4) and Wu et al. 2022 (AAD)'s
+    attention IoU (Table 3)."""
     from adv.explain import attention_iou_table, save_before_after
 
     x_adv = source_adv[("pgd", 0.1)]
@@ -289,8 +294,8 @@ def plot(results: dict, study: list[dict], docs: Path) -> None:
     plt.close(fig)
 
 
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}"
+#: percentages as this section prints them (the one formatter: adv.evaluate.stats.pct)
+_pct = partial(pct, sign=False, missing="nan")
 
 
 def overlap_md(results: dict, cols: list, n: int | None) -> list[str]:
@@ -381,7 +386,8 @@ def _explain_md(iou: dict) -> list[str]:
     lines = ["", "### Grad-CAM and attention IoU (Khoshbakht et al. 2024, SFE; Wu et al. 2022, AAD)", "",
              "![Grad-CAM before and after the U-Net](benchmarks_defenses_gradcam.png)", "",
              "Attention IoU between clean and adversarial Grad-CAM maps of lenet (top-#cell cells of the raw "
-             f"{grid[0]}x{grid[1]} grid, Wu et al. 2022 (AAD) eq. 6, Table 3), among test images lenet classifies correctly; "
+             f"{grid[0]}x{grid[1]} grid, Wu et al. 2022 (AAD) eq. 6, Table 3), "
+             "among test images lenet classifies correctly; "
              "each cell is **attack succeeded / attack failed**:", "",
              "| #cell | " + " | ".join(f"{n.upper()} eps {e}" for n, e in keys) + " |",
              "|---:|" + "---:|" * len(keys)]
@@ -434,12 +440,14 @@ def main(argv=None) -> int:
     iou = explain(clf, rows, source_adv, x, y, test.classes, docs)
     plot(results, study, docs)
     notes = {
-        "classifier": f"`{os.path.relpath(args.classifier, ROOT)}` (lenet, Fashion-MNIST, test acc {meta['metrics'].get('test_acc', '?')} "
+        "classifier": f"`{os.path.relpath(args.classifier, ROOT)}` (lenet, Fashion-MNIST, "
+                      f"test acc {meta['metrics'].get('test_acc', '?')} "
                       f"in its metadata); test subset: {args.n} images (seed 0)",
         "learned stages": f"trained for {args.epochs} epochs on {args.n_train} training images (seed 1), the U-Net "
                           f"on {args.n_train_unet} of them with FGSM + PGD-3 pairs (eps ~ U(0.02, 0.2]); stage "
                           f"files in `{os.path.relpath(out, ROOT)}`",
-        "DWT-trained": f"a fresh lenet trained {args.epochs_classifier} epochs on the same {args.n_train} images and their DWT-haar "
+        "DWT-trained": f"a fresh lenet trained {args.epochs_classifier} epochs on the same {args.n_train} images "
+                       "and their DWT-haar "
                        "reconstructions (Kaminskyi, DWT study), reconstruction in front at inference; its non-adaptive "
                        "adversarials are the standard lenet's, as in Kaminskyi, DWT study",
         "attacks": "FGSM, BIM-10, PGD-10 (random start, seed 0); step size 2.5·eps/steps",

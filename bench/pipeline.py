@@ -309,7 +309,8 @@ def main(argv=None) -> int:
         "pipeline_first_result_seconds": first, "pipeline_steady_images_per_s": steady,
         "loop_images_per_s": {f"{cores}_threads": args.n / t_n, "1_thread": args.n / t_1},
         "pipeline_images_per_s": args.n / t_pipe, "ratio_vs_best_loop": args.n / t_pipe / best_loop,
-        "pipeline_steady_median_images_per_s": steady_rate, "steady_ratio_vs_best_loop": steady_rate / best_loop, "startup_seconds": statistics.median(first),
+        "pipeline_steady_median_images_per_s": steady_rate, "steady_ratio_vs_best_loop": steady_rate / best_loop,
+        "startup_seconds": statistics.median(first),
         "load_average": os.getloadavg(),
     }
     print(json.dumps(result))
@@ -364,13 +365,15 @@ def markdown(result: dict, command: str, torch_version: str, ray_version: str) -
         "| pipeline / best loop | pipeline start-up, s | pipeline steady, images/s | steady / best loop |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {result['attack']} | {n} | {result['batch_size']} | {loop[f'{cores}_threads']:.1f} ({cores} threads) / "
-        f"{loop['1_thread']:.1f} (1 thread) | {result['pipeline_images_per_s']:.1f} ({result['actors']} actors x 1 core) "
+        f"{loop['1_thread']:.1f} (1 thread) | {result['pipeline_images_per_s']:.1f} "
+        f"({result['actors']} actors x 1 core) "
         f"| **{result['ratio_vs_best_loop']:.2f}** | {result['startup_seconds']:.1f} | {steady:.1f} "
         f"| {result['steady_ratio_vs_best_loop']:.2f} |", "",
         f"Target: >= 0.9 of the faster single-process loop on one node, measured on the **whole stage** (the bold "
         f"column); median of {result['repeats']} alternated repeats. The whole stage is what a user waits for: "
         "actor start-up (worker processes, imports, model load, first batch), scheduling, the actors' Parquet "
-        "writes and the shard commits included. The loop is timed warm (torch imported, model built), so start-up is a fixed "
+        "writes and the shard commits included. The loop is timed warm (torch imported, model built), "
+        "so start-up is a fixed "
         "cost only the pipeline pays, and the whole-stage ratio grows with the number of images toward the steady "
         "ratio. The baseline is the faster of the two loops: on a 2-core machine the OpenMP threads of one process "
         "can be slower than one thread.", "",

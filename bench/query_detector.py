@@ -32,15 +32,14 @@ from pathlib import Path
 
 import torch
 
-from bench.docs import command as command_line, markers, write_section
+from bench.docs import command as command_line, logger, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = markers("query_detector")
 ACCOUNTS = (1, 10, 100, 1000)
 
 
-def log(msg: str) -> None:
-    print(f"[bench.query_detector] {msg}", file=sys.stderr, flush=True)
+log = logger("bench.query_detector")
 
 
 def attacks(args) -> dict[str, dict]:

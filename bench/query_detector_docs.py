@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
+from adv.evaluate.stats import pct
 from bench.docs import markers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,8 +14,8 @@ BEGIN, END = markers("query_detector")
 TARGET_SUCCESS, STRETCH_SUCCESS, TARGET_FP, TARGET_MS, TARGET_GROWTH = 0.20, 0.05, 0.01, 5.0, 1.5
 
 
-def _pct(v) -> str:
-    return "–" if v is None or v != v else f"{100 * v:.0f}%"
+#: percentages as this section prints them (the one formatter: adv.evaluate.stats.pct)
+_pct = partial(pct, digits=0)
 
 
 def _sybil(rows, attack, kind):
@@ -177,7 +179,8 @@ def markdown(rows, benign, latency, per_user, args, command: str, info: str, met
         f"Produced by `{command}` ({info}). Classifier: `{os.path.relpath(args.classifier, ROOT)}` (lenet, test "
         f"acc {meta.get('metrics', {}).get('test_acc', '?')}); {args.n} attacked and {args.benign} benign "
         f"Fashion-MNIST test images, benign traffic from {args.benign_users} users. Square: L∞ eps {args.eps}, "
-        f"{args.queries} queries; Square L2: eps {args.eps_l2}, {args.queries} queries; HopSkipJump: L2 eps {args.eps_l2}, {args.hsj_steps} steps, {args.hsj_evals} "
+        f"{args.queries} queries; Square L2: eps {args.eps_l2}, {args.queries} queries; "
+        f"HopSkipJump: L2 eps {args.eps_l2}, {args.hsj_steps} steps, {args.hsj_evals} "
         f"evaluations per step. Index defaults: quantization {ix.quantization}, window {ix.window}, top-k "
         f"{ix.top_k}, match threshold {ix.match_threshold}, chain limit {ix.chain_limit}, capacity "
         f"{ix.capacity:,}, expiry {ix.max_age / 3600:g} h, {ix.bytes_per_query():.0f} bytes per stored query. "

@@ -30,19 +30,20 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.docs import command as command_line, markers, write_section
+from adv.evaluate.stats import pct
+from bench.docs import command as command_line, logger, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = markers("query_detector_noisy")
 
 
-def log(msg: str) -> None:
-    print(f"[bench.query_detector_noisy] {msg}", file=sys.stderr, flush=True)
+log = logger("bench.query_detector_noisy")
 
 
 def detectors() -> dict:
@@ -138,8 +139,8 @@ def latency_rows(stored: int, reps: int) -> list[dict]:
     return rows
 
 
-def _pct(v) -> str:
-    return "–" if v is None or v != v else f"{v:.0%}"
+#: percentages as this section prints them (the one formatter: adv.evaluate.stats.pct)
+_pct = partial(pct, digits=0)
 
 
 def targets(rows: list[dict], benign: list[dict], none: dict) -> str:
@@ -170,7 +171,8 @@ def markdown(rows, benign, latency, args, command: str, info: str, model: str, d
              f"offset of up to ±{args.noise:g}, the transforms of Feng et al., CCS 2023). Such noise is about half "
              "of Blacklight's quantization step, so the pixel fingerprint's exact hashes rarely match. The feature "
              f"index (`adv.detectors.feature_index`) compares mean-free {f.block}x{f.block}-pooled images instead "
-             f"(radius {f.radius:g} RMS, flagged from a cluster of {f.neighbour_limit} distinct images, {f.capacity:,} stored queries, "
+             f"(radius {f.radius:g} RMS, flagged from a cluster of {f.neighbour_limit} distinct images, "
+             f"{f.capacity:,} stored queries, "
              f"{f.bytes_per_query():.0f} bytes each for 28x28 grey). Action `deceive`. *No detector* is the same "
              "noisy attacker with nothing watching; *plain attack* is Square without noise or detector. Success "
              "is on the model over the correctly classified images.", "",

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.docs import command as command_line, markers, write_section
+from bench.docs import command as command_line, logger, markers, write_section
 from bench.serve import (
     NPY, benign_requests, closed_loop, lost_updates, make_bundle, malformed_requests, npy, replicas, start,
 )
@@ -49,8 +49,7 @@ BEGIN, END = markers("serve_hostile")
 JSON = "application/json"
 
 
-def log(msg: str) -> None:
-    print(f"[bench.serve_hostile] {msg}", file=sys.stderr, flush=True)
+log = logger("bench.serve_hostile")
 
 
 def _encoded(image: np.ndarray, fmt: str) -> bytes:

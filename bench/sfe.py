@@ -34,13 +34,15 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.docs import command as command_line, markers, write_section
+from adv.evaluate.stats import pct
+from bench.docs import CpuStamp, command as command_line, logger, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = markers("sfe")
@@ -50,9 +52,7 @@ PGD = {"steps": 10, "seed": 0}
 SFE = {"hidden": 256, "depth": 2, "lambda_gan": 0.01, "lr": 1e-3, "batch_size": 64}
 
 
-def log(msg: str) -> None:
-    """Progress on stderr with the process's CPU time so far (the budget this bench is held to)."""
-    print(f"[{time.strftime('%H:%M:%S')} cpu {time.process_time() / 60:.1f} min] {msg}", file=sys.stderr, flush=True)
+log = logger("bench.sfe", CpuStamp())
 
 
 def predict(logits_fn, f: torch.Tensor, mask: torch.Tensor | None = None, batch: int = 1024) -> torch.Tensor:
@@ -128,7 +128,7 @@ def paper_protocol(clf, benign: tuple, nat: tuple, clean: tuple, seeds, epochs: 
     """
     from dataclasses import replace
 
-    from adv.defenses.sfe import set_features
+    from adv.defenses.sfe_sources import set_features
 
     fb, yb = benign
     fm, ym = means_from or benign
@@ -218,7 +218,7 @@ def without(data, drop: list[int]):
 
 
 def features(clf, data, n: int | None = None, seed: int = 0):
-    from adv.defenses.sfe import extract_features
+    from adv.defenses.sfe_sources import extract_features
 
     sub = data.subset(n, seed) if n else data
     x, y = sub.tensors()
@@ -338,8 +338,8 @@ def plot(paper: dict, disjoint: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _pct(v: float) -> str:
-    return "n/a" if v != v else f"{100 * v:.1f}"
+#: percentages as this section prints them (the one formatter: adv.evaluate.stats.pct)
+_pct = partial(pct, sign=False, missing="n/a")
 
 
 def _ms(res: dict, row: str, key: str) -> str:
@@ -364,7 +364,7 @@ def markdown(ctx: dict) -> str:
              f"Produced by `{ctx['command']}` on {ctx['info']}. Wall time {ctx['wall']}.", "",
              ctx["verdict"], "",
              "Every number is accuracy (%) unless it says otherwise. SFE = Khoshbakht et al. 2024 after Chen et al. "
-             "2021 (`adv/defenses/sfe.py`, `adv/detectors/advd.py`); the choices the paper leaves open are in the "
+             "2021 (`adv/defenses/sfe.py`, `adv/defenses/advd.py`); the choices the paper leaves open are in the "
              "module docstring. Target: " + ctx["target"] + ".", "",
              "**1–2. The paper's protocol and its controls.** The natural set is split 80/20 (three split seeds, "
              "mean ± std); SFE, a new linear probe and a fine-tuned copy of the target's head are trained on the "
@@ -447,7 +447,7 @@ def verdict(paper: dict, disjoint: dict, adaptive: dict, advd: dict) -> str:
 
 def fashion(args) -> dict:
     from adv.data import load_dataset
-    from adv.defenses.sfe import extract_features
+    from adv.defenses.sfe_sources import extract_features
 
     out = Path(args.out)
     clf, meta = target(Path(args.classifier))
@@ -512,7 +512,7 @@ def imagenet(args) -> dict:
     """Rows 1, 2, 4 and AdvD-on-natural for a torchvision model on ImageNet-A (or any natural set folder)."""
     from adv.data import load_dataset
     from adv.data.filter import load_natural_set
-    from adv.defenses.sfe import extract_features
+    from adv.defenses.sfe_sources import extract_features
     from adv.models import create_model, load_external
     from adv.models.device import resolve_device
 

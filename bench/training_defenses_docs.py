@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from adv.evaluate.stats import pct
 from bench.docs import markers, write_section
-from bench.training_defenses import BUDGET, COLUMNS, EPS, PAPER, PAPER_BUDGET, ROWS
+from bench.training_defenses_grid import BUDGET, COLUMNS, EPS, PAPER, PAPER_BUDGET, ROWS
 
 BEGIN, END = markers("training_defenses")
 HEADER = ["Clean", "FGSM", "PGD-10", "PGD-20", "PGD-40", "PGD-100", "CW-10", "CW-20", "CW-40", "CW-100"]
@@ -16,11 +17,11 @@ def _read(results: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
 
 
-def _pct(c: dict | None, ci: bool = True) -> str:
+def _cell(c: dict | None, ci: bool = True) -> str:
     if not c:
         return "–"
     lo, hi = c["ci"]
-    return f"{100 * c['acc']:.1f}" + (f" <sub>{100 * lo:.1f}–{100 * hi:.1f}</sub>" if ci else "")
+    return pct(c["acc"], sign=False) + (f" <sub>{pct(lo, sign=False)}–{pct(hi, sign=False)}</sub>" if ci else "")
 
 
 def _clean_cell(cells: dict) -> dict | None:
@@ -38,7 +39,7 @@ def _suite(cells: dict) -> str:
     if not st:
         return "–"
     same = st.get("pgd100_same_images")
-    return _pct(st) + (f" (first {st['n']} images; PGD-100 on them: {100 * same:.1f})" if same is not None else "")
+    return _cell(st) + (f" (first {st['n']} images; PGD-100 on them: {100 * same:.1f})" if same is not None else "")
 
 
 def table(data: dict[str, dict]) -> list[str]:
@@ -47,7 +48,7 @@ def table(data: dict[str, dict]) -> list[str]:
     for row, (label, _) in ROWS.items():
         r = data.get(row, {})
         cells = r.get("cells", {})
-        ours = [_pct(_clean_cell(cells))] + [_pct(cells.get(c)) for c in COLUMNS]
+        ours = [_cell(_clean_cell(cells))] + [_cell(cells.get(c)) for c in COLUMNS]
         flags = sorted({f for c in cells.values() for f in c.get("flags", [])})
         status = "" if len(cells) >= len(COLUMNS) else (" (training)" if not cells else " (partial)")
         lines.append(f"| **{label}**{status} | ours | " + " | ".join(ours) +
@@ -107,12 +108,12 @@ def extras(data: dict[str, dict]) -> list[str]:
     pub = data.get("published")
     if pub and "pgd100" in pub:
         st = pub.get("standard")
-        suite = (f"standard suite {_pct(st)}% on the first {st['n']} (PGD-100 on those: "
+        suite = (f"standard suite {_cell(st)}% on the first {st['n']} (PGD-100 on those: "
                  f"{100 * st['pgd100_same_images']:.1f}%); per attack: "
                  + ", ".join(f"after {a['label']} {100 * a['after']:.1f}%" for a in st["attacks"])
                  if st else "standard suite not finished in this run")
         out += ["### Reference: a published Madry-trained LeNet5", "",
-                f"{pub['model']}: PGD-40 {_pct(pub['pgd40'])}%, PGD-100 {_pct(pub['pgd100'])}% on the first "
+                f"{pub['model']}: PGD-40 {_cell(pub['pgd40'])}%, PGD-100 {_cell(pub['pgd100'])}% on the first "
                 f"{pub['pgd40']['n']} test images; {suite}.", ""]
     ft = data.get("finetune")
     if ft and "known_after" in ft:
@@ -121,7 +122,7 @@ def extras(data: dict[str, dict]) -> list[str]:
                 f"(ε = {EPS}, crafted on RAW from other training images): known adversarials classified correctly "
                 f"**{100 * ft['known_before']:.1f}% → {100 * ft['known_after']:.1f}%** (paper: 92.0%). Fresh PGD-10 "
                 f"adversarials crafted against each model, first test images: RAW "
-                f"{_pct(ft.get('fresh_raw'))}%, fine-tuned {_pct(ft.get('fresh_tuned'))}%.", "",
+                f"{_cell(ft.get('fresh_raw'))}%, fine-tuned {_cell(ft.get('fresh_tuned'))}%.", "",
                 f"`{ft['command']}`", ""]
     en = data.get("ensemble")
     if en and "fgsm" in en:
@@ -134,7 +135,7 @@ def extras(data: dict[str, dict]) -> list[str]:
                 f"Undefended lenet under FGSM: {sweep}. The paper's collapse (94.65% → 9.98% on histology at "
                 f"ε = 0.01) leaves about a tenth of the clean accuracy; {choice}. Trained 2 epochs with FGSM "
                 f"adversarials alternating between the model itself, RAW and advertorch's clean LeNet5: FGSM "
-                f"{_pct(en['fgsm'])}%, PGD-40 {_pct(en.get('pgd40'))}% (paper: 94.1% under FGSM).", ""]
+                f"{_cell(en['fgsm'])}%, PGD-40 {_cell(en.get('pgd40'))}% (paper: 94.1% under FGSM).", ""]
         if en.get("pgd40") and en["pgd40"]["acc"] < 0.5 * en["fgsm"]["acc"]:
             out += ["**The FGSM figure agrees with the paper's, but it is not robustness.** At the same ε an "
                     "iterative attack (PGD-40) still breaks the model: training on single-step adversarials "
@@ -148,7 +149,7 @@ def extras(data: dict[str, dict]) -> list[str]:
         out += ["### α/β sensitivity (Wu et al. Fig. 8; their figure is CIFAR-10, this is MNIST)", "",
                 "Madry + AAD at a reduced budget (10k training images, 2 epochs, PGD-7); PGD-40 accuracy:", "",
                 "| α, β | clean (test) | PGD-40 |", "|---|---|---|"]
-        out += [f"| {k} | {100 * (v.get('test_acc') or 0):.1f} | {_pct(v['pgd40'])} |" for k, v in se.items()]
+        out += [f"| {k} | {100 * (v.get('test_acc') or 0):.1f} | {_cell(v['pgd40'])} |" for k, v in se.items()]
         out += [""]
     return out
 
@@ -167,8 +168,8 @@ def _subsets(data: dict[str, dict]) -> list[str]:
         first = data.get(name, {}).get("cells", data.get(name, {})).get("pgd40")  # a row's cell, or published's
         label = ROWS[name][0] if name in ROWS else "published Madry LeNet5 (advertorch)"
         paper = f"{PAPER[name][4]:.2f}" if name in PAPER else "–"
-        out.append(f"| {label} | {_pct(first)} | {_pct(sub.get(name + '/step_0.01'))} | "
-                   f"{_pct(sub.get(name + '/all'))} | {_pct(sub.get(name + '/all_step_0.01'))} | {paper} |")
+        out.append(f"| {label} | {_cell(first)} | {_cell(sub.get(name + '/step_0.01'))} | "
+                   f"{_cell(sub.get(name + '/all'))} | {_cell(sub.get(name + '/all_step_0.01'))} | {paper} |")
     return out + [""]
 
 

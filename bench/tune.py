@@ -54,7 +54,8 @@ def _checkpoint(tmp: Path) -> tuple[str, str]:
 def _config(args, ckpt: str, out: Path, name: str, kind: str, pipelines: list, **extra) -> dict:
     attack = {"name": args.attack, "eps": [args.eps], **({"steps": [args.steps]} if args.steps else {})}
     return {"name": name, "kind": kind, "checkpoint": ckpt, "seed": 0, "attacks": [attack],
-            "data": {"name": "fashion-mnist", "test": {"n": FINAL_N, "seed": 0}, "validation": {"n": args.n, "seed": 1}},
+            "data": {"name": "fashion-mnist", "test": {"n": FINAL_N, "seed": 0},
+                     "validation": {"n": args.n, "seed": 1}},
             "space": {"pipeline": pipelines}, "objective": {"recheck": 1},
             "resources": {"cpus_per_trial": 1, "max_concurrent": 2, "batch_size": 50, "generate_actors": 2},
             "storage_path": str(out), **extra}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import platform
 import sys
@@ -16,15 +17,23 @@ import threading
 from typing import Callable, Iterator, Sequence
 
 from adv.errors import AdvError, ConfigError
+from adv.logs import to_stderr
+
+
+class _StageFormat(logging.Formatter):
+    """``[stage] message``: the stage is the last part of the logger's name (``jobs.tune`` -> ``tune``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[{record.name.rpartition('.')[2]}] {record.getMessage()}"
 
 
 def logger(stage: str) -> Callable[[str], None]:
-    """``log(msg)`` printing ``[stage] msg`` to stderr (stdout stays machine-readable)."""
-
-    def log(msg: str) -> None:
-        print(f"[{stage}] {msg}", file=sys.stderr, flush=True)
-
-    return log
+    """``log(msg)``: ``[stage] msg`` on stderr through the stdlib logger ``jobs.<stage>`` (stdout stays
+    machine-readable). A job is an entrypoint, so this also turns on the library's own log lines (``adv.*``,
+    e.g. a training epoch), quiet otherwise."""
+    to_stderr("adv")
+    to_stderr("jobs", _StageFormat())
+    return logging.getLogger(f"jobs.{stage}").info
 
 
 #: Defaults for a Ray cluster this process starts (a user's environment wins). Serve gives a new HTTP proxy 5 s

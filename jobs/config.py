@@ -77,7 +77,7 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self):
-        from adv.models import list_models
+        from adv.models.registry import MODELS
 
         if self.factory:
             if self.arch or self.checkpoint:
@@ -92,9 +92,10 @@ class ModelConfig(_Strict):
         if self.checkpoint and (self.weights or self.arch):
             raise ValueError("give checkpoint, or arch (with optional weights), not both")
         if not self.checkpoint and not (self.arch and self.weights):
-            raise ValueError("give checkpoint: PATH, or arch: NAME with weights: PATH (random weights are not evaluated)")
-        if self.arch and self.arch not in list_models():
-            raise ValueError(f"arch: unknown model {self.arch!r}; known: {', '.join(list_models())}")
+            raise ValueError("give checkpoint: PATH, or arch: NAME with weights: PATH "
+                             "(random weights are not evaluated)")
+        if self.arch and self.arch not in MODELS:
+            raise ValueError(f"arch: {MODELS.unknown(self.arch)}")
         return self
 
 
@@ -282,7 +283,8 @@ class EvalConfig(_Strict):
     @model_validator(mode="after")
     def _check(self):
         if self.reuse_from:
-            given = [k for k in ("dataset", "model") if getattr(self, k) is not None] + (["attacks"] if self.attacks else [])
+            given = ([k for k in ("dataset", "model") if getattr(self, k) is not None]
+                     + (["attacks"] if self.attacks else []))
             if given:
                 raise ValueError(f"{given[0]}: omit it with reuse_from (the stored run's {given[0]} is reused)")
             if self.adaptive:

@@ -617,8 +617,9 @@ def write_run_report(store: RunStore, cfg: EvalConfig, layout: Layout) -> tuple[
     meta = {
         "name": cfg.name, "key": run_info["key"], "run_dir": store.uri, "config": run_info["config"],
         "versions": versions(), "seeds": {"dataset": cfg.dataset.seed if cfg.dataset else None, "attacks": cfg.seed},
-        "attempts": _attempts(store), "layout": {"n": layout.n, "shards": layout.shards, "chunk_size": layout.chunk_size,
-                                                   "source": layout.source, "classes": layout.classes},
+        "attempts": _attempts(store),
+        "layout": {"n": layout.n, "shards": layout.shards, "chunk_size": layout.chunk_size, "source": layout.source,
+                   "classes": layout.classes},
         "skipped": layout.skipped, "reuse_from": cfg.reuse_from, "defenses": [d.label for d in cfg.defenses],
         "input_shape": checks.get("input_shape"), "model_checks": checks.get("flags", []),
         "report": cfg.report.model_dump(),

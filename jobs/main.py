@@ -32,7 +32,7 @@ from pathlib import Path
 
 from adv.errors import ConfigError
 from jobs.config import EvalConfig, load_config
-from jobs.common import filter_stderr, guarded
+from jobs.common import filter_stderr, guarded, logger
 from jobs.evaluate import run
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -40,8 +40,7 @@ TUNE_CONFIG = Path(__file__).parent / "configs" / "tune-default.yaml"
 STAGE_TRAIN_N = 10_000
 
 
-def log(msg: str) -> None:
-    print(f"[main] {msg}", file=sys.stderr, flush=True)
+log = logger("main")
 
 
 def train_default(cfg: EvalConfig) -> Path:
@@ -164,7 +163,7 @@ def with_selected(cfg: EvalConfig, tuned) -> EvalConfig:
     cand, kind = tuned.selected.candidate, tuned.selected.kind
     classifier = f"{tuned.bundle}/classifier.pt" if kind == "training" else None
     if kind == "training":
-        from adv.train.registry import training_loss
+        from adv.train.losses import training_loss
 
         stages = training_loss(cand["loss"]).stages
     else:

@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from adv.errors import ConfigError
+from adv.evaluate.stats import pct
 from adv.serving.client import ROTATIONS, Endpoint, Oars
 from adv.serving.keys import KeyFile
 from adv.serving.redteam import ATTACKS, NO_BUNDLE, red_team
@@ -115,14 +116,15 @@ def served_classes(info: dict, shape, dataset: str) -> int:
 def _pct(v: float | None) -> str:
     if v is None:
         return "not measured (no --bundle)"
-    return "n/a (none classified correctly)" if v != v else f"{v:.0%}"
+    return pct(v, 0, missing="n/a (none classified correctly)")
 
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a table; a column for success as answered by the endpoint when a row has it (no --bundle)."""
     answered = any("success_as_answered" in r for r in rows)
     extra = ("success as answered by the endpoint | ", "---|") if answered else ("", "")
-    lines = ["| attack | endpoint output | oracle | accounts | threat model | success via endpoint (true, on the model) | "
+    lines = ["| attack | endpoint output | oracle | accounts | threat model "
+             "| success via endpoint (true, on the model) | "
              f"{extra[0]}success in-process | mean queries (endpoint / in-process) | flagged at query | "
              "accounts flagged (used) |", "|---|---|---|---|---|---|" + extra[1] + "---|---|---|---|"]
     for r in rows:
@@ -239,8 +241,8 @@ def write_story(folder: Path, rows: list[dict], bundle: str, cfg) -> Path:
     loaded = load_bundle(bundle)
     manifest, action = loaded.public_manifest(), detector_config(cfg, loaded)["action"]
     plot_story(rows, folder / "serve-report.png")
-    numbers = "\n".join(f"| {k} | {v['value']:.1%} [{v['ci95'][0]:.1%}, {v['ci95'][1]:.1%}] | {v['n']} | {v['label']} | "
-                        f"{v['subset']} |" for k, v in manifest["numbers"].items())
+    numbers = "\n".join(f"| {k} | {v['value']:.1%} [{v['ci95'][0]:.1%}, {v['ci95'][1]:.1%}] | {v['n']} "
+                        f"| {v['label']} | {v['subset']} |" for k, v in manifest["numbers"].items())
     lat = [r["latency_ms"] for r in rows]
     text = "\n".join([
         "# Serve report", "",
@@ -261,7 +263,7 @@ def write_story(folder: Path, rows: list[dict], bundle: str, cfg) -> Path:
         markdown(rows),
         "Endpoint figures per round (one request per oracle call of up to 16 images): "
         + "; ".join(f"{r['attack']}/{r['output']}/{r['accounts']} acc: {r['requests']} requests, "
-                    f"p50 {l['p50']:.0f} ms, p99 {l['p99']:.0f} ms" for r, l in zip(rows, lat)) + ".", "",
+                    f"p50 {ms['p50']:.0f} ms, p99 {ms['p99']:.0f} ms" for r, ms in zip(rows, lat)) + ".", "",
         "![red team](serve-report.png)", ""])
     path = folder / "serve-report.md"
     path.write_text(text)

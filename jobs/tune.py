@@ -357,7 +357,8 @@ def search_setup(search: SearchConfig, space: SearchSpace) -> tuple[dict, Any, i
         algorithm = "grid" if space.discrete else "optuna"
     if algorithm == "grid":
         grid = space.grid()
-        return {"candidate": tune.grid_search([c.to_dict() for c in grid])}, None, 1, f"grid ({len(grid)} configurations)"
+        grid_space = {"candidate": tune.grid_search([c.to_dict() for c in grid])}
+        return grid_space, None, 1, f"grid ({len(grid)} configurations)"
     from ray.tune.search.optuna import OptunaSearch
 
     domains = {}
@@ -552,7 +553,7 @@ def export(cfg: TuneConfig, uri: str, full, split: Split, grid, selected: TrialR
             from ray import tune
 
             from adv.models import load_checkpoint
-            from adv.train.registry import training_loss
+            from adv.train.losses import training_loss
 
             (selected.handle or tune.Checkpoint(selected.checkpoint)).to_directory(tmp)
             checkpoint, stages = f"{tmp}/model.pt", training_loss(cand.loss).stages

@@ -37,10 +37,10 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _known(self):
-        from adv.data import list_datasets
+        from adv.data.base import DATASETS
 
-        if self.name not in list_datasets():
-            raise ValueError(f"name: unknown dataset {self.name!r}; known: {', '.join(list_datasets())}")
+        if self.name not in DATASETS:
+            raise ValueError(f"name: {DATASETS.unknown(self.name)}")
         return self
 
 

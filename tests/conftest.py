@@ -1,7 +1,7 @@
 """Shared fixtures: one Ray local cluster per test session (started lazily, by the first test that asks), and the
 single-thread / tiny-model fixtures of the attack and evaluation tests.
 
-Token auth and usage stats are off for the local cluster (RAY_NOTES.md); the
+Token auth (on by default for a new local cluster since Ray 2.59) and usage stats are off for the local cluster; the
 cluster is 4 logical CPUs on 2 cores, no GPUs, ~512 MB of object store, and
 runs the dashboard so job-submission tests can reach it. Never ``ray stop
 --force`` here: it would kill every Ray process of the user.

@@ -12,6 +12,7 @@ from adv.attacks.apgd import checkpoints
 from adv.attacks.core import cw_loss, dlr_loss, dlr_targeted_loss, project
 from adv.attacks.oracle import as_oracle
 from adv.attacks.square import p_selection
+from adv.errors import ConfigError
 from tests.attack_helpers import NUM_CLASSES, synthetic
 
 ALL = list_attacks()
@@ -437,7 +438,7 @@ def test_a3_with_attention_weight_zero_is_its_base_attack(model, data):
 ])
 def test_renamed_hyperparameters_fail_naming_the_new_name(model, data, attack, old, new):
     x, y = data
-    with pytest.raises(ValueError, match=f"'{old}' was renamed to '{new}'"):
+    with pytest.raises(ConfigError, match=f"'{old}' was renamed to '{new}'"):
         get_attack(attack)(model, x, y, eps=0.1, **{old: 1.0})
 
 

@@ -2,7 +2,8 @@
 
 ``fixtures/fab_square_before_speedup.pt`` holds a tiny CNN's weights, the images, and what APGD, FAB-T and
 Square returned for them with the code of commit 3d3f9e8 (before the speed-up), made by running this module as a
-script with that commit's ``adv`` package. The weights are stored rather than retrained, so only the attacks can change the outputs.
+script with that commit's ``adv`` package. The weights are stored rather than retrained, so only the attacks can
+change the outputs.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def after(before, tiny):
     return outputs(tiny, before["x"], before["y"])
 
 
-@pytest.mark.parametrize("key", ["apgd_ce", "apgd_dlr", "apgd_l2", "apgd_t", "fab_suite", "fab_minimal", "fab_targeted", "fab_l2", "square_rows",
+@pytest.mark.parametrize("key", ["apgd_ce", "apgd_dlr", "apgd_l2", "apgd_t", "fab_suite", "fab_minimal", "fab_targeted",
+                                 "fab_l2", "square_rows",
                                  "square_rows_queries", "square_joint", "square_joint_queries"])
 def test_the_same_per_example_results_as_before_the_speed_up(before, after, key):
     assert torch.equal(after[key], before[key]), (key, (after[key] != before[key]).flatten(1).any(1).nonzero())

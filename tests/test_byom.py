@@ -159,7 +159,8 @@ def test_every_accuracy_carries_a_wilson_interval(model, data):
 
 
 def test_intervals_known_values_and_the_overlap_note():
-    lo, hi = accuracy_ci(51, 100)  # Wilson score interval, z = 1.96: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)
+    # Wilson score interval, z = 1.96: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)
+    lo, hi = accuracy_ci(51, 100)
     assert (round(lo, 4), round(hi, 4)) == (0.4135, 0.6058)
     assert overlap_note({"A": accuracy_ci(51, 100), "B": accuracy_ci(55, 100)}).startswith("95% intervals overlap")
     assert overlap_note({"A": accuracy_ci(20, 100), "B": accuracy_ci(80, 100)}) is None

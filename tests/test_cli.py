@@ -56,8 +56,8 @@ def test_train_writes_checkpoint_and_metrics(tmp_path, capsys):
 
 
 def test_console_script_help_and_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "adv", "train", "--dataset", "digits", "--model", "lenet", "--batch-size", "x"],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "adv", "train", "--dataset", "digits", "--model", "lenet",
+                           "--batch-size", "x"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "adv: error" in proc.stderr
     helped = subprocess.run([sys.executable, "-m", "adv", "train", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--dataset" in helped.stdout

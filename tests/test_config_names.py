@@ -24,7 +24,8 @@ def test_the_tune_config_takes_data_dir_as_root():
 
 
 @pytest.mark.parametrize("dataset,needle", [
-    ({"name": "mnist", "root": "/a", "data_dir": "/b"}, "dataset.data_dir: unknown key ('data_dir' and 'root' are one key"),
+    ({"name": "mnist", "root": "/a", "data_dir": "/b"},
+     "dataset.data_dir: unknown key ('data_dir' and 'root' are one key"),
     ({"name": "mnist", "dataroot": "/a"}, "dataset.dataroot: unknown key; did you mean 'root'?"),
     ({"name": "mnist", "datadir": "/a"}, "dataset.datadir: unknown key; did you mean 'data_dir'?"),
     ({"name": "mnist", "dir": "/a"}, "dataset.dir: unknown key (keys: name, split, n, seed, root, download"),

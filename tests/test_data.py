@@ -8,7 +8,7 @@ from PIL import Image
 
 from adv.data import list_datasets, load_dataset, logit_mask, mask_logits, subset_to_1k
 from adv.data.vision import read_idx
-from adv.errors import DataNotFoundError
+from adv.errors import ConfigError, DataNotFoundError
 from tests.helpers import SHARED_DATA, needs_fashion, needs_shared_data
 
 
@@ -32,8 +32,10 @@ def test_registry_lists_every_dataset():
 
 
 def test_unknown_dataset_and_split_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+    with pytest.raises(ConfigError, match="unknown dataset 'nope'"):
         load_dataset("nope")
+    with pytest.raises(ConfigError, match="did you mean 'digits'"):
+        load_dataset("digit")
     with pytest.raises(ValueError, match="split must be one of"):
         load_dataset("digits", split="val")
     with pytest.raises(ValueError, match="n must be >= 1"):
@@ -181,5 +183,6 @@ def test_imagenet_a_label_space_and_logit_mask(tmp_path):
 
 @needs_shared_data
 def test_real_imagenet_jpegs_via_csv():
-    data = load_dataset("imagefolder", root=SHARED_DATA / "imagenet-sample", label_space="imagenet1k", n=10, size=64, resize=73)
+    data = load_dataset("imagefolder", root=SHARED_DATA / "imagenet-sample", label_space="imagenet1k", n=10, size=64,
+                        resize=73)
     assert len(data) == 10 and not data.skipped and len(data.classes) == 1000

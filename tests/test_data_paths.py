@@ -46,13 +46,14 @@ def test_n_above_the_data_size_warns_once_and_returns_everything(home_data, caps
     err = capsys.readouterr().err
     assert code == 0
     assert [line for line in err.splitlines() if "n=500" in line] == [
-        f"adv: warning: n=500 is more than the 100 examples of cifar10 test ({SHARED_DATA / 'cifar10' / 'test_first100.npz'}); "
+        "adv: warning: n=500 is more than the 100 examples of cifar10 test "
+        f"({SHARED_DATA / 'cifar10' / 'test_first100.npz'}); "
         "using all 100".replace(str(SHARED_DATA / "cifar10"), str(home_data / "home" / "data"))]
 
 
 def test_benchmark_says_when_n_exceeds_the_tensors(model):
-    import adv
 
+    import adv
     from tests.attack_helpers import synthetic
 
     x, y = synthetic(6)

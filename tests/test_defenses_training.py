@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from adv.cli import main
 from adv.defenses import Defended, create_defense
 from adv.evaluate.threat import build_evaluated_model
-from adv.train import checkpoint_defenses, training_loss
+from adv.train import checkpoint_defenses
+from adv.train.losses import training_loss
 from adv.defenses.dwt import DWTParams, dwt_transform
 from adv.errors import ConfigError
 from adv.models import create_model, load_checkpoint

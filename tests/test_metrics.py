@@ -46,7 +46,8 @@ def test_one_perturbation_norm_serves_metrics_checks_and_attacks():
     assert {k: v.tolist() for k, v in perturbation_norms(x, x_adv).items()} == {
         k: perturbation_norm(x, x_adv, k).tolist() for k in ("l0", "l2", "linf")}
     assert perturbation_norm(x, x_adv, "l2")[0].item() == pytest.approx(0.3 * math.sqrt(2))
-    assert check_ball(x_adv, x, 0.3, "linf", "a") == [] and check_ball(x_adv, x, 0.3, "l2", "a")[0].code == "out_of_ball"
+    assert check_ball(x_adv, x, 0.3, "linf", "a") == []
+    assert check_ball(x_adv, x, 0.3, "l2", "a")[0].code == "out_of_ball"
     with pytest.raises(ValueError, match="norm must be one of"):
         perturbation_norm(x, x_adv, "l1")
 

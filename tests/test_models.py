@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from adv.data import load_dataset
-from adv.errors import CheckpointError
+from adv.errors import CheckpointError, ConfigError
 from adv.models import (
-    ImageClassifier, create_model, get_spec, list_models, load_checkpoint, load_external, save_checkpoint,
+    create_model, get_spec, list_models, load_checkpoint, load_external, save_checkpoint,
 )
 from adv.train import evaluate_accuracy
 from tests.helpers import FASHION_DIR, SHARED_DATA, SHARED_MODELS, needs_shared_data
@@ -59,8 +59,10 @@ def test_normalization_lives_inside_the_model():
 
 
 def test_unknown_model_and_bad_classes():
-    with pytest.raises(ValueError, match="unknown model 'nope'"):
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
         create_model("nope")
+    with pytest.raises(ConfigError, match="unknown model 'lenett'; did you mean 'lenet'"):
+        create_model("lenett")
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         create_model("lenet", num_classes=1)
 
@@ -78,7 +80,8 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_checkpoint_roundtrip_with_metadata(tmp_path):
     model = create_model("lenet5", num_classes=4, input_size=(1, 16, 16)).eval()
-    path = save_checkpoint(tmp_path / "m.pt", model, dataset="digits", metrics={"test_acc": 0.5}, train_config={"lr": 0.1})
+    path = save_checkpoint(tmp_path / "m.pt", model, dataset="digits", metrics={"test_acc": 0.5},
+                           train_config={"lr": 0.1})
     raw = torch.load(path, weights_only=True)  # no pickled code needed
     assert raw["arch"] == "lenet5" and raw["input_size"] == [1, 16, 16]
     loaded, meta = load_checkpoint(path)

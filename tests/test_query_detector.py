@@ -1,5 +1,5 @@
-"""The prediction-similarity layer (Echeberria-Barrio et al. 2020 §4.3): per-user history, distance and prediction alarms,
-actions, ageing out, and its evaluation against a query attack, adaptive (Sybil) included."""
+"""The prediction-similarity layer (Echeberria-Barrio et al. 2020 §4.3): per-user history, distance and prediction
+alarms, actions, ageing out, and its evaluation against a query attack, adaptive (Sybil) included."""
 
 from __future__ import annotations
 

@@ -156,7 +156,8 @@ def test_write_report_files_and_strict_json(tmp_path):
     assert result["clean_acc"]["dwt"] == 1.0
     report = (tmp_path / "report.md").read_text()
     assert "| none | direct | 75.0% [30.1, 95.4] |" in report  # with its 95% Wilson interval (3 of 4)
-    assert "95% Wilson intervals" in report and loaded["clean_acc_ci"]["none"] == pytest.approx([0.301, 0.954], abs=1e-3)
+    assert "95% Wilson intervals" in report
+    assert loaded["clean_acc_ci"]["none"] == pytest.approx([0.301, 0.954], abs=1e-3)
     assert "skipped (corrupt or unreadable) images: 1" in report and "a/bad.jpg" in report
     assert "Not computed: add `gradcam`" in report
 
@@ -173,7 +174,8 @@ def test_report_opens_with_three_summary_lines(summary):
     assert best.startswith("- **Best defense**: `dwt`, worst-case robust accuracy 25.0% [4.6, 69.9] against every "
                            "linf eps=0.1 attack (adaptive and non-adaptive; n=4)")
     assert "overlaps the undefended classifier's" in best
-    assert undefended.startswith("- **Undefended**: 25.0% [4.6, 69.9]") and "100.0% [51.0, 100.0] with `dwt`" in undefended
+    assert undefended.startswith("- **Undefended**: 25.0% [4.6, 69.9]")
+    assert "100.0% [51.0, 100.0] with `dwt`" in undefended
     assert flags == "- **Flags**: 2 gradient-masking flags: adaptive_much_stronger ×2 (see the flags section)."
     assert lines[5] == ""
 
@@ -211,3 +213,12 @@ def test_results_json_uses_clean_acc_and_old_files_still_read():
     old = {"clean_accuracy": {"none": 0.5}, "clean_accuracy_ci": {"none": [0.1, 0.9]}}  # results.json before
     assert clean_acc(old) == ({"none": 0.5}, {"none": [0.1, 0.9]})
     assert clean_acc(summary)[0] == summary["clean_acc"]
+
+
+def test_one_percentage_formatter_matches_the_formats_it_replaced():
+    from adv.evaluate.stats import fmt_ci, pct
+
+    for v in [i / 1000 for i in range(1001)] + [1 / 3, 0.125, 0.005]:
+        assert pct(v) == f"{v:.1%}" and pct(v, 0) == f"{v:.0%}" and pct(v, sign=False) == f"{100 * v:.1f}"
+    assert pct(None) == pct(float("nan")) == "–" and pct(None, missing="n/a") == "n/a"
+    assert fmt_ci(0.51, (0.466, 0.554)) == "51.0% [46.6, 55.4]" and fmt_ci(0.5, None) == "50.0%"

@@ -13,9 +13,9 @@ from torch import nn
 from adv.cli import main
 from adv.data import ImageData, load_dataset
 from adv.defenses import Defended, create_defense, save_stage
-from adv.defenses.sfe import FeatureSet, SFENets, SFEParams, fit_sfe, train_sfe
+from adv.defenses.sfe import SFENets, SFEParams, fit_sfe, train_sfe
 from adv.defenses.stage import Stage
-from adv.defenses.sfe_sources import craft, pair_features
+from adv.defenses.sfe_sources import FeatureSet, craft, pair_features
 from adv.errors import AdvError, CheckpointError, ConfigError
 from adv.metrics import detection_metrics
 from adv.models import create_model, save_checkpoint

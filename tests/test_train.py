@@ -23,7 +23,8 @@ def test_tiny_training_run_learns(digits, tmp_path):
     train, test = digits
     model = _model()
     before = evaluate_accuracy(model, test)
-    metrics = fit(model, train, test, TrainConfig(epochs=3, batch_size=64, lr=3e-3), out_dir=tmp_path, show_progress=False)
+    metrics = fit(model, train, test, TrainConfig(epochs=3, batch_size=64, lr=3e-3), out_dir=tmp_path,
+                  show_progress=False)
     assert before < 0.3 and metrics["test_acc"] > 0.85
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["test_acc"] == metrics["test_acc"] and len(saved["history"]) == 3
@@ -46,7 +47,8 @@ def test_seeded_training_is_deterministic(digits):
 
 def test_resume_continues_where_it_stopped(digits, tmp_path):
     train, test = digits
-    full = fit(_model(), train, test, TrainConfig(epochs=2, batch_size=64), out_dir=tmp_path / "full", show_progress=False)
+    full = fit(_model(), train, test, TrainConfig(epochs=2, batch_size=64), out_dir=tmp_path / "full",
+               show_progress=False)
     fit(_model(), train, test, TrainConfig(epochs=1, batch_size=64), out_dir=tmp_path / "split", show_progress=False)
     epochs_run = []
     resumed = fit(
@@ -67,7 +69,8 @@ def test_custom_batch_loss_is_used(digits):
         logits = model(x)
         return LossOutput(torch.nn.functional.cross_entropy(logits, y), logits, {"extra": 1.0})
 
-    metrics = fit(_model(), train.subset(100), None, TrainConfig(epochs=1, batch_size=50), loss_fn=loss_fn, show_progress=False)
+    metrics = fit(_model(), train.subset(100), None, TrainConfig(epochs=1, batch_size=50), loss_fn=loss_fn,
+                  show_progress=False)
     assert calls == [50, 50] and metrics["train_extra"] == 1.0
 
 

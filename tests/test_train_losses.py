@@ -12,7 +12,8 @@ from adv.cli import main
 from adv.data import load_dataset
 from adv.errors import ConfigError
 from adv.models import create_model, load_checkpoint, save_checkpoint
-from adv.train import TrainConfig, fit, seed_everything, training_loss
+from adv.train import TrainConfig, fit, seed_everything
+from adv.train.losses import training_loss
 from adv.train.losses.aad import aad_terms, attention_mask
 from adv.train.selection import RobustValidation, holdout
 from tests.attack_helpers import synthetic
@@ -57,7 +58,8 @@ def sources(tmp_path_factory):
 def specs(known, sources) -> dict[str, str]:
     return {"at": f"at:{FAST}", "at_fgsm_rs": "at:attack=fgsm_rs,eps=0.1", "at_mix": f"at:{FAST},mix=0.5",
             "trades": f"trades:{FAST},beta=1", "alp": f"alp:{FAST}", "aad_at": f"aad:{FAST},alpha=0.1,beta=0.1",
-            "aad_alp": f"aad:base=alp,{FAST},alpha=0.1,beta=0.1", "ensemble_at": f"ensemble_at:{FAST},sources={sources}",
+            "aad_alp": f"aad:base=alp,{FAST},alpha=0.1,beta=0.1",
+            "ensemble_at": f"ensemble_at:{FAST},sources={sources}",
             "finetune_at": f"finetune_at:adversarials={known}"}
 
 

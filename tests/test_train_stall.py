@@ -8,7 +8,7 @@ import pytest
 from adv.cli import main
 from adv.train import TrainingStallWarning
 from adv.train.loop import cross_entropy_loss, stall_warning
-from adv.train.registry import training_loss
+from adv.train.losses import training_loss
 
 
 def test_adversarial_training_that_stalls_at_chance_says_eps_ramp(tmp_path, capsys, single_threaded):

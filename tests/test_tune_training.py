@@ -57,8 +57,8 @@ def _trained(tid, adaptive, overfit=""):
 
 
 def test_selection_pools_stage_and_training_trials_and_never_picks_an_overfit_one():
-    stage = TrialRecord("s1", {"stages": ["dwt:level=2"], "params": {}}, {"clean": _num(0.88), "non_adaptive": _num(0.6)},
-                        0.6, 0.9, 200, kind="stored")
+    stage = TrialRecord("s1", {"stages": ["dwt:level=2"], "params": {}},
+                        {"clean": _num(0.88), "non_adaptive": _num(0.6)}, 0.6, 0.9, 200, kind="stored")
     stage.recheck, stage.recheck_objective = {"adaptive": _num(0.08)}, 0.08
     good, masked = _trained("0.1", 0.62), _trained("0.15", 0.9, overfit="catastrophic overfitting at epoch 2")
     best, warnings = select([stage, good, masked], "stored")

@@ -43,7 +43,8 @@ def test_ranges_make_the_space_continuous():
 
 @pytest.mark.parametrize("space, match", [
     ({"pipeline": [["dwt"]], "stage.dwt.level": [1, 0]}, r"space\.stage\.dwt\.level: 0 is not allowed"),
-    ({"pipeline": [["dwt"]], "stage.dwt.threshold": "uniform(-1, 0.5)"}, r"space\.stage\.dwt\.threshold: -1\.0 is not allowed"),
+    ({"pipeline": [["dwt"]], "stage.dwt.threshold": "uniform(-1, 0.5)"},
+     r"space\.stage\.dwt\.threshold: -1\.0 is not allowed"),
     ({"pipeline": [["dwt"]], "stage.dwt.level": "uniform(1, 3)"}, r"level is an integer"),
     ({"pipeline": [["dwt"]], "stage.dwt.wavelett": ["haar"]}, r"dwt has no parameter 'wavelett'"),
     ({"pipeline": [["dwt"]], "stage.quantize.bits": [2]}, r"no pipeline has a 'quantize' stage"),
@@ -74,7 +75,8 @@ def test_the_query_detector_is_validated_by_its_own_model():
     assert isinstance(cfg.query_detector, DetectorConfig) and cfg.query_detector.per_user is None
     assert cfg.query_detector.index.chain_limit == 3 and cfg.query_detector.action == "flag"
     assert parse_tune_config(_cfg()).query_detector is None  # optional: the bundle then ships none
-    for bad, match in [({"index": {"chain_limt": 3}}, r"^query_detector\.index\.chain_limt: unknown key; did you mean 'chain_limit'\?"),
+    for bad, match in [({"index": {"chain_limt": 3}},
+                        r"^query_detector\.index\.chain_limt: unknown key; did you mean 'chain_limit'\?"),
                        ({"actionn": "flag"}, r"^query_detector\.actionn: unknown key; did you mean 'action'\?"),
                        ({"per_user": {"threshold": 5}}, r"^query_detector\.per_user: threshold for ssim must lie"),
                        ({"action": "fallback"}, r"^query_detector\.action: 'fallback' needs a fallback model")]:

@@ -23,6 +23,7 @@ from adv.attacks.fab import fab_t
 from adv.attacks.square_l2 import square_l2
 
 __all__ = [
-    "AttackSpec", "QueryOracle", "a3", "apgd", "apgd_t", "bim", "cw", "deepfool", "describe_attack", "fab_t", "fgsm", "get_attack", "hopskipjump",
+    "AttackSpec", "QueryOracle", "a3", "apgd", "apgd_t", "bim", "cw", "deepfool", "describe_attack", "fab_t", "fgsm",
+    "get_attack", "hopskipjump",
     "iter_stepll", "list_attacks", "pgd", "register_attack", "square", "square_l2", "stepll",
 ]

@@ -15,13 +15,13 @@ Two families share one signature each:
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
 from adv.attacks.oracle import QueryOracle
+from adv.registry import Registry, check_renamed
 
 FAMILIES = ("whitebox", "query")
 #: Arguments of the common signature; everything else is a hyperparameter.
@@ -64,11 +64,8 @@ class AttackSpec:
         return tuple(self.defaults)
 
     def check_renamed(self, names: Iterable[str]) -> None:
-        """ValueError that names the new name of any former hyperparameter name in ``names``."""
-        old = sorted(set(names) & set(self.renamed))
-        if old:
-            raise ValueError(f"attack {self.name!r}: " + ", ".join(f"{k!r} was renamed to {self.renamed[k]!r}"
-                                                                   for k in old))
+        """ConfigError that names the new name of any former hyperparameter name in ``names``."""
+        check_renamed(self.renamed, names, f"attack {self.name!r}")
 
     def __call__(self, model, x, y, **kwargs):
         self.check_renamed(kwargs)
@@ -98,7 +95,8 @@ def call_family(fn: Callable, family: str, model, x, y, /, *, oracle: str | None
     return fn(model, x, y, **kwargs), None
 
 
-_ATTACKS: dict[str, AttackSpec] = {}
+#: Every attack and variant by name; importing :mod:`adv.attacks` registers them all.
+ATTACKS: Registry[AttackSpec] = Registry("attack")
 
 
 def _hyper_defaults(fn: Callable) -> dict[str, Any]:
@@ -142,8 +140,6 @@ def register_attack(
     def wrap(fn: Callable) -> Callable:
         base = _hyper_defaults(fn)
         for vname, overrides in {name: {}, **(variants or {})}.items():
-            if vname in _ATTACKS:
-                raise ValueError(f"attack {vname!r} registered twice")
             bad = set(overrides) - set(base)
             if bad:
                 raise ValueError(f"variant {vname!r} overrides unknown hyperparameters {sorted(bad)}")
@@ -155,7 +151,7 @@ def register_attack(
                 detector_aware=detector_aware, training=training, a3_base=a3_base,
                 renamed=MappingProxyType(dict(renamed or {})),
             )
-            _ATTACKS[vname] = AttackSpec(**{**meta, **(variant_meta or {}).get(vname, {})})
+            ATTACKS.add(vname, AttackSpec(**{**meta, **(variant_meta or {}).get(vname, {})}))
         return fn
 
     return wrap
@@ -166,10 +162,8 @@ def _fmt(overrides: Mapping[str, Any]) -> str:
 
 
 def get_attack(name: str) -> AttackSpec:
-    _load_all()
-    if name not in _ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; known: {', '.join(list_attacks())}")
-    return _ATTACKS[name]
+    """The registered attack (ConfigError naming the closest one when there is none)."""
+    return ATTACKS.get(name)
 
 
 def describe_attack(name: str) -> str:
@@ -186,16 +180,10 @@ FILTERS = ("family", "minimal", "oracle", "randomized", "needs_conv", "iterative
 def list_attacks(pattern: str = "*", **meta) -> list[str]:
     """Registered names matching ``pattern`` whose metadata equal ``meta`` (None: any), e.g.
     ``list_attacks(iterative=True)`` or ``list_attacks(family="query")``."""
-    _load_all()
     bad = set(meta) - set(FILTERS)
     if bad:
         raise ValueError(f"cannot filter attacks by {sorted(bad)}; filters: {', '.join(FILTERS)}")
     if meta.get("family") is not None and meta["family"] not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {meta['family']!r}")
     meta = {k: v for k, v in meta.items() if v is not None}
-    return sorted(n for n, s in _ATTACKS.items()
-                  if fnmatch.fnmatch(n, pattern) and all(getattr(s, k) == v for k, v in meta.items()))
-
-
-def _load_all() -> None:
-    import adv.attacks  # noqa: F401  (importing the package registers every attack)
+    return ATTACKS.names(pattern, where=lambda s: all(getattr(s, k) == v for k, v in meta.items()))

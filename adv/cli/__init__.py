@@ -14,6 +14,7 @@ import sys
 import warnings
 
 from adv.errors import AdvError
+from adv.logs import stderr_logging
 
 #: Subcommand modules, in the order ``adv --help`` lists them.
 COMMANDS = ["info", "train", "eval", "defend", "data", "bundle"]
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    with warnings.catch_warnings():  # restores the caller's warning display when main() returns
+    # both restore the caller's warning display and logging when main() returns
+    with warnings.catch_warnings(), stderr_logging():
         warnings.showwarning = _one_line_warning
         return _run(args)
 

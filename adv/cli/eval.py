@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model_factory:  # import it before the data loads: a typo fails at once
         factory_on_path(args.model_factory)
     elif not (args.checkpoint or args.model):
-        raise ConfigError("give --model NAME (with --weights PATH), --checkpoint PATH or --model-factory MODULE:FUNCTION")
+        raise ConfigError("give --model NAME (with --weights PATH), --checkpoint PATH "
+                          "or --model-factory MODULE:FUNCTION")
     data = load_data(args)
     model = build_model(args, data, device)
     if args.model_factory:  # a user's own module: the likeliest silent mistake is a missing Normalize
@@ -109,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         # the defended threat model wraps each attack; an adaptive randomized pipeline already averages draws
         model, attacks_run = robust_accuracy_inputs(evaluated, attacks + suite)
     result = robust_accuracy(
-        model, data, attacks_run if evaluated else attacks, suite=None if evaluated else args.suite, eps=args.eps, norm=args.norm, batch_size=args.batch_size, device=device,
+        model, data, attacks_run if evaluated else attacks, suite=None if evaluated else args.suite, eps=args.eps,
+        norm=args.norm, batch_size=args.batch_size, device=device,
         seed=args.seed, early_stop=not args.no_early_stop, state_path=args.state, progress=not args.quiet,
         checks={"cheap": CHEAP, "all": ALL, "none": ()}[args.checks], amp=args.amp,
         channels_last=args.channels_last,
@@ -132,7 +134,8 @@ def with_bundle(args: argparse.Namespace) -> argparse.Namespace:
     (dataset, split, test subset, seed, eps; ``--suite standard`` when no --attack/--suite is given)."""
     from adv.bundle import load_bundle
 
-    clash = [f"--{k.replace('_', '-')}" for k in ("checkpoint", "model", "model_factory", "weights", "defense", "detector")
+    clash = [f"--{k.replace('_', '-')}"
+             for k in ("checkpoint", "model", "model_factory", "weights", "defense", "detector")
              if getattr(args, k, None)]
     if clash:
         raise ConfigError(f"--bundle holds the classifier, stages and detector; drop {', '.join(clash)}")

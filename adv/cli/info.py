@@ -30,7 +30,7 @@ def collect() -> dict[str, dict[str, str]]:
     from adv.defenses import describe_defense, list_defenses
     from adv.detectors import QUERY_DETECTORS
     from adv.evaluate.suites import describe_suite, list_suites
-    from adv.train.registry import describe_loss, list_losses
+    from adv.train.losses import describe_loss, list_losses
 
     return {
         "datasets": {n: describe_dataset(n) for n in list_datasets()},

@@ -38,7 +38,8 @@ def add_arguments(parser) -> None:
                    help="hold out --val-n training images, score every epoch with PGD on them and keep the best "
                         "epoch as OUT/best.pt")
     s.add_argument("--val-n", type=positive_int, default=500, help="held-out validation images")
-    s.add_argument("--val-eps", type=nonneg_float, default=None, help="validation PGD budget (default: the defense's eps)")
+    s.add_argument("--val-eps", type=nonneg_float, default=None,
+                   help="validation PGD budget (default: the defense's eps)")
     s.add_argument("--val-steps", type=positive_int, default=10, help="validation PGD steps")
 
 
@@ -53,7 +54,7 @@ def run(args) -> int:
         raise ConfigError(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}") from None
     loss_fn, extra = cross_entropy_loss, {"command": "adv train"}
     if args.defense:  # before the (slow) data loading, so a bad spec fails at once
-        from adv.train import training_loss
+        from adv.train.losses import training_loss
 
         loss = training_loss(args.defense)
         loss_fn = loss.loss_fn

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -10,6 +9,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+
+from adv.registry import Registry
 
 
 @dataclass
@@ -88,25 +89,32 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
 
 # --- registry ----------------------------------------------------------------
 Loader = Callable[..., ImageData]
-_LOADERS: dict[str, Loader] = {}
-_DESCRIPTIONS: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    load: Loader
+    description: str
+
+
+#: Every dataset loader by name; importing :mod:`adv.data` registers them all.
+DATASETS: Registry[DatasetEntry] = Registry("dataset")
 
 
 def register_dataset(name: str, description: str):
     def wrap(fn: Loader) -> Loader:
-        _LOADERS[name] = fn
-        _DESCRIPTIONS[name] = description
+        DATASETS.add(name, DatasetEntry(fn, description))
         return fn
 
     return wrap
 
 
 def list_datasets(pattern: str = "*") -> list[str]:
-    return sorted(n for n in _LOADERS if fnmatch.fnmatch(n, pattern))
+    return DATASETS.names(pattern)
 
 
 def describe_dataset(name: str) -> str:
-    return _DESCRIPTIONS[name]
+    return DATASETS.get(name).description
 
 
 SPLITS = ("train", "test")
@@ -119,14 +127,13 @@ def load_dataset(name: str, split: str = "test", n: int | None = None, seed: int
     ``adv.benchmark`` and ``--data-dir``; ``~`` is expanded) and ``download`` (allow torchvision downloads).
     Loaders document their own. An ``n`` above the dataset's size warns once and returns all of it.
     """
-    if name not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}")
+    entry = DATASETS.get(name)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n is not None and n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     kwargs = _root_kwarg(kwargs)
-    data = _LOADERS[name](split=split, n=n, seed=seed, **kwargs)
+    data = entry.load(split=split, n=n, seed=seed, **kwargs)
     if n is not None and n > len(data):
         warnings.warn(f"n={n} is more than the {len(data)} examples of {name} {split} ({data.source or 'bundled'}); "
                       f"using all {len(data)}", UserWarning, stacklevel=2)

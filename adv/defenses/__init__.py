@@ -13,8 +13,8 @@ from adv.defenses.registry import (
     parse_defense_spec, register_defense, save_stage,
 )
 from adv.defenses.compose import Defended, build_defended
-# importing the stage modules registers them
-from adv.defenses import autoencoders, dwt, quantize, random_noise, sfe, unet  # noqa: F401,E402
+# importing the stage modules registers them; the per-input detectors (AdvD, encoder disagreement) are stages too
+from adv.defenses import advd, autoencoders, disagreement, dwt, quantize, random_noise, sfe, unet  # noqa: F401,E402
 from adv.defenses.dwt import select_dwt_params
 
 __all__ = [

@@ -56,7 +56,8 @@ class InitialAE(Stage):
 
 
 @register_defense("initial_ae", params=InitialAEParams, kind="preprocess", learned=True,
-                  description="conv autoencoder before the classifier, trained on the data (Echeberria-Barrio et al. 2020 Fig. 7)")
+                  description="conv autoencoder before the classifier, trained on the data "
+                              "(Echeberria-Barrio et al. 2020 Fig. 7)")
 def initial_ae(params: InitialAEParams, classifier=None, data=None, info: StageInfo | None = None) -> InitialAE:
     channels = data.input_size[0] if data is not None else (classifier.input_size[0] if classifier is not None else 1)
     ae = InitialAE(channels, params, info)
@@ -137,7 +138,8 @@ def _feature_dim(classifier: nn.Module) -> int:
 
 
 @register_defense("middle_ae", params=FeatureAEParams, kind="classifier", learned=True, needs_classifier=True,
-                  description="dense autoencoder on penultimate features, before the frozen head (Echeberria-Barrio et al. 2020 Fig. 5)")
+                  description="dense autoencoder on penultimate features, before the frozen head "
+                              "(Echeberria-Barrio et al. 2020 Fig. 5)")
 def middle_ae(params: FeatureAEParams, classifier=None, data=None, info: StageInfo | None = None) -> MiddleAEClassifier:
     _feature_dim(classifier)
     model = MiddleAEClassifier(classifier, params, info)
@@ -165,7 +167,8 @@ class EncoderParams(FeatureAEParams):
 
 
 class EncoderClassifier(ClassifierStage):
-    """``new_head(encoder(features(x)))``: the middle AE's encoder and a new dense head (Echeberria-Barrio et al. 2020 Fig. 6).
+    """``new_head(encoder(features(x)))``: the middle AE's encoder and a new dense head (Echeberria-Barrio et al.
+    2020 Fig. 6).
 
     Shape: (N, C, H, W) in [0, 1] -> logits (N, num_classes); code (N, bottleneck)
     """
@@ -193,7 +196,8 @@ class EncoderClassifier(ClassifierStage):
 
 
 @register_defense("encoder", params=EncoderParams, kind="classifier", learned=True, needs_classifier=True,
-                  description="middle-AE encoder + a new dense head trained on its code (Echeberria-Barrio et al. 2020 Fig. 6)")
+                  description="middle-AE encoder + a new dense head trained on its code "
+                              "(Echeberria-Barrio et al. 2020 Fig. 6)")
 def encoder(params: EncoderParams, classifier=None, data=None, info: StageInfo | None = None) -> EncoderClassifier:
     model = EncoderClassifier(classifier, params, info)
     if data is not None:
@@ -211,7 +215,8 @@ def train_encoder_variant(model: EncoderClassifier, data, show_progress: bool = 
     else:
         ae_params = FeatureAEParams(**{k: getattr(p, k) for k in FeatureAEParams.model_fields if k != "checkpoint"})
         middle = middle_ae(ae_params, classifier=model.classifier, data=data)
-    if middle.ae.encoder[0].in_features != model.encoder[0].in_features or middle.ae.encoder[-1].out_features != p.bottleneck:
+    if (middle.ae.encoder[0].in_features != model.encoder[0].in_features
+            or middle.ae.encoder[-1].out_features != p.bottleneck):
         raise ValueError(f"{p.ae_checkpoint} has a different encoder shape than hidden={p.hidden}, "
                          f"bottleneck={p.bottleneck}")
     model.encoder.load_state_dict(middle.ae.encoder.state_dict())

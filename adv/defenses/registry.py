@@ -19,7 +19,6 @@ Stage files are plain dicts of tensors and primitives (loadable with
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 from adv.defenses.stage import Stage, StageInfo, frozen_classifier
 from adv.errors import CheckpointError, ConfigError
 from adv.io import atomic_output
+from adv.registry import Registry
 from adv.specs import build_params, format_spec, params_schema, parse_spec
 
 KINDS = ("preprocess", "classifier", "detector")
@@ -54,7 +54,8 @@ class DefenseSpec:
     learned: bool = False
 
 
-_DEFENSES: dict[str, DefenseSpec] = {}
+#: Every stage and per-input detector by name; importing :mod:`adv.defenses` registers them all.
+DEFENSES: Registry[DefenseSpec] = Registry("defense")
 
 
 def register_defense(
@@ -74,32 +75,21 @@ def register_defense(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
     def wrap(fn: Builder) -> Builder:
-        if name in _DEFENSES:
-            raise ValueError(f"defense {name!r} registered twice")
-        _DEFENSES[name] = DefenseSpec(name, fn, params, kind, description, needs_classifier, learned)
+        DEFENSES.add(name, DefenseSpec(name, fn, params, kind, description, needs_classifier, learned))
         return fn
 
     return wrap
 
 
-def _load_all() -> None:
-    # Stages and per-input detectors share this registry (both compose into ``Defended``).
-    import adv.defenses  # noqa: F401
-    import adv.detectors  # noqa: F401
-
-
 def get_defense(name: str) -> DefenseSpec:
-    _load_all()
-    if name not in _DEFENSES:
-        raise ConfigError(f"unknown defense {name!r}; known: {', '.join(list_defenses())}")
-    return _DEFENSES[name]
+    """The registered defense (ConfigError naming the closest one when there is none)."""
+    return DEFENSES.get(name)
 
 
 def list_defenses(pattern: str = "*", *, kind: str | None = None) -> list[str]:
-    _load_all()
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return sorted(n for n, s in _DEFENSES.items() if fnmatch.fnmatch(n, pattern) and kind in (None, s.kind))
+    return DEFENSES.names(pattern, where=lambda s: kind in (None, s.kind))
 
 
 def describe_defense(name: str) -> str:

@@ -7,7 +7,7 @@ model's penultimate features ``f = features(x)`` go into two generators of the
 same shape, the positive generator PG (salient features, SF) and the negative
 generator NG (trivial features, TF), which share one discriminator D. The
 defended prediction is the **re-identification** ``head(PG(features(x)))``; the
-AdvD detector on ``concat(SF, TF)`` is :mod:`adv.detectors.advd`.
+AdvD detector on ``concat(SF, TF)`` is :mod:`adv.defenses.advd`.
 
 Threat model: the paper's is *natural* adversarial examples (ImageNet-A)
 seen by a fixed, pretrained target model; Chen et al.'s is synthetic
@@ -59,7 +59,6 @@ Shape:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -68,6 +67,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from adv.defenses.registry import register_defense
+from adv.defenses.sfe_sources import FeatureSet, training_features
 from adv.defenses.stage import ClassifierStage, LearnedParams, StageInfo
 from adv.errors import ConfigError
 from adv.progress import progress
@@ -102,10 +102,10 @@ class SFEParams(LearnedParams):
     @field_validator("attack")
     @classmethod
     def _registered(cls, value: str) -> str:
-        from adv.attacks import list_attacks
+        from adv.attacks.registry import ATTACKS
 
-        if value not in list_attacks():
-            raise ValueError(f"unknown attack {value!r}; known: {', '.join(list_attacks())}")
+        if value not in ATTACKS:
+            raise ValueError(ATTACKS.unknown(value))
         return value
 
     @model_validator(mode="after")
@@ -207,52 +207,6 @@ class SFEClassifier(SFEStage):
         return self.head(self.features(x))
 
 
-# --- training data in feature space -------------------------------------------------------------
-@dataclass
-class FeatureSet:
-    """Benign features, adversarial features and the SF target of each adversarial example.
-
-    Shape: benign (N, D), benign_labels (N,), adv (M, D), adv_labels (M,), target (M, D)
-    """
-
-    benign: torch.Tensor
-    benign_labels: torch.Tensor
-    adv: torch.Tensor
-    adv_labels: torch.Tensor
-    target: torch.Tensor
-    paired: bool
-
-
-@torch.no_grad()
-def extract_features(classifier: nn.Module, x: torch.Tensor, batch_size: int = 256, desc: str = "") -> torch.Tensor:
-    """``classifier.features`` over ``x`` in batches, on the classifier's device, returned on the CPU."""
-    device = next(classifier.parameters()).device
-    chunks = range(0, len(x), batch_size)
-    return torch.cat([classifier.features(x[i:i + batch_size].to(device)).cpu()
-                      for i in progress(chunks, desc=desc or "features", total=len(chunks))])
-
-
-def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Mean feature vector per class (zeros for classes with no example).
-
-    Shape: (N, D), (N,) -> (num_classes, D)
-    """
-    sums = torch.zeros(num_classes, features.shape[1]).index_add_(0, labels, features)
-    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).unsqueeze(1)
-    return sums / counts
-
-
-def set_features(benign: torch.Tensor, benign_labels: torch.Tensor, adv: torch.Tensor, adv_labels: torch.Tensor,
-                 num_classes: int) -> FeatureSet:
-    """Natural adversarials (no counterparts): the SF target is the benign mean of the labelled class."""
-    missing = sorted(set(adv_labels.tolist()) - set(benign_labels.tolist()))
-    if missing:
-        raise ConfigError(f"natural adversarial classes {missing[:5]} have no benign training example; "
-                          "the class-wise set objective needs some")
-    target = class_means(benign, benign_labels, num_classes)[adv_labels]
-    return FeatureSet(benign, benign_labels, adv, adv_labels, target, paired=False)
-
-
 # --- training ---------------------------------------------------------------------------------
 def _batches(n: int, batch_size: int, gen: torch.Generator):
     order = torch.randperm(n, generator=gen)
@@ -344,8 +298,6 @@ def fit_sfe(stage: SFEStage, feats: FeatureSet, show_progress: bool = False) -> 
 def build_sfe_stage(cls: type[SFEStage], params: SFEParams, classifier, data,
                     info: StageInfo | None = None) -> SFEStage:
     """What both registry builders do: build, and train from ``data`` (benign images) when given."""
-    from adv.defenses.sfe_sources import training_features
-
     stage = cls(classifier, params, info)
     if data is not None:  # features come back on the CPU: the feature-space training runs there
         fit_sfe(stage, training_features(classifier, data, params))

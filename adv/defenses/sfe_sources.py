@@ -6,17 +6,69 @@
 * ``natural``: a natural-adversarial image set, ImageNet-A or the output of
   ``adv data filter`` (no counterparts: the class-wise set objective).
 
-Shape: every function returns a :class:`adv.defenses.sfe.FeatureSet` of (N, D) features.
+Shape: every function returns a :class:`FeatureSet` of (N, D) features. The SFE (:mod:`adv.defenses.sfe`)
+trains on them; this module does not import it (the params are read, never built, here).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from adv.defenses.sfe import FeatureSet, SFEParams, extract_features, set_features
 from adv.errors import ConfigError
 from adv.progress import progress
+
+if TYPE_CHECKING:
+    from adv.defenses.sfe import SFEParams
+
+
+# --- training data in feature space -------------------------------------------------------------
+@dataclass
+class FeatureSet:
+    """Benign features, adversarial features and the SF target of each adversarial example.
+
+    Shape: benign (N, D), benign_labels (N,), adv (M, D), adv_labels (M,), target (M, D)
+    """
+
+    benign: torch.Tensor
+    benign_labels: torch.Tensor
+    adv: torch.Tensor
+    adv_labels: torch.Tensor
+    target: torch.Tensor
+    paired: bool
+
+
+@torch.no_grad()
+def extract_features(classifier: nn.Module, x: torch.Tensor, batch_size: int = 256, desc: str = "") -> torch.Tensor:
+    """``classifier.features`` over ``x`` in batches, on the classifier's device, returned on the CPU."""
+    device = next(classifier.parameters()).device
+    chunks = range(0, len(x), batch_size)
+    return torch.cat([classifier.features(x[i:i + batch_size].to(device)).cpu()
+                      for i in progress(chunks, desc=desc or "features", total=len(chunks))])
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean feature vector per class (zeros for classes with no example).
+
+    Shape: (N, D), (N,) -> (num_classes, D)
+    """
+    sums = torch.zeros(num_classes, features.shape[1]).index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).unsqueeze(1)
+    return sums / counts
+
+
+def set_features(benign: torch.Tensor, benign_labels: torch.Tensor, adv: torch.Tensor, adv_labels: torch.Tensor,
+                 num_classes: int) -> FeatureSet:
+    """Natural adversarials (no counterparts): the SF target is the benign mean of the labelled class."""
+    missing = sorted(set(adv_labels.tolist()) - set(benign_labels.tolist()))
+    if missing:
+        raise ConfigError(f"natural adversarial classes {missing[:5]} have no benign training example; "
+                          "the class-wise set objective needs some")
+    target = class_means(benign, benign_labels, num_classes)[adv_labels]
+    return FeatureSet(benign, benign_labels, adv, adv_labels, target, paired=False)
 
 
 def training_features(classifier: nn.Module, data, p: SFEParams) -> FeatureSet:

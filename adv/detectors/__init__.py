@@ -1,10 +1,11 @@
 """Everything that flags inputs.
 
 * Per-input detectors compose into a defended model, ``Defended(..., detector=...)``,
-  and are registered as ``kind="detector"`` in the stage registry: the
-  encoder-disagreement detector (:mod:`adv.detectors.disagreement`,
+  so they are stages of :mod:`adv.defenses` (``kind="detector"`` in the stage registry):
+  the encoder-disagreement detector (:mod:`adv.defenses.disagreement`,
   Echeberria-Barrio et al. 2020 Fig. 8) and AdvD on salient/trivial features
-  (:mod:`adv.detectors.advd`, Khoshbakht et al. 2024 after Chen et al. 2021).
+  (:mod:`adv.defenses.advd`, Khoshbakht et al. 2024 after Chen et al. 2021).
+  They live there so that registering them never makes the defenses import this package.
 * Query-stream detectors watch a sequence of queries for query-based attacks:
   the per-user prediction-similarity layer (:mod:`adv.detectors.query_similarity`,
   Echeberria-Barrio et al. 2020 §4.3), the account-agnostic fingerprint index
@@ -15,7 +16,6 @@
   :mod:`adv.evaluate.query_detection`.
 """
 
-from adv.detectors import advd, disagreement  # noqa: F401  (registers the detectors)
 from adv.detectors.query_similarity import (
     ACTIONS,
     DEFAULT_THRESHOLDS,

@@ -51,7 +51,7 @@ from torch import nn
 from adv.detectors.feature_index import FeatureIndex, FeatureIndexConfig, FeatureMatch, features
 from adv.detectors.fingerprint import FingerprintIndex, IndexConfig, IndexMatch, digests, fingerprints
 from adv.detectors.query_similarity import (
-    ACTIONS, PredictionSimilarityLayer, QueryDecision, QueryHistory, SimilarityConfig, serve, stored_image,
+    ACTIONS, PredictionSimilarityLayer, QueryDecision, SimilarityConfig, serve, stored_image,
 )
 from adv.detectors.state import StateError, StateStore, corrupt
 from adv.errors import ConfigError
@@ -389,7 +389,8 @@ def _batch(records: list[dict]) -> pa.RecordBatch:
         "image": list_column(col["image"], np.float32, pa.float32()),
         "probs": list_column(col["probs"], np.float32, pa.float32()),
         "distance": pa.array(col["distance"], pa.bool_()), "prediction": pa.array(col["prediction"], pa.bool_()),
-        "features": list_column(col["features"], np.float32, pa.float32()), "fcluster": pa.array(col["fcluster"], pa.int32()),
+        "features": list_column(col["features"], np.float32, pa.float32()),
+        "fcluster": pa.array(col["fcluster"], pa.int32()),
         "alarms": pa.array(col["alarms"], pa.string()), "tag": pa.array(col["tag"], pa.string()),
     })
 

@@ -177,6 +177,7 @@ class FeatureIndex:
         if n:
             index.vectors[:n] = vectors
             index.norms[:n] = (vectors * vectors).sum(1)
-            index.times[:n], index.clusters[:n], index.digests[:n] = arrays["times"], arrays["clusters"], arrays["digests"]
+            index.times[:n], index.clusters[:n] = arrays["times"], arrays["clusters"]
+            index.digests[:n] = arrays["digests"]
         index.next_id = int(arrays["next_id"][0])
         return index

@@ -1,4 +1,5 @@
-"""The prediction-similarity layer (Echeberria-Barrio et al. 2020 §2.3, §4.3, Fig. 9): a stateful detector of query-based attacks.
+"""The prediction-similarity layer (Echeberria-Barrio et al. 2020 §2.3, §4.3, Fig. 9): a stateful detector of
+query-based attacks.
 
 A query-based attack (Square, HopSkipJump, or the iterative attacks run
 through an API) sends many near-identical images from one account. The layer

@@ -6,7 +6,8 @@ Ray-free; ``jobs/`` runs these pieces on a cluster.
 from adv.evaluate.benchmark import benchmark
 from adv.evaluate.checks import RobustnessWarning
 from adv.evaluate.precision import FastModel, fast_model
-from adv.evaluate.protocol import AttackRun, resolve_attacks, robust_accuracy
+from adv.evaluate.protocol import robust_accuracy
+from adv.evaluate.runs import AttackRun, resolve_attacks
 from adv.evaluate.result import AttackReport, EvalResult, Flag
 from adv.evaluate.sweep import SweepResult, eps_sweep
 from adv.evaluate.threat import (

@@ -27,7 +27,6 @@ Shape:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adv.attacks.core import check_inputs, check_positive, cw_loss, frozen, take

@@ -165,7 +165,8 @@ def check_query_beats_whitebox(counts: dict[str, tuple[int, int]]) -> list[Flag]
     strong = {k: e for k, e in evidence.items() if e["fires"]}
     if not strong:
         return []
-    won = ", ".join(f"{k}: {e['fooled']} of {e['survivors']} example(s), p={e['p_value']:.2g}" for k, e in strong.items())
+    won = ", ".join(f"{k}: {e['fooled']} of {e['survivors']} example(s), p={e['p_value']:.2g}"
+                    for k, e in strong.items())
     return [Flag("query_beats_whitebox", f"a query-based attack fooled significantly many points that survived every "
                  f"white-box attack ({won}): the gradients are likely masked", evidence)]
 

@@ -15,86 +15,26 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from adv.attacks.core import NORMS, SIZES, perturbation_norm, project
-from adv.attacks.registry import AttackSpec, call_family, get_attack
+from adv.attacks.registry import AttackSpec, call_family
 from adv.attacks.seeding import example_seeds
 from adv.errors import InputError
 from adv.evaluate import checks as C
 from adv.evaluate.precision import fast_model
 from adv.evaluate.inputs import prepare
+from adv.evaluate.runs import AttackRun, resolve_attacks
+from adv.evaluate.suites import suite_attacks
 from adv.evaluate.result import FOOLED, NOT_ATTACKED, SURVIVED, AttackReport, EvalResult, Flag, PerExample
 from adv.evaluate.stats import accuracy_ci
 from adv.evaluate.state import EvalState, batch_hash, model_fingerprint
 
 SUMS = ("attacked", "fooled", "time_s", "l0", "l2", "linf", "queries", "beats_whitebox", "whitebox_survivors")
-
-
-@dataclass(frozen=True)
-class AttackRun:
-    """One entry of the attack sequence: a registered attack (or a custom function) and its arguments."""
-
-    label: str
-    name: str
-    family: str
-    fn: Callable = field(repr=False)
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    spec: AttackSpec | None = field(default=None, repr=False)
-
-    def accepts(self, arg: str) -> bool:
-        return self.spec.accepts(arg) if self.spec else False
-
-    @property
-    def randomized(self) -> bool:
-        """Whether it draws random numbers (takes ``seed=``); a function says so with a ``randomized`` attribute."""
-        return self.spec.randomized if self.spec else bool(getattr(self.fn, "randomized", False))
-
-
-def resolve_attacks(attacks: Sequence, norm: str) -> list[AttackRun]:
-    """Names, ``(name, kwargs)``, ``{"name": ..., **kwargs}``, specs or white-box callables."""
-    if isinstance(attacks, (str, AttackSpec)) or callable(attacks):
-        attacks = [attacks]
-    if not attacks:
-        raise ValueError("attacks must name at least one attack, got none")
-    runs, seen = [], {}
-    for item in attacks:
-        run = _resolve(item, norm)
-        seen[run.label] = seen.get(run.label, 0) + 1
-        if seen[run.label] > 1:
-            run = AttackRun(f"{run.label}#{seen[run.label]}", run.name, run.family, run.fn, run.kwargs, run.spec)
-        runs.append(run)
-    return runs
-
-
-def _resolve(item, norm: str) -> AttackRun:
-    if isinstance(item, AttackRun):  # built by a caller, e.g. a suite's EOT entries
-        return item
-    kwargs: dict[str, Any] = {}
-    if isinstance(item, tuple) and len(item) == 2:
-        item, kwargs = item
-    elif isinstance(item, dict):
-        kwargs = {k: v for k, v in item.items() if k != "name"}
-        item = item.get("name")
-    if isinstance(item, str):
-        item = get_attack(item)
-    if isinstance(item, AttackSpec):
-        if norm not in item.norms:
-            raise ValueError(f"attack {item.name!r} supports norms {item.norms}, got {norm!r}")
-        item.check_renamed(kwargs)
-        bad = [k for k in kwargs if not item.accepts(k) or k in ("eps", "norm")]
-        if bad:
-            raise ValueError(f"attack {item.name!r} does not take {sorted(bad)}; it takes {sorted(item.defaults)}")
-        label = item.name + (f"({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})" if kwargs else "")
-        return AttackRun(label, item.name, item.family, item, dict(kwargs), item)
-    if callable(item):
-        name = getattr(item, "__name__", type(item).__name__)
-        return AttackRun(name, name, "whitebox", item, dict(kwargs))
-    raise ValueError(f"cannot use {item!r} as an attack: give a registered name, (name, kwargs) or a function")
 
 
 def iter_batches(data, batch_size: int) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int | None]:
@@ -233,8 +173,6 @@ def _with_suite(attacks, suite: str | None, norm: str):
     """``attacks`` followed by the suite's sequence, if one is named."""
     if suite is None:
         return attacks
-    from adv.evaluate.suites import suite_attacks  # the suites build on this module
-
     return [*([attacks] if isinstance(attacks, (str, AttackSpec)) or callable(attacks) else attacks),
             *suite_attacks(suite, norm)]
 
@@ -408,7 +346,8 @@ def _result(state: EvalState, runs, opts: Options, elapsed: float, x_adv: torch.
     C.warn(flags)
     return EvalResult(n=state.n, eps=opts.eps, norm=opts.norm, clean_acc=state.n_clean / n,
                       robust_acc=state.n_robust / n, attacks=reports, flags=flags, time_s=elapsed,
-                      clean_acc_ci=accuracy_ci(state.n_clean, state.n), robust_acc_ci=accuracy_ci(state.n_robust, state.n),
+                      clean_acc_ci=accuracy_ci(state.n_clean, state.n),
+                      robust_acc_ci=accuracy_ci(state.n_robust, state.n),
                       per_example=PerExample.from_marks(state.clean_mask, state.robust_mask, state.marks, x_adv))
 
 

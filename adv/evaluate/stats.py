@@ -27,11 +27,19 @@ def accuracy_ci(correct: int, n: int) -> tuple[float, float]:
     return wilson_interval(int(correct), int(n))
 
 
+def pct(value: float | None, digits: int = 1, *, sign: bool = True, missing: str = "–") -> str:
+    """A fraction in percent, ``0.512 -> "51.2%"`` (``sign=False``: ``"51.2"``), ``missing`` for None or NaN:
+    the one percentage formatter of the reports, the jobs' stories and the benchmark docs."""
+    if value is None or value != value:
+        return missing
+    return f"{100 * value:.{digits}f}" + ("%" if sign else "")
+
+
 def fmt_ci(acc: float, ci: Sequence[float] | None) -> str:
     """``"51.0% [46.6, 55.4]"``: an accuracy with its interval, in percent."""
     if ci is None:
-        return f"{acc:.1%}"
-    return f"{acc:.1%} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+        return pct(acc)
+    return f"{pct(acc)} [{pct(ci[0], sign=False)}, {pct(ci[1], sign=False)}]"
 
 
 def intervals_overlap(a: Sequence[float], b: Sequence[float]) -> bool:

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 from adv.attacks.registry import get_attack
 from adv.evaluate.adaptive import EOT
-from adv.evaluate.protocol import AttackRun
+from adv.evaluate.runs import AttackRun
 
 _TOP9 = {"steps": 100, "n_target_classes": 9}
 

@@ -192,7 +192,7 @@ def robust_accuracy_inputs(ev: EvaluatedModel, attacks: list[tuple[str, dict]]):
     report their queries). The loop seeds both kinds per example.
     """
     from adv.evaluate.adaptive import bpda_pipeline
-    from adv.evaluate.protocol import AttackRun
+    from adv.evaluate.runs import AttackRun
     from adv.attacks import get_attack
 
     out = []

@@ -2,7 +2,7 @@
 
 Inputs are always images in [0, 1], NCHW. Normalization lives *inside* the
 model (a ``Normalize`` stage), so attacks and defenses never need to know the
-dataset statistics (the torchattacks complaint that STYLE.md cites).
+dataset statistics (normalization outside the model is a complaint users raise in torchattacks' issues).
 
 Each classifier also exposes the internals later methods need:
 

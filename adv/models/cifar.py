@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -122,7 +121,8 @@ def resnet18(**kw) -> CifarResNet:
 @register_model(
     ModelSpec(
         name="vgg16_dense",
-        description="VGG16 features + dense head (Echeberria-Barrio et al. 2020); pretrained=True loads ImageNet VGG16 features",
+        description="VGG16 features + dense head (Echeberria-Barrio et al. 2020); "
+                    "pretrained=True loads ImageNet VGG16 features",
         pretrained="VGG16_Weights.IMAGENET1K_V1",
         **_CIFAR,
     )

@@ -7,11 +7,11 @@ where pretrained weights come from.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable
 
 from adv.models.base import ImageClassifier
+from adv.registry import Registry
 
 MNIST_MEAN_STD = ((0.0,), (1.0,))
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -32,8 +32,14 @@ class ModelSpec:
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
-_BUILDERS: dict[str, Callable[..., ImageClassifier]] = {}
-_SPECS: dict[str, ModelSpec] = {}
+@dataclass(frozen=True)
+class ModelEntry:
+    spec: ModelSpec
+    build: Callable[..., ImageClassifier] = field(repr=False)
+
+
+#: Every architecture by name; importing :mod:`adv.models` registers them all.
+MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def register_model(spec: ModelSpec):
@@ -43,23 +49,19 @@ def register_model(spec: ModelSpec):
     """
 
     def wrap(fn: Callable[..., ImageClassifier]) -> Callable[..., ImageClassifier]:
-        if spec.name in _BUILDERS:
-            raise ValueError(f"model {spec.name!r} registered twice")
-        _BUILDERS[spec.name] = fn
-        _SPECS[spec.name] = spec
+        MODELS.add(spec.name, ModelEntry(spec, fn))
         return fn
 
     return wrap
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    return sorted(n for n in _BUILDERS if fnmatch.fnmatch(n, pattern))
+    return MODELS.names(pattern)
 
 
 def get_spec(name: str) -> ModelSpec:
-    if name not in _SPECS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
-    return _SPECS[name]
+    """The architecture's metadata (ConfigError naming the closest one when there is none)."""
+    return MODELS.get(name).spec
 
 
 def create_model(
@@ -91,4 +93,5 @@ def create_model(
         mean, std = spec.mean, spec.std
         if len(mean) != channels:  # e.g. lenet (grey) built for RGB input
             mean, std = (mean[0],) * channels, (std[0],) * channels
-    return _BUILDERS[name](arch=name, num_classes=num_classes, input_size=input_size, mean=mean, std=std, **kwargs)
+    return MODELS.get(name).build(arch=name, num_classes=num_classes, input_size=input_size, mean=mean, std=std,
+                                  **kwargs)

@@ -9,9 +9,9 @@ optimizer, schedule, seeding, evaluation, progress, checkpoint and resume.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +29,8 @@ from adv.models.base import ImageClassifier
 from adv.models.checkpoint import save_checkpoint
 from adv.models.device import resolve_device
 from adv.progress import progress
+
+log = logging.getLogger(__name__)
 
 
 class TrainConfig(BaseModel):
@@ -152,7 +154,7 @@ def fit(
         if validate is not None:
             metrics.update(validate(model))
         history.append(metrics)
-        print(json.dumps(metrics), file=sys.stderr)
+        log.info(json.dumps(metrics))  # one JSON line per epoch (the ``adv`` command and the jobs show it)
         stalled = stall_warning(metrics, train.num_classes, loss_fn)
         if stalled:
             warnings.warn(stalled, TrainingStallWarning, stacklevel=2)
@@ -217,7 +219,7 @@ def _resume(state_path: Path, model, opt, device) -> tuple[int, list[dict[str, A
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"].cpu())
-    print(f"resuming from {state_path} at epoch {state['epoch']}", file=sys.stderr)
+    log.info(f"resuming from {state_path} at epoch {state['epoch']}")
     return state["epoch"], json.loads(state["history"])
 
 

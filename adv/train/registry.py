@@ -1,5 +1,10 @@
 """Registry of training losses: ``adv train --defense NAME:k=v,...``, independent of the stage registry.
 
+This module holds the registration (``register_loss``) and the checkpoint keys; the lookups (``get_loss``,
+``training_loss``, ...) are in :mod:`adv.train.losses`, whose import registers every loss first. (The losses build
+on the defenses, which train their stages with :mod:`adv.train.loop`: were the lookups here or in
+:mod:`adv.train`, the package would import its losses and the import graph would close into a cycle.)
+
 A training-time defense changes *how* a classifier is trained (DWT-augmented
 training, adversarial training, TRADES, ALP, AAD). Each registers a builder
 ``fn(params) -> BatchLoss`` with a pydantic model of its hyperparameters, the
@@ -11,14 +16,12 @@ checkpoint, so ``adv eval`` and the report show how a model was trained.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from adv.errors import ConfigError
-from adv.specs import build_params, format_spec, params_schema, parse_spec
+from adv.registry import Registry
 
 #: Keys of a checkpoint's ``extra`` metadata: the inference stages to re-create, and the training loss spec.
 STAGES_KEY = "defenses"
@@ -47,7 +50,9 @@ class TrainingLoss:
         return {LOSS_KEY: self.spec, STAGES_KEY: list(self.stages)}
 
 
-_LOSSES: dict[str, LossEntry] = {}
+#: Every training loss by name; importing :mod:`adv.train.losses` registers them all (and holds the lookups).
+LOSSES: Registry[LossEntry] = Registry(
+    "training defense", known="`adv train --defense` takes {names} (train learned stages with `adv defend train`)")
 
 
 def register_loss(name: str, *, params: type[BaseModel], description: str,
@@ -55,53 +60,10 @@ def register_loss(name: str, *, params: type[BaseModel], description: str,
     """Register ``build(params) -> BatchLoss`` under ``name``."""
 
     def wrap(fn: Callable) -> Callable:
-        if name in _LOSSES:
-            raise ValueError(f"training loss {name!r} registered twice")
-        _LOSSES[name] = LossEntry(name, fn, params, description, inference_stages or (lambda p: []))
+        LOSSES.add(name, LossEntry(name, fn, params, description, inference_stages or (lambda p: [])))
         return fn
 
     return wrap
-
-
-def _load_all() -> None:
-    import adv.train.losses  # noqa: F401  (importing the package registers every loss)
-
-
-def get_loss(name: str) -> LossEntry:
-    _load_all()
-    if name not in _LOSSES:
-        raise ConfigError(f"unknown training defense {name!r}; `adv train --defense` takes "
-                          f"{', '.join(list_losses())} (train learned stages with `adv defend train`)")
-    return _LOSSES[name]
-
-
-def list_losses(pattern: str = "*") -> list[str]:
-    _load_all()
-    return sorted(n for n in _LOSSES if fnmatch.fnmatch(n, pattern))
-
-
-def describe_loss(name: str) -> str:
-    """One line for listings: the description and the keys."""
-    entry = get_loss(name)
-    return f"{entry.description} [keys: {', '.join(entry.params.model_fields)}]"
-
-
-def loss_schema(name: str) -> dict[str, Any]:
-    entry = get_loss(name)
-    return {"name": name, "description": entry.description, "params": params_schema(entry.params)}
-
-
-def resolve_loss(spec: str | tuple[str, Any]) -> tuple[str, BaseModel]:
-    """A spec string or ``(name, params)`` -> ``(name, validated params)``."""
-    name, raw = parse_spec(spec, "training defense") if isinstance(spec, str) else spec
-    return name, build_params(get_loss(name).params, raw, f"training defense {name!r}")
-
-
-def training_loss(spec: str | tuple[str, Any]) -> TrainingLoss:
-    """The ``BatchLoss`` for ``SPEC``, its canonical spec, and the inference stages it needs."""
-    name, params = resolve_loss(spec)
-    entry = get_loss(name)
-    return TrainingLoss(entry.build(params), format_spec(name, params), list(entry.inference_stages(params)))
 
 
 def checkpoint_defenses(meta: dict) -> list[str]:

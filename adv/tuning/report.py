@@ -98,7 +98,8 @@ def write_report(out_dir: Path, *, meta: dict[str, Any], records: list[TrialReco
         star = "*" if r.trial_id in front_ids else ""
         obj = f"{r.objective:.3f}" + (f" → {r.recheck_objective:.3f}" if r.recheck_objective is not None else "")
         lines.append(f"| {r.trial_id}{star} | `{r.label}` | {_fmt(r.recheck.get('clean') or r.numbers.get('clean'))} "
-                     f"| {_fmt(r.numbers.get('non_adaptive'))} | {_fmt(r.recheck.get('adaptive') or r.numbers.get('adaptive'))} "
+                     f"| {_fmt(r.numbers.get('non_adaptive'))} "
+                     f"| {_fmt(r.recheck.get('adaptive') or r.numbers.get('adaptive'))} "
                      f"| {obj} | {r.resource:g} | {r.status} |")
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

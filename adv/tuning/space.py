@@ -74,7 +74,7 @@ class Candidate:
 def _component(ns: str, name: str, where: str):
     """The registry entry behind ``stage.NAME`` / ``detector.NAME`` / ``loss.NAME``."""
     if ns == "loss":
-        from adv.train.registry import get_loss
+        from adv.train.losses import get_loss
 
         return get_loss(name)
     from adv.defenses.registry import get_defense
@@ -201,7 +201,7 @@ class SearchSpace:
         loss = None
         if self.losses:
             from adv.specs import format_spec
-            from adv.train.registry import resolve_loss
+            from adv.train.losses import resolve_loss
 
             name = values.get("loss", self.losses[0])
             over = {k.split(".")[2]: v for k, v in values.items() if k.startswith(f"loss.{name}.")}
@@ -264,7 +264,7 @@ def _pipelines(raw: Any) -> tuple[tuple[str, ...], ...]:
 
 
 def _losses(raw: Any, named: list[str], kind: str) -> tuple[str, ...]:
-    from adv.train.registry import get_loss
+    from adv.train.losses import get_loss
 
     given = [raw] if isinstance(raw, str) else list(raw or [])
     for name in given:

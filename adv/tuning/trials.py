@@ -247,7 +247,7 @@ def run_training(loss_spec: str, checkpoint: str, train, val, setting: Setting, 
     """
     from adv.models import create_model, load_checkpoint
     from adv.train import TrainConfig, fit
-    from adv.train.registry import training_loss
+    from adv.train.losses import training_loss
 
     tl = training_loss(loss_spec)
     base, meta = load_checkpoint(checkpoint)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
 from adv.evaluate.report.aggregate import clean_acc
 from adv.evaluate.rows import NONE, TRACK_LABEL
+from adv.evaluate.stats import fmt_ci, pct
 
 #: The one track of the undefended classifier, in every table: its attacks are crafted on the model they score.
 DIRECT = "direct"
@@ -17,10 +17,6 @@ def _track(defense: str, track: str) -> str:
     return DIRECT if defense == NONE else TRACK_LABEL[track]
 
 # --- markdown ---------------------------------------------------------------------------------------------
-def _pct(x: float | None) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
-
-
 def _num(x: float | None, fmt: str = ".3g") -> str:
     return "–" if x is None else format(x, fmt)
 
@@ -32,7 +28,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def _pct_ci(x: float | None, ci) -> str:
     """An accuracy with its 95% interval: ``51.0% [46.6, 55.4]``."""
-    return _pct(x) if x is None or not ci else f"{_pct(x)} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    return pct(x) if x is None or not ci else fmt_ci(x, ci)
 
 
 def accuracy_markdown(summary: dict) -> list[str]:
@@ -122,7 +118,8 @@ def _intro(summary: dict, meta: dict) -> list[str]:
              f"Run `{meta.get('run_dir', '')}` (config key `{str(meta.get('key', ''))[:12]}`), "
              f"{summary['examples']} examples from {meta.get('layout', {}).get('source', '?')}."]
     if meta.get("reuse_from"):
-        lines += ["", f"Adversarials reused from `{meta['reuse_from']}` (non-adaptive track only; nothing regenerated)."]
+        lines += ["", f"Adversarials reused from `{meta['reuse_from']}` "
+                      "(non-adaptive track only; nothing regenerated)."]
     return lines
 
 
@@ -145,9 +142,9 @@ def _attacks_section(summary: dict) -> list[str]:
          "queries", "detected"],
         [[e["defense"], _track(e["defense"], e["track"]), e["attack_key"],
           _pct_ci(e["robust_accuracy"], e.get("robust_accuracy_ci")),
-          _pct(e["success_rate"]),
+          pct(e["success_rate"]),
           _num(e["mean_l2"]), _num(e["mean_linf"]), _num(e["mean_ssim"]), _num(e["mean_psnr"], ".1f"),
-          _num(e["mean_queries"], ".0f"), _pct(e["detected_rate"])] for e in summary["attacks"]])]
+          _num(e["mean_queries"], ".0f"), pct(e["detected_rate"])] for e in summary["attacks"]])]
 
 
 def _figure_sections(meta: dict, figures: dict[str, Path | None]) -> list[str]:

@@ -61,7 +61,8 @@ class DisagreementDetector(ClassifierStage):
 
 
 @register_defense("disagreement", params=DisagreementParams, kind="detector", learned=True, needs_classifier=True,
-                  description="flags inputs where the classifier and its encoder variant disagree (Echeberria-Barrio et al. 2020 Fig. 8)")
+                  description="flags inputs where the classifier and its encoder variant disagree "
+                              "(Echeberria-Barrio et al. 2020 Fig. 8)")
 def disagreement(params: DisagreementParams, classifier=None, data=None,
                  info: StageInfo | None = None) -> DisagreementDetector:
     variant = EncoderClassifier(classifier, params)
