@@ -362,7 +362,8 @@ def _check(x, users, probs) -> tuple[torch.Tensor, torch.Tensor]:
 def _record(user, now, hashes, digest, match, pu, image, probs, feats=None, fmatch=None, alarms=(), tag=None) -> dict:
     """One logged update: the index inserts and the per-user add this query made (None: that detector is off),
     the alarms it raised and the caller's tag."""
-    return {"user": user, "time": now, "alarms": ",".join(alarms), "tag": tag, "features": feats, "fcluster": fmatch.cluster if fmatch is not None else 0,
+    return {"user": user, "time": now, "alarms": ",".join(alarms), "tag": tag, "features": feats,
+            "fcluster": fmatch.cluster if fmatch is not None else 0,
             "hashes": None if hashes is None else hashes[hashes != 0], "digest": digest,
             "chain": match.chain if match is not None else 0,
             "image": image, "probs": probs.numpy() if image is not None else None,

@@ -118,7 +118,8 @@ class Shard:
         self.row_uid = np.zeros(rows, np.uint64)
         self.seen = 0  # queries this shard has indexed (its stream position; the index's next_id when on)
         self._slots: OrderedDict[int, tuple[int, int]] = OrderedDict()  # uid -> (ring slot, feature row), pending
-        self._applied: OrderedDict[int, int] = OrderedDict()  # step -> rounds applied (bits: admit 1, index 2, commit 4)
+        # step -> rounds applied (bits: admit 1, index 2, commit 4)
+        self._applied: OrderedDict[int, int] = OrderedDict()
         self._results: OrderedDict[tuple[int, str], object] = OrderedDict()  # (step, round) -> result (retries)
 
     # ---- rounds ---------------------------------------------------------------------------------------------
@@ -146,8 +147,8 @@ class Shard:
                 per_user = self.users.observe(xt, users, pt, now=now)
                 for u, im, p, d in zip(users, xt, pt.numpy(), per_user):
                     self._log(USER, step, user=u, time=now, probs=p,
-                              image=stored_image(im, self.detector.per_user.downscale).flatten().numpy(), distance=bool(d.near_duplicate),
-                              prediction=bool(d.walked))
+                              image=stored_image(im, self.detector.per_user.downscale).flatten().numpy(),
+                              distance=bool(d.near_duplicate),                              prediction=bool(d.walked))
             return self._done(step, "admit", 1, (outcome, per_user))
 
     def lookup(self, step: int, uids: np.ndarray, hashes: list[np.ndarray] | None, digests: np.ndarray,
