@@ -122,6 +122,10 @@ def traffic_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--benign-users", type=int, default=100)
     p.add_argument("--eps", type=float, default=0.1, help="Square's L-inf budget")
     p.add_argument("--queries", type=int, default=1000, help="Square's query budget")
+    p.add_argument("--latency-reps", type=int, default=100, help="timed observe calls per latency point")
+    p.add_argument("--classifier", default=str(ROOT / "runs" / "fm-lenet" / "model.pt"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--docs", default=str(ROOT / "docs"))
     return p
 
 
@@ -134,10 +138,6 @@ def main(argv=None) -> int:
     p.add_argument("--eps-l2", type=float, default=2.0, help="Square L2's and HopSkipJump's L2 budget")
     p.add_argument("--hsj-steps", type=int, default=10)
     p.add_argument("--hsj-evals", type=int, default=100, help="HopSkipJump gradient-estimation queries per step")
-    p.add_argument("--latency-reps", type=int, default=100, help="timed observe calls per latency point")
-    p.add_argument("--classifier", default=str(ROOT / "runs" / "fm-lenet" / "model.pt"))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--docs", default=str(ROOT / "docs"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0, load0 = time.time(), os.getloadavg()[0]

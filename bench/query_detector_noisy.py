@@ -216,10 +216,6 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, default=0.05, help="half-width of the uniform noise per query")
     p.add_argument("--attackers", nargs="+", default=list(attackers(0.05)), choices=list(attackers(0.05)))
     p.add_argument("--latency-stored", type=int, default=10_000)
-    p.add_argument("--latency-reps", type=int, default=100)
-    p.add_argument("--classifier", default=str(ROOT / "runs" / "fm-lenet" / "model.pt"))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--docs", default=str(ROOT / "docs"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0, load0 = time.time(), os.getloadavg()[0]

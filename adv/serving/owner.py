@@ -53,6 +53,21 @@ class Request:
     images: int
 
 
+def admit(ledger: Ledger, requests, n: int, now: float) -> tuple[list, np.ndarray, list[str]]:
+    """Each request's admission (None, ``{"wait": s}`` or ``{"too_large": reason}``), the mask of the ``n``
+    images that were admitted, and the user of each admitted image, in order."""
+    outcome, keep, start = [], np.zeros(n, bool), 0
+    for r in requests:
+        try:
+            wait = ledger.admit(r.user, now, r.overrides, r.images)
+            outcome.append(None if wait is None else {"wait": wait})
+        except TooLarge as e:
+            outcome.append({"too_large": str(e)})
+        keep[start : start + r.images] = outcome[-1] is None
+        start += r.images
+    return outcome, keep, [r.user for r, o in zip(requests, outcome) if o is None for _ in range(r.images)]
+
+
 def answer(d) -> dict:
     """What a replica gets back for one query (an :class:`adv.detectors.Decision`): only plain values."""
     return {"label": d.label, "probs": d.probs, "blocked": d.action == "block", "alarms": list(d.alarms),
@@ -123,16 +138,7 @@ class DetectorOwner:
             raise ValueError(f"{len(requests)} requests hold {sum(r.images for r in requests)} images, not {len(x)}")
         with self._lock:
             now = time.time()
-            outcome, keep, start = [], np.zeros(len(x), bool), 0
-            for r in requests:
-                try:
-                    wait = self.ledger.admit(r.user, now, r.overrides, r.images)
-                    outcome.append(None if wait is None else {"wait": wait})
-                except TooLarge as e:
-                    outcome.append({"too_large": str(e)})
-                keep[start : start + r.images] = outcome[-1] is None
-                start += r.images
-            users = [r.user for r, o in zip(requests, outcome) if o is None for _ in range(r.images)]
+            outcome, keep, users = admit(self.ledger, requests, len(x), now)
             answers = self._decide(x[keep], users, probs[keep], now) if keep.any() else []
         if keep.any():
             self.detector.flush()  # group commit: this step's updates and any decided meanwhile, one write

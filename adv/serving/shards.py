@@ -56,8 +56,8 @@ from adv.detectors.query_similarity import PredictionSimilarityLayer, stored_ima
 from adv.detectors.state import StateStore, corrupt
 from adv.errors import AdvError
 from adv.serving.config import ServeConfig
-from adv.serving.ledger import ALARMS, Ledger, TooLarge
-from adv.serving.owner import COMPACT_EVERY, Request, answer
+from adv.serving.ledger import ALARMS, Ledger
+from adv.serving.owner import COMPACT_EVERY, Request, admit, answer
 
 #: Log record kinds: a per-user add (admit), an index insert (index), a chain/cluster (commit), a ledger record.
 USER, INSERT, CHAIN, LEDGER = 0, 1, 2, 3
@@ -131,16 +131,7 @@ class Shard:
         with self._lock:
             if (hit := self._repeat(step, "admit", 1)) is not None:
                 return hit
-            outcome, keep, start = [], np.zeros(len(x), bool), 0
-            for r in requests:
-                try:
-                    wait = self.ledger.admit(r.user, now, r.overrides, r.images)
-                    outcome.append(None if wait is None else {"wait": wait})
-                except TooLarge as e:
-                    outcome.append({"too_large": str(e)})
-                keep[start : start + r.images] = outcome[-1] is None
-                start += r.images
-            users = [r.user for r, o in zip(requests, outcome) if o is None for _ in range(r.images)]
+            outcome, keep, users = admit(self.ledger, requests, len(x), now)
             per_user = [None] * len(users)
             if self.users is not None and users:
                 xt, pt = torch.from_numpy(np.array(x[keep])), torch.from_numpy(np.array(probs[keep]))
