@@ -176,7 +176,11 @@ class SFEStage(ClassifierStage):
     def __init__(self, classifier: nn.Module, params: SFEParams, info: StageInfo | None = None):
         dim = feature_dim(classifier)
         super().__init__(classifier, params, info)
-        self.sfe = SFENets(dim, params)
+        # the initial weights come from params.seed, not the global RNG: the same spec trains the same stage
+        # whatever ran before it in the process
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(params.seed)
+            self.sfe = SFENets(dim, params)
 
     def load_stage_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         dim = self.sfe.mean.numel()
