@@ -743,8 +743,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="remove the deployment from --address: Serve (or only --name) and the detector "
                              "state owner(s) `serve shutdown` leaves running; the state stays on disk")
     parser.add_argument("--name", help="with --shutdown: only this application (ServeConfig name, default all)")
-    parser.add_argument("--base-dir", metavar="DIR", help='resolve relative paths against DIR (`--base-dir "$PWD"` '
-                                                          "in a `ray job submit` command: the submitting folder)")
+    common.add_base_dir(parser, "jobs.serve")
     args = parser.parse_args(argv)
 
     def body() -> int:

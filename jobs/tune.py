@@ -304,7 +304,7 @@ def tune_phase(cfg: TuneConfig, uri: str, phase: str, ctx: dict, param_space: di
     res = cfg.resources
     fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx),
                              {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
-    path = f"{uri}/{phase}"
+    path, live = f"{uri}/{phase}", common.live_progress()
     if tune.Tuner.can_restore(path):
         log(f"{phase}: resuming {path} (finished trials are kept)")
         tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True, param_space=param_space)
@@ -316,8 +316,8 @@ def tune_phase(cfg: TuneConfig, uri: str, phase: str, ctx: dict, param_space: di
                                         trial_dirname_creator=_trial_dirname),
             # Tune's status table is a multi-line box every few seconds: a terminal redraws it, a log file
             # would keep every copy (most of a make main log), so logs get one line per finished trial instead
-            run_config=tune.RunConfig(name=phase, storage_path=uri, verbose=1 if common.live_progress() else 0,
-                                      callbacks=[] if common.live_progress() else [trial_lines(phase, log)],
+            run_config=tune.RunConfig(name=phase, storage_path=uri, verbose=1 if live else 0,
+                                      callbacks=[] if live else [trial_lines(phase, log)],
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     return tuner.fit()
@@ -432,16 +432,7 @@ def run(cfg: TuneConfig) -> TuneResult:
            "trace": os.environ.get("ADV_TUNE_TRACE")}  # read on the driver: trial workers have the cluster's env
     param_space, search_alg, samples, search_desc = search_setup(cfg.search, space)
     lap("split")
-    if cfg.kind == "stored":
-        ctx["stored"] = ensure_stored(cfg, split, val, uri)
-        scheduler, sched_desc, resource, full_t = None, "none (one report per trial)", "examples", len(val)
-    elif cfg.kind == "adaptive":
-        resource, full_t = "examples", len(val)
-        scheduler, sched_desc = asha(cfg.asha, resource, full_t, cfg.asha.grace or 64)
-    else:
-        ctx.update(training_ctx(cfg, cfg.training, val))
-        resource, full_t = "epoch", cfg.training.epochs
-        scheduler, sched_desc = asha(cfg.asha, resource, full_t, cfg.asha.grace or 1)
+    scheduler, sched_desc, resource, full_t = sweep_setup(cfg, ctx, split, val, uri)
     lap("stored_set")
     log(f"sweep: {search_desc}, scheduler {sched_desc}, {len(val)} validation images")
     records = records_of(tune_phase(cfg, uri, "sweep", ctx, param_space, search_alg=search_alg,
@@ -467,6 +458,18 @@ def run(cfg: TuneConfig) -> TuneResult:
     store.write_json("timings.json", timings)
     log(f"done in {time.perf_counter() - t0:.0f} s; report {report}; bundle {bundle}")
     return TuneResult(uri, report, bundle, selected, records, warnings, timings)
+
+
+def sweep_setup(cfg: TuneConfig, ctx: dict, split: Split, val, uri: str):
+    """What the sweep phase of ``cfg.kind`` needs, added to ``ctx`` (the stored set, the training data), and
+    ``(scheduler, its description, the ASHA resource, its full budget)``."""
+    if cfg.kind == "stored":
+        ctx["stored"] = ensure_stored(cfg, split, val, uri)
+        return None, "none (one report per trial)", "examples", len(val)
+    if cfg.kind == "adaptive":
+        return (*asha(cfg.asha, "examples", len(val), cfg.asha.grace or 64), "examples", len(val))
+    ctx.update(training_ctx(cfg, cfg.training, val))
+    return (*asha(cfg.asha, "epoch", cfg.training.epochs, cfg.asha.grace or 1), "epoch", cfg.training.epochs)
 
 
 def _stopwatch(timings: dict[str, float]):
