@@ -378,6 +378,7 @@ def asha(cfg: AshaConfig, resource: str, max_t: int, grace: int):
 
     if not cfg.enabled:
         return None, "none"
+    grace = min(grace, max_t)  # a validation subset smaller than the first rung: one rung, not Ray's assertion
     sched = ASHAScheduler(time_attr=resource, max_t=max_t, grace_period=grace,
                           reduction_factor=cfg.reduction_factor)  # metric/mode come from TuneConfig
     return sched, f"ASHA on {resource} (grace {grace}, reduction factor {cfg.reduction_factor}, max {max_t})"

@@ -117,12 +117,8 @@ class TrainingSweepConfig(_Strict):
     def _space(self):
         from adv.tuning.space import SearchSpace
 
-        from adv.errors import ConfigError
-
-        try:
-            SearchSpace.parse(self.space, kind="training")
-        except ConfigError as exc:
-            raise ConfigError(f"training_sweep.{exc}") from None
+        # the error's key path gets its "training_sweep." prefix from the enclosing model's validation
+        SearchSpace.parse(self.space, kind="training")
         return self
 
 

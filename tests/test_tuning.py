@@ -62,6 +62,9 @@ def test_a_bad_config_fails_with_one_line_naming_the_key(tmp_path, capsys):
         parse_tune_config(_cfg(space={"pipeline": [["dwt"]], "stage.dwt.level": [0]}))
     with pytest.raises(ConfigError, match=r"^objective\.max_clean_dropp: unknown key"):
         parse_tune_config(_cfg(objective={"max_clean_dropp": 0.1}))
+    # the key path is named once, not "training_sweep.training_sweep."
+    with pytest.raises(ConfigError, match=r"^training_sweep\.space\.loss: unknown training defense"):
+        parse_tune_config(_cfg(training_sweep={"space": {"loss": ["bogus:x=1"]}}))
     path = write_yaml(tmp_path / "bad.yaml", _cfg(attacks=[{"name": "fgsm", "eps": [-1]}]))
     assert tune_main(["--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -95,6 +98,16 @@ def test_the_shipped_sweep_configs_ship_a_query_detector():
         qd = load_tune_config(Path(__file__).parents[1] / "jobs" / "configs" / name).query_detector
         # the values bench/query_detector.py measured (docs/benchmarks.md), written out so users see and edit them
         assert qd == DetectorConfig(), name
+
+
+def test_asha_grace_never_exceeds_the_subset():
+    # Ray's ASHAScheduler asserts grace_period <= max_t: a validation subset smaller than the first rung
+    # must give one rung, not that assertion.
+    from jobs.tune import asha
+    from jobs.tune_config import AshaConfig
+
+    sched, desc = asha(AshaConfig(), "examples", 40, 64)
+    assert sched is not None and "grace 40" in desc and "max 40" in desc
 
 
 def test_penalty_puts_every_breach_below_every_feasible_trial():
