@@ -87,13 +87,9 @@ def _is_uri(location: str | os.PathLike) -> bool:
 
 
 def _filesystem(uri: str):
-    import pyarrow as pa
-    import pyarrow.fs as pafs
+    from adv.io import open_filesystem
 
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError, OSError) as exc:
-        raise BundleError(f"cannot open bundle location {uri!r}: {exc}") from None
+    return open_filesystem(uri, "bundle location", BundleError)
 
 
 def _local_path(location: str | os.PathLike) -> Path:

@@ -21,21 +21,32 @@ import os
 import uuid
 from typing import Any, BinaryIO, Iterator
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from adv.errors import ConfigError
 
 #: Filesystems (pyarrow ``type_name``) whose rename is atomic.
 RENAMES = ("local", "hdfs")
 
 
-def open_filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a local path (made absolute) or a URI such as ``s3://bucket/x``.
+def open_filesystem(location: str | os.PathLike, setting: str | None = None,
+                    error: type[Exception] = ConfigError) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` for a local path (made absolute) or a URI such as ``s3://bucket/x``: the one place
+    the project opens a location.
 
-    Raises pyarrow's ``ArrowInvalid``/``OSError`` for a URI it cannot open; callers name their setting.
+    A URI pyarrow cannot open raises ``error`` naming ``setting`` (one line) when ``setting`` is given, else
+    pyarrow's own ``ArrowInvalid``/``OSError``.
     """
     location = os.fspath(location)
     if "://" not in location:
         return pafs.LocalFileSystem(), os.path.abspath(location)
-    return pafs.FileSystem.from_uri(location)
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError, OSError) as exc:
+        if setting is None:
+            raise
+        raise error(f"{setting}: cannot open {location!r}: {exc}") from None
 
 
 @contextlib.contextmanager

@@ -34,16 +34,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import adv.io
-from adv.errors import AdvError, ConfigError
+from adv.errors import AdvError
 from adv.io import atomic_output, atomic_write_bytes
 
 
 def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path)`` for a local path (relative is fine) or a URI such as ``s3://bucket/x``."""
-    try:
-        return adv.io.open_filesystem(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-        raise ConfigError(f"output.path: cannot open {uri!r}: {exc}") from None
+    return adv.io.open_filesystem(uri, "output.path")
 
 
 class RunStore:

@@ -48,3 +48,19 @@ def test_object_stores_get_one_put_after_the_block():
         assert f.read() == b"whole"
     assert [i.path for i in fs.get_file_info(pafs.FileSelector("bucket", recursive=True)) if i.is_file] == [
         "bucket/run/x.bin"]
+
+
+def test_one_opener_names_the_setting_of_a_location_it_cannot_open(tmp_path):
+    from adv.bundle import BundleError, load_bundle
+    from adv.detectors.state import StateError, resolve
+    from adv.errors import ConfigError
+    from adv.io import open_filesystem
+
+    fs, path = open_filesystem(tmp_path / "x")
+    assert fs.type_name == "local" and path == str(tmp_path / "x")
+    with pytest.raises(ConfigError, match=r"^output\.path: cannot open 'nosuch://b/x'"):
+        open_filesystem("nosuch://b/x", "output.path")
+    with pytest.raises(StateError, match=r"^state location: cannot open"):
+        resolve("nosuch://b/state")
+    with pytest.raises(BundleError, match=r"bundle location: cannot open"):
+        load_bundle("nosuch://b/bundle")

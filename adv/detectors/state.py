@@ -60,10 +60,7 @@ def corrupt(path: str, why: str) -> StateError:
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it; a plain path is local (made absolute)."""
-    try:
-        return open_filesystem(location)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError, OSError) as e:
-        raise StateError(f"cannot open state location {location!r}: {e}") from None
+    return open_filesystem(location, "state location", StateError)
 
 
 class StateStore:
