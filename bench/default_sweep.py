@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from adv.evaluate.stats import pct
+from adv.evaluate.tables import markdown_table
 from bench.docs import command as command_line, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,13 @@ def _pct(num: dict) -> str:
     return f"{pct(num['value'])} [{pct(lo)}, {pct(hi)}]"
 
 
+def _trial_row(t: dict, cpu: float | None) -> list[str]:
+    num = lambda k: (t.get("recheck") or {}).get(k) or t["numbers"].get(k)  # noqa: E731
+    label = t["candidate"].get("loss") or " + ".join(t["candidate"]["stages"])
+    return [t["trial_id"], f"`{label}`", f"{t['resource']:g}", _pct(num("clean")) if num("clean") else "–",
+            _pct(num("adaptive")) if num("adaptive") else "–", t["status"], f"{cpu:.0f}" if cpu else "–"]
+
+
 def section(r: dict, cmd: str) -> str:
     begin, end = markers("default_sweep")
     nums, prov, s, g = r["numbers"], r["provenance"], r["suite"], r["grid_on_suite_images"]
@@ -99,9 +107,9 @@ def section(r: dict, cmd: str) -> str:
              f"**`{prov['candidate'].get('loss') or ' + '.join(prov['candidate']['stages'])}`** "
              f"({prov.get('kind')} trial {prov.get('trial')}). Its bundle's numbers on the test subset "
              f"({nums['clean']['subset']}), ε = 0.1 L∞, worst case of the grid (FGSM, PGD-10, APGD-CE 25 steps):",
-             "", "| | clean | non-adaptive | adaptive |", "|---|---|---|---|",
-             f"| selected bundle | {_pct(nums['clean'])} | {_pct(nums['non_adaptive'])} "
-             f"| **{_pct(nums['adaptive'])}** |", "",
+             "", *markdown_table(["", "clean", "non-adaptive", "adaptive"],
+                                 [["selected bundle", _pct(nums["clean"]), _pct(nums["non_adaptive"]),
+                                   f"**{_pct(nums['adaptive'])}**"]]), "",
              f"Target adaptive >= 60% with clean >= 80%: **{'met' if ok_robust else 'missed'}**.", "",
              f"Standard suite (APGD-CE, APGD-T, FAB-T, Square) on the first {s['n']} images of the test subset: "
              f"robust {s['robust_acc']:.1%} (clean {s['clean_acc']:.1%}); the sweep's grid attacks on the same images "
@@ -112,15 +120,8 @@ def section(r: dict, cmd: str) -> str:
              f"(the suite finds {100 * (g['robust_acc'] - s['robust_acc']):.1f} points more).", "",
              "Every trial (validation subset; CPU seconds: the trial process's CPU time, "
              "what one idle core takes):", "",
-             "| trial | configuration | epochs | clean | adaptive | status | CPU s |", "|---|---|---|---|---|---|---|"]
-    for t in r["trials"]:
-        num = lambda k: (t.get("recheck") or {}).get(k) or t["numbers"].get(k)  # noqa: E731
-        cpu = r["cpu"].get(t["trial_id"])
-        label = t["candidate"].get("loss") or " + ".join(t["candidate"]["stages"])
-        lines.append(f"| {t['trial_id']} | `{label}` | {t['resource']:g} | "
-                     f"{_pct(num('clean')) if num('clean') else '–'} "
-                     f"| {_pct(num('adaptive')) if num('adaptive') else '–'} "
-                     f"| {t['status']} | {f'{cpu:.0f}' if cpu else '–'} |")
+             *markdown_table(["trial", "configuration", "epochs", "clean", "adaptive", "status", "CPU s"],
+                             [_trial_row(t, r["cpu"].get(t["trial_id"])) for t in r["trials"]])]
     lines += ["", "Sweep phases (wall seconds, this run): "
               + ", ".join(f"{k} {v:.0f}" for k, v in r["timings"].items())]
     if r["stages"]:

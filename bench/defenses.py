@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from adv.evaluate.stats import pct
+from adv.evaluate.tables import markdown_table
 from bench.docs import STAMP, command as command_line, logger, markers, write_section
 import torch
 
@@ -326,6 +327,12 @@ def markdown(command: str, info: str, dwt: dict, results: dict, det: dict, study
                       *_explain_md(iou), "", END])
 
 
+def _robustness_row(row: str, cells: dict, base: dict, cols: list) -> list[str]:
+    gain = {t: 100 * np.mean([cells[c][t] - base[c][t] for c in cols]) for t in ("non-adaptive", "adaptive")}
+    return [row, _pct(cells["clean"]), *(f"{_pct(cells[c]['non-adaptive'])} / {_pct(cells[c]['adaptive'])}"
+                                         for c in cols), f"{gain['non-adaptive']:+.1f}", f"{gain['adaptive']:+.1f}"]
+
+
 def _robustness_md(results: dict, dwt: dict, notes: dict) -> list[str]:
     from adv.defenses import format_defense_spec
 
@@ -336,14 +343,9 @@ def _robustness_md(results: dict, dwt: dict, notes: dict) -> list[str]:
              "and the U-Net; BIM/PGD stop early per example once the *defended* model is fooled, which never "
              "weakens them). A defense that only holds non-adaptively shows a high first number and a low second.",
              "The last two columns average, over the nine attack cells, the gain in points over no defense.",
-             "", "| defense | clean | " + " | ".join(f"{n.upper()} {e}" for n, e in cols)
-             + " | gain non-adaptive | gain adaptive |", "|---|---:|" + "---:|" * (len(cols) + 2)]
-    base = results["no defense"]
-    for row, cells in results.items():
-        gain = {t: 100 * np.mean([cells[c][t] - base[c][t] for c in cols]) for t in ("non-adaptive", "adaptive")}
-        lines.append(f"| {row} | {_pct(cells['clean'])} | " + " | ".join(
-            f"{_pct(cells[c]['non-adaptive'])} / {_pct(cells[c]['adaptive'])}" for c in cols)
-            + f" | {gain['non-adaptive']:+.1f} | {gain['adaptive']:+.1f} |")
+             "", *markdown_table(["defense", "clean", *(f"{n.upper()} {e}" for n, e in cols), "gain non-adaptive",
+                                  "gain adaptive"], [_robustness_row(row, cells, results["no defense"], cols)
+                                                     for row, cells in results.items()], "l" + "r" * (len(cols) + 3))]
     lines += ["", *overlap_md(results, cols, notes.get("n")), "", "![accuracy vs eps](benchmarks_defenses.png)", "",
               "Setup:", ""]
     lines += [f"- {k}: {v}" for k, v in notes.items() if k != "n"]
@@ -358,25 +360,23 @@ def _detector_md(det: dict) -> list[str]:
              "TPR: flagged fraction of successful adversarials; FPR: flagged fraction of clean test images; "
              "undetected: points the attack turns *and* the detector misses (attacker's success, % of all). "
              "Adaptive = the detector-aware attack (per example the worse of a joint margin loss that keeps "
-             "lenet and its encoder variant on the same wrong class, and the plain attack).", "",
-             "| attack | eps | FPR | TPR non-adaptive | AUROC non-adaptive | undetected non-adaptive | "
-             "TPR adaptive | undetected adaptive |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "lenet and its encoder variant on the same wrong class, and the plain attack).", ""]
+    rows = []
     for (name, eps), d in det.items():
         na, ad = d["non-adaptive"], d["adaptive"]
-        lines.append(f"| {name.upper()} | {eps} | {_pct(na['fpr'])} | {_pct(na['tpr'])} | {na['auroc']:.3f} | "
-                     f"{_pct(na['undetected_success'])} | {_pct(ad['tpr'])} | {_pct(ad['undetected_success'])} |")
-    return lines
+        rows.append([name.upper(), eps, _pct(na["fpr"]), _pct(na["tpr"]), f"{na['auroc']:.3f}",
+                     _pct(na["undetected_success"]), _pct(ad["tpr"]), _pct(ad["undetected_success"])])
+    return lines + markdown_table(["attack", "eps", "FPR", "TPR non-adaptive", "AUROC non-adaptive",
+                                   "undetected non-adaptive", "TPR adaptive", "undetected adaptive"], rows, "lrrrrrrr")
 
 
 def _study_md(study: list[dict]) -> list[str]:
     lines = ["", "### U-Net: quality vs training epochs and parameter count (Himbitski et al. 2024)", "",
              "Non-adaptive accuracy (%) on adversarials crafted on lenet at eps 0.1; PSNR of u(x_adv) against the "
              "clean x. Trained with FGSM pairs only (the table above uses FGSM + PGD pairs).", "",
-             "| width | parameters | epoch | clean | FGSM 0.1 | PGD-10 0.1 | PSNR dB |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in study:
-        lines.append(f"| {r['width']} | {r['parameters']:,} | {r['epoch']} | {_pct(r['clean'])} | "
-                     f"{_pct(r['fgsm@0.1'])} | {_pct(r['pgd@0.1'])} | {r['psnr_pgd@0.1']:.1f} |")
+             *markdown_table(["width", "parameters", "epoch", "clean", "FGSM 0.1", "PGD-10 0.1", "PSNR dB"],
+                             [[r["width"], f"{r['parameters']:,}", r["epoch"], _pct(r["clean"]), _pct(r["fgsm@0.1"]),
+                               _pct(r["pgd@0.1"]), f"{r['psnr_pgd@0.1']:.1f}"] for r in study], "rrrrrrr")]
     return lines + ["", "![U-Net study](benchmarks_defenses_unet.png)"]
 
 
@@ -389,11 +389,10 @@ def _explain_md(iou: dict) -> list[str]:
              f"{grid[0]}x{grid[1]} grid, Wu et al. 2022 (AAD) eq. 6, Table 3), "
              "among test images lenet classifies correctly; "
              "each cell is **attack succeeded / attack failed**:", "",
-             "| #cell | " + " | ".join(f"{n.upper()} eps {e}" for n, e in keys) + " |",
-             "|---:|" + "---:|" * len(keys)]
-    for i, n in enumerate(r["cells"] for r in iou[keys[0]]["rows"]):
-        lines.append(f"| {n} | " + " | ".join(
-            f"{iou[k]['rows'][i]['iou_succeed']:.3f} / {iou[k]['rows'][i]['iou_fail']:.3f}" for k in keys) + " |")
+             *markdown_table(["#cell", *(f"{n.upper()} eps {e}" for n, e in keys)],
+                             [[n, *(f"{iou[k]['rows'][i]['iou_succeed']:.3f} / {iou[k]['rows'][i]['iou_fail']:.3f}"
+                                    for k in keys)] for i, n in enumerate(r["cells"] for r in iou[keys[0]]["rows"])],
+                             "r" * (len(keys) + 1))]
     counts = "; ".join(f"{n.upper()} {e}: {t['n_succeed']} succeeded, {t['n_fail']} failed, {t['n_no_attention']} "
                        "without attention" for (n, e), t in iou.items())
     return lines + ["", f"({counts}. Only cells with positive attention count as attention area; pairs where both "

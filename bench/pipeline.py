@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adv.evaluate.tables import markdown_table
 from bench.docs import command as command_line, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,6 +194,12 @@ def scale(args, argv) -> int:
     return 0
 
 
+def _rss_row(label: str, r: dict) -> list[str]:
+    c, w = r.get("commit_seconds") or {}, r.get("part_write_seconds") or {}
+    return [label, r["n"], f"{r['peak_rss_mb']:.0f}", f"{c['median']:.2f} / {c['max']:.2f}" if c else
+            "in the driver (not timed)", f"{w['median']:.3f}" if w else "-", f"{r['wall_seconds']:.1f}"]
+
+
 def scale_markdown(docs: Path) -> str:
     begin, end = markers("pipeline-scale")
     lines = [begin, "## Pipeline: driver memory, commit time, simulated nodes", "",
@@ -203,21 +210,15 @@ def scale_markdown(docs: Path) -> str:
              "examples, as with a fixed `shards:` in a config). Before this change the driver buffered each shard's "
              "rows until its last one arrived; after it, it holds part metadata only. Fashion-MNIST rows are small "
              "(a 1x28x28 image), so the buffered shard is a few MB against a driver of ~900 MB; with 3x224x224 "
-             "images the same buffer is ~190x larger per row.", "",
-             "| code | examples | driver peak RSS, MB | commit s per shard (median / max) | part write s (median) "
-             "| wall s |", "|---|---:|---:|---:|---:|---:|"]
+             "images the same buffer is ~190x larger per row.", ""]
     runs = {}
     for label in ("before", "after"):
         f = docs / f"benchmarks_pipeline_scale_{label}.json"
         if f.is_file():
             runs[label] = json.loads(f.read_text())
-    for label, res in runs.items():
-        for r in res["rss"]:
-            c, w = r.get("commit_seconds") or {}, r.get("part_write_seconds") or {}
-            commit = f"{c['median']:.2f} / {c['max']:.2f}" if c else "in the driver (not timed)"
-            write = f"{w['median']:.3f}" if w else "-"
-            lines.append(f"| {label} | {r['n']} | {r['peak_rss_mb']:.0f} | {commit} | {write} | "
-                         f"{r['wall_seconds']:.1f} |")
+    lines += markdown_table(["code", "examples", "driver peak RSS, MB", "commit s per shard (median / max)",
+                             "part write s (median)", "wall s"],
+                            [_rss_row(label, r) for label, res in runs.items() for r in res["rss"]], "lrrrrr")
     for label, res in runs.items():
         if res.get("rss_ratio"):
             lines.append("")
@@ -230,11 +231,11 @@ def scale_markdown(docs: Path) -> str:
         lines += ["", f"Simulated 3-node cluster vs one node at the same total CPUs (3), PGD-10, "
                       f"{after['n']} images, 2 actors x 1 CPU (on the worker nodes in the cluster), "
                       f"{len(after['single'])} alternated runs each:", "",
-                  "| setup | images/s per run | median |", "|---|---|---:|",
-                  "| one node, 3 CPUs | " + ", ".join(f"{x['images_per_second']:.1f}" for x in after["single"])
-                  + f" | {after['single_median']:.1f} |",
-                  "| head + 2 worker nodes, 1 CPU each | " + ", ".join(
-                      f"{x['images_per_second']:.1f}" for x in after["nodes"]) + f" | {after['nodes_median']:.1f} |",
+                  *markdown_table(["setup", "images/s per run", "median"], [
+                      [name, ", ".join(f"{x['images_per_second']:.1f}" for x in after[key]),
+                       f"{after[key + '_median']:.1f}"]
+                      for name, key in (("one node, 3 CPUs", "single"),
+                                        ("head + 2 worker nodes, 1 CPU each", "nodes"))], "llr"),
                   "", f"3-node / single-node = **{after['nodes_ratio']:.2f}** (target at least 0.9). All 'nodes' "
                       "share one 2-core machine, which 7 other engineers also used while this ran (load average "
                       f"{after['load_average'][0]:.0f}), so a ratio above 1 is noise, not a speed-up: the spread "
@@ -361,14 +362,14 @@ def markdown(result: dict, command: str, torch_version: str, ray_version: str) -
         f"Produced by `{command}` on {cores} cores, no GPU, torch {torch_version}, Ray {ray_version} "
         f"(load average {load} at the end).", "",
         "![pipeline throughput](benchmarks_pipeline.png)", "",
-        "| attack | images | batch | single-process loop, images/s | Ray Data pipeline, images/s (whole stage) "
-        "| pipeline / best loop | pipeline start-up, s | pipeline steady, images/s | steady / best loop |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {result['attack']} | {n} | {result['batch_size']} | {loop[f'{cores}_threads']:.1f} ({cores} threads) / "
-        f"{loop['1_thread']:.1f} (1 thread) | {result['pipeline_images_per_s']:.1f} "
-        f"({result['actors']} actors x 1 core) "
-        f"| **{result['ratio_vs_best_loop']:.2f}** | {result['startup_seconds']:.1f} | {steady:.1f} "
-        f"| {result['steady_ratio_vs_best_loop']:.2f} |", "",
+        *markdown_table(
+            ["attack", "images", "batch", "single-process loop, images/s", "Ray Data pipeline, images/s (whole stage)",
+             "pipeline / best loop", "pipeline start-up, s", "pipeline steady, images/s", "steady / best loop"],
+            [[result["attack"], n, result["batch_size"],
+              f"{loop[f'{cores}_threads']:.1f} ({cores} threads) / {loop['1_thread']:.1f} (1 thread)",
+              f"{result['pipeline_images_per_s']:.1f} ({result['actors']} actors x 1 core)",
+              f"**{result['ratio_vs_best_loop']:.2f}**", f"{result['startup_seconds']:.1f}", f"{steady:.1f}",
+              f"{result['steady_ratio_vs_best_loop']:.2f}"]], "l" + "r" * 8), "",
         f"Target: >= 0.9 of the faster single-process loop on one node, measured on the **whole stage** (the bold "
         f"column); median of {result['repeats']} alternated repeats. The whole stage is what a user waits for: "
         "actor start-up (worker processes, imports, model load, first batch), scheduling, the actors' Parquet "

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from adv.evaluate.stats import pct
+from adv.evaluate.tables import markdown_table
 from bench.docs import CpuStamp, command as command_line, logger, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,13 +349,17 @@ def _ms(res: dict, row: str, key: str) -> str:
 
 
 def paper_md(paper: dict) -> list[str]:
-    lines = ["| set | n natural (train/test) | " + " | ".join(ROWS_PAPER) + " |",
-             "|---|---:|" + "---:|" * len(ROWS_PAPER)]
-    for name, res in paper.items():
-        cells = [_ms(res, r, "nat_test") for r in ROWS_PAPER]
-        counts = f"{res['n_natural']} ({res['n_train'] // 2}/{res['n_test']})"
-        lines.append(f"| {name} | {counts} | " + " | ".join(cells) + " |")
-    return lines
+    return markdown_table(
+        ["set", "n natural (train/test)", *ROWS_PAPER],
+        [[name, f"{res['n_natural']} ({res['n_train'] // 2}/{res['n_test']})",
+          *(_ms(res, r, "nat_test") for r in ROWS_PAPER)] for name, res in paper.items()],
+        "lr" + "r" * len(ROWS_PAPER))
+
+
+def _adaptive_row(name: str, v: dict) -> list[str]:
+    acc, tr, jo = v["accuracy"], v["advd_transfer"], v["advd_joint"]
+    return [name, *(_pct(acc[k]) for k in ("clean", "transfer", "end_to_end", "joint")), _pct(tr["tpr"]),
+            _pct(jo["tpr"]), _pct(tr["fpr"]), _pct(tr["undetected_success"]), _pct(jo["undetected_success"])]
 
 
 def markdown(ctx: dict) -> str:
@@ -374,33 +379,30 @@ def markdown(ctx: dict) -> str:
              "**3. Disjoint protocol.** SFE trained only on benign training images and their PGD adversarials "
              f"({d['n_train_benign']} images, {d['n_train_pairs']} successful pairs, L∞ ε={EPS}, 10 steps); "
              "PGD adversarials of the test split are crafted on the undefended target (non-adaptive).", "",
-             "| test set | undefended | SFE (disjoint) |", "|---|---:|---:|",
-             *[f"| {k} (all {ctx['n_nat'][k]}) | {_pct(d[k]['undefended'])} | {_pct(d[k]['SFE'])} |" for k in p],
-             f"| PGD ε={EPS} on {ctx['n_pgd']} test images | {_pct(d['pgd_test']['undefended'])} | "
-             f"{_pct(d['pgd_test']['SFE'])} |", "",
+             *markdown_table(["test set", "undefended", "SFE (disjoint)"],
+                             [*([f"{k} (all {ctx['n_nat'][k]})", _pct(d[k]["undefended"]), _pct(d[k]["SFE"])]
+                                for k in p),
+                              [f"PGD ε={EPS} on {ctx['n_pgd']} test images", _pct(d["pgd_test"]["undefended"]),
+                               _pct(d["pgd_test"]["SFE"])]], "lrr"), "",
              f"**4. Clean-accuracy cost** on {ctx['n_clean']} test images outside both natural sets "
              "(paper-protocol rows: mean over seeds).", "",
-             "| model | clean accuracy |", "|---|---:|",
-             f"| undefended target | {_pct(d['clean']['undefended'])} |",
-             *[f"| {r} (paper protocol, {ind}) | {_ms(p[ind], r, 'clean')} |" for r in ROWS_PAPER[1:]],
-             f"| SFE (disjoint, PGD-trained) | {_pct(d['clean']['SFE'])} |", "",
+             *markdown_table(["model", "clean accuracy"],
+                             [["undefended target", _pct(d["clean"]["undefended"])],
+                              *([f"{r} (paper protocol, {ind})", _ms(p[ind], r, "clean")] for r in ROWS_PAPER[1:]),
+                              ["SFE (disjoint, PGD-trained)", _pct(d["clean"]["SFE"])]], "lr"), "",
              f"**5. AdvD** (threshold 0.5; clean = {ctx['n_clean']} test images; PGD = the successful ones).", "",
-             "| AdvD of | adversarials | TPR | FPR | AUROC | n adversarial |", "|---|---|---:|---:|---:|---:|",
-             *[f"| {k.split(' | ')[0]} | {k.split(' | ')[1]} | {_pct(v['tpr'])} | {_pct(v['fpr'])} | "
-               f"{v['auroc']:.3f} | {v['n_adversarial']} |" for k, v in adv.items()], "",
+             *markdown_table(["AdvD of", "adversarials", "TPR", "FPR", "AUROC", "n adversarial"],
+                             [[*k.split(" | ")[:2], _pct(v["tpr"]), _pct(v["fpr"]), f"{v['auroc']:.3f}",
+                               v["n_adversarial"]] for k, v in adv.items()], "llrrrr"), "",
              f"**6. Adaptive evaluation** ({ctx['n_pgd']} test images, PGD L∞ ε={EPS}, 10 steps). "
              "*Transfer*: crafted on the undefended target (non-adaptive); *end to end*: PGD through "
              "features → PG → head; *joint*: "
              "`detector_aware_attack` (fool the re-identified prediction and keep AdvD's logit under its "
              "threshold, worst case with plain PGD). AdvD columns as for the other detectors: TPR on successful "
              "adversarials, and the attacker's undetected success over all points.", "",
-             "| SFE | clean | transfer | end to end | joint | AdvD TPR transfer | AdvD TPR joint | AdvD FPR | "
-             "undetected success transfer | undetected success joint |", "|---|" + "---:|" * 9,
-             *[f"| {k} | {_pct(v['accuracy']['clean'])} | {_pct(v['accuracy']['transfer'])} | "
-               f"{_pct(v['accuracy']['end_to_end'])} | {_pct(v['accuracy']['joint'])} | "
-               f"{_pct(v['advd_transfer']['tpr'])} | {_pct(v['advd_joint']['tpr'])} | "
-               f"{_pct(v['advd_transfer']['fpr'])} | {_pct(v['advd_transfer']['undetected_success'])} | "
-               f"{_pct(v['advd_joint']['undetected_success'])} |" for k, v in a.items()], "",
+             *markdown_table(["SFE", "clean", "transfer", "end to end", "joint", "AdvD TPR transfer",
+                              "AdvD TPR joint", "AdvD FPR", "undetected success transfer", "undetected success joint"],
+                             [_adaptive_row(k, v) for k, v in a.items()], "l" + "r" * 9), "",
              "![SFE vs controls](benchmarks_sfe.png)", "",
              f"Grad-CAM before / after re-identification on the 20% test part ({ind}, seed 0; "
              f"{ctx['gradcam']['fixed_total']} of {ctx['gradcam']['n']} test images are fixed by SFE, red titles are "

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from adv.evaluate.stats import pct
+from adv.evaluate.tables import markdown_table
 from bench.docs import markers, write_section
 from bench.training_defenses_grid import BUDGET, COLUMNS, EPS, PAPER, PAPER_BUDGET, ROWS
 
@@ -43,19 +44,16 @@ def _suite(cells: dict) -> str:
 
 
 def table(data: dict[str, dict]) -> list[str]:
-    lines = ["| defense | | " + " | ".join(HEADER) + " | standard suite | flags |",
-             "|---|---|" + "---|" * (len(HEADER) + 2)]
+    rows = []
     for row, (label, _) in ROWS.items():
-        r = data.get(row, {})
-        cells = r.get("cells", {})
+        cells = data.get(row, {}).get("cells", {})
         ours = [_cell(_clean_cell(cells))] + [_cell(cells.get(c)) for c in COLUMNS]
         flags = sorted({f for c in cells.values() for f in c.get("flags", [])})
         status = "" if len(cells) >= len(COLUMNS) else (" (training)" if not cells else " (partial)")
-        lines.append(f"| **{label}**{status} | ours | " + " | ".join(ours) +
-                     f" | {_suite(cells)} | {', '.join(flags) or 'none'} |")
+        rows.append([f"**{label}**{status}", "ours", *ours, _suite(cells), ", ".join(flags) or "none"])
         if row in PAPER:
-            lines.append("| | paper | " + " | ".join(f"{v:.2f}" for v in PAPER[row]) + " | – | – |")
-    return lines
+            rows.append(["", "paper", *(f"{v:.2f}" for v in PAPER[row]), "–", "–"])
+    return markdown_table(["defense", "", *HEADER, "standard suite", "flags"], rows)
 
 
 def figure(data: dict[str, dict], path: Path) -> bool:
@@ -148,9 +146,9 @@ def extras(data: dict[str, dict]) -> list[str]:
     if se:
         out += ["### α/β sensitivity (Wu et al. Fig. 8; their figure is CIFAR-10, this is MNIST)", "",
                 "Madry + AAD at a reduced budget (10k training images, 2 epochs, PGD-7); PGD-40 accuracy:", "",
-                "| α, β | clean (test) | PGD-40 |", "|---|---|---|"]
-        out += [f"| {k} | {100 * (v.get('test_acc') or 0):.1f} | {_cell(v['pgd40'])} |" for k, v in se.items()]
-        out += [""]
+                *markdown_table(["α, β", "clean (test)", "PGD-40"],
+                                [[k, f"{100 * (v.get('test_acc') or 0):.1f}", _cell(v["pgd40"])]
+                                 for k, v in se.items()]), ""]
     return out
 
 
@@ -161,16 +159,16 @@ def _subsets(data: dict[str, dict]) -> list[str]:
         return []
     out = ["### What else moves PGD-40: the images and the step", "",
            f"PGD-40 at ε = {EPS} on the strongest Madry models. The table above uses the first 1000 test images "
-           "and our step (2.5·ε/k from a random start); the paper states neither its test images nor its step.", "",
-           "| model | first 1000, our step (the table) | first 1000, step 0.01 | all 10,000, our step "
-           "| all 10,000, step 0.01 | paper |", "|---|---|---|---|---|---|"]
+           "and our step (2.5·ε/k from a random start); the paper states neither its test images nor its step.", ""]
+    rows = []
     for name in names:
         first = data.get(name, {}).get("cells", data.get(name, {})).get("pgd40")  # a row's cell, or published's
         label = ROWS[name][0] if name in ROWS else "published Madry LeNet5 (advertorch)"
         paper = f"{PAPER[name][4]:.2f}" if name in PAPER else "–"
-        out.append(f"| {label} | {_cell(first)} | {_cell(sub.get(name + '/step_0.01'))} | "
-                   f"{_cell(sub.get(name + '/all'))} | {_cell(sub.get(name + '/all_step_0.01'))} | {paper} |")
-    return out + [""]
+        rows.append([label, _cell(first), *(_cell(sub.get(name + k)) for k in ("/step_0.01", "/all", "/all_step_0.01")),
+                     paper])
+    return out + markdown_table(["model", "first 1000, our step (the table)", "first 1000, step 0.01",
+                                 "all 10,000, our step", "all 10,000, step 0.01", "paper"], rows) + [""]
 
 
 def _suite_n(rows: dict) -> int:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from adv.evaluate.tables import markdown_table
 from bench.docs import command as command_line, markers, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,25 +174,24 @@ def section(r: dict, cmd: str) -> str:
              f"K = {r['k']} DWT configurations on the stored non-adaptive track, {r['n']} Fashion-MNIST validation "
              f"images, {r['attack']}, {r['model']}; {r['cpus']} CPU cores, load average "
              f"{r['load_average'][0]:.1f} at the end (the machine was shared with other jobs).", "",
-             "| | seconds |", "|---|---|",
-             f"| one process: generate the set once | {b['generate_seconds']:.1f} |",
-             f"| one process: {r['k']} stored evaluations | {b['evaluate_seconds']:.1f} |",
-             f"| **one process, total** | **{b['total_seconds']:.1f}** |",
-             f"| sweep, cold start to the end of the sweep phase | **{s['sweep_seconds']:.1f}** |",
-             f"| … of which Ray start-up / split / stored set (generated once) / Tune trials | {st['ray']:.1f} / "
-             f"{st['split']:.1f} / {st['stored_set']:.1f} / {st['sweep']:.1f} |",
-             f"| after the sweep: adaptive re-check of the best, test-subset numbers, bundle, report | "
-             f"{s['after_sweep_seconds']:.1f} |", "",
+             *markdown_table(["", "seconds"], [
+                 ["one process: generate the set once", f"{b['generate_seconds']:.1f}"],
+                 [f"one process: {r['k']} stored evaluations", f"{b['evaluate_seconds']:.1f}"],
+                 ["**one process, total**", f"**{b['total_seconds']:.1f}**"],
+                 ["sweep, cold start to the end of the sweep phase", f"**{s['sweep_seconds']:.1f}**"],
+                 ["… of which Ray start-up / split / stored set (generated once) / Tune trials",
+                  f"{st['ray']:.1f} / {st['split']:.1f} / {st['stored_set']:.1f} / {st['sweep']:.1f}"],
+                 ["after the sweep: adaptive re-check of the best, test-subset numbers, bundle, report",
+                  f"{s['after_sweep_seconds']:.1f}"]]), "",
              f"**Ratio sweep / one process: {r['ratio']:.2f}** (target <= {r['target']}: "
              f"{'met' if r['ratio'] <= r['target'] else 'missed'}).", ""]
     if r["adaptive"]:
         lines += ["Adaptive track (each trial attacks its own pipeline; half the configurations put a 1-bit "
                   "quantizer in front, which breaks the clean-accuracy constraint):", "",
-                  "| | s / trial | examples / trial | trials stopped |", "|---|---|---|---|"]
-        for k, v in r["adaptive"].items():
-            lines.append(f"| {k.replace('_', ' ')} | {v['seconds_per_trial']:.1f} | {v['examples_per_trial']:.0f} "
-                         f"| {v['stopped']} |")
-        lines.append("")
+                  *markdown_table(["", "s / trial", "examples / trial", "trials stopped"],
+                                  [[k.replace("_", " "), f"{v['seconds_per_trial']:.1f}",
+                                    f"{v['examples_per_trial']:.0f}", v["stopped"]] for k, v in r["adaptive"].items()]),
+                  ""]
     lines += ["```", cmd, "```", end]
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from adv.evaluate.tables import markdown_table
 from adv.tuning.objective import TrialRecord, pareto_front
 
 _NAMES = {"clean": "clean", "non_adaptive": "non-adaptive", "adaptive": "adaptive"}
@@ -17,6 +18,19 @@ def _fmt(num: dict | None) -> str:
         return "–"
     lo, hi = num["ci95"]
     return f"{num['value']:.3f} [{lo:.3f}, {hi:.3f}] (n={num['n']})"
+
+
+def _rank(r: TrialRecord) -> float:
+    """Best first: the adaptive re-check's objective where there is one, failed trials (NaN) last."""
+    return -(r.recheck_objective if r.recheck_objective is not None
+             else (r.objective if not math.isnan(r.objective) else -9))
+
+
+def _trial_row(r: TrialRecord, front_ids: set) -> list[str]:
+    obj = f"{r.objective:.3f}" + (f" → {r.recheck_objective:.3f}" if r.recheck_objective is not None else "")
+    return [f"{r.trial_id}{'*' if r.trial_id in front_ids else ''}", f"`{r.label}`",
+            _fmt(r.recheck.get("clean") or r.numbers.get("clean")), _fmt(r.numbers.get("non_adaptive")),
+            _fmt(r.recheck.get("adaptive") or r.numbers.get("adaptive")), obj, f"{r.resource:g}", r.status]
 
 
 def _points(records: list[TrialRecord]) -> list[tuple[TrialRecord, float, float]]:
@@ -91,16 +105,8 @@ def write_report(out_dir: Path, *, meta: dict[str, Any], records: list[TrialReco
               "Validation numbers with Wilson 95% intervals. *non-adaptive*: adversarials crafted on the undefended "
               "classifier; *adaptive*: crafted on the trial's own pipeline (for stored trials, the adaptive re-check)."
               " `*` marks the Pareto front of clean vs adaptive.", "",
-              "| trial | configuration | clean | non-adaptive | adaptive | objective | resource | status |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: -(r.recheck_objective if r.recheck_objective is not None
-                                             else (r.objective if not math.isnan(r.objective) else -9))):
-        star = "*" if r.trial_id in front_ids else ""
-        obj = f"{r.objective:.3f}" + (f" → {r.recheck_objective:.3f}" if r.recheck_objective is not None else "")
-        lines.append(f"| {r.trial_id}{star} | `{r.label}` | {_fmt(r.recheck.get('clean') or r.numbers.get('clean'))} "
-                     f"| {_fmt(r.numbers.get('non_adaptive'))} "
-                     f"| {_fmt(r.recheck.get('adaptive') or r.numbers.get('adaptive'))} "
-                     f"| {obj} | {r.resource:g} | {r.status} |")
+              *markdown_table(["trial", "configuration", "clean", "non-adaptive", "adaptive", "objective", "resource",
+                               "status"], [_trial_row(r, front_ids) for r in sorted(records, key=_rank)])]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

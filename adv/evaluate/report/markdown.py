@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 from adv.evaluate.report.aggregate import clean_acc
 from adv.evaluate.rows import NONE, TRACK_LABEL
 from adv.evaluate.stats import fmt_ci, pct
+from adv.evaluate.tables import markdown_table
 
 #: The one track of the undefended classifier, in every table: its attacks are crafted on the model they score.
 DIRECT = "direct"
@@ -19,11 +19,6 @@ def _track(defense: str, track: str) -> str:
 # --- markdown ---------------------------------------------------------------------------------------------
 def _num(x: float | None, fmt: str = ".3g") -> str:
     return "–" if x is None else format(x, fmt)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
 
 
 def _pct_ci(x: float | None, ci) -> str:
@@ -48,8 +43,9 @@ def accuracy_markdown(summary: dict) -> list[str]:
         for t in tracks:
             rows.append([d, _track(d, t), _pct_ci(c, clean_ci.get(d)), *(acc.get((d, t, k), "–") for k in keys),
                          *(worst.get((d, t, n, e), "–") for n, e in eps_groups)])
-    return [*_table(header, rows), *(["", "Accuracies carry 95% Wilson intervals (binomial, over the examples).",
-                                      *_overlap_lines(summary.get("interval_overlaps", []))] if rows else [])]
+    return [*markdown_table(header, rows),
+            *(["", "Accuracies carry 95% Wilson intervals (binomial, over the examples).",
+               *_overlap_lines(summary.get("interval_overlaps", []))] if rows else [])]
 
 
 def _overlap_lines(overlaps: list[dict]) -> list[str]:
@@ -64,7 +60,7 @@ def _overlap_lines(overlaps: list[dict]) -> list[str]:
             where.setdefault((a, b), {}).setdefault(o["track"], []).append(threat)
     return ["", "Worst cases whose 95% intervals overlap: the difference between the two defenses is within "
             "sampling noise at this n, so neither ranks above the other there.", "",
-            *_table(["defenses", *(TRACK_LABEL[t] for t in tracks)],
+            *markdown_table(["defenses", *(TRACK_LABEL[t] for t in tracks)],
                     [[f"{a} ~ {b}", *(", ".join(w.get(t, [])) or "–" for t in tracks)]
                      for (a, b), w in where.items()])]
 
@@ -137,7 +133,7 @@ def _robust_section(summary: dict, figures: dict[str, Path | None]) -> list[str]
 
 
 def _attacks_section(summary: dict) -> list[str]:
-    return ["", "## Attacks", "", *_table(
+    return ["", "## Attacks", "", *markdown_table(
         ["defense", "track", "attack", "robust acc", "success rate", "mean L2", "mean Linf", "SSIM", "PSNR dB",
          "queries", "detected"],
         [[e["defense"], _track(e["defense"], e["track"]), e["attack_key"],
@@ -168,10 +164,11 @@ def _iou_section(summary: dict) -> list[str]:
         "Mean IoU of the top-N Grad-CAM cells of the clean vs the adversarial image, among examples "
         "correct before the attack, for successful (succeed) and failed (fail) attacks; pairs of two "
         "all-zero maps have no attention area and are left out.", "",
-        *_table(["defense", "track", "attack", "n succeed", "n fail", *(f"#cell {c} succeed / fail" for c in cells)],
-                [[e["defense"], e["track"], e["attack_key"], e["n_succeed"], e["n_fail"],
-                  *(f"{_num(e['cells'].get(c, {}).get('succeed'))} / {_num(e['cells'].get(c, {}).get('fail'))}"
-                    for c in cells)] for e in summary["attention_iou"]])]
+        *markdown_table(
+            ["defense", "track", "attack", "n succeed", "n fail", *(f"#cell {c} succeed / fail" for c in cells)],
+            [[e["defense"], e["track"], e["attack_key"], e["n_succeed"], e["n_fail"],
+              *(f"{_num(e['cells'].get(c, {}).get('succeed'))} / {_num(e['cells'].get(c, {}).get('fail'))}"
+                for c in cells)] for e in summary["attention_iou"]])]
 
 
 def _flags_section(summary: dict) -> list[str]:
@@ -183,11 +180,11 @@ def _flags_section(summary: dict) -> list[str]:
 
 
 def _throughput_section(summary: dict, meta: dict) -> list[str]:
-    return ["", "## Throughput", "", *_table(
+    return ["", "## Throughput", "", *markdown_table(
         ["attack", "track", "attacked model", "images", "actor seconds", "images/s"],
         [[t["attack_key"], t["track"], t["attacked"], t["images"], f"{t['seconds']:.1f}",
           f"{t['images_per_second']:.1f}"] for t in summary["throughput"]]),
-        "", "Attempts (a resumed run has several):", "", *_table(
+        "", "Attempts (a resumed run has several):", "", *markdown_table(
         ["attempt", "shards", "examples", "wall s", "first result s", "images/s (whole grid)",
          "steady images/s", "actors", "GPUs/actor"],
         [[a.get("attempt"), len(a.get("shards", [])), a.get("examples"), f"{a.get('wall_seconds', 0):.1f}",
