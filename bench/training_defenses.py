@@ -319,8 +319,18 @@ def main(argv=None) -> int:
         shown = list(sys.argv[1:] if argv is None else argv)
         if "--note" in shown:  # the note is prose for the section, not part of the measurement
             del shown[shown.index("--note") : shown.index("--note") + 2]
-        write_docs(ROOT / "docs", RESULTS, command_line("training_defenses", shown), args.note)
+        write_docs(ROOT / "docs", RESULTS, command_line("training_defenses", shown), stored_note(args.note))
     return 0
+
+
+def stored_note(note: str) -> str:
+    """The docs paragraph: a new ``--note`` is kept beside the results, so a later run or ``--docs-only``
+    (which passes none) rewrites the section with it instead of dropping it."""
+    path = RESULTS / "note.md"
+    if note:
+        path.write_text(note.strip() + "\n")
+        return note
+    return path.read_text().strip() if path.exists() else ""
 
 
 if __name__ == "__main__":
