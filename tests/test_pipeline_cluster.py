@@ -60,13 +60,14 @@ def ckpt(tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp("tiny"))
 
 
-def _config(ckpt, out: Path, n: int) -> dict:
-    """Two actors of half a CPU each, on worker nodes: either node can take both when the other is lost."""
+def _config(ckpt, out: Path, n: int, evaluator: int = 1) -> dict:
+    """Two actors of half a CPU each, on worker nodes: either node can take both when the other is lost
+    (``evaluator=2``: each actor needs a whole worker node's ``evaluator`` resource, so one per node)."""
     return tiny_config(ckpt, out, dataset={"name": "digits", "n": n, "seed": 1}, defenses=[],
                        attacks=[{"name": "fgsm", "eps": [0.1]}, {"name": "pgd", "eps": [0.3], "steps": [2]}],
                        adaptive=False, features=["logits"], shards=3,
                        resources={"actors": 2, "batch_size": 4, "cpus_per_actor": 0.5,
-                                  "custom": {"evaluator": 1}})
+                                  "custom": {"evaluator": evaluator}})
 
 
 def _keys(run_dir: str) -> np.ndarray:
@@ -88,8 +89,19 @@ def test_the_pool_spreads_over_the_nodes_and_every_node_writes(cluster, ckpt, tm
     from jobs.evaluate import run
 
     c, workers = cluster
-    cfg = parse_config(_config(ckpt, tmp_path, n=24))
-    result = run(cfg, report=False)
+    # Placement and start-up are Ray's: on a loaded machine the first actor can finish all 6 blocks before the
+    # second has started, or both could land on one node. One actor per node by resources, and the pool waits
+    # for both before the first block, so the test checks what is ours: every node computes, writes its own
+    # parts and is named in the attempt record.
+    from ray.data import DataContext
+
+    cfg = parse_config(_config(ckpt, tmp_path, n=24, evaluator=2))
+    ctx = DataContext.get_current()
+    before, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 300
+    try:
+        result = run(cfg, report=False)
+    finally:
+        ctx.wait_for_min_actors_s = before
     keys = _keys(result.run_dir)
     assert len(keys) == len(set(keys.tolist())) == len(_expected_keys(24, 2))
     assert set(keys.tolist()) == _expected_keys(24, 2)
