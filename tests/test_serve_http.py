@@ -225,25 +225,54 @@ def test_rate_limits_count_images_not_requests(app):
     assert _stats(app, "pair")["queries"] == 4
 
 
-def _gateway(model, **config):
-    """The ingress class itself around a stand-in model handle (no Serve): for what HTTP cannot observe."""
-    from jobs.serve import Gateway
+def _replica(tmp_path, state, **config):
+    """The ingress class itself, with a stand-in for the state owner (no Ray, no Serve): for what HTTP cannot
+    observe. ``serve.batch`` asks for its replica's context: the caller patches it (``_outside_serve``)."""
+    from adv.serving import ServeConfig
+    from jobs.serve import DefendedModel
 
-    cls = Gateway.func_or_class.__bases__[0]  # serve.ingress wraps the class in an ASGI replica
+    cls = DefendedModel.func_or_class.__bases__[0]  # serve.ingress wraps the class in an ASGI replica
     g = cls.__new__(cls)
-    cls.__init__(g, model, {"bundle": "unused", "keys_env": "ADV_TEST_GATEWAY_KEYS", **config})
+    bundle = make_bundle(tmp_path / "bundle") if not (tmp_path / "bundle").exists() else tmp_path / "bundle"
+    cls.__init__(g, ServeConfig(bundle=str(bundle), keys_env="ADV_TEST_GATEWAY_KEYS", **config), None)
+    g.state = state
     return g
 
 
-class _Remote:
-    def __init__(self, fn):
-        self.fn = fn
+@pytest.fixture
+def _outside_serve(monkeypatch):
+    """The replica context ``serve.batch`` reads (its batch size against ``max_ongoing_requests``)."""
+    from ray import serve
 
-    async def remote(self, *args):
-        return self.fn(*args)
+    from jobs.serve import DefendedModel
+
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=32))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    monkeypatch.setenv("ADV_TEST_GATEWAY_KEYS", "alice=alice-key-0001")
+    yield
+    # the batch queue and its settings belong to the decorated function, i.e. to the class: a queue made here
+    # (it holds an event loop) would make the class unpicklable for a later deployment in this process
+    queue = DefendedModel.func_or_class.__bases__[0]._predict.set_max_batch_size.__self__
+    queue._queue, queue.max_batch_size, queue.batch_wait_timeout_s = None, 16, 0.01
 
 
-def test_healthz_runs_the_deep_check_once_per_cache_window_and_decoding_is_off_the_loop(monkeypatch):
+class _State:
+    """Answers every step with one plain answer per image and every admin call with ``True``."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def step(self, x, requests, probs):
+        self.calls.append(("step", len(requests)))
+        return [{"answers": [{"probs": p, "blocked": False} for p in probs[:r.images]]} for r in requests]
+
+    async def call(self, method, *args, timeout_s=None):
+        self.calls.append((method, *args))
+        return True
+
+
+def test_healthz_runs_the_deep_check_once_per_cache_window_and_decoding_is_off_the_loop(_outside_serve, monkeypatch,
+                                                                                          tmp_path):
     import asyncio
     import threading
 
@@ -251,23 +280,20 @@ def test_healthz_runs_the_deep_check_once_per_cache_window_and_decoding_is_off_t
 
     import jobs.serve
 
-    monkeypatch.setenv("ADV_TEST_GATEWAY_KEYS", "alice=alice-key-0001")
-    checks, threads = [], []
+    threads = []
     real = jobs.serve.decode
-    cls = jobs.serve.Gateway.func_or_class.__bases__[0]
-    space = cls._predict.__globals__  # Serve keeps its own copy of the module's namespace for the class
+    cls = jobs.serve.DefendedModel.func_or_class.__bases__[0]
+    space = cls.predict.__globals__  # Serve keeps its own copy of the module's namespace for the class
     monkeypatch.setitem(space, "decode", lambda *a: threads.append(threading.current_thread().name) or real(*a))
-    model = SimpleNamespace(health=_Remote(lambda: checks.append(1) or True), info=_Remote(lambda: {"shape": SHAPE}),
-                            owner_call=_Remote(lambda *a: None),
-                            predict=_Remote(lambda x, u, lim: {"answers": [{"probs": np.full(10, 0.1),
-                                                                            "blocked": False}] * len(x)}))
+    state = _State()
 
     async def healthz_10(cache_s):
-        g = _gateway(model, health_cache_s=cache_s)
+        g = _replica(tmp_path, state, health_cache_s=cache_s)
         return [r.status_code for r in await asyncio.gather(*[g.healthz() for _ in range(10)])]
 
-    assert asyncio.run(healthz_10(300)) == [200] * 10 and len(checks) == 1  # ten callers, one model run
-    assert asyncio.run(healthz_10(0)) == [200] * 10 and len(checks) == 11
+    pings = lambda: sum(c[0] == "ping" for c in state.calls)  # noqa: E731
+    assert asyncio.run(healthz_10(300)) == [200] * 10 and pings() == 1  # ten callers, one deep check
+    assert asyncio.run(healthz_10(0)) == [200] * 10 and pings() == 11
 
     body = npy(_image(1))
 
@@ -275,17 +301,35 @@ def test_healthz_runs_the_deep_check_once_per_cache_window_and_decoding_is_off_t
         return {"type": "http.request", "body": body, "more_body": False}
 
     async def predict():
-        headers = [(b"authorization", b"Bearer alice-key-0001"), (b"content-type", b"application/x-npy"),
-                   (b"content-length", str(len(body)).encode())]
-        r = await _gateway(model).predict(Request({"type": "http", "method": "POST", "headers": headers}, receive))
+        from fastapi.security import HTTPAuthorizationCredentials
+
+        headers = [(b"content-type", b"application/x-npy"), (b"content-length", str(len(body)).encode())]
+        key = HTTPAuthorizationCredentials(scheme="Bearer", credentials="alice-key-0001")
+        r = await _replica(tmp_path, state).predict(
+            Request({"type": "http", "method": "POST", "headers": headers}, receive), key)
         return r.status_code, threading.current_thread().name
 
     status, loop_thread = asyncio.run(predict())
     assert status == 200 and threads and threads[0].startswith("adv-decode") and threads[0] != loop_thread
+    assert ("step", 1) in state.calls
+
+
+def test_batch_settings_change_through_user_config_without_a_restart(_outside_serve, tmp_path):
+    """Serve calls ``reconfigure`` on live replicas when only ``user_config`` changes (no new replica)."""
+    from adv.serving import Scaling
+    from jobs.serve import build
+
+    g = _replica(tmp_path, _State(), scaling=Scaling(max_batch_size=8, max_ongoing_requests=16))
+    assert g.batch_settings() == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    g.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.05})
+    assert g.batch_settings() == {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}
+    app = build({"bundle": "b", "scaling": {"max_batch_size": 12, "batch_wait_timeout_s": 0.02}})
+    assert app._bound_deployment._deployment_config.user_config == {"max_batch_size": 12,
+                                                                    "batch_wait_timeout_s": 0.02}
 
 
 def test_a_non_finite_output_fails_only_its_own_request():
-    from jobs.serve import finite_items
+    from adv.serving.http import finite_items
 
     probs = np.full((6, 10), 0.1)
     probs[3, 2] = np.nan
@@ -553,7 +597,7 @@ def test_serve_config_and_rayservice_manifest_validate_offline():
         app = build(application.args)
         assert isinstance(app, Application)  # what `serve run`/`serve deploy` builds
         # the model deployment autoscales; Serve's override in the file says what args.scaling builds
-        model = app._bound_deployment._replica_config.init_args[0]._bound_deployment
+        model = app._bound_deployment
         (override,) = [d for d in application.deployments if d.name == model.name]
         built = model._deployment_config.autoscaling_config
         want = autoscaling_config(cfg.scaling)
