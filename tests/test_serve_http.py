@@ -229,7 +229,7 @@ def _replica(tmp_path, state, **config):
     """The ingress class itself, with a stand-in for the state owner (no Ray, no Serve): for what HTTP cannot
     observe. ``serve.batch`` asks for its replica's context: the caller patches it (``_outside_serve``)."""
     from adv.serving import ServeConfig
-    from jobs.serve import DefendedModel
+    from jobs.serve_app import DefendedModel
 
     cls = DefendedModel.func_or_class.__bases__[0]  # serve.ingress wraps the class in an ASGI replica
     g = cls.__new__(cls)
@@ -244,7 +244,7 @@ def _outside_serve(monkeypatch):
     """The replica context ``serve.batch`` reads (its batch size against ``max_ongoing_requests``)."""
     from ray import serve
 
-    from jobs.serve import DefendedModel
+    from jobs.serve_app import DefendedModel
 
     context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=32))
     monkeypatch.setattr(serve, "get_replica_context", lambda: context)
@@ -278,11 +278,11 @@ def test_healthz_runs_the_deep_check_once_per_cache_window_and_decoding_is_off_t
 
     from starlette.requests import Request
 
-    import jobs.serve
+    import jobs.serve_app
 
     threads = []
-    real = jobs.serve.decode
-    cls = jobs.serve.DefendedModel.func_or_class.__bases__[0]
+    real = jobs.serve_app.decode
+    cls = jobs.serve_app.DefendedModel.func_or_class.__bases__[0]
     space = cls.predict.__globals__  # Serve keeps its own copy of the module's namespace for the class
     monkeypatch.setitem(space, "decode", lambda *a: threads.append(threading.current_thread().name) or real(*a))
     state = _State()
