@@ -141,7 +141,8 @@ def test_a_blank_image_is_answered_and_one_bad_image_never_fails_its_batch(app):
         r = _predict(app, "dave", x)
         assert r.status_code == 200, r.text
         assert 0 <= r.json()["predictions"][0]["confidence"] <= 1
-    r = app.http.post("/v1/predict", content=png(np.zeros(SHAPE)), headers={**auth("dave"), "content-type": "image/png"})
+    r = app.http.post("/v1/predict", content=png(np.zeros(SHAPE)),
+                      headers={**auth("dave"), "content-type": "image/png"})
     assert r.status_code == 200, r.text
     mixed = np.concatenate([blanks[0], _image(70), blanks[2]])  # blank images beside a textured one
     with cf.ThreadPoolExecutor(4) as pool:  # concurrent: they share @serve.batch calls
@@ -344,7 +345,8 @@ def test_every_malformed_request_gets_its_4xx_never_a_5xx(app):
     nan[0, 0, 3, 3] = np.nan
     h = auth("bob")
     cases = {
-        400: [(png(x[0])[:50], "image/png"), (b"{nope", "application/json"), (b'{"images": ["%%%"]}', "application/json")],
+        400: [(png(x[0])[:50], "image/png"), (b"{nope", "application/json"),
+              (b'{"images": ["%%%"]}', "application/json")],
         413: [(npy(np.zeros((9, *SHAPE), np.float32)), "application/x-npy")],
         415: [(npy(x), "text/csv"), (b"GIF89a", "image/gif")],
         422: [(npy(np.zeros((1, 3, 28, 28), np.float32)), "application/x-npy"), (npy(nan), "application/x-npy"),

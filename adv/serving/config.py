@@ -62,7 +62,9 @@ class Scaling(BaseModel):
     #: to shrink, so a bursty attacker cannot make the deployment flap (Serve's defaults are 30 and 600).
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
-    #: Requests one ``@serve.batch`` call groups; ``max_ongoing_requests`` is kept at least this (RAY_NOTES).
+    #: Requests one ``@serve.batch`` call groups; ``max_ongoing_requests`` must be at least this, or a replica never
+    #: holds enough requests to fill a batch (Ray Serve docs, "Dynamic Request Batching"; Serve 2.60 warns too).
+    #: Both batch settings reach the replicas as ``user_config``: changing them reconfigures live replicas.
     max_batch_size: int = Field(16, ge=1, le=512)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=1)
     max_ongoing_requests: int = Field(32, ge=1, le=1000)
