@@ -612,3 +612,39 @@ def test_serve_config_and_rayservice_manifest_validate_offline():
     images = [c["image"] for c in spec["headGroupSpec"]["template"]["spec"]["containers"]]
     images += [c["image"] for g in spec["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
     assert all(img.endswith(f"ray{ray.__version__}") for img in images)
+
+
+def test_a_request_whose_replica_died_is_503_with_retry_after_not_a_bare_500():
+    """Serve's proxy sends nothing when the replica dies mid-request (its server then answers 500); the proxy
+    middleware answers 503 + Retry-After instead, and leaves every answered request alone."""
+    import asyncio
+
+    from starlette.middleware import Middleware
+
+    from adv.serving.http import LostReplica, proxy_middlewares
+
+    async def run(app) -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await LostReplica(app)({"type": "http", "method": "POST", "path": "/v1/predict", "headers": []}, receive,
+                               send)
+        return sent
+
+    async def died(scope, receive, send):  # what the proxy does on an ActorDiedError: no message at all
+        return None
+
+    async def answered(scope, receive, send):
+        await send({"type": "http.response.start", "status": 429, "headers": [(b"retry-after", b"3")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    lost = asyncio.run(run(died))
+    assert lost[0]["status"] == 503 and (b"retry-after", b"2") in lost[0]["headers"]
+    assert [m.get("status") for m in asyncio.run(run(answered))] == [429, None]
+    (middleware,) = proxy_middlewares()
+    assert isinstance(middleware, Middleware) and middleware.cls is LostReplica

@@ -112,3 +112,34 @@ def outcome_response(result: dict | str, cfg: ServeConfig, refusals: Refusals, u
     if any(a["blocked"] for a in answers):
         return error(*BLOCKED)
     return JSONResponse(response_body(answers, cfg.output, cfg.top_k))
+
+
+class LostReplica:
+    """ASGI middleware for Serve's HTTP proxy: a request whose replica died before answering (killed, out of
+    memory, its node lost) gets 503 with ``Retry-After``, as any other backend failure here does. Serve's
+    proxy sends no response then and its server answers a bare 500; the replica itself cannot answer once
+    dead. Installed through ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` (:func:`proxy_middlewares`)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, receive, tracked)
+        if not started:
+            await unavailable()(scope, receive, send)
+
+
+def proxy_middlewares() -> list:
+    """The middlewares of Serve's HTTP proxy (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` names this)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(LostReplica)]
