@@ -185,7 +185,7 @@ def test_a_torn_final_detector_log_frame_never_keeps_the_endpoint_down(app):
     with open(log, "ab") as f:  # as a crash in the middle of an append would leave it
         f.write(b"ADVL" + (10_000).to_bytes(8, "little") + b"\0\0\0\0" + b"half a frame")
     assert kill_owner(app.cfg, restart=True)
-    r = _predict(app, "eve", _image(81))  # the gateway waits for the restarted owner (owner_timeout_s)
+    r = _predict(app, "eve", _image(81))  # the replica waits for the restarted owner (owner_timeout_s)
     assert r.status_code == 200, r.text
     assert _stats(app, "eve")["queries"] == before + 1
     assert log.stat().st_size > whole  # cut back to the last whole frame, then this answer appended
@@ -368,7 +368,7 @@ def test_the_body_limit_holds_declared_or_streamed(app):
     r = app.http.post("/v1/predict", content=big, headers={**auth("bob"), **NPY})
     assert r.status_code == 413 and "limit" in r.json()["error"]
 
-    def chunks():  # no Content-Length: the gateway counts while reading
+    def chunks():  # no Content-Length: the replica counts while reading
         for _ in range(70):
             yield b"\0" * 1024
 

@@ -27,8 +27,8 @@ class Limits(BaseModel):
     max_images: int = Field(16, ge=1, le=1024)
     #: Pixels of one encoded image before decoding, so a decompression bomb is refused unopened (413).
     max_pixels: int = Field(1024 * 1024, ge=1)
-    #: Threads per gateway replica that decode bodies, off the event loop: big PNGs queue for these and
-    #: never stall other callers' requests (the queue itself is bounded by the gateway's ongoing requests).
+    #: Threads per replica that decode bodies, off the event loop: big PNGs queue for these and
+    #: never stall other callers' requests (the queue itself is bounded by the replica's ongoing requests).
     decode_workers: int = Field(2, ge=1, le=64)
 
 
