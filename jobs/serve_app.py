@@ -27,7 +27,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
 
-from adv.serving.config import ServeConfig, autoscaling_config
+from adv.detectors import DetectorConfig
+from adv.serving.config import Scaling, ServeConfig, autoscaling_config
 from adv.serving.decode import RequestError, decode
 from adv.serving.http import (NON_FINITE, Refusals, bearer, error, finite_items, identify, outcome_response,
                               read_body, unavailable)
@@ -35,6 +36,7 @@ from adv.serving.keys import KeyEntry, KeyRing
 from adv.serving.ledger import largest_request
 from adv.serving.owner import Request as Step
 from adv.serving.preflight import detector_config, parse_config
+from adv.validation import validate_mapping
 from jobs.common import logger
 from jobs.serve_state import State
 
@@ -89,7 +91,7 @@ class DefendedModel:
     """Keys, limits (held by the owner), decoding, the bundle's stages plus classifier batched, one owner call
     per batch, and the answers."""
 
-    def __init__(self, cfg: ServeConfig, detector, env_keys: list[dict] | None = None):
+    def __init__(self, cfg: ServeConfig, detector: DetectorConfig | None, env_keys: list[dict] | None = None):
         import torch
 
         from adv.bundle import load_bundle
@@ -115,9 +117,11 @@ class DefendedModel:
                           "batch_wait_timeout_s": cfg.scaling.batch_wait_timeout_s})
 
     def reconfigure(self, user_config: dict) -> None:
-        """Serve's ``user_config``: the batch settings, changed on live replicas without a restart."""
-        self._predict.set_max_batch_size(int(user_config["max_batch_size"]))
-        self._predict.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        """Serve's ``user_config``: the batch settings, changed on live replicas without a restart; checked as
+        ``scaling`` fields (a bad one fails the update with one line and the replica keeps its settings)."""
+        s = validate_mapping(Scaling, {**self.cfg.scaling.model_dump(), **user_config}, "user_config")
+        self._predict.set_max_batch_size(s.max_batch_size)
+        self._predict.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
 
     def batch_settings(self) -> dict:
         return {"max_batch_size": self._predict._get_max_batch_size(),

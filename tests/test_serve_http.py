@@ -317,6 +317,7 @@ def test_healthz_runs_the_deep_check_once_per_cache_window_and_decoding_is_off_t
 
 def test_batch_settings_change_through_user_config_without_a_restart(_outside_serve, tmp_path):
     """Serve calls ``reconfigure`` on live replicas when only ``user_config`` changes (no new replica)."""
+    from adv.errors import ConfigError
     from adv.serving import Scaling
     from jobs.serve import build
 
@@ -324,6 +325,9 @@ def test_batch_settings_change_through_user_config_without_a_restart(_outside_se
     assert g.batch_settings() == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
     g.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.05})
     assert g.batch_settings() == {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):  # 32 > the 16 ongoing requests: never full
+        g.reconfigure({"max_batch_size": 32})
+    assert g.batch_settings()["max_batch_size"] == 4
     app = build({"bundle": "b", "scaling": {"max_batch_size": 12, "batch_wait_timeout_s": 0.02}})
     assert app._bound_deployment._deployment_config.user_config == {"max_batch_size": 12,
                                                                     "batch_wait_timeout_s": 0.02}
