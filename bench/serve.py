@@ -492,16 +492,17 @@ def profile(res: dict) -> list[str]:
     b = min(int(top), 16)
     first = next(iter(cost.values()))
     proxy, gen = first.get("HTTP proxy", 0.0), first.get("load generator (this process)", 0.0)
+    ratio = ip["cpu_ms_per_image"] / t1
     lines.append(
         f"In-process at batch {b} (wall, under the same load): model {ip['model_ms']:.1f} ms, owner step "
         f"{ip['detector_ms']:.1f} ms of which the durable write (fsync) {ip['write_ms']:.1f} ms, per batch; CPU "
         f"{ip['cpu_ms_per_image']:.2f} ms per image. The endpoint spends {t1:.1f} ms of CPU per request (1 shard), "
         f"{t1 / ip['cpu_ms_per_image']:.1f}x the in-process CPU per image, so on equal cores it answers at most "
-        f"**{ip['cpu_ms_per_image'] / t1:.2f}** of in-process (a ratio far less sensitive to the machine's load "
-        f"than wall time); with all {os.cpu_count()} cores to itself, at most {1000 * os.cpu_count() / t1:.0f} "
-        f"requests/s. Serve's HTTP proxy ({proxy:.1f} ms) and the load generator ({gen:.1f} ms) alone cost "
-        f"{proxy + gen:.1f} ms per request, {(proxy + gen) / ip['cpu_ms_per_image']:.1f}x what the model and the "
-        "detector cost per image in-process.")
+        f"**{ratio:.2f}** of in-process (CPU time moves less with the machine's load than wall time does, but it "
+        f"moves: see docs/serving.md); with all {os.cpu_count()} cores to itself, at most "
+        f"{1000 * os.cpu_count() / t1:.0f} requests/s. Serve's HTTP proxy ({proxy:.1f} ms) and the load generator "
+        f"({gen:.1f} ms) alone cost {proxy + gen:.1f} ms per request, {(proxy + gen) / ip['cpu_ms_per_image']:.1f}x "
+        "what the model and the detector cost per image in-process.")
     return lines
 
 
