@@ -120,7 +120,8 @@ def summary(rows: list[tuple]) -> dict:
 
 
 def in_process(bundle: str, images: np.ndarray, batches: list[int], state: Path) -> dict:
-    """The same defended model and detector without Serve: seconds per batch of each stage."""
+    """The same defended model and detector without Serve: seconds per batch of each stage, and the CPU time per
+    image (this thread's: the model and the owner step run in it; the fsync wait is not CPU)."""
     import torch
 
     from adv.bundle import load_bundle
@@ -131,9 +132,21 @@ def in_process(bundle: str, images: np.ndarray, batches: list[int], state: Path)
     torch.set_num_threads(1)  # what a replica gets
     model = load_bundle(bundle).build("cpu")
     owner = DetectorOwner(ServeConfig(bundle=bundle, state=str(state)), DetectorConfig())  # durable, fsync
+    t_flush = []
+
+    def timed_flush(flush=owner.detector.flush):  # the durable write's share of a step (wrapped for this bench)
+        t0 = time.perf_counter()
+        try:
+            return flush()
+        finally:
+            t_flush.append(time.perf_counter() - t0)
+
+    owner.detector.flush = timed_flush
     out = {}
     for b in batches:
         t_model, t_det = [], []
+        t_flush.clear()
+        cpu0 = time.thread_time()
         for rep in range(20):
             x = images[(rep * b) % (len(images) - b):][:b]
             t0 = time.perf_counter()
@@ -144,9 +157,10 @@ def in_process(bundle: str, images: np.ndarray, batches: list[int], state: Path)
             t2 = time.perf_counter()
             t_model.append(t1 - t0)
             t_det.append(t2 - t1)
+        cpu = (time.thread_time() - cpu0) / (20 * b)
         m, d = float(np.median(t_model)), float(np.median(t_det))
-        out[b] = {"model_ms": 1000 * m, "detector_ms": 1000 * d, "images_per_s": b / (m + d),
-                  "detector_share": d / (m + d)}
+        out[b] = {"model_ms": 1000 * m, "detector_ms": 1000 * d, "write_ms": 1000 * float(np.median(t_flush)),
+                  "images_per_s": b / (m + d), "detector_share": d / (m + d), "cpu_ms_per_image": 1000 * cpu}
     return out
 
 
@@ -252,7 +266,8 @@ def faults(url: str, cfg, keys: dict, images, clients: int, seconds: float) -> d
     failed = {what: sum(st != 200 for s, e, st, *_ in rows if e >= at) for what, at in kills.items()}
     return {**summary(rows), "kills": {k: v - t0 for k, v in kills.items()}, "recovery_s": recovery,
             "failed_after": failed, "statuses": statuses(rows),
-            "bad_5xx": sum(st >= 500 and st != 503 or st in (0, -503) for _, _, st, *_ in rows), "timeline": [(s - t0, e - t0, st) for s, e, st, *_ in rows],
+            "bad_5xx": sum(st >= 500 and st != 503 or st in (0, -503) for _, _, st, *_ in rows),
+            "timeline": [(s - t0, e - t0, st) for s, e, st, *_ in rows],
             **lost_updates(url, keys["admin"], acked_per_user(rows, "fault"))}
 
 
@@ -305,10 +320,50 @@ def decisions(url: str, keys: dict, traffic: list[tuple[str, np.ndarray]]) -> di
 
 
 def throughput(url: str, keys: dict, images, clients: list[int], seconds: float) -> dict:
+    """Requests/s and latency at each concurrency, the load average, and the CPU seconds each process of this
+    Ray session spent per answered request (a profile that depends far less on the other work on the machine
+    than wall time does)."""
     out = {}
     for c in clients:
         log(f"throughput at {c} client(s), {seconds:.0f} s")
-        out[c] = summary(asyncio.run(closed_loop(url, c, seconds, benign_requests(keys, images, "tp"), 10**6)))
+        before = cpu_by_process()
+        rows = asyncio.run(closed_loop(url, c, seconds, benign_requests(keys, images, "tp"), 10**6))
+        spent = {k: v - before.get(k, 0.0) for k, v in cpu_by_process().items()}
+        r = out[c] = {**summary(rows), "load_average": os.getloadavg()[0]}
+        r["cpu_ms_per_request"] = {k: 1000 * v / max(1, r["ok"]) for k, v in spent.items() if v > 0}
+    return out
+
+
+#: Process titles of this session's Ray processes, as the profile names them.
+PROCESSES = {"ray::ProxyActor": "HTTP proxy", "DefendedModel": "model replicas (ingress)",
+             "ray::StateOwner": "state owner", "ray::StateShard": "state shards", "ray::ServeController": "Serve "
+             "controller", "raylet": "raylet", "gcs_server": "GCS"}
+
+
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process (the load generator) and its descendants (the local
+    Ray cluster it started), by role; read from /proc, as py-spy or psutil would, without either."""
+    tick, parent = os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    mine, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        mine.append(pid)
+        todo += [c for c, p in parent.items() if p == pid]
+    out: dict[str, float] = {}
+    for pid in mine:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            title = Path(f"/proc/{pid}/cmdline").read_text().split("\0")[0]
+        except (OSError, IndexError):
+            continue
+        role = "load generator (this process)" if pid == os.getpid() else next(
+            (name for key, name in PROCESSES.items() if key in title), "other Ray processes")
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 
 
@@ -373,6 +428,8 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
     res["minutes"] = (time.time() - t_start) / 60
+    res["bundle"] = (f"`{args.bundle}` (--bundle)" if args.bundle else
+                     f"lenet (`{os.path.relpath(args.classifier, ROOT)}`) behind a DWT stage")
     (work / "results.json").write_text(json.dumps(res, indent=1, default=str))
     docs = Path(args.docs)
     plot(res, docs / "benchmarks_serve.png")
@@ -418,6 +475,37 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def profile(res: dict) -> list[str]:
+    """Where an answered request's CPU goes, per process, at the highest concurrency; and what that allows."""
+    inproc, runs = res["in_process"], res["runs"]
+    top = max(next(iter(runs.values()))["throughput"], key=int)
+    ip = inproc[min(int(top), 16)]
+    cost = {n: run["throughput"][top]["cpu_ms_per_request"] for n, run in runs.items()}
+    roles = sorted({k for c in cost.values() for k in c}, key=lambda k: -max(c.get(k, 0) for c in cost.values()))
+    lines = ["", f"**Profile** at {top} clients: CPU milliseconds per answered request, by process (from /proc: "
+             "user + system time of this run's processes over the run, divided by the requests answered):", "",
+             "| process | " + " | ".join(f"{n} shard(s)" for n in cost) + " |", "|---|" + "---|" * len(cost)]
+    lines += [f"| {k} | " + " | ".join(f"{c.get(k, 0):.2f}" for c in cost.values()) + " |" for k in roles]
+    total = {n: sum(c.values()) for n, c in cost.items()}
+    lines += ["| **total** | " + " | ".join(f"**{t:.2f}**" for t in total.values()) + " |", ""]
+    t1 = next(iter(total.values()))
+    b = min(int(top), 16)
+    first = next(iter(cost.values()))
+    proxy, gen = first.get("HTTP proxy", 0.0), first.get("load generator (this process)", 0.0)
+    ratio = ip["cpu_ms_per_image"] / t1
+    lines.append(
+        f"In-process at batch {b} (wall, under the same load): model {ip['model_ms']:.1f} ms, owner step "
+        f"{ip['detector_ms']:.1f} ms of which the durable write (fsync) {ip['write_ms']:.1f} ms, per batch; CPU "
+        f"{ip['cpu_ms_per_image']:.2f} ms per image. The endpoint spends {t1:.1f} ms of CPU per request (1 shard), "
+        f"{t1 / ip['cpu_ms_per_image']:.1f}x the in-process CPU per image, so on equal cores it answers at most "
+        f"**{ratio:.2f}** of in-process (CPU time moves less with the machine's load than wall time does, but it "
+        f"moves: see docs/serving.md); with all {os.cpu_count()} cores to itself, at most "
+        f"{1000 * os.cpu_count() / t1:.0f} requests/s. Serve's HTTP proxy ({proxy:.1f} ms) and the load generator "
+        f"({gen:.1f} ms) alone cost {proxy + gen:.1f} ms per request, {(proxy + gen) / ip['cpu_ms_per_image']:.1f}x "
+        "what the model and the detector cost per image in-process.")
+    return lines
+
+
 def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
@@ -428,27 +516,34 @@ def markdown(res: dict, command: str) -> str:
     inproc, runs = res["in_process"], res["runs"]
     lines = [BEGIN, "## Serve endpoint", "",
              f"`{command}` ({platform.machine()}, {os.cpu_count()} cores shared with other work, "
-             f"{res['minutes']:.1f} min; Ray Serve 2.60 on an embedded local cluster, 2 model replicas of 0.25 CPU, "
-             "one gateway, the state owner(s); the load generator runs on the same 2 cores, so every figure is "
-             "measured under contention). Each request carries one 28x28 Fashion-MNIST test image; the defended "
-             "model is the bundle's stages plus lenet; every answer waits for the detector's durable (fsync'ed) "
-             "update: one owner call per batch (admission plus detector update, group commit) with one shard, "
-             "three parallel rounds (admit, lookup, commit) with several. In-process: the same model and detector "
-             "(one owner, durable) called directly at the batch Serve can form.", "",
-             "| shards | clients | requests/s | p50 ms | p99 ms | errors | in-process images/s "
-             "| endpoint / in-process |", "|---|---|---|---|---|---|---|---|"]
+             f"{res['minutes']:.1f} min; Ray Serve 2.60 on an embedded local cluster: Serve's HTTP proxy, one "
+             "ingress deployment `DefendedModel` of 2 replicas (0.25 CPU each: keys, decoding, the batched model, "
+             "the owner call), the state owner(s); the load generator runs on the same cores, so every figure is "
+             "measured under contention, with the 1-minute load average beside it). Each request carries one 28x28 "
+             f"Fashion-MNIST test image; the defended model is the bundle, {res['bundle']}; every answer waits "
+             "for the detector's durable (fsync'ed) update: one owner call per batch (admission plus detector "
+             "update, group commit) with one shard, three parallel rounds (admit, lookup, commit) with several. "
+             "In-process: the same model and detector (one owner, durable) called directly at the batch Serve can "
+             "form.", "",
+             "| shards | clients | requests/s | p50 ms | p99 ms | errors | load avg | in-process images/s "
+             "| endpoint / in-process |", "|---|---|---|---|---|---|---|---|---|"]
     for n, run in runs.items():
         tp = run["throughput"]
         for c in sorted(tp, key=int):
             r, ip = tp[c], inproc[min(int(c), 16)]
             lines.append(f"| {n} | {c} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | "
-                         f"{ip['images_per_s']:.0f} | {r['rps'] / ip['images_per_s']:.2f} |")
+                         f"{r['load_average']:.1f} | {ip['images_per_s']:.0f} | "
+                         f"{r['rps'] / ip['images_per_s']:.2f} |")
+    lines += profile(res)
     first, last = next(iter(runs.values())), list(runs.values())[-1]
     top = max(first["throughput"], key=int)
     ratio = first["throughput"][top]["rps"] / inproc[min(int(top), 16)]["images_per_s"]
     mid = first["throughput"].get(8) or first["throughput"].get("8")
+    cpu_ratio = inproc[min(int(top), 16)]["cpu_ms_per_image"] / sum(
+        first["throughput"][top]["cpu_ms_per_request"].values())
     lines += ["", "**Targets** (first deployment, " + f"{next(iter(runs))} shard(s)): endpoint / in-process at "
-              f"{top} clients {ratio:.2f} (target >= 0.7: {_verdict(ratio >= 0.7)})"]
+              f"{top} clients {ratio:.2f} in requests/s, {cpu_ratio:.2f} in CPU per image (target >= 0.7: "
+              f"{_verdict(ratio >= 0.7)})"]
     if mid:
         lines[-1] += (f"; p99 at 8 clients {mid['p99_ms']:.0f} ms against 2x p50 = {2 * mid['p50_ms']:.0f} ms "
                       f"({_verdict(mid['p99_ms'] <= 2 * mid['p50_ms'])}).")

@@ -160,7 +160,7 @@ def markdown(res: dict, command: str) -> str:
         f"tail with a warning). First 200 after the kill: **{first}**, against **{plain}** after a plain kill of the "
         f"same owner just before (the process restart, the snapshot load and the log replay on a loaded machine; "
         f"target: within 10 s of the restart); requests that failed meanwhile: {t['failed_while_restarting']} "
-        f"(the gateway waits up to `owner_timeout_s` for the owner); stored {t['stored']}, **lost {t['lost']}** "
+        f"(a replica waits up to `owner_timeout_s` for the owner); stored {t['stored']}, **lost {t['lost']}** "
         f"(target 0).",
         "", END])
 

@@ -40,7 +40,9 @@ def logger(stage: str) -> Callable[[str], None]:
 #: to report ready and then kills it; on a busy 2-core machine its imports alone can take longer, and the
 #: deployment then fails with "actor died ... killed by ray.kill".
 LOCAL_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
-                 "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+                 "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+                 # a request whose Serve replica died is 503 + Retry-After, not the proxy's bare 500
+                 "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "adv.serving.http:proxy_middlewares"}
 
 
 #: Defaults for this driver (a user's environment wins): without a terminal on stdout, Ray Data logs a block of

@@ -68,8 +68,10 @@ def ray_cluster():
     started = not ray.is_initialized()
     if started:
         with free_agent_port():
-            ctx = ray.init(num_cpus=4, num_gpus=0, object_store_memory=512 * 2**20, include_dashboard=True,
-                           log_to_driver=False)
+            # address="local": a new cluster even when another one runs on this machine (another session's
+            # `ray start` or multi-node test cluster), which ray.init() would join and then refuse num_cpus for
+            ctx = ray.init(address="local", num_cpus=4, num_gpus=0, object_store_memory=512 * 2**20,
+                           include_dashboard=True, log_to_driver=False)
     else:  # someone else's ray.init: expose the same field the tests read
         from types import SimpleNamespace
 

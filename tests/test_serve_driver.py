@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from adv.serving.keys import KeyRing, hash_key
+from adv.serving.keys import KeyEntry, KeyRing, hash_key
 from jobs import serve as serve_job
 from tests.serve_helpers import make_bundle
 
@@ -76,8 +76,8 @@ def test_env_keys_reach_the_replicas_hashed(bundle, monkeypatch, tmp_path):
                        {"user": "ops", "sha256": hash_key("ops-secret-key"), "role": "admin", "revoked": False}]
     assert "secret" not in repr(entries)
     monkeypatch.delenv("ADV_SERVE_KEYS")  # a replica on a cluster started elsewhere: no such variable
-    gateway_keys = KeyRing(None, None, entries=tuple(serve_job.KeyEntry(**e) for e in entries))
-    assert gateway_keys.lookup("ops-secret-key").role == "admin" and gateway_keys.lookup("nope") is None
+    replica_keys = KeyRing(None, None, entries=tuple(KeyEntry(**e) for e in entries))
+    assert replica_keys.lookup("ops-secret-key").role == "admin" and replica_keys.lookup("nope") is None
 
 
 def test_shutdown_needs_the_cluster(no_ray, monkeypatch, capsys):
@@ -93,12 +93,12 @@ def test_a_deployment_failing_in_its_replicas_is_one_line(monkeypatch):
     from adv.errors import ConfigError
 
     failed = SimpleNamespace(message="Deploying app failed", deployments={
-        "DefendedModel": SimpleNamespace(message=""),
-        "Gateway": SimpleNamespace(message="Traceback (most recent call last):\n  File ...\n"
+        "Other": SimpleNamespace(message=""),
+        "DefendedModel": SimpleNamespace(message="Traceback (most recent call last):\n  File ...\n"
                                            "ray.exceptions.RayActorError: ...\nRuntimeError: CUDA unavailable\n")})
     monkeypatch.setattr(serve_job.serve, "start", lambda **kw: None)
     monkeypatch.setattr(serve_job.serve, "run", lambda *a, **kw: (_ for _ in ()).throw(
-        RuntimeError("Deploying application adv failed: Failed to update the deployments ['Gateway'].")))
+        RuntimeError("Deploying application adv failed: Failed to update the deployments ['DefendedModel'].")))
     monkeypatch.setattr(serve_job.serve, "status", lambda: SimpleNamespace(applications={"adv": failed}))
     monkeypatch.setattr(serve_job, "undeploy", lambda cfg, shutdown: None)
     monkeypatch.setattr(serve_job, "build", lambda *a: None)

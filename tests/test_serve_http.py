@@ -141,7 +141,8 @@ def test_a_blank_image_is_answered_and_one_bad_image_never_fails_its_batch(app):
         r = _predict(app, "dave", x)
         assert r.status_code == 200, r.text
         assert 0 <= r.json()["predictions"][0]["confidence"] <= 1
-    r = app.http.post("/v1/predict", content=png(np.zeros(SHAPE)), headers={**auth("dave"), "content-type": "image/png"})
+    r = app.http.post("/v1/predict", content=png(np.zeros(SHAPE)),
+                      headers={**auth("dave"), "content-type": "image/png"})
     assert r.status_code == 200, r.text
     mixed = np.concatenate([blanks[0], _image(70), blanks[2]])  # blank images beside a textured one
     with cf.ThreadPoolExecutor(4) as pool:  # concurrent: they share @serve.batch calls
@@ -184,7 +185,7 @@ def test_a_torn_final_detector_log_frame_never_keeps_the_endpoint_down(app):
     with open(log, "ab") as f:  # as a crash in the middle of an append would leave it
         f.write(b"ADVL" + (10_000).to_bytes(8, "little") + b"\0\0\0\0" + b"half a frame")
     assert kill_owner(app.cfg, restart=True)
-    r = _predict(app, "eve", _image(81))  # the gateway waits for the restarted owner (owner_timeout_s)
+    r = _predict(app, "eve", _image(81))  # the replica waits for the restarted owner (owner_timeout_s)
     assert r.status_code == 200, r.text
     assert _stats(app, "eve")["queries"] == before + 1
     assert log.stat().st_size > whole  # cut back to the last whole frame, then this answer appended
@@ -225,49 +226,75 @@ def test_rate_limits_count_images_not_requests(app):
     assert _stats(app, "pair")["queries"] == 4
 
 
-def _gateway(model, **config):
-    """The ingress class itself around a stand-in model handle (no Serve): for what HTTP cannot observe."""
-    from jobs.serve import Gateway
+def _replica(tmp_path, state, **config):
+    """The ingress class itself, with a stand-in for the state owner (no Ray, no Serve): for what HTTP cannot
+    observe. ``serve.batch`` asks for its replica's context: the caller patches it (``_outside_serve``)."""
+    from adv.serving import ServeConfig
+    from jobs.serve_app import DefendedModel
 
-    cls = Gateway.func_or_class.__bases__[0]  # serve.ingress wraps the class in an ASGI replica
+    cls = DefendedModel.func_or_class.__bases__[0]  # serve.ingress wraps the class in an ASGI replica
     g = cls.__new__(cls)
-    cls.__init__(g, model, {"bundle": "unused", "keys_env": "ADV_TEST_GATEWAY_KEYS", **config})
+    bundle = make_bundle(tmp_path / "bundle") if not (tmp_path / "bundle").exists() else tmp_path / "bundle"
+    cls.__init__(g, ServeConfig(bundle=str(bundle), keys_env="ADV_TEST_GATEWAY_KEYS", **config), None)
+    g.state = state
     return g
 
 
-class _Remote:
-    def __init__(self, fn):
-        self.fn = fn
+@pytest.fixture
+def _outside_serve(monkeypatch):
+    """The replica context ``serve.batch`` reads (its batch size against ``max_ongoing_requests``)."""
+    from ray import serve
 
-    async def remote(self, *args):
-        return self.fn(*args)
+    from jobs.serve_app import DefendedModel
+
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=32))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    monkeypatch.setenv("ADV_TEST_GATEWAY_KEYS", "alice=alice-key-0001")
+    yield
+    # the batch queue and its settings belong to the decorated function, i.e. to the class: a queue made here
+    # (it holds an event loop) would make the class unpicklable for a later deployment in this process
+    queue = DefendedModel.func_or_class.__bases__[0]._predict.set_max_batch_size.__self__
+    queue._queue, queue.max_batch_size, queue.batch_wait_timeout_s = None, 16, 0.01
 
 
-def test_healthz_runs_the_deep_check_once_per_cache_window_and_decoding_is_off_the_loop(monkeypatch):
+class _State:
+    """Answers every step with one plain answer per image and every admin call with ``True``."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def step(self, x, requests, probs):
+        self.calls.append(("step", len(requests)))
+        return [{"answers": [{"probs": p, "blocked": False} for p in probs[:r.images]]} for r in requests]
+
+    async def call(self, method, *args, timeout_s=None):
+        self.calls.append((method, *args))
+        return True
+
+
+def test_healthz_runs_the_deep_check_once_per_cache_window_and_decoding_is_off_the_loop(_outside_serve, monkeypatch,
+                                                                                          tmp_path):
     import asyncio
     import threading
 
     from starlette.requests import Request
 
-    import jobs.serve
+    import jobs.serve_app
 
-    monkeypatch.setenv("ADV_TEST_GATEWAY_KEYS", "alice=alice-key-0001")
-    checks, threads = [], []
-    real = jobs.serve.decode
-    cls = jobs.serve.Gateway.func_or_class.__bases__[0]
-    space = cls._predict.__globals__  # Serve keeps its own copy of the module's namespace for the class
+    threads = []
+    real = jobs.serve_app.decode
+    cls = jobs.serve_app.DefendedModel.func_or_class.__bases__[0]
+    space = cls.predict.__globals__  # Serve keeps its own copy of the module's namespace for the class
     monkeypatch.setitem(space, "decode", lambda *a: threads.append(threading.current_thread().name) or real(*a))
-    model = SimpleNamespace(health=_Remote(lambda: checks.append(1) or True), info=_Remote(lambda: {"shape": SHAPE}),
-                            owner_call=_Remote(lambda *a: None),
-                            predict=_Remote(lambda x, u, lim: {"answers": [{"probs": np.full(10, 0.1),
-                                                                            "blocked": False}] * len(x)}))
+    state = _State()
 
     async def healthz_10(cache_s):
-        g = _gateway(model, health_cache_s=cache_s)
+        g = _replica(tmp_path, state, health_cache_s=cache_s)
         return [r.status_code for r in await asyncio.gather(*[g.healthz() for _ in range(10)])]
 
-    assert asyncio.run(healthz_10(300)) == [200] * 10 and len(checks) == 1  # ten callers, one model run
-    assert asyncio.run(healthz_10(0)) == [200] * 10 and len(checks) == 11
+    pings = lambda: sum(c[0] == "ping" for c in state.calls)  # noqa: E731
+    assert asyncio.run(healthz_10(300)) == [200] * 10 and pings() == 1  # ten callers, one deep check
+    assert asyncio.run(healthz_10(0)) == [200] * 10 and pings() == 11
 
     body = npy(_image(1))
 
@@ -275,17 +302,39 @@ def test_healthz_runs_the_deep_check_once_per_cache_window_and_decoding_is_off_t
         return {"type": "http.request", "body": body, "more_body": False}
 
     async def predict():
-        headers = [(b"authorization", b"Bearer alice-key-0001"), (b"content-type", b"application/x-npy"),
-                   (b"content-length", str(len(body)).encode())]
-        r = await _gateway(model).predict(Request({"type": "http", "method": "POST", "headers": headers}, receive))
+        from fastapi.security import HTTPAuthorizationCredentials
+
+        headers = [(b"content-type", b"application/x-npy"), (b"content-length", str(len(body)).encode())]
+        key = HTTPAuthorizationCredentials(scheme="Bearer", credentials="alice-key-0001")
+        r = await _replica(tmp_path, state).predict(
+            Request({"type": "http", "method": "POST", "headers": headers}, receive), key)
         return r.status_code, threading.current_thread().name
 
     status, loop_thread = asyncio.run(predict())
     assert status == 200 and threads and threads[0].startswith("adv-decode") and threads[0] != loop_thread
+    assert ("step", 1) in state.calls
+
+
+def test_batch_settings_change_through_user_config_without_a_restart(_outside_serve, tmp_path):
+    """Serve calls ``reconfigure`` on live replicas when only ``user_config`` changes (no new replica)."""
+    from adv.errors import ConfigError
+    from adv.serving import Scaling
+    from jobs.serve import build
+
+    g = _replica(tmp_path, _State(), scaling=Scaling(max_batch_size=8, max_ongoing_requests=16))
+    assert g.batch_settings() == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    g.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.05})
+    assert g.batch_settings() == {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):  # 32 > the 16 ongoing requests: never full
+        g.reconfigure({"max_batch_size": 32})
+    assert g.batch_settings()["max_batch_size"] == 4
+    app = build({"bundle": "b", "scaling": {"max_batch_size": 12, "batch_wait_timeout_s": 0.02}})
+    assert app._bound_deployment._deployment_config.user_config == {"max_batch_size": 12,
+                                                                    "batch_wait_timeout_s": 0.02}
 
 
 def test_a_non_finite_output_fails_only_its_own_request():
-    from jobs.serve import finite_items
+    from adv.serving.http import finite_items
 
     probs = np.full((6, 10), 0.1)
     probs[3, 2] = np.nan
@@ -300,7 +349,8 @@ def test_every_malformed_request_gets_its_4xx_never_a_5xx(app):
     nan[0, 0, 3, 3] = np.nan
     h = auth("bob")
     cases = {
-        400: [(png(x[0])[:50], "image/png"), (b"{nope", "application/json"), (b'{"images": ["%%%"]}', "application/json")],
+        400: [(png(x[0])[:50], "image/png"), (b"{nope", "application/json"),
+              (b'{"images": ["%%%"]}', "application/json")],
         413: [(npy(np.zeros((9, *SHAPE), np.float32)), "application/x-npy")],
         415: [(npy(x), "text/csv"), (b"GIF89a", "image/gif")],
         422: [(npy(np.zeros((1, 3, 28, 28), np.float32)), "application/x-npy"), (npy(nan), "application/x-npy"),
@@ -322,7 +372,7 @@ def test_the_body_limit_holds_declared_or_streamed(app):
     r = app.http.post("/v1/predict", content=big, headers={**auth("bob"), **NPY})
     assert r.status_code == 413 and "limit" in r.json()["error"]
 
-    def chunks():  # no Content-Length: the gateway counts while reading
+    def chunks():  # no Content-Length: the replica counts while reading
         for _ in range(70):
             yield b"\0" * 1024
 
@@ -553,7 +603,7 @@ def test_serve_config_and_rayservice_manifest_validate_offline():
         app = build(application.args)
         assert isinstance(app, Application)  # what `serve run`/`serve deploy` builds
         # the model deployment autoscales; Serve's override in the file says what args.scaling builds
-        model = app._bound_deployment._replica_config.init_args[0]._bound_deployment
+        model = app._bound_deployment
         (override,) = [d for d in application.deployments if d.name == model.name]
         built = model._deployment_config.autoscaling_config
         want = autoscaling_config(cfg.scaling)
@@ -566,3 +616,39 @@ def test_serve_config_and_rayservice_manifest_validate_offline():
     images = [c["image"] for c in spec["headGroupSpec"]["template"]["spec"]["containers"]]
     images += [c["image"] for g in spec["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
     assert all(img.endswith(f"ray{ray.__version__}") for img in images)
+
+
+def test_a_request_whose_replica_died_is_503_with_retry_after_not_a_bare_500():
+    """Serve's proxy sends nothing when the replica dies mid-request (its server then answers 500); the proxy
+    middleware answers 503 + Retry-After instead, and leaves every answered request alone."""
+    import asyncio
+
+    from starlette.middleware import Middleware
+
+    from adv.serving.http import LostReplica, proxy_middlewares
+
+    async def run(app) -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await LostReplica(app)({"type": "http", "method": "POST", "path": "/v1/predict", "headers": []}, receive,
+                               send)
+        return sent
+
+    async def died(scope, receive, send):  # what the proxy does on an ActorDiedError: no message at all
+        return None
+
+    async def answered(scope, receive, send):
+        await send({"type": "http.response.start", "status": 429, "headers": [(b"retry-after", b"3")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    lost = asyncio.run(run(died))
+    assert lost[0]["status"] == 503 and (b"retry-after", b"2") in lost[0]["headers"]
+    assert [m.get("status") for m in asyncio.run(run(answered))] == [429, None]
+    (middleware,) = proxy_middlewares()
+    assert isinstance(middleware, Middleware) and middleware.cls is LostReplica

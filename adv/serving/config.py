@@ -27,8 +27,8 @@ class Limits(BaseModel):
     max_images: int = Field(16, ge=1, le=1024)
     #: Pixels of one encoded image before decoding, so a decompression bomb is refused unopened (413).
     max_pixels: int = Field(1024 * 1024, ge=1)
-    #: Threads per gateway replica that decode bodies, off the event loop: big PNGs queue for these and
-    #: never stall other callers' requests (the queue itself is bounded by the gateway's ongoing requests).
+    #: Threads per replica that decode bodies, off the event loop: big PNGs queue for these and
+    #: never stall other callers' requests (the queue itself is bounded by the replica's ongoing requests).
     decode_workers: int = Field(2, ge=1, le=64)
 
 
@@ -62,7 +62,9 @@ class Scaling(BaseModel):
     #: to shrink, so a bursty attacker cannot make the deployment flap (Serve's defaults are 30 and 600).
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
-    #: Requests one ``@serve.batch`` call groups; ``max_ongoing_requests`` is kept at least this (RAY_NOTES).
+    #: Requests one ``@serve.batch`` call groups; ``max_ongoing_requests`` must be at least this, or a replica never
+    #: holds enough requests to fill a batch (Ray Serve docs, "Dynamic Request Batching"; Serve 2.60 warns too).
+    #: Both batch settings reach the replicas as ``user_config``: changing them reconfigures live replicas.
     max_batch_size: int = Field(16, ge=1, le=512)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=1)
     max_ongoing_requests: int = Field(32, ge=1, le=1000)

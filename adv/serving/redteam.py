@@ -134,7 +134,8 @@ def red_team(endpoint: Endpoint, keys: list[str], users: list[str], admin_key: s
         "accounts_flagged": len(per_account), "accounts_used": len(oracle.accounts_used),
         "already_flagged_before": already,
         "suspicious_queries": sum(after[u]["suspicious"] - before[u]["suspicious"] for u in users),
-        "blocked": oracle.blocked, "resent": oracle.resent, "rate_limited": endpoint.rate_limited, "seconds": round(seconds, 1),
+        "blocked": oracle.blocked, "resent": oracle.resent, "rate_limited": endpoint.rate_limited,
+        "seconds": round(seconds, 1),
         "params": params,
     }
 
