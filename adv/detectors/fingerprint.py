@@ -266,10 +266,15 @@ class FingerprintIndex:
         slot = self.next_id & (self.ring - 1)
         self.ids[slot], self.times[slot], self.chains[slot], self.digests[slot] = qid, now, chain, digest
         bucket, check = self._split(hashes[hashes != 0])
-        for b, c in zip(bucket.tolist(), check.tolist()):  # a loop: two hashes may share a bucket
-            h = self.heads[b]
-            self.keys[b, h], self.refs[b, h] = c, qid
-            self.heads[b] = (h + 1) % self.config.bucket_size
+        if len(np.unique(bucket)) == len(bucket):  # nearly always: one write per array, not a loop per hash
+            head = self.heads[bucket]
+            self.keys[bucket, head], self.refs[bucket, head] = check, qid
+            self.heads[bucket] = (head + 1) % self.config.bucket_size
+        else:  # two hashes share a bucket: each takes the next slot of its ring, in order
+            for b, c in zip(bucket.tolist(), check.tolist()):
+                h = self.heads[b]
+                self.keys[b, h], self.refs[b, h] = c, qid
+                self.heads[b] = (h + 1) % self.config.bucket_size
         self.next_id += 1
         return int(qid)
 
@@ -281,7 +286,9 @@ class FingerprintIndex:
 
     @classmethod
     def from_arrays(cls, config: IndexConfig, arrays: dict[str, np.ndarray],
-                    partition: tuple[int, int] | None = None) -> "FingerprintIndex":
+                    partition: tuple[int, int] | None = None, *, copy: bool = True) -> "FingerprintIndex":
+        """``copy=False`` adopts ``arrays`` (the caller's own, writable, e.g. just read from a snapshot) instead of
+        copying them: a default index is ~70 MB, and a copy of it is seconds of a restart on a loaded machine."""
         index = cls(config, partition)
         for name, value in arrays.items():
             if name == "next_id":
@@ -290,6 +297,9 @@ class FingerprintIndex:
             if mine.shape != value.shape or mine.dtype != value.dtype:
                 raise ValueError(f"index array {name!r}: stored {value.dtype}{value.shape}, "
                                  f"config needs {mine.dtype}{mine.shape}")
-            mine[...] = value
+            if copy or not (value.flags.writeable and value.flags.c_contiguous):
+                mine[...] = value
+            else:
+                setattr(index, name, value)
         index.next_id = int(arrays["next_id"][0])
         return index
