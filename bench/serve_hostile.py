@@ -175,10 +175,12 @@ def main(argv=None) -> int:
     p.add_argument("--docs", default=str(ROOT / "docs"))
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from jobs.common import local_ray_env
+    from jobs.common import init_ray
 
-    local_ray_env()
     import ray
+
+    # a cluster of its own: serve.start alone joins any Ray already running on this (shared) machine
+    init_ray()
 
     from adv.data import load_dataset
     from jobs.serve import undeploy
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
         log(f"{args.requests} hostile requests from {args.clients} clients")
         res["hostile"] = hostile(url, keys, images, cfg.limits.max_body_bytes, args.clients, args.requests)
         log("torn final log frame")
-        res["torn"] = torn_log(url, cfg, keys, images, work / "state")
+        res["torn"] = torn_log(url, cfg, keys, images, Path(cfg.state))
     finally:
         undeploy(cfg)
         ray.shutdown()
