@@ -173,8 +173,12 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=10_000)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--docs", default=str(ROOT / "docs"))
+    p.add_argument("--worker-niceness", type=int, help="RAY_worker_niceness for the cluster this starts (Ray's "
+                   "default: 15, which other work on a shared machine starves; docs/serving.md)")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
     from jobs.common import init_ray
 
     import ray
@@ -206,7 +210,8 @@ def main(argv=None) -> int:
         ray.shutdown()
     res["minutes"] = (time.time() - t_start) / 60
     res["machine"] = (f"{platform.machine()}, {os.cpu_count()} cores shared with other work, load average "
-                      f"{os.getloadavg()[0]:.1f} at the end")
+                      f"{os.getloadavg()[0]:.1f} at the end, Ray workers at nice "
+                      f"{os.environ.get('RAY_worker_niceness', '15 (Ray default)')}")
     (work / "results.json").write_text(json.dumps(res, indent=1, default=str))
     text = markdown(res, command_line("serve_hostile", argv))
     write_section(Path(args.docs) / "benchmarks.md", text, "serve_hostile")
