@@ -93,9 +93,9 @@ def _targets(rows, benign, latency) -> list[str]:
                 out.append(f"- Sybil {attack}, {r['accounts']} accounts, combined: attack success {_pct(s)} "
                            f"(no detector {_pct(r['true_success_without_layer'])}): {verdict}.")
     for r in benign:
-        if r["kind"] == "distinct":
+        if r["kind"] in ("distinct", "retakes"):
             ok = "meets" if r["users_flagged"] <= TARGET_FP else "misses"
-            out.append(f"- Benign distinct images, {r['detector']}: {_pct(r['users_flagged'])} of users flagged "
+            out.append(f"- Benign {r['kind']}, {r['detector']}: {_pct(r['users_flagged'])} of users flagged "
                        f"({ok} the 1% target).")
     for image in dict.fromkeys(r["image"] for r in latency):
         sel = sorted((r for r in latency if r["image"] == image), key=lambda r: r["stored"])
@@ -118,6 +118,8 @@ def _row(rows, attack, kind, accounts, sweep="sybil", key=None):
 
 def _notes(rows, benign) -> list[str]:
     """What the tables say, from the numbers of this run."""
+    from adv.detectors import DetectorConfig
+
     out, attacks = [], list(dict.fromkeys(r["attack"] for r in rows))
     top = max(r["accounts"] for r in rows)
     pu = [(a, _row(rows, a, "per-user", 1, "metric"), _row(rows, a, "per-user", top)) for a in attacks]
@@ -150,10 +152,12 @@ def _notes(rows, benign) -> list[str]:
         if r["kind"] == "retakes" and r["detector"].endswith("+ index"):
             out.append(f"- **Benign retakes** ({r['detector']}): {100 * r['queries_flagged']:.1f}% of the queries "
                        f"flagged, {100 * r['answers_changed']:.1f}% answered with another class: that is what a "
-                       "benign near-duplicate costs under `deceive` (a wrong answer on the retake). A service "
-                       "that expects retakes can raise `chain_limit` to 3 (one retake free) or act with `flag` "
-                       "and review. Exact repeats of a popular image are never flagged (they inherit the "
-                       "decision of the first upload).")
+                       "benign near-duplicate costs under `deceive` (a wrong answer on the retake). The index "
+                       f"flags a chain of {DetectorConfig().index.chain_limit} near-duplicates, not Blacklight's "
+                       "2: a photo's versions chain only to each other, so up to three versions of one photo "
+                       "are never flagged (the limit was chosen on validation images: the section \"choosing the "
+                       "chain limit\" below). Exact repeats of a popular image are never flagged (they inherit "
+                       "the decision of the first upload).")
     return out
 
 

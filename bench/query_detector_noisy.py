@@ -146,7 +146,8 @@ _pct = partial(pct, digits=0)
 def targets(rows: list[dict], benign: list[dict], none: dict) -> str:
     """Issue 25's targets for the detector serving by default (all three), as measured here."""
     full = "per-user SSIM + index + features"
-    worst = max((r["users_flagged"] for r in benign if r["detector"] == full and r["kind"] == "distinct"), default=0)
+    worst = {k: max((r["users_flagged"] for r in benign if r["detector"] == full and r["kind"] == k), default=0)
+             for k in ("distinct", "retakes")}
     parts = []
     for r in rows:
         if r["detector"] == full:
@@ -155,8 +156,8 @@ def targets(rows: list[dict], benign: list[dict], none: dict) -> str:
                 f"{r['true_success_with_layer'] / base:.2f}"
             parts.append(f"{r['attacker']}: with / no detector {ratio}")
     return (f"**Targets** (issue 25: success with the detector at most half of without, benign users flagged at most "
-            f"1%), for the default detector ({full}): " + "; ".join(parts) + f"; distinct benign users flagged "
-            f"{worst:.0%}.")
+            f"1%), for the default detector ({full}): " + "; ".join(parts) + "; benign users flagged: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in worst.items()) + ".")
 
 
 def markdown(rows, benign, latency, args, command: str, info: str, model: str, dataset: str) -> str:

@@ -173,12 +173,18 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=10_000)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--docs", default=str(ROOT / "docs"))
+    p.add_argument("--worker-niceness", type=int, help="RAY_worker_niceness for the cluster this starts (Ray's "
+                   "default: 15, which other work on a shared machine starves; docs/serving.md)")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from jobs.common import local_ray_env
+    if args.worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
+    from jobs.common import init_ray
 
-    local_ray_env()
     import ray
+
+    # a cluster of its own: serve.start alone joins any Ray already running on this (shared) machine
+    init_ray()
 
     from adv.data import load_dataset
     from jobs.serve import undeploy
@@ -198,13 +204,14 @@ def main(argv=None) -> int:
         log(f"{args.requests} hostile requests from {args.clients} clients")
         res["hostile"] = hostile(url, keys, images, cfg.limits.max_body_bytes, args.clients, args.requests)
         log("torn final log frame")
-        res["torn"] = torn_log(url, cfg, keys, images, work / "state")
+        res["torn"] = torn_log(url, cfg, keys, images, Path(cfg.state))
     finally:
         undeploy(cfg)
         ray.shutdown()
     res["minutes"] = (time.time() - t_start) / 60
     res["machine"] = (f"{platform.machine()}, {os.cpu_count()} cores shared with other work, load average "
-                      f"{os.getloadavg()[0]:.1f} at the end")
+                      f"{os.getloadavg()[0]:.1f} at the end, Ray workers at nice "
+                      f"{os.environ.get('RAY_worker_niceness', '15 (Ray default)')}")
     (work / "results.json").write_text(json.dumps(res, indent=1, default=str))
     text = markdown(res, command_line("serve_hostile", argv))
     write_section(Path(args.docs) / "benchmarks.md", text, "serve_hostile")

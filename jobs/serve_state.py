@@ -159,7 +159,9 @@ class OwnerClient:
                 if time.monotonic() + delay > deadline:
                     raise OwnerUnavailable(f"detector state owner unreachable for {timeout_s:.0f} s") from None
                 await asyncio.sleep(delay)
-                delay = min(2 * delay, 1.0)
+                # a short cap: a call to a restarting owner fails within ~2 s anyway, and a longer sleep only
+                # delays the first answer after it is back (Ray's restart, not this loop, is the wait)
+                delay = min(2 * delay, 0.25)
 
 
 class State:

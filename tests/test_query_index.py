@@ -42,15 +42,34 @@ def _index_only(**kw) -> QueryDetector:
 def test_the_same_image_from_different_accounts_matches_and_a_chain_is_flagged():
     det = _index_only()
     x = _images(1)
-    steps = torch.cat([x] + [_nudge(x, s) for s in range(1, 4)])
-    d = det.observe(steps, users=["k1", "k2", "k3", "k4"], probs=_probs(4), now=0.0)
+    steps = torch.cat([x] + [_nudge(x, s) for s in range(1, 6)])
+    d = det.observe(steps, users=[f"k{i}" for i in range(6)], probs=_probs(6), now=0.0)
     assert d[0].index.chain == 1 and not d[0].suspicious
     assert all(r.index.shared >= SMALL.match_threshold for r in d[1:])
-    assert [r.index.chain for r in d] == [1, 2, 3, 4]
-    assert [r.alarms for r in d[1:]] == [("index",)] * 3
-    again = det.observe(x, users=["k9"], probs=_probs(1), now=1.0)[0]  # exact repeat, a fifth account
+    assert [r.index.chain for r in d] == [1, 2, 3, 4, 5, 6]
+    assert [r.alarms for r in d] == [("index",) if c >= SMALL.chain_limit else () for c in range(1, 7)]
+    assert any(r.alarms for r in d) and not d[1].alarms  # one near-duplicate alone is not yet an attack
+    again = det.observe(x, users=["k9"], probs=_probs(1), now=1.0)[0]  # exact repeat, another account
     assert again.index.exact_repeat and again.index.shared == SMALL.top_k and again.index.chain == 1
     assert not again.suspicious  # a repeat teaches an attacker nothing: a popular image is not an attack
+
+
+def test_an_insert_matches_the_one_hash_at_a_time_ring_whether_buckets_are_distinct_or_shared():
+    """The vectorised insert (a query's buckets all distinct) and the in-order loop (two hashes in one bucket)
+    leave the table exactly as inserting one hash at a time into each bucket's ring would."""
+    for cfg in (SMALL, SMALL.model_copy(update={"capacity": 1, "bucket_size": 4})):  # 8 buckets: shared
+        index = FingerprintIndex(cfg)
+        keys, refs, heads = index.keys.copy(), index.refs.copy(), index.heads.copy()
+        shared = False
+        for qid, h in enumerate(fingerprints(_images(3, seed=5).numpy(), cfg)[0]):
+            index.insert(h, 0, 0.0, 1)
+            bucket, check = index._split(h[h != 0])
+            shared |= len(np.unique(bucket)) < len(bucket)
+            for b, c in zip(bucket, check):
+                keys[b, heads[b]], refs[b, heads[b]] = c, qid
+                heads[b] = (heads[b] + 1) % cfg.bucket_size
+        assert shared == (cfg.capacity == 1)  # both paths ran
+        assert (index.keys == keys).all() and (index.refs == refs).all() and (index.heads == heads).all()
 
 
 def test_unrelated_images_do_not_match_even_on_a_shared_blank_background():
@@ -266,7 +285,8 @@ class _Model(nn.Module):
 
 @pytest.mark.parametrize("action", ["flag", "deceive", "fallback", "block"])
 def test_a_flagged_answer_has_the_same_fields_types_and_status_as_a_normal_one(action):
-    det = QueryDetector(DetectorConfig(per_user=None, index=SMALL, features=None, action=action), fallback=_Model())
+    first = SMALL.model_copy(update={"chain_limit": 2})  # flagged at the first near-duplicate
+    det = QueryDetector(DetectorConfig(per_user=None, index=first, features=None, action=action), fallback=_Model())
     x = _images(1, seed=10)
     xs = torch.cat([x, _nudge(x, 1)])
     probs = _Model()(xs).softmax(1)
@@ -326,6 +346,29 @@ def test_the_index_sees_a_sybil_attacker_the_per_user_layer_misses_but_not_one_s
     assert noisy.detection_rate < both.detection_rate  # heavy noise breaks the hash matches...
     assert kinds["distinct"].users_flagged == 0.0 and kinds["popular"].queries == 5 * 8
     assert kinds["popular"].users_flagged == 0.0  # exact repeats of a popular image are never flagged
+
+
+def test_benign_retakes_flag_no_user_under_the_default_chain_limit_while_an_attack_walk_is_flagged():
+    """Issue 25: a photo sent again a few times (mild crop, mirror, brightness) makes near-duplicate chains of a
+    few queries; Blacklight's limit of 2 flagged those users, the default limit does not, and a Square walk,
+    rotated over many accounts, is still caught by the index."""
+    from adv.evaluate.query_detection import benign_traffic, evaluate_query_detection
+    from tests.test_defenses_helpers import sample_batch, single_thread, trained_classifier
+
+    clf = trained_classifier()
+    x, y = sample_batch(208)
+    index = DetectorConfig(per_user=None, features=None)  # the default index, alone
+    blacklight = DetectorConfig(per_user=None, features=None, index=IndexConfig(chain_limit=2))
+    with single_thread():
+        retakes = {name: [benign_traffic(clf, cfg, x[8:], kind="retakes", users=50, copies=4, seed=s)
+                          for s in range(2)] for name, cfg in (("default", index), ("limit 2", blacklight))}
+        walk = evaluate_query_detection(clf, x[:8], y[:8], config=index, attack="square", eps=0.05, queries=200,
+                                        accounts=300)
+    assert IndexConfig().chain_limit > 2
+    assert all(r.users_flagged == 0.0 for r in retakes["default"]), [r.users_flagged for r in retakes["default"]]
+    assert any(r.users_flagged > 0.0 for r in retakes["limit 2"])  # what the default fixes
+    assert walk.detection_rate >= 0.75, walk
+    assert walk.true_success_with_layer < walk.true_success_without_layer
 
 
 def test_the_feature_index_catches_the_noisy_sybil_that_breaks_the_hashes_and_spares_benign_users():

@@ -15,7 +15,8 @@ import yaml
 from adv.serving import RateLimit, ServeConfig
 from tests.serve_helpers import SHAPE
 
-SMALL = {"index": {"capacity": 2000}, "features": {"capacity": 2000}}  # quick snapshots
+# quick snapshots; the index flags at the first near-duplicate so short traffic raises every kind of alarm
+SMALL = {"index": {"capacity": 2000, "chain_limit": 2}, "features": {"capacity": 2000}}
 
 
 def _owner(tmp_path, **config):

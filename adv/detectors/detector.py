@@ -257,7 +257,7 @@ class QueryDetector:
         try:
             if self.index is not None:
                 part = {k[6:]: v for k, v in arrays.items() if k.startswith("index.")}
-                self.index = FingerprintIndex.from_arrays(self.config.index, part)
+                self.index = FingerprintIndex.from_arrays(self.config.index, part, copy=False)  # ours: read above
             if self.features is not None:
                 part = {k[9:]: v for k, v in arrays.items() if k.startswith("features.")}
                 if part:  # a state saved before the feature index existed starts it empty
@@ -272,20 +272,40 @@ class QueryDetector:
         """Redo the logged updates in order: the same inserts and adds, so the same state."""
         try:
             for batch in batches:
-                for r in batch.to_pylist():
-                    if self.index is not None and r["hashes"] is not None:
-                        h = np.zeros(self.config.index.top_k, np.uint64)
-                        h[: len(r["hashes"])] = r["hashes"]
-                        self.index.insert(h, r["digest"], r["time"], r["chain"])
-                    if self.features is not None and r.get("features") is not None:
-                        self.features.insert(np.asarray(r["features"], np.float32), r["digest"], r["time"],
-                                             r["fcluster"])
-                    if self.users is not None and r["image"] is not None:
-                        self.users.history.add(r["user"], np.asarray(r["image"], np.float32),
-                                               np.asarray(r["probs"], np.float32), r["distance"],
-                                               r["prediction"], r["time"])
+                self._replay_batch(batch)
         except (KeyError, ValueError, TypeError) as e:
             raise corrupt(f"{location} (log)", f"log record does not fit the config: {e}") from None
+
+    def _replay_batch(self, batch: pa.RecordBatch) -> None:
+        # columns as numpy rows, not to_pylist: each logged image as 784 Python floats made replaying a few
+        # thousand updates cost seconds of an owner's restart
+        col = {k: batch.column(k) for k in batch.schema.names}
+        hashes, feats, images, probs = (_rows(col.get(k), batch.num_rows) for k in ("hashes", "features", "image",
+                                                                                    "probs"))
+        users, times, digest = col["user"].to_pylist(), col["time"].to_pylist(), col["digest"].to_pylist()
+        chain = col["chain"].to_pylist()
+        fcluster = col["fcluster"].to_pylist() if "fcluster" in col else [0] * batch.num_rows
+        distance, walked = col["distance"].to_pylist(), col["prediction"].to_pylist()
+        top_k = self.config.index.top_k if self.index is not None else 0
+        for i in range(batch.num_rows):
+            if self.index is not None and hashes[i] is not None:
+                h = np.zeros(top_k, np.uint64)
+                h[: len(hashes[i])] = hashes[i]
+                self.index.insert(h, digest[i], times[i], chain[i])
+            if self.features is not None and feats[i] is not None:
+                self.features.insert(feats[i], digest[i], times[i], fcluster[i])
+            if self.users is not None and images[i] is not None:
+                self.users.history.add(users[i], images[i], probs[i], distance[i], walked[i], times[i])
+
+
+def _rows(column: pa.Array | None, n: int) -> list[np.ndarray | None]:
+    """A list column as one numpy row per record (views of the column's values; None where null or absent)."""
+    if column is None:
+        return [None] * n
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False)
+    null = column.is_null().to_numpy(zero_copy_only=False)
+    return [None if null[i] else values[offsets[i] : offsets[i + 1]] for i in range(n)]
 
 
 def prepare(x: torch.Tensor, config: DetectorConfig) -> tuple:
