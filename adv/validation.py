@@ -7,7 +7,10 @@ this is the one place that turns pydantic's error list into the line a user read
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from pydantic import BaseModel, ValidationError
 
@@ -87,3 +90,19 @@ def validate_mapping(model: type[BaseModel], data: Any, source: str = "", error:
         return model.model_validate(data)
     except ValidationError as exc:
         raise error(format_validation_error(exc, source, model)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A config file's YAML; a missing, unparsable or empty file is one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config is empty")
+    return data

@@ -178,18 +178,19 @@ def test_the_selected_trained_defense_becomes_a_row_of_the_main_evaluation(ckpt,
 
 def test_a_stored_set_generated_in_process_scores_like_the_trials_expect(ckpt):
     from adv.data import load_dataset
+    from adv.evaluate.stored import load_rows, reusable_chunks, save_rows
     from adv.evaluate.worker import ModelLoader
+    from adv.evaluate.plan import build_grid
     from adv.tuning import trials
-    from jobs.tune import _grid
     from jobs.tune_config import parse_tune_config
 
     cfg = parse_tune_config({"name": "t", "kind": "stored", "checkpoint": str(ckpt),
                              "attacks": [{"name": "fgsm", "eps": [0.1]}], "space": {"pipeline": [["dwt"]]}})
-    setting = trials.Setting(tuple(_grid(cfg)), 0.05, "val", 0, 8)
+    setting = trials.Setting(build_grid(cfg.attacks), 0.05, "val", 0, 8)
     data = load_dataset("digits", split="test", n=20)
     rows = trials.generate_stored(ModelLoader(checkpoint=str(ckpt)), data, setting)
     assert set(rows["defense"]) == {"none"} and set(rows["track"]) == {"clean", "non-adaptive"}
-    chunks = list(trials.stored_chunks(trials.save_rows(rows)))  # no pickles: strings become unicode arrays
+    chunks = list(reusable_chunks(load_rows(save_rows(rows))))  # no pickles: strings become unicode arrays
     assert len(chunks) == 3 and sum(len(c["index"]) for c in chunks) == 40
     out = trials.run_stored(trials.stage_loader(str(ckpt), ["dwt"], None), chunks, setting, lambda m: None)
     assert out["clean_n"] == 20 and 0 <= out["non_adaptive_acc"] <= out["clean_acc"]

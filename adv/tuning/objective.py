@@ -175,3 +175,32 @@ def _select_stored(done: list[TrialRecord]) -> tuple[TrialRecord, list[str]]:
                            "adaptive")
     best = max(rechecked, key=lambda r: r.recheck_objective)
     return best, [warn] if warn else []
+
+
+def records_from(results, full: int, resource: str, space, kind: str) -> list[TrialRecord]:
+    """The :class:`TrialRecord` of every finished trial result (Tune's ``Result``: ``metrics``, ``config``,
+    ``path``, ``error``, ``checkpoint``), sorted by trial; ``full``: the ASHA budget a finished trial reached."""
+    import json
+    import os
+
+    from adv.tuning.space import Candidate
+
+    out = []
+    for r in results:
+        m = r.metrics or {}
+        if "candidate" not in m:  # the trial failed before its first report
+            config = dict(r.config or {})
+            cand = Candidate.from_dict(config["candidate"]) if "candidate" in config else space.candidate(config)
+            out.append(TrialRecord(os.path.basename(r.path or "?"), cand.to_dict(), {}, math.nan, math.nan, 0,
+                                   status=f"error: {str(r.error).strip().splitlines()[-1][:160] if r.error else '?'}",
+                                   kind=kind))
+            continue
+        got = m.get(resource, 0)
+        status = "finished" if got >= full else f"stopped early by ASHA at {got} {resource}"
+        overfit = str(m.get("overfit") or "")
+        status = f"{overfit}; never selected ({status})" if overfit else status
+        out.append(TrialRecord(m.get("trial_id", "?"), json.loads(m["candidate"]), numbers_from_flat(m),
+                               float(m["objective"]), float(m["clean_ref"]), float(got), status,
+                               r.checkpoint.path if r.checkpoint else None, kind=kind, overfit=overfit,
+                               handle=r.checkpoint))
+    return sorted(out, key=lambda r: r.trial_id)

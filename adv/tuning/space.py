@@ -297,3 +297,19 @@ def _detectors(raw: Any, dims: list[Dim]) -> tuple[str | None, ...]:
         if not any(s and _name(s) == name for s in given):
             raise ConfigError(f"space.detector.{name}: add the detector's spec under space.detector")
     return tuple(given)
+
+
+def absolute_paths(space: dict[str, Any]) -> dict[str, Any]:
+    """The raw space with its stage files (``checkpoint=``) made absolute on the driver: Tune runs each trial in
+    its own working directory."""
+    from adv.evaluate.plan import absolute_spec
+
+    out = dict(space)
+    if isinstance(space.get("pipeline"), list):
+        out["pipeline"] = [[absolute_spec(x) for x in ([p] if isinstance(p, str) else p)]
+                           if isinstance(p, (str, list)) else p for p in space["pipeline"]]
+    det = space.get("detector")
+    if det is not None:
+        out["detector"] = absolute_spec(det) if isinstance(det, str) else [absolute_spec(d) if isinstance(d, str)
+                                                                          else d for d in det]
+    return out
