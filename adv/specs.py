@@ -10,7 +10,7 @@ per component, so a bad key or value fails with one line that names it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -42,24 +42,26 @@ def parse_spec(text: str, what: str = "defense") -> tuple[str, dict[str, str]]:
 class StageSpec:
     """A parsed spec: its name and its ``k=v`` parameters as written (strings, in order).
 
-    Parsed once where a spec enters (a config, the command line); ``str(spec)`` is the spec string
-    again, byte for byte for a spec written in the canonical ``NAME:k=v,k=v`` form (what reports,
-    manifests and labels print). The component's pydantic model validates the values
-    (:func:`build_params`).
+    Parsed once where a spec enters (a config, the command line); ``str(spec)`` is the spec string as
+    written (what reports, manifests, labels and run keys print), and a spec changed on the object
+    (:meth:`absolute`) prints in the ``NAME:k=v,k=v`` form. The component's pydantic model validates
+    the values (:func:`build_params`).
     """
 
     name: str
     params: tuple[tuple[str, str], ...] = ()
+    #: The text it was parsed from ("" when built or changed here): printed as the user wrote it.
+    text: str = field(default="", compare=False, repr=False)
 
     @classmethod
     def parse(cls, text: "str | StageSpec", what: str = "defense") -> "StageSpec":
         if isinstance(text, StageSpec):
             return text
         name, params = parse_spec(text, what)
-        return cls(name, tuple(params.items()))
+        return cls(name, tuple(params.items()), text)
 
     def __str__(self) -> str:
-        return self.name + (":" + ",".join(f"{k}={v}" for k, v in self.params) if self.params else "")
+        return self.text or self.name + (":" + ",".join(f"{k}={v}" for k, v in self.params) if self.params else "")
 
     def get(self, key: str, default: str | None = None) -> str | None:
         return dict(self.params).get(key, default)
@@ -70,7 +72,7 @@ class StageSpec:
         path = self.get(key)
         if path is None:
             return self
-        return replace(self, params=tuple((k, absolute_path(v) if k == key else v) for k, v in self.params))
+        return replace(self, params=tuple((k, absolute_path(v) if k == key else v) for k, v in self.params), text="")
 
 
 def absolute_path(path: str | None) -> str | None:

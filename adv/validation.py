@@ -1,12 +1,15 @@
 """One-line messages from pydantic validation errors: the key path, the message, the bad value.
 
 Every typed config (a job's YAML, a bundle's manifest, a detector's settings) is validated at the boundary;
-this is the one place that turns pydantic's error list into the line a user reads.
+this is the one place that turns pydantic's error list into the line a user reads. Also here: reading a config
+file's YAML, and the budget values configs accept (a number, ``inf`` or a fraction such as ``8/255``).
 """
 
 from __future__ import annotations
 
+import math
 import typing
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +109,18 @@ def read_yaml(path: str | Path) -> Any:
     if data is None:
         raise ConfigError(f"{path}: the config is empty")
     return data
+
+
+def parse_eps(v: Any) -> float:
+    """A number, ``"inf"``, or a fraction such as ``"8/255"``."""
+    if isinstance(v, bool):
+        raise ValueError(f"eps must be a number, got {v!r}")
+    if isinstance(v, str):
+        text = v.strip().lower()
+        try:
+            v = math.inf if text in ("inf", "infinity") else float(Fraction(text))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"eps must be a number, 'inf' or a fraction like '8/255', got {v!r}") from None
+    if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+        raise ValueError(f"eps must be >= 0, got {v!r}")
+    return float(v)

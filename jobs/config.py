@@ -10,17 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices, BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, field_validator, model_validator,
+)
 
 from adv.errors import AdvError, ConfigError
 from adv.evaluate.plan import BUDGET_PARAMS, budget_param
 from adv.evaluate.rows import FEATURES
 from adv.specs import StageSpec
-from adv.validation import read_yaml, validate_mapping
+from adv.validation import parse_eps, read_yaml, validate_mapping
 
 #: Datasets read by Ray Data from files instead of loaded in memory by ``adv.data``.
 FILE_SOURCES = ("imagefolder", "parquet")
@@ -98,13 +99,26 @@ class ModelConfig(Strict):
         return self
 
 
+def _spec(value: Any) -> StageSpec:
+    if not isinstance(value, (str, StageSpec)):
+        raise ValueError(f"a stage spec is a string NAME[:k=v,...], got {value!r}")
+    try:
+        return StageSpec.parse(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+#: A stage spec parsed once, here, at the config's edge; stored and hashed as the string it was written as.
+Spec = Annotated[StageSpec, PlainValidator(_spec), PlainSerializer(str, return_type=str)]
+
+
 class DefenseConfig(Strict):
     """One defended model: preprocessing/classifier stages in order, and an optional detector."""
 
     #: Label in the report; default: the stage specs joined with " + ".
     name: str | None = None
-    stages: list[str] = Field(default_factory=list)
-    detector: str | None = None
+    stages: list[Spec] = Field(default_factory=list)
+    detector: Spec | None = None
     #: A training-time defense: an adv checkpoint that answers in place of ``model`` for this defense (behind
     #: ``stages``); its non-adaptive adversarials are still crafted on ``model``, the undefended classifier.
     classifier: str | None = None
@@ -133,23 +147,9 @@ class DefenseConfig(Strict):
 
     @property
     def label(self) -> str:
-        return self.name or " + ".join([*([f"classifier {self.classifier}"] if self.classifier else []), *self.stages,
-                                        *([f"detector {self.detector}"] if self.detector else [])])
-
-
-def _parse_eps(v: Any) -> float:
-    """A number, ``"inf"``, or a fraction such as ``"8/255"``."""
-    if isinstance(v, bool):
-        raise ValueError(f"eps must be a number, got {v!r}")
-    if isinstance(v, str):
-        text = v.strip().lower()
-        try:
-            v = math.inf if text in ("inf", "infinity") else float(Fraction(text))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"eps must be a number, 'inf' or a fraction like '8/255', got {v!r}") from None
-    if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
-        raise ValueError(f"eps must be >= 0, got {v!r}")
-    return float(v)
+        return self.name or " + ".join([*([f"classifier {self.classifier}"] if self.classifier else []),
+                                        *map(str, self.stages), *([f"detector {self.detector}"] if self.detector
+                                                                  else [])])
 
 
 class AttackConfig(Strict):
@@ -168,7 +168,7 @@ class AttackConfig(Strict):
         values = v if isinstance(v, list) else [v]
         if not values:
             raise ValueError("eps needs at least one value")
-        return [_parse_eps(x) for x in values]
+        return [parse_eps(x) for x in values]
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -310,9 +310,8 @@ class EvalConfig(Strict):
         if self.dataset is not None:
             inputs["dataset.root"] = self.dataset.root
         for i, d in enumerate(self.defenses):
-            inputs.update({f"defenses[{i}].stages[{j}]": StageSpec.parse(s).get("checkpoint")
-                           for j, s in enumerate(d.stages)})
-            inputs[f"defenses[{i}].detector"] = d.detector and StageSpec.parse(d.detector).get("checkpoint")
+            inputs.update({f"defenses[{i}].stages[{j}]": s.get("checkpoint") for j, s in enumerate(d.stages)})
+            inputs[f"defenses[{i}].detector"] = d.detector and d.detector.get("checkpoint")
         return inputs, ({"--out": out} if out else {"output.path": self.output.path})
 
     def run_key(self) -> str:

@@ -20,14 +20,12 @@ The same job runs on an embedded local Ray (laptop) and on a cluster (set
    ``ActorPoolStrategy(size=N)`` pool; each actor builds its models once
    through the injected ``loader``;
 3. each actor writes its own result rows to the run's storage as Parquet
-   *parts* (atomically, under names fixed by their content) and returns one
-   metadata row per part; the driver, which never sees a result row, tallies
-   the parts and, the moment a shard has all its examples, starts a commit
-   task that streams the parts into the shard's file and writes its done
-   marker (:mod:`adv.evaluate.store`), so an interrupted run resumes where it stopped
-   and a node lost mid-run costs only its in-flight batches, which Ray retries;
-4. :func:`adv.evaluate.report.write_report` turns the stored rows into report.md,
-   results.json and figures.
+   *parts* and returns one metadata row per part; the driver, which never
+   sees a result row, tallies them (:mod:`adv.evaluate.tally`) and starts a
+   shard's commit task (:mod:`adv.evaluate.store`) the moment the shard has
+   all its examples, so an interrupted run resumes where it stopped and a
+   node lost mid-run costs only its in-flight batches, which Ray retries;
+4. :mod:`adv.evaluate.report` turns the stored rows into report.md, results.json and figures.
 
 ``--reuse RUN_DIR`` (or ``reuse_from:``) evaluates new defenses on the stored
 non-adaptive adversarials of a finished run without regenerating them;
@@ -46,10 +44,9 @@ from typing import Any
 import numpy as np
 
 from adv.evaluate.layout import Layout
-from adv.evaluate.plan import build_plan as plan_of
-from adv.evaluate.plan import model_loader, rows_per_example
+from adv.evaluate.plan import build_plan as plan_of, model_loader, rows_per_example
 from adv.evaluate.preflight import preflight
-from adv.evaluate.report.run import write_run_report as report_run
+from adv.evaluate.report.run import run_meta, write_run_report as report_run
 from adv.evaluate.store import RunStore
 from adv.evaluate.stored import StoredRun, reusable
 from adv.evaluate import tally
@@ -164,23 +161,19 @@ def open_run(cfg: EvalConfig, out: str | None) -> RunStore:
 
 
 def attempt_record(tally: Tally) -> dict[str, Any]:
-    record = tally.record()
-    return {**record, "node_resources": _node_resources(list(record["nodes"]))}
+    """The tally's record, with each node's resources and whether it is still alive (a removed node stays listed,
+    dead)."""
+    import ray
+
+    record, known = tally.record(), {n["NodeID"]: n for n in ray.nodes()}
+    return {**record, "node_resources": {i: {"alive": known[i]["Alive"], "resources": known[i].get("Resources", {})}
+                                         if i in known else {} for i in record["nodes"]}}
 
 
 def ray_get(ref):
     import ray
 
     return ray.get(ref)
-
-
-def _node_resources(node_ids: list[str]) -> dict[str, dict]:
-    """Each node's resources and whether it is still alive (a removed node stays listed, dead)."""
-    import ray
-
-    known = {n["NodeID"]: n for n in ray.nodes()}
-    return {i: {"alive": known[i]["Alive"], "resources": known[i].get("Resources", {})} if i in known else {}
-            for i in node_ids}
 
 
 def _commit_task(uri: str, k: int, parts: list[str], info: dict) -> float:
@@ -323,19 +316,7 @@ def evaluate_stored(run_dir: str, defenses: list, out: str | None = None, **cfg_
 # --- report ---------------------------------------------------------------------------------------------
 def write_run_report(store: RunStore, cfg: EvalConfig, layout: Layout) -> tuple[str, dict]:
     log("writing the report")
-    run_info = store.read_json("run.json")
-    checks = store.read_json("checks.json") if store.exists("checks.json") else {}
-    meta = {
-        "name": cfg.name, "key": run_info["key"], "run_dir": store.uri, "config": run_info["config"],
-        "versions": versions(), "seeds": {"dataset": cfg.dataset.seed if cfg.dataset else None, "attacks": cfg.seed},
-        "attempts": store.attempts(),
-        "layout": {"n": layout.n, "shards": layout.shards, "chunk_size": layout.chunk_size, "source": layout.source,
-                   "classes": layout.classes},
-        "skipped": layout.skipped, "reuse_from": cfg.reuse_from, "defenses": [d.label for d in cfg.defenses],
-        "input_shape": checks.get("input_shape"), "model_checks": checks.get("flags", []),
-        "report": cfg.report.model_dump(),
-    }
-    return report_run(StoredRun(store.uri), meta, cfg.report.examples)
+    return report_run(StoredRun(store.uri), run_meta(store, cfg, layout, versions()), cfg.report.examples)
 
 
 # --- entrypoint ----------------------------------------------------------------------------------------

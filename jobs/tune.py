@@ -3,23 +3,21 @@
     python -m jobs.tune --config jobs/configs/tune-default.yaml
     ray job submit --working-dir . -- python -m jobs.tune --config jobs/configs/tune-gpu.yaml --base-dir "$PWD"
 
-(``--base-dir``: relative paths resolve against the submitting folder; on a
-remote cluster use absolute shared paths or URIs instead, README "Ray clusters").
+(``--base-dir``: relative paths resolve against the submitting folder; on a remote cluster use absolute shared
+paths or URIs instead, README "Ray clusters").
 
 Stages (the Ray-free logic is :mod:`adv.tuning`):
 
-1. the validation subset is drawn from the split minus the test subset
-   (:mod:`adv.tuning.splits`); ``stored`` sweeps generate their stored
-   non-adaptive set on it once with the Ray Data job (``jobs.evaluate.run``)
-   unless ``stored.run`` names one made on the same subset;
-2. Tune runs the trials (grid search when every dimension is discrete, else
-   Optuna; ASHA on evaluated examples or epochs) into ``<run>/sweep``;
+1. the validation subset is drawn from the split minus the test subset (:mod:`adv.tuning.splits`); ``stored``
+   sweeps generate their stored non-adaptive set on it once (``jobs.evaluate.run``, or in the driver for a
+   small set on one node) unless ``stored.run`` names one made on the same subset;
+2. Tune runs the trials (grid search when every dimension is discrete, else Optuna; ASHA on evaluated examples
+   or epochs) into ``<run>/sweep`` (:mod:`jobs.tune_search`);
 3. ``stored`` sweeps re-check their best few trials adaptively (``<run>/recheck``);
 4. the selected configuration is measured on the disjoint test subset and
    written as a bundle to ``<run>/best``, next to ``<run>/report.md``.
 
-Kill the driver and rerun the same command: each phase resumes with
-``Tuner.restore`` and finished trials are not rerun.
+Kill the driver and rerun the same command: each phase resumes with ``Tuner.restore``; finished trials are kept.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ from dataclasses import dataclass, field
 from adv.errors import ConfigError
 from adv.evaluate.plan import build_grid
 from adv.evaluate.store import RunStore
-from adv.evaluate.stored import StoredRun, save_rows
+from adv.evaluate.stored import IN_PROCESS_ROWS, StoredRun, save_rows
 from adv.evaluate.worker import ModelLoader
 from adv.specs import absolute_path
 from adv.tuning.checks import check_model, check_outputs, check_stored, classifier_kwargs
@@ -104,15 +102,14 @@ def _in_process(cfg: TuneConfig, n: int) -> bool:
 def stored_in_process(cfg: TuneConfig, val, uri: str) -> str:
     """The stored set generated in the driver (``adv.tuning.trials.generate_stored``) into
     ``<run>/stored-local/rows.npz``, once: a resumed run reads it back."""
-    from adv.tuning import trials
+    from adv.tuning.trials import generate_stored
 
     out = f"{uri}/stored-local"
-    store = RunStore(out)
-    if not store.exists("rows.npz"):
+    if not RunStore(out).exists(IN_PROCESS_ROWS):
         log(f"stored set: the {len(val)} validation images attacked once in this process -> {out}")
         setting = Setting(build_grid(cfg.attacks), cfg.objective.max_clean_drop, "", cfg.seed, cfg.resources.batch_size)
-        rows = trials.generate_stored(ModelLoader(**classifier_kwargs(cfg)), val, setting)
-        store.write_bytes("rows.npz", save_rows(rows))
+        rows = generate_stored(ModelLoader(**classifier_kwargs(cfg)), val, setting)
+        RunStore(out).write_bytes(IN_PROCESS_ROWS, save_rows(rows))
     return out
 
 
@@ -127,7 +124,7 @@ def trainable(config: dict, ctx: dict) -> None:
     torch.set_num_threads(ctx["threads"])
     space: SearchSpace = ctx["space"]
     cand = Candidate.from_dict(config["candidate"]) if "candidate" in config else space.candidate(config)
-    cand_json = json.dumps(cand.to_dict(), default=str)
+    cand_json = cand.to_json()
     _trace(ctx.get("trace"), "start", cand)
 
     def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
@@ -192,7 +189,7 @@ def tune_phase(cfg: TuneConfig, uri: str, phase: str, ctx: dict, param_space: di
 def run(cfg: TuneConfig) -> TuneResult:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    lap = _stopwatch(timings)
+    lap = common.stopwatch(timings)
     space = SearchSpace.parse(absolute_paths(cfg.space), kind=cfg.kind)
     check_model(cfg)
     uri = run_uri(cfg)
@@ -258,39 +255,23 @@ def sweep_setup(cfg: TuneConfig, ctx: dict, split: Split, val, uri: str):
     return (*asha(cfg.asha, "epoch", cfg.training.epochs, cfg.asha.grace or 1), "epoch", cfg.training.epochs)
 
 
-def _stopwatch(timings: dict[str, float]):
-    """``lap(name)``: seconds since the previous lap, recorded under ``name``."""
-    last = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        timings[name] = now - last[0]
-        last[0] = now
-
-    return lap
-
-
 def recheck(cfg: TuneConfig, uri: str, ctx: dict, records: list[TrialRecord]) -> None:
     """Adaptive re-check of the best ``objective.recheck`` stored trials (no early stopping)."""
     from ray import tune
 
-    ranked = sorted((r for r in records if not math.isnan(r.objective)), key=lambda r: -r.objective)
-    top = ranked[:cfg.objective.recheck]
+    top = sorted((r for r in records if not math.isnan(r.objective)), key=lambda r: -r.objective)
+    top = top[:cfg.objective.recheck]
     log(f"adaptive re-check of the best {len(top)} non-adaptive trial(s): {', '.join(r.trial_id for r in top)}")
-    space = {"candidate": tune.grid_search([r.candidate for r in top])}
+    space = {"candidate": tune.grid_search([r.candidate.to_dict() for r in top])}
     # the experiment is named after the candidates it re-checks, so a resumed run never mixes two selections
-    phase = "recheck-" + hashlib.sha256("\n".join(key(r.candidate) for r in top).encode()).hexdigest()[:8]
+    phase = "recheck-" + hashlib.sha256("\n".join(r.candidate.key for r in top).encode()).hexdigest()[:8]
     results = tune_phase(cfg, uri, phase, {**ctx, "kind": "adaptive", "grace": len(ctx["val"]) + 1}, space)
-    by_cand = {key(r.candidate): r for r in top}
+    by_cand = {r.candidate.key: r for r in top}
     for res in results:
         m = res.metrics or {}
-        rec = by_cand.get(key(json.loads(m["candidate"]))) if "candidate" in m else None
+        rec = by_cand.get(Candidate.from_json(m["candidate"]).key) if "candidate" in m else None
         if rec is not None:
             rec.recheck, rec.recheck_objective = numbers_from_flat(m), float(m["objective"])
-
-
-def key(candidate: dict) -> str:
-    return json.dumps(candidate, sort_keys=True, default=str)
 
 
 def training_ctx(cfg: TuneConfig, training: TrainingConfig, val) -> dict:

@@ -10,6 +10,7 @@ import pytest
 
 from adv.tuning.objective import TrialRecord, select
 from adv.tuning.overfitting import catastrophic_overfitting
+from adv.tuning.space import Candidate
 from tests.pipeline_helpers import REPO, train_tiny
 
 
@@ -51,13 +52,13 @@ def _num(v):
 
 
 def _trained(tid, adaptive, overfit=""):
-    return TrialRecord(tid, {"stages": [], "loss": f"at:eps={tid}", "params": {}},
+    return TrialRecord(tid, Candidate((), loss=f"at:eps={tid}"),
                        {"clean": _num(0.85), "adaptive": _num(adaptive)}, adaptive, 0.9, 4, kind="training",
                        overfit=overfit)
 
 
 def test_selection_pools_stage_and_training_trials_and_never_picks_an_overfit_one():
-    stage = TrialRecord("s1", {"stages": ["dwt:level=2"], "params": {}},
+    stage = TrialRecord("s1", Candidate(("dwt:level=2",)),
                         {"clean": _num(0.88), "non_adaptive": _num(0.6)}, 0.6, 0.9, 200, kind="stored")
     stage.recheck, stage.recheck_objective = {"adaptive": _num(0.08)}, 0.08
     good, masked = _trained("0.1", 0.62), _trained("0.15", 0.9, overfit="catastrophic overfitting at epoch 2")
@@ -104,7 +105,7 @@ def test_a_trained_defense_beats_an_input_transformation_and_is_exported_with_it
 
     b = load_bundle(result.bundle)  # every file's sha256 checked, the trained classifier's included
     prov = b.manifest["provenance"]
-    assert prov["kind"] == "training" and prov["training"]["loss"] == trained.candidate["loss"]
+    assert prov["kind"] == "training" and prov["training"]["loss"] == trained.candidate.loss
     assert prov["training"]["epochs"] == 2 and prov["training"]["train_n"] == 1000
     assert "classifier.pt" in b.manifest["files"] and set(b.manifest["numbers"]) == {"clean", "non_adaptive",
                                                                                      "adaptive"}

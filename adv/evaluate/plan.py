@@ -48,12 +48,14 @@ def rows_per_example(plan: Plan, n_defenses: int) -> int:
     return models + len(plan.grid) * models + (len(plan.grid) * n_defenses if plan.adaptive else 0)
 
 
-def absolute_spec(spec: str | None) -> str | None:
-    """A stage spec with its ``checkpoint=`` made absolute; a spec without one is returned as given."""
+def absolute_spec(spec: str | StageSpec | None) -> str | StageSpec | None:
+    """A stage spec (a string, or parsed) with its ``checkpoint=`` made absolute; one without is returned as given."""
     if spec is None:
         return None
     parsed = StageSpec.parse(spec)
-    return spec if parsed.get("checkpoint") is None else str(parsed.absolute())
+    if parsed.get("checkpoint") is None:
+        return spec
+    return parsed.absolute() if isinstance(spec, StageSpec) else str(parsed.absolute())
 
 
 def model_loader(model, defenses: Iterable[Any]) -> ModelLoader:

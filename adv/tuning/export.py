@@ -10,7 +10,6 @@ import tempfile
 from typing import Callable
 
 from adv.tuning.objective import TrialRecord
-from adv.tuning.space import Candidate
 from adv.tuning.splits import Split, take
 from adv.tuning.trials import Setting
 
@@ -22,7 +21,7 @@ def export(cfg, uri: str, full, split: Split, grid, selected: TrialRecord, *, ch
     from adv.bundle import provenance_defaults, write_bundle
     from adv.tuning import trials
 
-    cand = Candidate.from_dict(selected.candidate)
+    cand = selected.candidate
     test = take(full, split.test)
     setting = Setting(grid, cfg.objective.max_clean_drop, split.describe("test") + ", disjoint from validation",
                       cfg.seed, cfg.resources.batch_size)
@@ -55,7 +54,7 @@ def export(cfg, uri: str, full, split: Split, grid, selected: TrialRecord, *, ch
             factory=factory,
             provenance={**provenance_defaults(), "versions": versions, "sweep": cfg.name, "run": uri,
                         "trial": selected.trial_id, "kind": selected.kind or cfg.kind,
-                        "candidate": selected.candidate, **training_provenance(cfg, selected),
+                        "candidate": cand.to_dict(), **training_provenance(cfg, selected),
                         **({"model": cfg.model.model_dump(mode="json")} if cfg.model is not None else {}),
                         "validation": split.describe("validation"), "test": split.describe("test"),
                         "selected_on": "adaptive robust accuracy under the clean-accuracy constraint"},
@@ -72,6 +71,6 @@ def training_provenance(cfg, selected: TrialRecord) -> dict:
         return {}
     t = cfg.training if cfg.kind == "training" else cfg.training_sweep.training
     d = cfg.data
-    return {"training": {"loss": selected.candidate["loss"], "epochs": int(selected.resource),
+    return {"training": {"loss": selected.candidate.loss, "epochs": int(selected.resource),
                          "batch_size": t.batch_size, "lr": t.lr, "dataset": d.name, "split": "train",
                          "train_n": d.train_n, "seed": cfg.seed, "architecture_of": cfg.checkpoint}}

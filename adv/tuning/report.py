@@ -76,7 +76,7 @@ def write_report(out_dir: Path, *, meta: dict[str, Any], records: list[TrialReco
     if warnings:
         lines += ["## Warnings", ""] + [f"- **warning:** {w}" for w in warnings] + [""]
     lines += ["## Selected configuration", "", f"- trial `{selected.trial_id}`: `{selected.label}`",
-              f"- parameters: `{json.dumps(selected.candidate.get('params', {}), default=str)}`"]
+              f"- parameters: `{json.dumps(dict(selected.candidate.params), default=str)}`"]
     for t in ("clean", "non_adaptive", "adaptive"):
         num = selected.recheck.get(t) or selected.numbers.get(t)
         if num:
