@@ -49,8 +49,7 @@ from adv.evaluate.preflight import preflight
 from adv.evaluate.report.run import run_meta, write_run_report as report_run
 from adv.evaluate.store import RunStore
 from adv.evaluate.stored import StoredRun, reusable
-from adv.evaluate import tally
-from adv.evaluate.tally import Arrivals, Tally
+from adv.evaluate.tally import Arrivals, Tally, write_parts as write_table_parts
 from adv.evaluate.worker import BatchEvaluator, ModelLoader, Plan, StoredEvaluator
 from adv.specs import absolute_path
 from jobs import common
@@ -111,7 +110,7 @@ def write_parts(store: RunStore, rows: dict[str, np.ndarray], attempt: int, node
     from ray.data.block import BlockAccessor
 
     # the same Arrow types Ray Data would store
-    return tally.write_parts(store, BlockAccessor.batch_to_block(rows), attempt, node, seconds)
+    return write_table_parts(store, BlockAccessor.batch_to_block(rows), attempt, node, seconds)
 
 
 class BatchActor(_ActorThreads, _WritesParts, BatchEvaluator):
