@@ -9,6 +9,8 @@ per component, so a bad key or value fails with one line that names it.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -34,6 +36,48 @@ def parse_spec(text: str, what: str = "defense") -> tuple[str, dict[str, str]]:
             raise ConfigError(f"{what} spec {text!r}: {key.strip()!r} given twice")
         params[key.strip()] = value.strip()
     return name.strip(), params
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A parsed spec: its name and its ``k=v`` parameters as written (strings, in order).
+
+    Parsed once where a spec enters (a config, the command line); ``str(spec)`` is the spec string as
+    written (what reports, manifests, labels and run keys print), and a spec changed on the object
+    (:meth:`absolute`) prints in the ``NAME:k=v,k=v`` form. The component's pydantic model validates
+    the values (:func:`build_params`).
+    """
+
+    name: str
+    params: tuple[tuple[str, str], ...] = ()
+    #: The text it was parsed from ("" when built or changed here): printed as the user wrote it.
+    text: str = field(default="", compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, text: "str | StageSpec", what: str = "defense") -> "StageSpec":
+        if isinstance(text, StageSpec):
+            return text
+        name, params = parse_spec(text, what)
+        return cls(name, tuple(params.items()), text)
+
+    def __str__(self) -> str:
+        return self.text or self.name + (":" + ",".join(f"{k}={v}" for k, v in self.params) if self.params else "")
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.params).get(key, default)
+
+    def absolute(self, key: str = "checkpoint") -> "StageSpec":
+        """The spec with its file parameter ``key`` made absolute (a URI is kept): actors and trials need not
+        share the driver's working directory."""
+        path = self.get(key)
+        if path is None:
+            return self
+        return replace(self, params=tuple((k, absolute_path(v) if k == key else v) for k, v in self.params), text="")
+
+
+def absolute_path(path: str | None) -> str | None:
+    """A local path made absolute (a URI or None unchanged)."""
+    return path if path is None or "://" in path else os.path.abspath(path)
 
 
 def build_params(model: type[BaseModel], raw: dict[str, Any] | BaseModel | None, where: str) -> BaseModel:

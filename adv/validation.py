@@ -1,13 +1,19 @@
 """One-line messages from pydantic validation errors: the key path, the message, the bad value.
 
 Every typed config (a job's YAML, a bundle's manifest, a detector's settings) is validated at the boundary;
-this is the one place that turns pydantic's error list into the line a user reads.
+this is the one place that turns pydantic's error list into the line a user reads. Also here: reading a config
+file's YAML, and the budget values configs accept (a number, ``inf`` or a fraction such as ``8/255``).
 """
 
 from __future__ import annotations
 
+import math
 import typing
+from fractions import Fraction
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from pydantic import BaseModel, ValidationError
 
@@ -87,3 +93,34 @@ def validate_mapping(model: type[BaseModel], data: Any, source: str = "", error:
         return model.model_validate(data)
     except ValidationError as exc:
         raise error(format_validation_error(exc, source, model)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A config file's YAML; a missing, unparsable or empty file is one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config is empty")
+    return data
+
+
+def parse_eps(v: Any) -> float:
+    """A number, ``"inf"``, or a fraction such as ``"8/255"``."""
+    if isinstance(v, bool):
+        raise ValueError(f"eps must be a number, got {v!r}")
+    if isinstance(v, str):
+        text = v.strip().lower()
+        try:
+            v = math.inf if text in ("inf", "infinity") else float(Fraction(text))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"eps must be a number, 'inf' or a fraction like '8/255', got {v!r}") from None
+    if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+        raise ValueError(f"eps must be >= 0, got {v!r}")
+    return float(v)

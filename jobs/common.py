@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import threading
+import time
 from typing import Callable, Iterator, Sequence
 
 from adv.errors import AdvError, ConfigError
@@ -290,3 +291,15 @@ def run_from(base_dir: str | None) -> Iterator[None]:
         yield
     finally:
         os.chdir(before)
+
+
+def stopwatch(timings: dict[str, float]):
+    """``lap(name)``: seconds since the previous lap, recorded under ``name``."""
+    last = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = now - last[0]
+        last[0] = now
+
+    return lap

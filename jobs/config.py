@@ -10,28 +10,28 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices, BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, field_validator, model_validator,
+)
 
 from adv.errors import AdvError, ConfigError
+from adv.evaluate.plan import BUDGET_PARAMS, budget_param
 from adv.evaluate.rows import FEATURES
-from adv.validation import validate_mapping
+from adv.specs import StageSpec
+from adv.validation import parse_eps, read_yaml, validate_mapping
 
-#: The grid's ``steps`` sets whichever of these budget hyperparameters the attack has.
-BUDGET_PARAMS = ("steps", "queries")
 #: Datasets read by Ray Data from files instead of loaded in memory by ``adv.data``.
 FILE_SOURCES = ("imagefolder", "parquet")
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DatasetConfig(_Strict):
+class DatasetConfig(Strict):
     #: A registered ``adv.data`` dataset (loaded in memory), ``imagefolder`` (read_images) or ``parquet``.
     name: str = "fashion-mnist"
     split: Literal["train", "test"] = "test"
@@ -64,7 +64,7 @@ class DatasetConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     #: Registry name (``adv info`` lists them); optional with ``checkpoint``.
     arch: str | None = None
     #: An adv checkpoint (``model.pt``); mutually exclusive with ``weights``.
@@ -99,13 +99,26 @@ class ModelConfig(_Strict):
         return self
 
 
-class DefenseConfig(_Strict):
+def _spec(value: Any) -> StageSpec:
+    if not isinstance(value, (str, StageSpec)):
+        raise ValueError(f"a stage spec is a string NAME[:k=v,...], got {value!r}")
+    try:
+        return StageSpec.parse(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+#: A stage spec parsed once, here, at the config's edge; stored and hashed as the string it was written as.
+Spec = Annotated[StageSpec, PlainValidator(_spec), PlainSerializer(str, return_type=str)]
+
+
+class DefenseConfig(Strict):
     """One defended model: preprocessing/classifier stages in order, and an optional detector."""
 
     #: Label in the report; default: the stage specs joined with " + ".
     name: str | None = None
-    stages: list[str] = Field(default_factory=list)
-    detector: str | None = None
+    stages: list[Spec] = Field(default_factory=list)
+    detector: Spec | None = None
     #: A training-time defense: an adv checkpoint that answers in place of ``model`` for this defense (behind
     #: ``stages``); its non-adaptive adversarials are still crafted on ``model``, the undefended classifier.
     classifier: str | None = None
@@ -134,26 +147,12 @@ class DefenseConfig(_Strict):
 
     @property
     def label(self) -> str:
-        return self.name or " + ".join([*([f"classifier {self.classifier}"] if self.classifier else []), *self.stages,
-                                        *([f"detector {self.detector}"] if self.detector else [])])
+        return self.name or " + ".join([*([f"classifier {self.classifier}"] if self.classifier else []),
+                                        *map(str, self.stages), *([f"detector {self.detector}"] if self.detector
+                                                                  else [])])
 
 
-def _parse_eps(v: Any) -> float:
-    """A number, ``"inf"``, or a fraction such as ``"8/255"``."""
-    if isinstance(v, bool):
-        raise ValueError(f"eps must be a number, got {v!r}")
-    if isinstance(v, str):
-        text = v.strip().lower()
-        try:
-            v = math.inf if text in ("inf", "infinity") else float(Fraction(text))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"eps must be a number, 'inf' or a fraction like '8/255', got {v!r}") from None
-    if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
-        raise ValueError(f"eps must be >= 0, got {v!r}")
-    return float(v)
-
-
-class AttackConfig(_Strict):
+class AttackConfig(Strict):
     name: str
     #: Budgets of the grid; numbers, "inf" (minimal attacks only) or fractions like "8/255".
     eps: list[float]
@@ -169,7 +168,7 @@ class AttackConfig(_Strict):
         values = v if isinstance(v, list) else [v]
         if not values:
             raise ValueError("eps needs at least one value")
-        return [_parse_eps(x) for x in values]
+        return [parse_eps(x) for x in values]
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -193,7 +192,7 @@ class AttackConfig(_Strict):
             raise ValueError(f"norm: {self.name} supports {list(spec.norms)}, got {self.norm!r}")
         if any(math.isinf(e) for e in self.eps) and not spec.minimal:
             raise ValueError(f"eps: 'inf' is only for minimal-perturbation attacks, not {self.name}")
-        if self.steps is not None and self.budget_param(spec) is None:
+        if self.steps is not None and budget_param(spec) is None:
             raise ValueError(f"steps: {self.name} has no iteration budget (omit steps)")
         reserved = {"eps", "norm", "targeted", "y_target", "seed", *BUDGET_PARAMS} & set(self.params)
         if reserved:
@@ -205,12 +204,8 @@ class AttackConfig(_Strict):
                              f"it takes {sorted(spec.defaults)}")
         return self
 
-    @staticmethod
-    def budget_param(spec) -> str | None:
-        return next((p for p in BUDGET_PARAMS if p in spec.defaults), None)
 
-
-class RayConnection(_Strict):
+class RayConnection(Strict):
     """Where a Ray stage runs: the keys every stage's ``resources:`` shares."""
 
     #: Ray address; null = ``$RAY_ADDRESS`` if set, else an embedded local cluster.
@@ -233,12 +228,12 @@ class ResourcesConfig(RayConnection):
     custom: dict[str, float] = Field(default_factory=dict)
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
     #: Local folder or a pyarrow filesystem URI (``s3://bucket/prefix``); a run writes to PATH/<config hash>.
     path: str = "runs/eval"
 
 
-class ReportConfig(_Strict):
+class ReportConfig(Strict):
     #: Examples in the example and Grad-CAM grids.
     examples: int = Field(4, ge=1, le=32)
     #: Attention-IoU cell counts (Wu et al. 2022 (AAD) Table 3).
@@ -247,7 +242,7 @@ class ReportConfig(_Strict):
     magnify: float = Field(30.0, gt=0)
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     """Everything one evaluation run needs; ``run_key()`` hashes what determines its results."""
 
     name: str = "eval"
@@ -307,27 +302,23 @@ class EvalConfig(_Strict):
             raise ValueError(f"shards: {self.shards} shards for {self.dataset.n} examples; use at most n shards")
         return self
 
+    def job_paths(self, out: str | None) -> tuple[dict[str, str | None], dict[str, str | None]]:
+        """The input and output paths, by the key that sets them (for ``jobs.common.check_job_paths``)."""
+        inputs: dict[str, str | None] = {"reuse_from": self.reuse_from}
+        if self.model is not None:
+            inputs.update({"model.checkpoint": self.model.checkpoint, "model.weights": self.model.weights})
+        if self.dataset is not None:
+            inputs["dataset.root"] = self.dataset.root
+        for i, d in enumerate(self.defenses):
+            inputs.update({f"defenses[{i}].stages[{j}]": s.get("checkpoint") for j, s in enumerate(d.stages)})
+            inputs[f"defenses[{i}].detector"] = d.detector and d.detector.get("checkpoint")
+        return inputs, ({"--out": out} if out else {"output.path": self.output.path})
+
     def run_key(self) -> str:
         """sha256 of what determines the results; resources, output and report options are left out."""
         data = self.model_dump(mode="json", exclude={"resources", "output", "report", "name"})
         data["batch_size"] = self.resources.batch_size  # the unit of per-batch seeding
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def read_yaml(path: str | Path) -> Any:
-    """A config file's YAML; a missing, unparsable or empty file is one line naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        raise ConfigError(f"{path}: the config is empty")
-    return data
 
 
 def parse_config(data: Any, source: str = "") -> EvalConfig:
@@ -342,4 +333,4 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None, drop:
     return parse_config(data, str(path))
 
 
-__all__ = ["AdvError", "ConfigError", "EvalConfig", "FEATURES", "load_config", "parse_config"]
+__all__ = ["AdvError", "ConfigError", "EvalConfig", "FEATURES", "load_config", "parse_config", "read_yaml"]

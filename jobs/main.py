@@ -165,11 +165,11 @@ def with_selected(cfg: EvalConfig, tuned) -> EvalConfig:
     if kind == "training":
         from adv.train.losses import training_loss
 
-        stages = training_loss(cand["loss"]).stages
+        stages = training_loss(cand.loss).stages
     else:
-        stages = list(cand["stages"])
+        stages = list(cand.stages)
     label = f"selected: {tuned.selected.label}" + (" (trained)" if kind == "training" else "")
-    extra = DefenseConfig(name=label, stages=stages, detector=cand.get("detector"), classifier=classifier)
+    extra = DefenseConfig(name=label, stages=stages, detector=cand.detector, classifier=classifier)
     return cfg.model_copy(update={"defenses": [*cfg.defenses, extra]})
 
 

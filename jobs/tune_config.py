@@ -14,15 +14,16 @@ from pydantic import AliasChoices, Field, model_validator
 
 from adv.detectors import DetectorConfig
 from adv.validation import validate_mapping
-from jobs.config import AttackConfig, RayConnection, _Strict, read_yaml
+from adv.validation import read_yaml
+from jobs.config import AttackConfig, RayConnection, Strict
 
 
-class SubsetConfig(_Strict):
+class SubsetConfig(Strict):
     n: int = Field(ge=1)
     seed: int = 0
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     #: A registered in-memory dataset (``adv info datasets``); the validation and test subsets come from ``split``.
     name: str = "fashion-mnist"
     split: Literal["train", "test"] = "test"
@@ -44,14 +45,14 @@ class DataConfig(_Strict):
         return self
 
 
-class ObjectiveConfig(_Strict):
+class ObjectiveConfig(Strict):
     #: The largest clean-accuracy drop (vs the undefended classifier on the same examples) a trial may cost.
     max_clean_drop: float = Field(0.05, ge=0, le=1)
     #: Stored (non-adaptive) sweeps: re-check the best K trials adaptively; the selection uses the re-check.
     recheck: int = Field(3, ge=1)
 
 
-class SearchConfig(_Strict):
+class SearchConfig(Strict):
     #: ``auto``: grid search when every dimension is discrete, else Optuna (``ray.tune.search.optuna``).
     algorithm: Literal["auto", "grid", "optuna"] = "auto"
     #: Trials Optuna samples (ignored by grid search, which runs every combination once).
@@ -59,7 +60,7 @@ class SearchConfig(_Strict):
     seed: int = 0
 
 
-class AshaConfig(_Strict):
+class AshaConfig(Strict):
     """Early stopping (ASHA) on the trial's resource: evaluated examples (adaptive) or epochs (training)."""
 
     enabled: bool = True
@@ -68,7 +69,7 @@ class AshaConfig(_Strict):
     reduction_factor: int = Field(2, ge=2)
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(Strict):
     """Training-time trials: a fresh classifier of the base checkpoint's architecture, trained with the loss."""
 
     epochs: int = Field(3, ge=1)
@@ -94,7 +95,7 @@ class ResourcesConfig(RayConnection):
     generate_actors: int = Field(2, ge=1)
 
 
-class StoredConfig(_Strict):
+class StoredConfig(Strict):
     #: A finished ``jobs.evaluate`` run made on this sweep's validation subset; null = generate it once.
     run: str | None = None
     #: How a missing set is generated: ``ray_data`` (the evaluation job, distributed), ``in_process`` (in the
@@ -103,7 +104,7 @@ class StoredConfig(_Strict):
     in_process_max: int = Field(20_000, ge=1)
 
 
-class TrainingSweepConfig(_Strict):
+class TrainingSweepConfig(Strict):
     """Training-time trials beside a ``stored``/``adaptive`` sweep: a second Tune experiment (``<run>/training``)
     on the same validation subset and attack grid, whose trials compete in the same selection."""
 
@@ -122,7 +123,7 @@ class TrainingSweepConfig(_Strict):
         return self
 
 
-class FactoryModel(_Strict):
+class FactoryModel(Strict):
     """A user's own architecture, spelled as ``jobs.evaluate``'s ``model:`` block (``factory`` + ``weights``)."""
 
     #: ``"mypkg.nets:make_net"``, a function returning the nn.Module (logits of [0, 1] images), imported from the
@@ -144,7 +145,7 @@ class FactoryModel(_Strict):
         return self
 
 
-class TuneConfig(_Strict):
+class TuneConfig(Strict):
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
     #: ``stored``: inference stages on stored non-adaptive adversarials; ``adaptive``: each trial attacks its own
@@ -208,6 +209,19 @@ class TuneConfig(_Strict):
         if self.training_sweep is not None and self.kind == "training":
             raise ValueError("training_sweep: a kind: training sweep trains in its main phase already")
         return self
+
+    def stored_eval_config(self, root: str, n: int, classifier: dict):
+        """The ``jobs.evaluate`` config that attacks the ``n`` validation images exported to ``root`` once;
+        ``classifier``: the undefended classifier as ``ModelLoader`` keywords (the sweep's own spelling)."""
+        from jobs.config import parse_config
+
+        return parse_config({
+            "name": f"{self.name}-validation", "seed": self.seed, "dataset": {"name": "parquet", "root": root},
+            "model": classifier, "defenses": [], "adaptive": False, "features": [],
+            "attacks": [a.model_dump(mode="json") for a in self.attacks], "store_images": True,
+            "shards": min(4, n), "resources": {"actors": self.resources.generate_actors,
+                                               "batch_size": self.resources.batch_size},
+        }, "stored set")
 
 
 def parse_tune_config(data: Any, source: str = "") -> TuneConfig:

@@ -7,7 +7,8 @@ import copy
 import pytest
 
 from jobs.config import EvalConfig, load_config, parse_config
-from jobs.evaluate import build_plan, main, rows_per_example
+from adv.evaluate.plan import rows_per_example
+from jobs.evaluate import build_plan, main
 from tests.pipeline_helpers import REPO, random_checkpoint, tiny_config, write_yaml
 
 
@@ -142,7 +143,7 @@ def test_main_trains_missing_stages_once(base, tmp_path, capsys):
 
 
 def test_arrivals_split_start_up_from_steady_throughput(monkeypatch):
-    import jobs.evaluate as evaluate
+    import adv.evaluate.tally as evaluate
 
     clock = iter([10.0, 14.0, 16.0, 18.0])  # stage start, then three result blocks
     monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(clock))

@@ -13,7 +13,7 @@ import pytest
 from adv.evaluate.rows import ROW_SCHEMA
 from jobs.config import parse_config
 from jobs.evaluate import run
-from jobs.store import RunStore
+from adv.evaluate.store import RunStore
 from tests.pipeline_helpers import REPO, tiny_config, train_tiny
 
 pytestmark = pytest.mark.ray
@@ -91,7 +91,7 @@ def test_end_to_end_writes_every_shard_and_the_report(clean_run):
 
 
 def test_the_driver_receives_part_metadata_never_result_rows(clean_run):
-    from jobs.evaluate import PART_COLUMNS
+    from adv.evaluate.tally import PART_COLUMNS
 
     _, result = clean_run
     batches = DRIVER["batches"]

@@ -86,7 +86,7 @@ def test_the_entrypoint_refuses_a_bad_model_in_one_line_before_ray(tmp_path, cap
 
 def test_checkpoint_configs_keep_their_config_json_and_loader(tmp_path):
     """``checkpoint:`` sweeps are unchanged: no ``model`` key in what they record, the same loader keywords."""
-    from jobs.tune import classifier_kwargs
+    from adv.tuning.checks import classifier_kwargs
 
     cfg = parse_tune_config(_cfg(tmp_path, model=None, checkpoint="ckpt/model.pt"))
     assert "model" not in cfg.model_dump(mode="json", exclude={"model"})
@@ -99,13 +99,15 @@ def test_the_ray_data_stored_set_job_takes_the_factory_and_sizes_from_the_parque
     """``stored.generate: ray_data``: the jobs.evaluate config names the factory, and a module without an
     ``input_size`` attribute takes the exported validation set's image shape (it was refused before)."""
     from adv.data import load_dataset
-    from jobs.evaluate import build_loader, build_plan, preflight
+    from adv.evaluate.preflight import preflight
+    from adv.tuning.checks import classifier_kwargs
+    from jobs.evaluate import build_loader, build_plan
     from jobs.sources import export_dataset, make_source
-    from jobs.tune import stored_eval_config
 
     _, path = weights
     export_dataset(load_dataset("digits", n=8), str(tmp_path / "validation"))
-    ecfg = stored_eval_config(parse_tune_config(_cfg(tmp_path, path)), str(tmp_path / "validation"), 8)
+    cfg = parse_tune_config(_cfg(tmp_path, path))
+    ecfg = cfg.stored_eval_config(str(tmp_path / "validation"), 8, classifier_kwargs(cfg))
     assert ecfg.model.factory == FACTORY and ecfg.model.weights == str(path) and ecfg.model.checkpoint is None
     source = make_source(ecfg.dataset)
     assert source.input_size == (1, 28, 28)

@@ -10,6 +10,7 @@ import pytest
 
 from adv.tuning.objective import TrialRecord, select
 from adv.tuning.overfitting import catastrophic_overfitting
+from adv.tuning.space import Candidate
 from tests.pipeline_helpers import REPO, train_tiny
 
 
@@ -51,13 +52,13 @@ def _num(v):
 
 
 def _trained(tid, adaptive, overfit=""):
-    return TrialRecord(tid, {"stages": [], "loss": f"at:eps={tid}", "params": {}},
+    return TrialRecord(tid, Candidate((), loss=f"at:eps={tid}"),
                        {"clean": _num(0.85), "adaptive": _num(adaptive)}, adaptive, 0.9, 4, kind="training",
                        overfit=overfit)
 
 
 def test_selection_pools_stage_and_training_trials_and_never_picks_an_overfit_one():
-    stage = TrialRecord("s1", {"stages": ["dwt:level=2"], "params": {}},
+    stage = TrialRecord("s1", Candidate(("dwt:level=2",)),
                         {"clean": _num(0.88), "non_adaptive": _num(0.6)}, 0.6, 0.9, 200, kind="stored")
     stage.recheck, stage.recheck_objective = {"adaptive": _num(0.08)}, 0.08
     good, masked = _trained("0.1", 0.62), _trained("0.15", 0.9, overfit="catastrophic overfitting at epoch 2")
@@ -104,7 +105,7 @@ def test_a_trained_defense_beats_an_input_transformation_and_is_exported_with_it
 
     b = load_bundle(result.bundle)  # every file's sha256 checked, the trained classifier's included
     prov = b.manifest["provenance"]
-    assert prov["kind"] == "training" and prov["training"]["loss"] == trained.candidate["loss"]
+    assert prov["kind"] == "training" and prov["training"]["loss"] == trained.candidate.loss
     assert prov["training"]["epochs"] == 2 and prov["training"]["train_n"] == 1000
     assert "classifier.pt" in b.manifest["files"] and set(b.manifest["numbers"]) == {"clean", "non_adaptive",
                                                                                      "adaptive"}
@@ -178,18 +179,19 @@ def test_the_selected_trained_defense_becomes_a_row_of_the_main_evaluation(ckpt,
 
 def test_a_stored_set_generated_in_process_scores_like_the_trials_expect(ckpt):
     from adv.data import load_dataset
+    from adv.evaluate.stored import load_rows, reusable_chunks, save_rows
     from adv.evaluate.worker import ModelLoader
+    from adv.evaluate.plan import build_grid
     from adv.tuning import trials
-    from jobs.tune import _grid
     from jobs.tune_config import parse_tune_config
 
     cfg = parse_tune_config({"name": "t", "kind": "stored", "checkpoint": str(ckpt),
                              "attacks": [{"name": "fgsm", "eps": [0.1]}], "space": {"pipeline": [["dwt"]]}})
-    setting = trials.Setting(tuple(_grid(cfg)), 0.05, "val", 0, 8)
+    setting = trials.Setting(build_grid(cfg.attacks), 0.05, "val", 0, 8)
     data = load_dataset("digits", split="test", n=20)
     rows = trials.generate_stored(ModelLoader(checkpoint=str(ckpt)), data, setting)
     assert set(rows["defense"]) == {"none"} and set(rows["track"]) == {"clean", "non-adaptive"}
-    chunks = list(trials.stored_chunks(trials.save_rows(rows)))  # no pickles: strings become unicode arrays
+    chunks = list(reusable_chunks(load_rows(save_rows(rows))))  # no pickles: strings become unicode arrays
     assert len(chunks) == 3 and sum(len(c["index"]) for c in chunks) == 40
     out = trials.run_stored(trials.stage_loader(str(ckpt), ["dwt"], None), chunks, setting, lambda m: None)
     assert out["clean_n"] == 20 and 0 <= out["non_adaptive_acc"] <= out["clean_acc"]

@@ -8,7 +8,7 @@ import pytest
 
 from adv.errors import ConfigError
 from adv.tuning.objective import TrialRecord, pareto_front, penalized, select
-from adv.tuning.space import SearchSpace
+from adv.tuning.space import Candidate, SearchSpace
 from adv.tuning.splits import make_split
 from jobs.tune import main as tune_main
 from jobs.tune_config import parse_tune_config
@@ -103,7 +103,7 @@ def test_the_shipped_sweep_configs_ship_a_query_detector():
 def test_asha_grace_never_exceeds_the_subset():
     # Ray's ASHAScheduler asserts grace_period <= max_t: a validation subset smaller than the first rung
     # must give one rung, not that assertion.
-    from jobs.tune import asha
+    from jobs.tune_search import asha
     from jobs.tune_config import AshaConfig
 
     sched, desc = asha(AshaConfig(), "examples", 40, 64)
@@ -134,7 +134,7 @@ def test_validation_and_test_subsets_are_disjoint():
 
 def _record(tid, clean, nonadaptive, recheck=None):
     num = lambda v: {"value": v, "ci95": [v, v], "n": 10, "label": "x", "subset": "v"}  # noqa: E731
-    r = TrialRecord(tid, {"stages": [f"dwt:level={tid}"], "params": {}}, {"clean": num(clean),
+    r = TrialRecord(tid, Candidate((f"dwt:level={tid}",)), {"clean": num(clean),
                     "non_adaptive": num(nonadaptive)}, nonadaptive, 0.9, 10)
     if recheck is not None:
         r.recheck, r.recheck_objective = {"clean": num(clean), "adaptive": num(recheck)}, recheck

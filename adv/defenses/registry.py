@@ -32,7 +32,7 @@ from adv.defenses.stage import Stage, StageInfo, frozen_classifier
 from adv.errors import CheckpointError, ConfigError
 from adv.io import atomic_output
 from adv.registry import Registry
-from adv.specs import build_params, format_spec, params_schema, parse_spec
+from adv.specs import StageSpec, build_params, format_spec, params_schema, parse_spec
 
 KINDS = ("preprocess", "classifier", "detector")
 STAGE_FORMAT = "adv-stage/1"
@@ -124,8 +124,11 @@ def format_defense_spec(name: str, params: BaseModel | dict[str, Any] | None = N
     return format_spec(name, validate_params(name, params))
 
 
-def resolve(spec: str | tuple[str, Any] | None) -> tuple[str, BaseModel]:
-    """A spec string or ``(name, params)`` pair -> ``(name, validated params)``."""
+def resolve(spec: str | StageSpec | tuple[str, Any] | None) -> tuple[str, BaseModel]:
+    """A spec string, a parsed :class:`adv.specs.StageSpec` or a ``(name, params)`` pair -> ``(name, validated
+    params)``."""
+    if isinstance(spec, StageSpec):
+        return spec.name, validate_params(spec.name, dict(spec.params))
     if isinstance(spec, str):
         name, raw = parse_defense_spec(spec)
         return name, validate_params(name, raw)

@@ -23,6 +23,7 @@ from torch import nn
 
 from adv.defenses.compose import Defended, build_defended
 from adv.train.registry import checkpoint_defenses
+from adv.specs import StageSpec
 
 
 @dataclass
@@ -132,16 +133,16 @@ def evaluated_model(defended: Defended, *, adaptive: bool, source: nn.Module | N
 
 def build_evaluated_model(
     classifier: nn.Module,
-    defense_specs: Iterable[str] = (),
+    defense_specs: Iterable[str | StageSpec] = (),
     *,
     adaptive: bool = False,
-    detector: str | None = None,
+    detector: str | StageSpec | None = None,
     data=None,
     checkpoint_meta: dict | None = None,
     source: nn.Module | None = None,
     eot_samples: int = 8,
 ) -> EvaluatedModel:
-    """Compose the defended model from spec strings and pick the attack target.
+    """Compose the defended model from stage specs (strings, or parsed) and pick the attack target.
 
     ``checkpoint_meta`` (from ``load_checkpoint``) adds the inference-time
     defenses a proactively trained classifier was saved with (``adv train
@@ -153,7 +154,7 @@ def build_evaluated_model(
     specs = list(defense_specs)
     notes = []
     for spec in reversed(checkpoint_defenses(checkpoint_meta or {})):
-        if spec not in specs:
+        if spec not in map(str, specs):
             specs.insert(0, spec)
             notes.append(f"{spec} re-created from the checkpoint's training defense")
     classifier = eval_mode(classifier)

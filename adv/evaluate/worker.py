@@ -113,7 +113,8 @@ class ModelLoader:
     stage_specs, detector_spec, classifier_checkpoint)`` for a training-time
     defense, whose own classifier answers (non-adaptive adversarials are still
     crafted on the undefended one); learned stages need ``checkpoint=PATH`` in
-    their spec (actors never train).
+    their spec (actors never train). Specs are spec strings or, from a job's config, the
+    :class:`adv.specs.StageSpec` objects it parsed once (they travel to the actors as they are).
     """
 
     checkpoint: str | None = None

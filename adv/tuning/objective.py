@@ -22,6 +22,7 @@ from typing import Any
 
 from adv.bundle import accuracy_number
 from adv.evaluate.rows import TRACKS as ROW_TRACKS
+from adv.tuning.space import Candidate
 
 #: The Parquet rows' tracks, spelt as metric-name prefixes (``non_adaptive_acc``: Tune's and Python's identifiers).
 TRACKS = tuple(t.replace("-", "_") for t in ROW_TRACKS)
@@ -67,7 +68,7 @@ class TrialRecord:
     """One trial as the report and the selection see it."""
 
     trial_id: str
-    candidate: dict[str, Any]
+    candidate: Candidate
     numbers: dict[str, dict]
     objective: float
     clean_ref: float
@@ -86,16 +87,14 @@ class TrialRecord:
 
     @property
     def label(self) -> str:
-        from adv.tuning.space import Candidate
-
-        return Candidate.from_dict(self.candidate).label
+        return self.candidate.label
 
     def value(self, track: str) -> float | None:
         num = self.recheck.get(track) or self.numbers.get(track)
         return num["value"] if num else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"trial_id": self.trial_id, "candidate": self.candidate, "numbers": self.numbers,
+        return {"trial_id": self.trial_id, "candidate": self.candidate.to_dict(), "numbers": self.numbers,
                 "objective": self.objective, "clean_ref": self.clean_ref, "resource": self.resource,
                 "status": self.status, "checkpoint": self.checkpoint, "recheck": self.recheck,
                 "recheck_objective": self.recheck_objective, "kind": self.kind, "overfit": self.overfit}
@@ -175,3 +174,29 @@ def _select_stored(done: list[TrialRecord]) -> tuple[TrialRecord, list[str]]:
                            "adaptive")
     best = max(rechecked, key=lambda r: r.recheck_objective)
     return best, [warn] if warn else []
+
+
+def records_from(results, full: int, resource: str, space, kind: str) -> list[TrialRecord]:
+    """The :class:`TrialRecord` of every finished trial result (Tune's ``Result``: ``metrics``, ``config``,
+    ``path``, ``error``, ``checkpoint``), sorted by trial; ``full``: the ASHA budget a finished trial reached."""
+    import os
+
+    out = []
+    for r in results:
+        m = r.metrics or {}
+        if "candidate" not in m:  # the trial failed before its first report
+            config = dict(r.config or {})
+            cand = Candidate.from_dict(config["candidate"]) if "candidate" in config else space.candidate(config)
+            out.append(TrialRecord(os.path.basename(r.path or "?"), cand, {}, math.nan, math.nan, 0,
+                                   status=f"error: {str(r.error).strip().splitlines()[-1][:160] if r.error else '?'}",
+                                   kind=kind))
+            continue
+        got = m.get(resource, 0)
+        status = "finished" if got >= full else f"stopped early by ASHA at {got} {resource}"
+        overfit = str(m.get("overfit") or "")
+        status = f"{overfit}; never selected ({status})" if overfit else status
+        out.append(TrialRecord(m.get("trial_id", "?"), Candidate.from_json(m["candidate"]), numbers_from_flat(m),
+                               float(m["objective"]), float(m["clean_ref"]), float(got), status,
+                               r.checkpoint.path if r.checkpoint else None, kind=kind, overfit=overfit,
+                               handle=r.checkpoint))
+    return sorted(out, key=lambda r: r.trial_id)

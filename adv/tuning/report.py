@@ -90,7 +90,7 @@ def write_report(out_dir: Path, *, meta: dict[str, Any], records: list[TrialReco
     if warnings:
         lines += ["## Warnings", ""] + [f"- **warning:** {w}" for w in warnings] + [""]
     lines += ["## Selected configuration", "", f"- trial `{selected.trial_id}`: `{selected.label}`",
-              f"- parameters: `{json.dumps(selected.candidate.get('params', {}), default=str)}`"]
+              f"- parameters: `{json.dumps(dict(selected.candidate.params), default=str)}`"]
     for t in ("clean", "non_adaptive", "adaptive"):
         num = selected.recheck.get(t) or selected.numbers.get(t)
         if num:
@@ -110,3 +110,33 @@ def write_report(out_dir: Path, *, meta: dict[str, Any], records: list[TrialReco
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def sweep_meta(cfg, split, grid, search: str, sched: str, wall: float, versions: dict) -> dict:
+    """The report's header facts of the sweep ``cfg`` (``jobs.tune``'s ``TuneConfig``)."""
+    objective = (f"maximize adaptive robust accuracy subject to a clean-accuracy drop of at most "
+                 f"{cfg.objective.max_clean_drop:g} (penalty: robust - 1 - breach below the allowed clean accuracy)"
+                 + (f"; stored trials rank on the non-adaptive number, the best {cfg.objective.recheck} are "
+                    "re-checked adaptively and the selection uses the re-check" if cfg.kind == "stored" else "")
+                 + ("; training trials marked for catastrophic overfitting (multi-step accuracy collapsing while "
+                    "FGSM accuracy rises, Wong et al. 2020) are never selected"
+                    if cfg.kind == "training" or cfg.training_sweep is not None else ""))
+    kind = cfg.kind + (" + training" if cfg.training_sweep is not None else "")
+    return {"name": cfg.name, "kind": kind, "search": search, "scheduler": sched,
+            "validation": split.describe("validation"), "test": split.describe("test"), "objective": objective,
+            "grid": "; ".join(gp.key for gp in grid), "wall_seconds": wall, "versions": versions,
+            "max_clean_drop": cfg.objective.max_clean_drop}
+
+
+def write_sweep_report(store, meta, records, selected, warnings, final, bundle) -> str:
+    """:func:`write_report` into the run's store (an :class:`adv.evaluate.store.RunStore`, local or a URI)."""
+    import tempfile
+
+    local = store.local_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_report(local or Path(tmp), meta=meta, records=records, selected=selected, warnings=warnings,
+                            final=final, bundle=bundle)
+        if local is None:
+            store.put_folder(tmp)
+            return f"{store.uri.rstrip('/')}/report.md"
+    return str(path)

@@ -22,6 +22,7 @@ over :meth:`SearchSpace.grid` (de-duplicated candidates).
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,7 @@ class Candidate:
         parts += [f"loss {self.loss}"] if self.loss else []
         return " + ".join(parts) or "none"
 
+    # the file boundaries (Tune's param space and results, trials.json, a bundle's provenance) hold it as JSON
     def to_dict(self) -> dict[str, Any]:
         return {"stages": list(self.stages), "detector": self.detector, "loss": self.loss,
                 "params": dict(self.params)}
@@ -69,6 +71,18 @@ class Candidate:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Candidate":
         return cls(tuple(d["stages"]), d.get("detector"), d.get("loss"), tuple(sorted((d.get("params") or {}).items())))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Candidate":
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def key(self) -> str:
+        """A stable text key (sorted JSON): what names a re-check experiment and matches its results."""
+        return json.dumps(self.to_dict(), sort_keys=True, default=str)
 
 
 def _component(ns: str, name: str, where: str):
@@ -297,3 +311,19 @@ def _detectors(raw: Any, dims: list[Dim]) -> tuple[str | None, ...]:
         if not any(s and _name(s) == name for s in given):
             raise ConfigError(f"space.detector.{name}: add the detector's spec under space.detector")
     return tuple(given)
+
+
+def absolute_paths(space: dict[str, Any]) -> dict[str, Any]:
+    """The raw space with its stage files (``checkpoint=``) made absolute on the driver: Tune runs each trial in
+    its own working directory."""
+    from adv.evaluate.plan import absolute_spec
+
+    out = dict(space)
+    if isinstance(space.get("pipeline"), list):
+        out["pipeline"] = [[absolute_spec(x) for x in ([p] if isinstance(p, str) else p)]
+                           if isinstance(p, (str, list)) else p for p in space["pipeline"]]
+    det = space.get("detector")
+    if det is not None:
+        out["detector"] = absolute_spec(det) if isinstance(det, str) else [absolute_spec(d) if isinstance(d, str)
+                                                                          else d for d in det]
+    return out

@@ -73,3 +73,16 @@ def take(data: ImageData, idx: np.ndarray) -> ImageData:
     i = torch.as_tensor(np.asarray(idx, np.int64))
     return ImageData(data.images[i], data.labels[i], data.classes, data.name, data.split, data.source,
                      data.skipped, data.extras)
+
+
+def load_split(d, store) -> tuple[ImageData, Split]:
+    """The full split of the sweep's ``data`` config and its disjoint subsets, recorded in ``store``'s split.json
+    (checked against a resumed run's)."""
+    from adv.data import load_dataset
+
+    full = load_dataset(d.name, split=d.split, root=d.root, download=d.download)
+    split = make_split(d.name, d.split, len(full), d.test.n, d.test.seed, d.validation.n, d.validation.seed)
+    if store.exists("split.json") and store.read_json("split.json") != split.to_json():
+        raise ConfigError(f"data: {store.uri} was run with other subsets (split.json differs); use another name")
+    store.write_json("split.json", split.to_json())
+    return full, split

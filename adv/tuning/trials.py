@@ -178,28 +178,6 @@ def generate_stored(loader: Callable[[], Models], data, setting: Setting) -> dic
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def save_rows(rows: Mapping[str, np.ndarray]) -> bytes:
-    """``.npz`` bytes of result rows (string columns as fixed-width unicode: no pickles)."""
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **{k: v.astype(str) if v.dtype == object else v for k, v in rows.items()})
-    return buf.getvalue()
-
-
-def stored_chunks(data: bytes) -> Iterable[dict[str, np.ndarray]]:
-    """The rows of :func:`save_rows` bytes, one chunk at a time (what :func:`run_stored` takes)."""
-    import io
-
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        rows = {k: z[k] for k in z.files}
-    keep = (rows["defense"] == NONE) & (rows["track"] != "adaptive")
-    rows = {k: v[keep] for k, v in rows.items()}
-    for c in np.unique(rows["chunk"]):
-        sel = rows["chunk"] == c
-        yield {k: v[sel] for k, v in rows.items()}
-
-
 def measure(loader: Callable[[], Models], data, setting: Setting) -> dict[str, dict]:
     """All three numbers of one defended model on ``data`` (the bundle's final numbers, in one process)."""
     from adv.tuning.objective import numbers_from_flat

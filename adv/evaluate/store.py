@@ -1,4 +1,4 @@
-"""The Parquet store of a run: a local folder or any pyarrow filesystem URI (``s3://...``).
+"""The files of an evaluation run: a local folder or any pyarrow filesystem URI (``s3://...``).
 
 Layout (docs/parquet-schema.md)::
 
@@ -19,14 +19,17 @@ has a part, a commit task (:meth:`RunStore.commit_parts`) streams the parts
 the driver listed into the shard file, writes it atomically, then the marker,
 then removes the parts. A shard counts as finished only when its marker
 exists, so an interrupted attempt leaves parts (and perhaps a shard file) that
-the next attempt ignores and overwrites.
+the next attempt ignores and overwrites. Every part is checked against the row
+schema (:func:`adv.evaluate.rows.check_schema`) before it is written.
+:class:`adv.evaluate.stored.StoredRun` reads a finished run back.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
@@ -34,7 +37,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import adv.io
-from adv.errors import AdvError
+from adv.errors import AdvError, ConfigError
+from adv.evaluate.layout import Layout
+from adv.evaluate.rows import check_schema
 from adv.io import atomic_output, atomic_write_bytes
 
 
@@ -80,6 +85,26 @@ class RunStore:
         except json.JSONDecodeError as exc:
             raise AdvError(f"{self.path(name)}: not valid JSON ({exc})") from None
 
+    # --- the run ---------------------------------------------------------------------------
+    def claim(self, key: str, record: dict[str, Any]) -> None:
+        """Make this folder the run of config ``key`` (``run.json``: the key, ``record``, the time), or check
+        that it is: a folder of another config is refused (``--out``)."""
+        if self.exists("run.json"):
+            found = self.read_json("run.json").get("key")
+            if found != key:
+                raise ConfigError(f"--out: {self.uri} holds a run of another config (key {str(found)[:12]}, this "
+                                  f"config {key[:12]}); choose another folder")
+        else:
+            self.write_json("run.json", {"key": key, **record, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def layout(self, make: Callable[[], Layout]) -> Layout:
+        """The run's layout: ``layout.json`` once written, else ``make()``'s, written now (fixed from here on)."""
+        if self.exists("layout.json"):
+            return Layout(**self.read_json("layout.json"))
+        layout = make()
+        self.write_json("layout.json", layout.to_json())
+        return layout
+
     # --- shards -------------------------------------------------------------------------
     @staticmethod
     def shard_name(k: int) -> str:
@@ -100,6 +125,7 @@ class RunStore:
         the attempt name it, so a retried task overwrites its own part and never adds a second one)."""
         first = int(pa.compute.min(table.column("index")).as_py())
         name = f"{self.parts_dir(k)}/a{attempt:04d}-i{first:08d}.parquet"
+        check_schema(table.schema, self.path(name))
         with atomic_output(self.path(name), filesystem=self.fs) as f:
             pq.write_table(table, f, compression="zstd")
         return name
@@ -130,6 +156,14 @@ class RunStore:
         """Remove shard ``k``'s parts (after its commit, or stale ones before it is redone)."""
         if self.exists(self.parts_dir(k)):
             self.fs.delete_dir(self.path(self.parts_dir(k)))
+
+    def attempts(self) -> list[dict]:
+        """The record of every attempt so far (``attempts/<n>.json``), in order."""
+        if not self.exists("attempts"):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path("attempts")))
+        return [self.read_json(f"attempts/{n}") for n in sorted(i.base_name for i in infos
+                                                                 if i.base_name.endswith(".json"))]
 
     def shard_paths(self, shards: list[int]) -> list[str]:
         return [self.path(self.shard_name(k)) for k in shards]
