@@ -19,7 +19,7 @@ from pydantic import (
 
 from adv.errors import AdvError, ConfigError
 from adv.evaluate.plan import BUDGET_PARAMS, budget_param
-from adv.evaluate.rows import FEATURES
+from adv.runs.rows import FEATURES
 from adv.specs import StageSpec
 from adv.validation import parse_eps, read_yaml, validate_mapping
 

@@ -22,7 +22,7 @@ The same job runs on an embedded local Ray (laptop) and on a cluster (set
 3. each actor writes its own result rows to the run's storage as Parquet
    *parts* and returns one metadata row per part; the driver, which never
    sees a result row, tallies them (:mod:`adv.evaluate.tally`) and starts a
-   shard's commit task (:mod:`adv.evaluate.store`) the moment the shard has
+   shard's commit task (:mod:`adv.runs.store`) the moment the shard has
    all its examples, so an interrupted run resumes where it stopped and a
    node lost mid-run costs only its in-flight batches, which Ray retries;
 4. :mod:`adv.evaluate.report` turns the stored rows into report.md, results.json and figures.
@@ -43,12 +43,12 @@ from typing import Any
 
 import numpy as np
 
-from adv.evaluate.layout import Layout
+from adv.runs.layout import Layout
 from adv.evaluate.plan import build_plan as plan_of, model_loader, rows_per_example
 from adv.evaluate.preflight import preflight
 from adv.evaluate.report.run import run_meta, write_run_report as report_run
-from adv.evaluate.store import RunStore
-from adv.evaluate.stored import StoredRun, reusable
+from adv.runs.store import RunStore
+from adv.runs.stored import StoredRun, reusable
 from adv.evaluate.tally import Arrivals, Tally, write_parts as write_table_parts
 from adv.evaluate.worker import BatchEvaluator, ModelLoader, Plan, StoredEvaluator
 from adv.specs import absolute_path

@@ -30,8 +30,8 @@ import pyarrow as pa
 from adv.data.base import subset_indices
 from adv.data.imagefolder import IMAGE_EXTENSIONS
 from adv.errors import ConfigError, DataNotFoundError
-from adv.evaluate.layout import Layout
-from adv.evaluate.store import open_filesystem
+from adv.runs.layout import Layout
+from adv.runs.store import open_filesystem
 from jobs.config import DatasetConfig
 
 KEY = ("index", "label", "shard", "chunk")

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 from adv.errors import ConfigError
 from adv.evaluate.plan import build_grid
-from adv.evaluate.store import RunStore
-from adv.evaluate.stored import IN_PROCESS_ROWS, StoredRun, save_rows
+from adv.runs.store import RunStore
+from adv.runs.stored import IN_PROCESS_ROWS, StoredRun, save_rows
 from adv.evaluate.worker import ModelLoader
 from adv.specs import absolute_path
 from adv.tuning.checks import check_model, check_outputs, check_stored, classifier_kwargs

@@ -276,7 +276,7 @@ def test_model_factory_from_a_jobs_evaluate_config_on_the_local_cluster(ray_clus
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from adv.data import load_dataset
-    from adv.evaluate.store import RunStore
+    from adv.runs.store import RunStore
     from tests.pipeline_helpers import submit_when_agent_ready
 
     net, weights = user_package
@@ -323,7 +323,7 @@ def test_model_factory_in_process_on_the_shared_cluster(ray_cluster, tmp_path):
     from adv.data import load_dataset
     from jobs.config import parse_config
     from jobs.evaluate import run as run_job
-    from adv.evaluate.store import RunStore
+    from adv.runs.store import RunStore
     from tests.byom_nets import make_net
 
     torch.manual_seed(1)

@@ -136,3 +136,17 @@ def test_module_level_imports_have_no_cycle():
 
 def test_no_cycle_even_counting_imports_inside_functions():
     assert cycles(import_graph(include_deferred=True)) == []
+
+
+#: The layers below evaluation (docs/architecture.md): none of them imports adv.evaluate, adv.tuning,
+#: adv.serving or jobs, even inside a function.
+LOWER = ("adv.data", "adv.runs", "adv.models", "adv.attacks", "adv.defenses", "adv.detectors", "adv.train",
+         "adv.explain")
+UPPER = ("adv.evaluate", "adv.tuning", "adv.serving", "jobs", "bench")
+
+
+def test_lower_layers_never_import_evaluation_or_above():
+    graph = import_graph(include_deferred=True)
+    upward = sorted(f"{m} -> {t}" for m, targets in graph.items() if m.startswith(LOWER)
+                    for t in targets if t.startswith(UPPER))
+    assert upward == []

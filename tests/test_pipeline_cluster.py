@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from jobs.config import parse_config
-from adv.evaluate.store import RunStore
+from adv.runs.store import RunStore
 from tests.pipeline_helpers import SlowLoader, tiny_config, train_tiny
 
 pytestmark = pytest.mark.multinode

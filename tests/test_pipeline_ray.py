@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adv.evaluate.rows import ROW_SCHEMA
+from adv.runs.rows import ROW_SCHEMA
 from jobs.config import parse_config
 from jobs.evaluate import run
-from adv.evaluate.store import RunStore
+from adv.runs.store import RunStore
 from tests.pipeline_helpers import REPO, tiny_config, train_tiny
 
 pytestmark = pytest.mark.ray

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adv.data import load_dataset
-from adv.evaluate.rows import NONE, ROW_SCHEMA
+from adv.runs.rows import NONE, ROW_SCHEMA
 from adv.evaluate.worker import BatchEvaluator, GridPoint, ModelLoader, Plan, chunk_seed
 from tests.pipeline_helpers import batch_of, train_tiny
 

@@ -272,7 +272,7 @@ def test_stored_pairs_are_read_without_ray_and_paired_by_index(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from adv.evaluate.stored import read_stored_pairs
+    from adv.runs.stored import read_stored_pairs
 
     images = np.arange(5 * 16, dtype=np.float32).reshape(5, 1, 4, 4) / 100
     field = pa.field("image", pa.large_list(pa.float32()),

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from adv.errors import AdvError, ConfigError, InputError
-from adv.evaluate.rows import ARROW_SCHEMA, check_schema
-from adv.evaluate.store import RunStore
-from adv.evaluate.stored import StoredRun
+from adv.runs.rows import ARROW_SCHEMA, check_schema
+from adv.runs.store import RunStore
+from adv.runs.stored import StoredRun
 from adv.specs import StageSpec
 from tests.pipeline_helpers import REPO
 

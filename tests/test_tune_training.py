@@ -179,7 +179,7 @@ def test_the_selected_trained_defense_becomes_a_row_of_the_main_evaluation(ckpt,
 
 def test_a_stored_set_generated_in_process_scores_like_the_trials_expect(ckpt):
     from adv.data import load_dataset
-    from adv.evaluate.stored import load_rows, reusable_chunks, save_rows
+    from adv.runs.stored import load_rows, reusable_chunks, save_rows
     from adv.evaluate.worker import ModelLoader
     from adv.evaluate.plan import build_grid
     from adv.tuning import trials

@@ -77,7 +77,7 @@ def training_features(classifier: nn.Module, data, p: SFEParams) -> FeatureSet:
     if p.source == "natural":
         return natural_features(classifier, x, y, p)
     if p.source == "stored":
-        from adv.evaluate.stored import read_stored_pairs
+        from adv.runs.stored import read_stored_pairs
 
         x, x_adv, y = read_stored_pairs(p.stored, p.stored_attack)
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from adv.errors import AdvError, ConfigError
-from adv.evaluate.rows import NONE
+from adv.runs.rows import NONE
 from adv.evaluate.worker import Plan
 
 

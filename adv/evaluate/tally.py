@@ -1,6 +1,6 @@
 """The driver's view of an evaluation attempt: part metadata per shard, shard commits, per-node work. Never rows.
 
-The workers write their result rows as parts (:mod:`adv.evaluate.store`) and return one metadata row per part
+The workers write their result rows as parts (:mod:`adv.runs.store`) and return one metadata row per part
 (:data:`PART_COLUMNS`); :class:`Tally` counts them and, the moment a shard has all its examples, starts its
 commit through the injected ``submit`` (``jobs.evaluate`` makes it a Ray task) and later waits for it with
 ``wait``. :class:`Arrivals` separates the pool's start-up from its steady throughput.
@@ -15,8 +15,8 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from adv.evaluate.layout import Layout
-from adv.evaluate.store import RunStore
+from adv.runs.layout import Layout
+from adv.runs.store import RunStore
 
 #: What a worker returns per part written: metadata only, never result rows.
 PART_COLUMNS = ("shard", "part", "rows", "examples", "node", "compute_seconds", "write_seconds")

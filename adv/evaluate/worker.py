@@ -15,7 +15,7 @@ whole attack grid and writes one row per (example, defense, track, grid point):
   (:class:`adv.evaluate.threat.EvaluatedModel`: BPDA/EOT, detector-aware loss),
   or by querying it for query-based attacks.
 
-The row layout is :mod:`adv.evaluate.rows` (docs/parquet-schema.md).
+The row layout is :mod:`adv.runs.rows` (docs/parquet-schema.md).
 
 Seeding: an attack's random draws follow the example, not the chunk: each
 grid point's attack gets one stream per example from (run seed, grid point
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from adv.attacks.seeding import derive_seed, example_seeds
-from adv.evaluate.rows import ATTACK_COLUMNS, FEATURES, KEY_COLUMNS, NONE
+from adv.runs.rows import ATTACK_COLUMNS, FEATURES, KEY_COLUMNS, NONE
 from adv.metrics import image_quality, perturbation_norms
 from adv.models.device import resolve_device
 

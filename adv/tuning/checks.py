@@ -11,8 +11,8 @@ import numpy as np
 
 from adv.errors import AdvError, ConfigError
 from adv.evaluate.preflight import count_outputs
-from adv.evaluate.store import RunStore
-from adv.evaluate.stored import StoredRun
+from adv.runs.store import RunStore
+from adv.runs.stored import StoredRun
 from adv.evaluate.worker import ModelLoader
 from adv.specs import absolute_path
 from adv.tuning.splits import Split, check_disjoint

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adv.bundle import accuracy_number
-from adv.evaluate.rows import TRACKS as ROW_TRACKS
+from adv.runs.rows import TRACKS as ROW_TRACKS
 from adv.tuning.space import Candidate
 
 #: The Parquet rows' tracks, spelt as metric-name prefixes (``non_adaptive_acc``: Tune's and Python's identifiers).

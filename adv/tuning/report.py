@@ -129,7 +129,7 @@ def sweep_meta(cfg, split, grid, search: str, sched: str, wall: float, versions:
 
 
 def write_sweep_report(store, meta, records, selected, warnings, final, bundle) -> str:
-    """:func:`write_report` into the run's store (an :class:`adv.evaluate.store.RunStore`, local or a URI)."""
+    """:func:`write_report` into the run's store (an :class:`adv.runs.store.RunStore`, local or a URI)."""
     import tempfile
 
     local = store.local_dir()

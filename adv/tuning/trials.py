@@ -32,7 +32,7 @@ import torch
 
 from adv.evaluate.checks import worst_case_mask
 from adv.evaluate.report.aggregate import clean_ok
-from adv.evaluate.rows import NONE
+from adv.runs.rows import NONE
 from adv.evaluate.worker import BatchEvaluator, GridPoint, ModelLoader, Models, Plan, StoredEvaluator
 from adv.tuning.objective import flat_metrics, numbers_from_counts, penalized
 from adv.tuning.overfitting import BY_ATTACK, catastrophic_overfitting

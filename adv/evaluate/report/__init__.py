@@ -1,7 +1,7 @@
 """The evaluation report: tables, curves, example grids, attention IoU and gradient-masking flags.
 
 Ray-free: the job (``jobs.evaluate``) reads the Parquet store and hands this
-module plain numpy columns (the row layout of :mod:`adv.evaluate.rows`,
+module plain numpy columns (the row layout of :mod:`adv.runs.rows`,
 docs/parquet-schema.md). Writes ``report.md``, ``results.json`` and PNGs.
 
 Conventions:

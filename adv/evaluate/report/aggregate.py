@@ -8,7 +8,7 @@ import numpy as np
 
 from adv.evaluate.checks import worst_case_mask
 from adv.evaluate.report.flags import masking_flags
-from adv.evaluate.rows import NONE, TRACK_ORDER
+from adv.runs.rows import NONE, TRACK_ORDER
 from adv.evaluate.stats import accuracy_ci, intervals_overlap, overlap_note
 
 

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from adv.evaluate.report.aggregate import clean_acc
-from adv.evaluate.rows import NONE
+from adv.runs.rows import NONE
 
 # --- figures -----------------------------------------------------------------------------------------------
 def _plt():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adv.evaluate.report.aggregate import clean_acc
-from adv.evaluate.rows import NONE, TRACK_LABEL
+from adv.runs.rows import NONE, TRACK_LABEL
 from adv.evaluate.stats import fmt_ci, pct
 from adv.evaluate.tables import markdown_table
 

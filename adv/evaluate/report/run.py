@@ -1,4 +1,4 @@
-"""The report of a stored run: its rows read back (:class:`adv.evaluate.stored.StoredRun`) into report.md,
+"""The report of a stored run: its rows read back (:class:`adv.runs.stored.StoredRun`) into report.md,
 results.json and the figures, written into the run's folder (or its URI)."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from adv.evaluate.layout import Layout
+from adv.runs.layout import Layout
 from adv.evaluate.report import write_report
-from adv.evaluate.store import RunStore
-from adv.evaluate.stored import StoredRun
+from adv.runs.store import RunStore
+from adv.runs.stored import StoredRun
 
 
 def run_meta(store: RunStore, cfg, layout: Layout, versions: dict) -> dict[str, Any]:

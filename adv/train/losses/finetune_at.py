@@ -36,7 +36,7 @@ def load_adversarials(path: str, attack_key: str | None = None) -> tuple[torch.T
     """``(x_adv, y)`` from a run folder or a ``.pt`` file (Shape: (N, C, H, W) in [0, 1], (N,))."""
     p = Path(path)
     if p.is_dir():
-        from adv.evaluate.stored import read_stored_pairs
+        from adv.runs.stored import read_stored_pairs
 
         _, x_adv, y = read_stored_pairs(str(p), attack_key)
         return x_adv, y

@@ -1,6 +1,6 @@
 """Which examples a run holds and where each one goes: its shards (the unit of resume) and chunks (of seeding).
 
-Fixed at a run's first attempt and stored as ``layout.json`` (:mod:`adv.evaluate.store`); resumed attempts and
+Fixed at a run's first attempt and stored as ``layout.json`` (:mod:`adv.runs.store`); resumed attempts and
 runs that reuse the stored rows read it back.
 """
 

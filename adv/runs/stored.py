@@ -1,8 +1,8 @@
 """A finished ``jobs.evaluate`` run read back: its config, layout, rows, and the stored adversarial set.
 
-The one reader of the run folder (:mod:`adv.evaluate.store` writes it,
+The one reader of the run folder (:mod:`adv.runs.store` writes it,
 docs/parquet-schema.md describes it). Every file read is checked against the
-row schema (:func:`adv.evaluate.rows.check_schema`). The stored adversarial
+row schema (:func:`adv.runs.rows.check_schema`). The stored adversarial
 set is the undefended classifier's clean and non-adaptive rows
 (:data:`REUSABLE`): what a new defense is scored on without attacking again.
 
@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 import torch
 
 from adv.errors import ConfigError, DataNotFoundError
-from adv.evaluate.layout import Layout
-from adv.evaluate.rows import NONE, SCALAR_COLUMNS, check_schema
-from adv.evaluate.store import RunStore
+from adv.runs.layout import Layout
+from adv.runs.rows import NONE, SCALAR_COLUMNS, check_schema
+from adv.runs.store import RunStore
 
 
 def reusable(col=pc.field):

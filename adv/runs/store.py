@@ -20,8 +20,8 @@ the driver listed into the shard file, writes it atomically, then the marker,
 then removes the parts. A shard counts as finished only when its marker
 exists, so an interrupted attempt leaves parts (and perhaps a shard file) that
 the next attempt ignores and overwrites. Every part is checked against the row
-schema (:func:`adv.evaluate.rows.check_schema`) before it is written.
-:class:`adv.evaluate.stored.StoredRun` reads a finished run back.
+schema (:func:`adv.runs.rows.check_schema`) before it is written.
+:class:`adv.runs.stored.StoredRun` reads a finished run back.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 
 import adv.io
 from adv.errors import AdvError, ConfigError
-from adv.evaluate.layout import Layout
-from adv.evaluate.rows import check_schema
+from adv.runs.layout import Layout
+from adv.runs.rows import check_schema
 from adv.io import atomic_output, atomic_write_bytes
 
 
