@@ -288,7 +288,8 @@ def torchattacks_suite(model, x, y, eps) -> tuple[float, torch.Tensor] | None:
 
 
 SUITE_RUNS = {"adv_cl": "adv (channels_last)", "adv": "adv", "ref": "pyautoattack",
-              "ref_cl": "pyautoattack, channels_last model", "ta": "torchattacks (APGD/FAB 10 steps)"}
+              "ref_cl": "pyautoattack, channels_last model", "ref_alloc": "pyautoattack, adv's malloc thresholds",
+              "ta": "torchattacks (APGD/FAB 10 steps)"}
 
 
 def run_key(key: str, threads: int) -> str:
@@ -304,6 +305,7 @@ def run_label(stored: str) -> str:
 def suite_comparison(args) -> dict:
     """Each implementation's robust verdicts and CPU seconds per case and thread count, merged into
     ``--suite-results`` (so implementations can run as separate processes, ``--suite-runs``)."""
+    from adv.evaluate.allocator import keep_freed_memory
     from adv.evaluate.precision import fast_model
 
     path = Path(args.suite_results)
@@ -313,6 +315,7 @@ def suite_comparison(args) -> dict:
         plans = {"adv_cl": lambda: adv_suite(model, x, y, eps, True), "adv": lambda: adv_suite(model, x, y, eps, False),
                  "ref": lambda: reference_suite(model, x, y, eps),
                  "ref_cl": lambda: reference_suite(fast_model(model, channels_last=True), x, y, eps),
+                 "ref_alloc": lambda: keep_freed_memory() and reference_suite(model, x, y, eps),
                  "ta": lambda: torchattacks_suite(model, x, y, eps)}
         for threads in args.threads:
             torch.set_num_threads(threads)
