@@ -315,7 +315,7 @@ def suite_comparison(args) -> dict:
         plans = {"adv_cl": lambda: adv_suite(model, x, y, eps, True), "adv": lambda: adv_suite(model, x, y, eps, False),
                  "ref": lambda: reference_suite(model, x, y, eps),
                  "ref_cl": lambda: reference_suite(fast_model(model, channels_last=True), x, y, eps),
-                 "ref_alloc": lambda: keep_freed_memory() and reference_suite(model, x, y, eps),
+                 "ref_alloc": lambda: (keep_freed_memory(), reference_suite(model, x, y, eps))[1],
                  "ta": lambda: torchattacks_suite(model, x, y, eps)}
         for threads in args.threads:
             torch.set_num_threads(threads)
@@ -380,7 +380,11 @@ def suite_markdown(rows, info, command, every: list[dict] | None = None) -> str:
              "(`--suite-runs adv_cl`, `--suite-runs ref`, ...; they merge into `bench/results/attacks_suite.json` "
              "and `--suite-runs ''` only renders), each timed by its own process CPU clock; `--threads 1,2` adds "
              "each at 2 threads (rerun it on an idle machine: on a loaded one a second thread waits for a core). "
-             "\"load\" is the 1-minute load average of the machine during that run.", ""]
+             "\"load\" is the 1-minute load average of the machine during that run.", "",
+             "adv's evaluation sets glibc's malloc thresholds in its process (`adv.evaluate.allocator`: freed "
+             "activation buffers stay in the process, so attack steps do not page-fault), which would also speed "
+             "up code run after it in the same process: the pyautoattack rows each ran in a process of their own, "
+             "with the default allocator except the row that says otherwise (`--suite-runs ref_alloc`).", ""]
     for r in rows:
         base = r["runs"].get("pyautoattack", {}).get("cpu_s", math.nan)  # nan: "nanx" until it has run
         lines += [f"**{r['case']}**, first {r['n']} test images:", "",
