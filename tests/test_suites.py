@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import warnings
 
 import pytest
@@ -85,3 +86,14 @@ def test_rand_suite_attacks_the_mean_of_20_draws(model, data):
     assert noisy.calls >= 20 * (1 + 100)
     assert res.robust_acc < res.clean_acc
     assert [a.attack for a in res.attacks] == ["apgd_ce", "apgd_dlr"]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="sets glibc's malloc thresholds")
+def test_a_cpu_evaluation_sets_the_malloc_thresholds_that_keep_freed_memory(model, data):
+    """Issue 26: without them, attack steps page-faulted (a third system time at batch 256); mallopt refuses a
+    threshold above glibc's maximum, which would leave them unset."""
+    from adv.evaluate.allocator import keep_freed_memory
+
+    keep_freed_memory.cache_clear()
+    robust_accuracy(model, data, ["fgsm"], eps=0.05, progress=False, checks=())
+    assert keep_freed_memory.cache_info().currsize == 1 and keep_freed_memory() is True
