@@ -380,7 +380,9 @@ def suite_markdown(rows, info, command, every: list[dict] | None = None) -> str:
              "(`--suite-runs adv_cl`, `--suite-runs ref`, ...; they merge into `bench/results/attacks_suite.json` "
              "and `--suite-runs ''` only renders), each timed by its own process CPU clock; `--threads 1,2` adds "
              "each at 2 threads (rerun it on an idle machine: on a loaded one a second thread waits for a core). "
-             "\"load\" is the 1-minute load average of the machine during that run.", "",
+             "\"load\" is the 1-minute load average of the machine during that run: on a loaded machine CPU "
+             "seconds grow too (caches and cores shared; 5-15% at a load of 20-60 on the 2 cores here), so compare "
+             "rows of similar load.", "",
              "adv's evaluation sets glibc's malloc thresholds in its process (`adv.evaluate.allocator`: freed "
              "activation buffers stay in the process, so attack steps do not page-fault), which would also speed "
              "up code run after it in the same process: the pyautoattack rows each ran in a process of their own, "
