@@ -320,15 +320,17 @@ def suite_comparison(args) -> dict:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for key in args.suite_runs:
-                load = os.getloadavg()[0]
+                load, wall = os.getloadavg()[0], time.perf_counter()
                 out = plans[key]()
+                wall = time.perf_counter() - wall
                 if out is None:  # torchattacks not installed
                     continue
                 print(f"{label}: {run_label(run_key(key, threads))} {out[0]:.1f} CPU s, robust "
                       f"{out[1].float().mean():.4f}", flush=True)
                 store = json.loads(path.read_text()) if path.is_file() else {}  # another process may have written
                 store.setdefault(f"{label} | {n}", {})[run_key(key, threads)] = {
-                    "cpu_s": round(out[0], 1), "robust": "".join("1" if r else "0" for r in out[1].tolist()),
+                    "cpu_s": round(out[0], 1), "wall_s": round(wall, 1),
+                    "robust": "".join("1" if r else "0" for r in out[1].tolist()),
                     "load": round(max(load, os.getloadavg()[0]), 1)}
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(store, indent=1))
@@ -345,7 +347,8 @@ def suite_rows(store: dict) -> list[dict]:
         for key in sorted(runs, key=lambda k: (list(SUITE_RUNS).index(k.partition("@")[0]), k)):
             rob = runs[key]["robust"]
             out[run_label(key)] = {
-                "cpu_s": runs[key]["cpu_s"], "load": runs[key].get("load"), "robust_acc": rob.count("1") / len(rob),
+                "cpu_s": runs[key]["cpu_s"], "wall_s": runs[key].get("wall_s", "n/a"),
+                "load": runs[key].get("load"), "robust_acc": rob.count("1") / len(rob),
                 "disagree_with_adv": sum(a != b for a, b in zip(rob, mine)) if mine else None,
                 "adv_weaker": sum(a == "0" and b == "1" for a, b in zip(rob, mine)) if mine else None}
         rows.append({"case": label, "n": int(n), "runs": out})
@@ -391,11 +394,11 @@ def suite_markdown(rows, info, command, every: list[dict] | None = None) -> str:
         base = r["runs"].get("pyautoattack", {}).get("cpu_s", math.nan)  # nan: "nanx" until it has run
         lines += [f"**{r['case']}**, first {r['n']} test images:", "",
                   "| implementation | robust accuracy | CPU s | vs pyautoattack | differs from adv (adv weaker) "
-                  "| load |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| wall s | load |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for k, v in r["runs"].items():
             lines.append(f"| {k} | {v['robust_acc']:.2%} | {v['cpu_s']} | {v['cpu_s'] / base:.2f}x | "
-                         f"{v['disagree_with_adv']} ({v['adv_weaker']}) | {v['load']} |")
+                         f"{v['disagree_with_adv']} ({v['adv_weaker']}) | {v['wall_s']} | {v['load']} |")
         lines.append("")
     return "\n".join(lines + scaling_lines(every or rows) + [SUITE_END])
 
