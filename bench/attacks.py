@@ -22,14 +22,17 @@ Without ../shared/data it falls back to random weights and random images.
 ``--suite`` runs only the **standard-suite comparison** and rewrites its own
 section ("## The standard suite against the original AutoAttack"):
 
-    .venv/bin/python -m bench.attacks --suite [--suite-n 500,200] [--threads 1]
+    .venv/bin/python -m bench.attacks --suite [--suite-n 500,200] [--threads 1,2]
 
 adv's ``suite="standard"`` against the original AutoAttack code (the
 ``pyautoattack`` package, the ``bench`` extra: APGD-CE, APGD-T, FAB-T with 100
 iterations, Square 5000) on the published Madry LeNet5 (MNIST, eps 0.3, the
 first n test images) and the shared CIFAR-10 ResNet-20 (eps 8/255): robust
 accuracy of both, process CPU seconds of both, their ratio and the images where
-they disagree; torchattacks' AutoAttack beside them when installed.
+they disagree; torchattacks' AutoAttack beside them when installed. ``--threads 1,2``
+runs each implementation at each thread count (rows "..., 2 threads"); every
+stored image count of a case is listed with adv's CPU seconds per image, which
+shows whether time grows linearly with the standing images.
 """
 
 from __future__ import annotations
@@ -285,12 +288,24 @@ def torchattacks_suite(model, x, y, eps) -> tuple[float, torch.Tensor] | None:
 
 
 SUITE_RUNS = {"adv_cl": "adv (channels_last)", "adv": "adv", "ref": "pyautoattack",
-              "ref_cl": "pyautoattack, channels_last model", "ta": "torchattacks (APGD/FAB 10 steps)"}
+              "ref_cl": "pyautoattack, channels_last model", "ref_alloc": "pyautoattack, adv's malloc thresholds",
+              "ta": "torchattacks (APGD/FAB 10 steps)"}
+
+
+def run_key(key: str, threads: int) -> str:
+    """The stored name of one implementation's run: ``adv_cl``, or ``adv_cl@2`` with 2 threads."""
+    return key if threads == 1 else f"{key}@{threads}"
+
+
+def run_label(stored: str) -> str:
+    key, _, threads = stored.partition("@")
+    return SUITE_RUNS[key] + (f", {threads} threads" if threads else "")
 
 
 def suite_comparison(args) -> dict:
-    """Each implementation's robust verdicts and CPU seconds per case, merged into ``--suite-results`` (so
-    implementations can run as separate processes, ``--suite-runs``)."""
+    """Each implementation's robust verdicts and CPU seconds per case and thread count, merged into
+    ``--suite-results`` (so implementations can run as separate processes, ``--suite-runs``)."""
+    from adv.evaluate.allocator import keep_freed_memory
     from adv.evaluate.precision import fast_model
 
     path = Path(args.suite_results)
@@ -300,18 +315,25 @@ def suite_comparison(args) -> dict:
         plans = {"adv_cl": lambda: adv_suite(model, x, y, eps, True), "adv": lambda: adv_suite(model, x, y, eps, False),
                  "ref": lambda: reference_suite(model, x, y, eps),
                  "ref_cl": lambda: reference_suite(fast_model(model, channels_last=True), x, y, eps),
+                 "ref_alloc": lambda: (keep_freed_memory(), reference_suite(model, x, y, eps))[1],
                  "ta": lambda: torchattacks_suite(model, x, y, eps)}
-        for key in args.suite_runs:
-            out = plans[key]()
-            if out is None:  # torchattacks not installed
-                continue
-            print(f"{label}: {SUITE_RUNS[key]} {out[0]:.1f} CPU s, robust {out[1].float().mean():.4f}", flush=True)
-            store = json.loads(path.read_text()) if path.is_file() else {}  # another process may have written
-            store.setdefault(f"{label} | {n}", {})[key] = {
-                "cpu_s": round(out[0], 1), "robust": "".join("1" if r else "0" for r in out[1].tolist()),
-                "load": round(os.getloadavg()[0], 1)}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(store, indent=1))
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for key in args.suite_runs:
+                load, wall = os.getloadavg()[0], time.perf_counter()
+                out = plans[key]()
+                wall = time.perf_counter() - wall
+                if out is None:  # torchattacks not installed
+                    continue
+                print(f"{label}: {run_label(run_key(key, threads))} {out[0]:.1f} CPU s, robust "
+                      f"{out[1].float().mean():.4f}", flush=True)
+                store = json.loads(path.read_text()) if path.is_file() else {}  # another process may have written
+                store.setdefault(f"{label} | {n}", {})[run_key(key, threads)] = {
+                    "cpu_s": round(out[0], 1), "wall_s": round(wall, 1),
+                    "robust": "".join("1" if r else "0" for r in out[1].tolist()),
+                    "load": round(max(load, os.getloadavg()[0]), 1)}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(store, indent=1))
     return store
 
 
@@ -322,19 +344,32 @@ def suite_rows(store: dict) -> list[dict]:
         label, n = case.rsplit(" | ", 1)
         mine = runs.get("adv_cl", {}).get("robust")
         out = {}
-        for key in SUITE_RUNS:
-            if key not in runs:
-                continue
+        for key in sorted(runs, key=lambda k: (list(SUITE_RUNS).index(k.partition("@")[0]), k)):
             rob = runs[key]["robust"]
-            out[SUITE_RUNS[key]] = {
-                "cpu_s": runs[key]["cpu_s"], "robust_acc": rob.count("1") / len(rob),
+            out[run_label(key)] = {
+                "cpu_s": runs[key]["cpu_s"], "wall_s": runs[key].get("wall_s", "n/a"),
+                "load": runs[key].get("load"), "robust_acc": rob.count("1") / len(rob),
                 "disagree_with_adv": sum(a != b for a, b in zip(rob, mine)) if mine else None,
                 "adv_weaker": sum(a == "0" and b == "1" for a, b in zip(rob, mine)) if mine else None}
         rows.append({"case": label, "n": int(n), "runs": out})
     return rows
 
 
-def suite_markdown(rows, info, command) -> str:
+def scaling_lines(rows: list[dict]) -> list[str]:
+    """adv's CPU seconds per image at every stored image count of a case, and per standing (robust) image."""
+    lines = ["adv (channels_last, one thread) at every image count run so far: CPU time should grow with the "
+             "points standing, not faster.", "", "| case | images | robust | CPU s | CPU s / image | CPU s / robust "
+             "image |", "|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["case"], r["n"])):
+        v = r["runs"].get(SUITE_RUNS["adv_cl"])
+        if v is not None:
+            robust = round(v["robust_acc"] * r["n"])
+            lines.append(f"| {r['case']} | {r['n']} | {robust} | {v['cpu_s']} | {v['cpu_s'] / r['n']:.3f} | "
+                         f"{v['cpu_s'] / robust if robust else math.nan:.3f} |")
+    return lines + [""]
+
+
+def suite_markdown(rows, info, command, every: list[dict] | None = None) -> str:
     lines = [SUITE_BEGIN, "## The standard suite against the original AutoAttack", "",
              f"Produced by `{command}` on {info}.", "",
              "adv's `suite=\"standard\"` (APGD-CE, APGD-T and FAB-T over 9 targets with 100 iterations, Square "
@@ -346,17 +381,26 @@ def suite_markdown(rows, info, command) -> str:
              "The full-size run is `.venv/bin/python -m bench.attacks --suite` (500 MNIST images; the shared "
              "CIFAR-10 sample holds 100, so at most those). Implementations may run as separate processes "
              "(`--suite-runs adv_cl`, `--suite-runs ref`, ...; they merge into `bench/results/attacks_suite.json` "
-             "and `--suite-runs ''` only renders), each timed by its own process CPU clock.", ""]
+             "and `--suite-runs ''` only renders), each timed by its own process CPU clock; `--threads 1,2` adds "
+             "each at 2 threads (rerun it on an idle machine: on a loaded one a second thread waits for a core). "
+             "\"load\" is the 1-minute load average of the machine during that run: on a loaded machine CPU "
+             "seconds grow too (caches and cores shared; 5-15% at a load of 20-60 on the 2 cores here), so compare "
+             "rows of similar load.", "",
+             "adv's evaluation sets glibc's malloc thresholds in its process (`adv.evaluate.allocator`: freed "
+             "activation buffers stay in the process, so attack steps do not page-fault), which would also speed "
+             "up code run after it in the same process: the pyautoattack rows each ran in a process of their own, "
+             "with the default allocator except the row that says otherwise (`--suite-runs ref_alloc`).", ""]
     for r in rows:
         base = r["runs"].get("pyautoattack", {}).get("cpu_s", math.nan)  # nan: "nanx" until it has run
         lines += [f"**{r['case']}**, first {r['n']} test images:", "",
-                  "| implementation | robust accuracy | CPU s | vs pyautoattack | differs from adv (adv weaker) |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| implementation | robust accuracy | CPU s | vs pyautoattack | differs from adv (adv weaker) "
+                  "| wall s | load |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for k, v in r["runs"].items():
             lines.append(f"| {k} | {v['robust_acc']:.2%} | {v['cpu_s']} | {v['cpu_s'] / base:.2f}x | "
-                         f"{v['disagree_with_adv']} ({v['adv_weaker']}) |")
+                         f"{v['disagree_with_adv']} ({v['adv_weaker']}) | {v['wall_s']} | {v['load']} |")
         lines.append("")
-    return "\n".join(lines + [SUITE_END])
+    return "\n".join(lines + scaling_lines(every or rows) + [SUITE_END])
 
 
 def main(argv=None) -> int:
@@ -364,7 +408,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--n-slow", type=int, default=100, help="images for DeepFool, CW and APGD")
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--threads", type=lambda v: [int(i) for i in v.split(",")], default=[1],
+                   help="torch intra-op threads (--suite: a list, each run at each count)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--docs", default=str(ROOT / "docs"))
     p.add_argument("--suite", action="store_true", help="only the standard suite against the original AutoAttack")
@@ -374,12 +419,12 @@ def main(argv=None) -> int:
                    help=f"implementations to run ({','.join(SUITE_RUNS)}); others are read from --suite-results")
     p.add_argument("--suite-results", default=str(ROOT / "bench" / "results" / "attacks_suite.json"))
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     if args.suite:
         return run_suite(args, argv)
     model, x, y, source = load(args.n)
     info = (f"{source}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-            f"{torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f} at start")
+            f"{torch.__version__}, {args.threads[0]} thread(s), load average {os.getloadavg()[0]:.1f} at start")
     rows = throughput(model, x, y, args)
     exit_row = early_exit(model, x, y, args)
     fast = fast_paths(model, x[: args.n_slow], y[: args.n_slow], args)
@@ -394,11 +439,14 @@ def main(argv=None) -> int:
 
 def run_suite(args, argv) -> int:
     info = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs, torch "
-            f"{torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f} at start")
-    rows = [r for r in suite_rows(suite_comparison(args)) if r["n"] in args.suite_n]
+            f"{torch.__version__}, {','.join(map(str, args.threads))} thread(s), load average "
+            f"{os.getloadavg()[0]:.1f} at start")
+    every = suite_rows(suite_comparison(args))
+    rows = [r for r in every if r["n"] in args.suite_n]
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    write_section(docs / "benchmarks.md", suite_markdown(rows, info, command_line("attacks", argv)), "attacks_suite")
+    write_section(docs / "benchmarks.md", suite_markdown(rows, info, command_line("attacks", argv), every),
+                  "attacks_suite")
     return 0
 
 

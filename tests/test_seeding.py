@@ -101,6 +101,44 @@ def test_an_examples_uniforms_are_its_own_across_buffer_refills():
     assert not torch.equal(small[0], small[1])
 
 
+def _redraw_loop(seeds, k, n, rows, accept):
+    """What :meth:`RowSeeds.tries` replaces: draw ``k`` per row, redraw the rows not accepted, ``n`` draws at most."""
+    u = seeds.uniform(k, rows)
+    redo = torch.arange(len(rows))[~accept(u, rows)]
+    for _ in range(n - 1):
+        if len(redo) == 0:
+            break
+        u[redo] = seeds.uniform(k, rows[redo])
+        redo = redo[~accept(u[redo], rows[redo])]
+    return u
+
+
+def test_buffered_tries_take_the_same_draws_and_leave_the_streams_where_a_redraw_loop_does():
+    """Square's sign redraws (issue 26), judged at once for the rows whose draws are buffered: the same numbers and
+    the same stream positions as the loop, also for a row near a refill (left to the loop) and a row never
+    accepted (its last draw)."""
+    k, n, rows = 3, 10, torch.arange(6)
+
+    def accept(u, ids):  # (m, k) draws of the rows ``ids``; row 5 accepts none
+        return (u.sum(-1) > 1.8) & (ids != 5)
+
+    def make():
+        seeds = example_seeds(1, "square", range(6))
+        seeds.uniform(5)  # a fresh row's buffer is filled on its first draw: no row is fresh here
+        seeds.uniform(BUFFER - 5 - 2 * k, torch.tensor([1]))  # row 1: too close to its buffer's end for 10 draws
+        return seeds
+
+    first = accept(make().uniform(k, rows), rows)
+    assert first[:5].any() and not first[:5].all()  # some rows redraw, some do not
+    loop, fast = make(), make()
+    want = _redraw_loop(loop, k, n, rows, accept)
+    got, fits = fast.tries(k, n, rows, lambda u, f: accept(u, rows[f][:, None]))
+    assert fits.tolist() == [True, False, True, True, True, True]
+    assert torch.equal(got, want[fits])
+    assert torch.equal(_redraw_loop(fast, k, n, rows[~fits], accept), want[~fits])
+    assert torch.equal(fast.uniform(4), loop.uniform(4))  # every stream continues at the same place
+
+
 def test_streams_for_another_batch_are_refused():
     with pytest.raises(ValueError, match="streams for 3 examples, the batch has 2; pass RowSeeds.take"):
         make_generator(RowSeeds([1, 2, 3]), torch.device("cpu"), 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import warnings
 
 import pytest
@@ -85,3 +86,25 @@ def test_rand_suite_attacks_the_mean_of_20_draws(model, data):
     assert noisy.calls >= 20 * (1 + 100)
     assert res.robust_acc < res.clean_acc
     assert [a.attack for a in res.attacks] == ["apgd_ce", "apgd_dlr"]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="sets glibc's malloc thresholds")
+def test_a_cpu_evaluation_sets_the_malloc_thresholds_that_keep_freed_memory(model, data):
+    """Issue 26: without them, attack steps page-faulted (a third system time at batch 256); mallopt refuses a
+    threshold above glibc's maximum, which would leave them unset."""
+    from adv.evaluate.allocator import keep_freed_memory
+
+    keep_freed_memory.cache_clear()
+    robust_accuracy(model, data, ["fgsm"], eps=0.05, progress=False, checks=())
+    assert keep_freed_memory.cache_info().currsize == 1 and keep_freed_memory() is True
+
+
+def test_the_allocator_setting_can_be_refused(monkeypatch):
+    from adv.evaluate.allocator import keep_freed_memory
+
+    for var, value in (("ADV_KEEP_FREED_MEMORY", "0"), ("MALLOC_TRIM_THRESHOLD_", "131072")):
+        with monkeypatch.context() as m:
+            m.setenv(var, value)
+            keep_freed_memory.cache_clear()
+            assert keep_freed_memory() is False
+    keep_freed_memory.cache_clear()

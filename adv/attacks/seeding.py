@@ -50,6 +50,18 @@ class _Streams:
         self.pos[ids] += k
         return self.buf[ids.to(self.buf.device)[:, None], cols.to(self.buf.device)]
 
+    def ahead(self, ids: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``n`` successive ``uniform(ids, k)`` calls would return, without taking them: ``(values (m', n, k),
+        fits (m,))`` for the rows whose buffer holds all ``n·k`` (the others would refill on the way)."""
+        fits = self.pos[ids] + n * k <= BUFFER
+        ids = ids[fits]
+        cols = self.pos[ids][:, None] + torch.arange(n * k)
+        return self.buf[ids.to(self.buf.device)[:, None], cols.to(self.buf.device)].view(len(ids), n, k), fits
+
+    def skip(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
+        """Take ``counts`` (m,) of the uniforms :meth:`ahead` showed (each at most what it showed)."""
+        self.pos[ids] += counts.cpu()
+
 
 class RowSeeds(torch.Generator):
     """A generator that also holds one seed (one stream) per example of the batch it is passed with.
@@ -103,6 +115,23 @@ class RowSeeds(torch.Generator):
             return self.draw(torch.rand, (k,), rows, torch.float64)
         pool, _ = self._pool()
         return pool.uniform(self._ids(rows), k)
+
+    def tries(self, k: int, n: int, rows: torch.Tensor, accept: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, ``k`` uniforms at a time until ``accept`` takes them, at most ``n`` times: the same numbers and
+        the same stream positions as a loop of :meth:`uniform` calls redrawing the rows not yet accepted, in a few
+        tensor operations instead of up to ``n`` rounds. ``accept(u (m', n, k), fits) -> (m', n) bool`` judges every
+        draw of the rows whose ``n`` draws are already buffered (``fits``, a mask of ``rows``).
+
+        Returns ``(u (m', k), fits)``: each fitting row's accepted draw (its last when none was), its stream
+        moved past it; the other rows are left for the caller's loop.
+        """
+        pool, _ = self._pool()
+        ids = self._ids(rows)
+        u, fits = pool.ahead(ids, k, n)
+        ok = accept(u, fits)
+        first = torch.where(ok.any(1), ok.int().argmax(1), n - 1)  # the first accepted draw, else the last
+        pool.skip(ids[fits], (first + 1) * k)
+        return u[torch.arange(len(u), device=u.device), first.to(u.device)], fits
 
     def draw(self, fn: Callable, shape: tuple[int, ...], rows: torch.Tensor | None = None,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from adv.attacks.core import check_inputs, check_positive, make_generator, take
 from adv.attacks.oracle import QueryOracle, as_oracle
 from adv.attacks.registry import register_attack
-from adv.attacks.seeding import randint, signs, uniform
+from adv.attacks.seeding import RowSeeds, randint, signs, uniform
 
 #: Schedule of p (Andriushchenko et al. 2020, §A): breakpoints out of 10,000 queries.
 P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -136,17 +136,40 @@ def _new_candidate(xc, xb, window, eps, rows, gen, tries: int = 10):
     Whether a sign leaves a channel's window as it is depends on that channel and sign only, so both answers are
     computed once and the redraws test signs against them, not whole candidate images.
     """
-    delta, c = xb - xc, xc.shape[1]
+    delta = xb - xc
     up, down = _unchanged(xc + eps, xb, window), _unchanged(xc - eps, xb, window)
-    sign = signs(gen, (c, 1, 1), rows, xc)
-    redo = torch.where(sign.view(-1, c) > 0, up, down).all(1).nonzero()[:, 0]
+    sign = _changing_signs(gen, up, down, rows, xc, tries)
+    return (xc + torch.where(window, eps * sign, delta)).clamp(0.0, 1.0)
+
+
+def _changing_signs(gen, up, down, rows, like, tries: int) -> torch.Tensor:
+    """±1 per example and channel (m, c, 1, 1), drawn until they change the window (``up``/``down`` (m, c): the
+    channels a +/- sign leaves unchanged), at most ``tries`` draws. With a :class:`RowSeeds`, the rows whose next
+    ``tries`` draws are buffered judge them all at once (:meth:`RowSeeds.tries`: the same draws, the same
+    streams); the loop below is for the others, and for a joint generator."""
+    m, c = up.shape
+    sign = like.new_empty((m, c, 1, 1))
+    todo = torch.arange(m, device=up.device)
+    if isinstance(gen, RowSeeds):
+        def changes(u, fits):
+            fits = fits.to(up.device)
+            return ~torch.where(u.to(up.device) < 0.5, down[fits][:, None], up[fits][:, None]).all(2)
+
+        u, fits = gen.tries(c, tries, rows, changes)
+        fits = fits.to(up.device)
+        sign[fits] = torch.where(u < 0.5, -1.0, 1.0).to(like).view(-1, c, 1, 1)
+        todo = todo[~fits]
+    if len(todo) == 0:
+        return sign
+    sign[todo] = signs(gen, (c, 1, 1), rows[todo], like)
+    redo = todo[torch.where(sign[todo].view(-1, c) > 0, up[todo], down[todo]).all(1)]
     for _ in range(tries - 1):
         if len(redo) == 0:
             break
-        again = signs(gen, (c, 1, 1), rows[redo], xc)
+        again = signs(gen, (c, 1, 1), rows[redo], like)
         sign[redo] = again
         redo = redo[torch.where(again.view(-1, c) > 0, up[redo], down[redo]).all(1)]
-    return (xc + torch.where(window, eps * sign, delta)).clamp(0.0, 1.0)
+    return sign
 
 
 def _unchanged(x_window, xb, window):

@@ -25,6 +25,7 @@ from adv.attacks.core import NORMS, SIZES, perturbation_norm, project
 from adv.attacks.registry import AttackSpec, call_family
 from adv.attacks.seeding import example_seeds
 from adv.errors import InputError
+from adv.evaluate.allocator import keep_freed_memory
 from adv.evaluate import checks as C
 from adv.evaluate.precision import fast_model
 from adv.evaluate.inputs import prepare
@@ -117,7 +118,8 @@ def robust_accuracy(
     (``"all"`` adds the costly steps and eps-sweep checks). ``suite``
     (``"standard"``, ``"l2"``, ``"rand"``; see :mod:`adv.evaluate.suites`)
     appends an AutoAttack-style suite after ``attacks``. Pass an
-    eval-mode model: the evaluation never changes its mode.
+    eval-mode model: the evaluation never changes its mode. On a CPU it
+    keeps freed memory in the process (:mod:`adv.evaluate.allocator`).
 
     Shape: data images (N, C, H, W) in [0, 1], labels (N,)
     """
@@ -125,6 +127,8 @@ def robust_accuracy(
                    checks=C.ALL if checks == "all" else tuple(checks or ()), check_n=check_n, amp=amp)
     runs = resolve_attacks(_with_suite(attacks, suite, norm), norm)
     device = torch.device(device) if device is not None else _model_device(model)
+    if device.type == "cpu":
+        keep_freed_memory()  # attack steps reuse activation-sized blocks: no page faults per step
     data = prepare(model, data, eps, norm, device)
     net = fast_model(model, amp, channels_last)
     state = _start(model, runs, opts, state_path)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from adv.attacks.seeding import derive_seed, example_seeds
+from adv.evaluate.allocator import keep_freed_memory
 from adv.runs.rows import ATTACK_COLUMNS, FEATURES, KEY_COLUMNS, NONE
 from adv.metrics import image_quality, perturbation_norms
 from adv.models.device import resolve_device
@@ -213,6 +214,8 @@ class Scorer:
         # the torch thread count is process-wide: the job's actor sets it, not the library
         self.plan = plan
         self.device = resolve_device(device)
+        if torch.device(self.device).type == "cpu":
+            keep_freed_memory()  # attack steps reuse activation-sized blocks: no page faults per step
         models = loader()
         self.classifier = models.classifier.to(self.device).eval()
         self.defenses = dict(models.defenses)
