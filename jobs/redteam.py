@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from adv.errors import ConfigError
+from adv.retry import wait_until
 from adv.serving.client import ROTATIONS, Endpoint, Oars
 from adv.serving.keys import KeyFile
 from adv.serving.redteam import ATTACKS, red_team
@@ -189,15 +190,10 @@ def story(bundle: str, out: str | Path, *, dataset: str = "fashion-mnist", n: in
 
 def _wait_for_output(url: str, key: str, output: str, timeout_s: float = 120.0) -> None:
     """An in-place update reports RUNNING while old replicas still answer: wait for the new config."""
-    import time
-
     endpoint = Endpoint(url)
     try:
-        deadline = time.monotonic() + timeout_s
-        while endpoint.get("/v1/model", key)["output"] != output:
-            if time.monotonic() > deadline:
-                raise ConfigError(f"the endpoint at {url} still answers with the old output after {timeout_s:.0f} s")
-            time.sleep(0.5)
+        if not wait_until(lambda: endpoint.get("/v1/model", key)["output"] == output, timeout_s):
+            raise ConfigError(f"the endpoint at {url} still answers with the old output after {timeout_s:.0f} s")
     finally:
         endpoint.close()
 

@@ -22,11 +22,11 @@ import re
 import signal
 import sys
 import threading
-import time
 
 from ray import serve
 
 from adv.errors import ConfigError
+from adv.retry import wait_until
 from adv.serving.config import ServeConfig, owner_name
 from adv.serving.preflight import check_driver, check_local_bundle, detector_config as typed_detector, driver_keys
 from adv.serving.preflight import free_port, parse_config
@@ -78,20 +78,18 @@ def deploy(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, *, wait_
 def _wait_healthy(cfg: ServeConfig, url: str, wait_s: float, check_http: bool) -> None:
     import httpx
 
-    deadline = time.monotonic() + wait_s
-    while True:
+    def healthy() -> bool:
         app = serve.status().applications.get(cfg.name)
         if app is not None and app.status == "DEPLOY_FAILED":
             raise ConfigError(deploy_failure(cfg))
         try:
-            if app is not None and app.status == "RUNNING" and (
-                    not check_http or httpx.get(f"{url}/healthz", timeout=20).status_code == 200):
-                return
+            return app is not None and app.status == "RUNNING" and (
+                not check_http or httpx.get(f"{url}/healthz", timeout=20).status_code == 200)
         except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise ConfigError(f"the endpoint at {url} did not become healthy within {wait_s:.0f} s")
-        time.sleep(0.5)
+            return False
+
+    if not wait_until(healthy, wait_s):
+        raise ConfigError(f"the endpoint at {url} did not become healthy within {wait_s:.0f} s")
 
 
 def deploy_failure(cfg: ServeConfig) -> str:

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from adv.detectors import DetectorConfig
+from adv.retry import delays
 from adv.serving.config import ServeConfig, owner_name
 from adv.serving.owner import DetectorOwner, Request
 from adv.serving.shards import Shard, protocol, totals, user_shard
@@ -146,8 +147,9 @@ class OwnerClient:
 
         timeout_s = timeout_s or self.config.owner_timeout_s
         deadline = time.monotonic() + timeout_s
-        delay = 0.05
-        while True:
+        # a short cap: a call to a restarting owner fails within ~2 s anyway, and a longer sleep only delays the
+        # first answer after it is back (Ray's restart, not this loop, is the wait)
+        for delay in delays(start=0.05, cap=0.25):
             try:
                 if self._handle is None:
                     self._handle = await asyncio.to_thread(get_owner, self.config, self.detector, self.shard)
@@ -159,9 +161,6 @@ class OwnerClient:
                 if time.monotonic() + delay > deadline:
                     raise OwnerUnavailable(f"detector state owner unreachable for {timeout_s:.0f} s") from None
                 await asyncio.sleep(delay)
-                # a short cap: a call to a restarting owner fails within ~2 s anyway, and a longer sleep only
-                # delays the first answer after it is back (Ray's restart, not this loop, is the wait)
-                delay = min(2 * delay, 0.25)
 
 
 class State:

@@ -176,6 +176,8 @@ def test_client_input_is_never_a_5xx_empty_nested_json_and_foreign_formats(app):
 def test_a_torn_final_detector_log_frame_never_keeps_the_endpoint_down(app):
     """Issue 25 bug 2: the owner refused to start on a short final frame (only an unacknowledged write leaves
     one), so the endpoint stayed at 503; now it drops the tail, says so, and serves, nothing acknowledged lost."""
+    import httpx
+
     from jobs.serve import kill_owner
 
     assert _predict(app, "eve", _image(80)).status_code == 200  # the log has frames
@@ -185,9 +187,22 @@ def test_a_torn_final_detector_log_frame_never_keeps_the_endpoint_down(app):
     with open(log, "ab") as f:  # as a crash in the middle of an append would leave it
         f.write(b"ADVL" + (10_000).to_bytes(8, "little") + b"\0\0\0\0" + b"half a frame")
     assert kill_owner(app.cfg, restart=True)
-    r = _predict(app, "eve", _image(81))  # the replica waits for the restarted owner (owner_timeout_s)
-    assert r.status_code == 200, r.text
-    assert _stats(app, "eve")["queries"] == before + 1
+    # The replica waits for the restarted owner (owner_timeout_s), then answers 503 + Retry-After. How long
+    # Ray takes to restart the actor is the machine's (minutes at nice 15 on a loaded 2-core machine), so the
+    # test asks again, as a client would, and only ever accepts 200 or 503 meanwhile.
+    answers = []
+
+    def answered() -> bool:
+        try:
+            answers.append(_predict(app, "eve", _image(81)).status_code)
+        except httpx.TimeoutException:
+            answers.append("timeout")
+        return answers[-1] == 200
+
+    _until(answered, timeout=300)
+    assert set(answers) <= {200, 503, "timeout"}, answers
+    # at least once: a request that timed out on the client may still have been stored
+    assert _stats(app, "eve")["queries"] >= before + 1
     assert log.stat().st_size > whole  # cut back to the last whole frame, then this answer appended
 
 
