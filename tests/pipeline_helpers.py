@@ -114,3 +114,12 @@ def submit_when_agent_ready(client, before_attempt=None, wait_s: float = 90, **j
             if time.time() > deadline:
                 pytest.skip("the session cluster's job agent never came up (agent port taken by another Ray?)")
             time.sleep(2)
+
+
+def on_this_cluster(command: str) -> str:
+    """A job entrypoint pinned to this process's Ray cluster: Ray's job supervisor gives the driver the address
+    in /tmp/ray/ray_current_cluster, which the last cluster started on the machine rewrites (a `make main`
+    beside the tests got the submitted job, whose driver then met that cluster's token auth)."""
+    import ray
+
+    return f"RAY_ADDRESS={ray.get_runtime_context().gcs_address} {command}"

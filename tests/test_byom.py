@@ -277,7 +277,7 @@ def test_model_factory_from_a_jobs_evaluate_config_on_the_local_cluster(ray_clus
 
     from adv.data import load_dataset
     from adv.runs.store import RunStore
-    from tests.pipeline_helpers import submit_when_agent_ready
+    from tests.pipeline_helpers import on_this_cluster, submit_when_agent_ready
 
     net, weights = user_package
     out = tmp_path / "run"
@@ -294,7 +294,7 @@ def test_model_factory_from_a_jobs_evaluate_config_on_the_local_cluster(ray_clus
     # a new package per attempt: a failed submit can release the uploaded one (same hash) under the next
     sid = submit_when_agent_ready(
         client, lambda: (code / "attempt.txt").write_text(uuid.uuid4().hex),
-        entrypoint=f"{sys.executable} -m jobs.evaluate --config {config} --out {out}",
+        entrypoint=on_this_cluster(f"{sys.executable} -m jobs.evaluate --config {config} --out {out}"),
         runtime_env={"working_dir": str(code), "env_vars": {"ADV_NO_PROGRESS": "1"}},
         submission_id=f"adv-byom-test-{uuid.uuid4().hex[:8]}")
     deadline = time.time() + 300

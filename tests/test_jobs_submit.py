@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 
-from tests.pipeline_helpers import REPO, random_checkpoint, submit_when_agent_ready, tiny_config, write_yaml
+from tests.pipeline_helpers import (REPO, on_this_cluster, random_checkpoint, submit_when_agent_ready, tiny_config,
+                                    write_yaml)
 
 pytestmark = pytest.mark.ray
 
@@ -31,7 +32,7 @@ def test_evaluate_job_round_trip(ray_cluster, tmp_path):
     # the interpreter is explicit because the job runs outside this virtualenv's PATH.
     sid = submit_when_agent_ready(
         client,
-        entrypoint=f"{sys.executable} -m jobs.evaluate --config {config} --out {out}",
+        entrypoint=on_this_cluster(f"{sys.executable} -m jobs.evaluate --config {config} --out {out}"),
         runtime_env={"working_dir": str(REPO), "excludes": [".git", ".venv", "runs", "*.egg-info"],
                      "env_vars": {"ADV_NO_PROGRESS": "1"}},
         submission_id=f"adv-evaluate-test-{uuid.uuid4().hex[:8]}",
