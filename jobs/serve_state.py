@@ -53,57 +53,55 @@ class DetectorMetrics:
                 self.actions.inc(tags={"action": a["action"]})
 
 
-class StateOwner:
+class _StateActor:
+    """What both actor kinds answer from their ``state`` (the one owner or one shard): a user's stats, the
+    totals, and a liveness ping."""
+
+    state: DetectorOwner | Shard
+
+    def stats(self, user: str) -> dict:
+        return self.state.stats(user)
+
+    def totals(self) -> dict:
+        return self.state.totals()
+
+    def ping(self) -> bool:
+        return True
+
+
+class StateOwner(_StateActor):
     """The Ray actor around :class:`adv.serving.owner.DetectorOwner`; counts alarms and actions as metrics."""
 
     def __init__(self, config: ServeConfig, detector: DetectorConfig):
-        self.owner = DetectorOwner(config, detector)
+        self.state = DetectorOwner(config, detector)
         self.metrics = DetectorMetrics()
 
     def step(self, x: np.ndarray, requests: list[Request], probs: np.ndarray) -> list[dict]:
         """One call per batch: admission and the detector update, durable before returning (group commit)."""
-        outcomes = self.owner.step(x, requests, probs)
+        outcomes = self.state.step(x, requests, probs)
         self.metrics.count([a for o in outcomes for a in o.get("answers", ())])
         return outcomes
 
-    def stats(self, user: str) -> dict:
-        return self.owner.stats(user)
 
-    def totals(self) -> dict:
-        return self.owner.totals()
-
-    def ping(self) -> bool:
-        return True
-
-
-class StateShard:
+class StateShard(_StateActor):
     """The Ray actor around shard ``shard`` of :class:`adv.serving.shards.Shard` (``shards`` > 1): its rounds
-    of a batch (``admit``, ``lookup``, ``commit``), its users' stats, its totals."""
+    of a batch (``admit``, ``lookup``, ``commit``), and (from the base) its users' stats and its totals."""
 
     def __init__(self, config: ServeConfig, detector: DetectorConfig, shard: int):
-        self.shard = Shard(config, detector, shard)
+        self.state = Shard(config, detector, shard)
 
     def admit(self, *args):
-        return self.shard.admit(*args)
+        return self.state.admit(*args)
 
     def lookup(self, *args):
-        return self.shard.lookup(*args)
+        return self.state.lookup(*args)
 
     def commit(self, *args):
-        return self.shard.commit(*args)
+        return self.state.commit(*args)
 
     def detector_config(self) -> DetectorConfig:
         """The detector config this shard's state was made with (the replicas decide with it)."""
-        return self.shard.detector
-
-    def stats(self, user: str) -> dict:
-        return self.shard.stats(user)
-
-    def totals(self) -> dict:
-        return self.shard.totals()
-
-    def ping(self) -> bool:
-        return True
+        return self.state.detector
 
 
 def get_owner(config: ServeConfig, detector: DetectorConfig, shard: int = 0):
