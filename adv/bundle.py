@@ -34,10 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from adv.errors import AdvError
 from adv.io import atomic_write_json
+from adv.numbers import Number
 from adv.validation import validate_mapping
 
 SCHEMA_VERSION = 1
@@ -50,34 +49,18 @@ class BundleError(AdvError):
     """A bundle is missing, incomplete, tampered with or of an unknown schema; the message names the file."""
 
 
-class Number(BaseModel):
-    """One accuracy with its 95% interval, the number of examples, what it measures and on which data."""
-
-    model_config = ConfigDict(extra="forbid")
-    value: float = Field(ge=0.0, le=1.0)
-    ci95: tuple[float, float]
-    n: int = Field(ge=0)
-    label: str = Field(min_length=1, description="what was measured, e.g. 'adaptive (BPDA+PGD, eps=0.1)'")
-    subset: str = Field(min_length=1, description="the data it was measured on, e.g. 'test[seed=0,n=500]'")
-
-    @field_validator("ci95")
-    @classmethod
-    def _ordered(cls, v):
-        lo, hi = v
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"ci95 must satisfy 0 <= lo <= hi <= 1, got {list(v)}")
-        return v
-
-
-def check_numbers(numbers: dict[str, Any]) -> dict[str, dict]:
-    """Validated numbers (``clean`` is required; ``non_adaptive`` / ``adaptive`` when measured); errors name the key."""
+def check_numbers(numbers: dict[str, Number | dict[str, Any]]) -> dict[str, dict]:
+    """The manifest's numbers (``clean`` is required; ``non_adaptive`` / ``adaptive`` when measured): each a
+    :class:`~adv.numbers.Number`, or a mapping (from a file or a user) validated into one; errors name the key."""
     if not isinstance(numbers, dict) or "clean" not in numbers:
         raise BundleError("bundle numbers need at least 'clean' (and 'non_adaptive' / 'adaptive' when measured)")
     out = {}
     for key, value in numbers.items():
         if value is None:
             continue
-        out[key] = validate_mapping(Number, value, f"bundle numbers.{key}", BundleError).model_dump(mode="json")
+        num = value if isinstance(value, Number) else validate_mapping(Number, value, f"bundle numbers.{key}",
+                                                                        BundleError)
+        out[key] = num.model_dump(mode="json")
     return out
 
 
@@ -268,7 +251,7 @@ def write_bundle(
     stages: list[str],
     detector: str | None = None,
     query_detector: dict | None = None,
-    numbers: dict[str, Any],
+    numbers: dict[str, Number | dict[str, Any]],
     provenance: dict[str, Any],
     evaluation: dict[str, Any] | None = None,
     factory: dict[str, Any] | None = None,
@@ -436,14 +419,6 @@ def _verify(root: Path, files: dict[str, str]) -> None:
     for path in root.rglob("*.pt"):
         if path.relative_to(root).as_posix() not in listed:
             raise BundleError(f"bundle file {path} is not listed in {MANIFEST} (added after the bundle was made)")
-
-
-def accuracy_number(correct: int, n: int, *, label: str, subset: str) -> dict[str, Any]:
-    """A manifest number from counts: the accuracy with its Wilson 95% interval."""
-    from adv.metrics import wilson_interval
-
-    lo, hi = wilson_interval(correct, n)
-    return {"value": correct / n if n else 0.0, "ci95": [lo, hi], "n": int(n), "label": label, "subset": subset}
 
 
 def provenance_defaults() -> dict[str, Any]:

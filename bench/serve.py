@@ -66,7 +66,8 @@ def make_bundle(args, out: Path) -> str:
     """``--bundle``, or lenet + a DWT stage written as a bundle (numbers: the checkpoint's clean accuracy)."""
     if args.bundle:
         return args.bundle
-    from adv.bundle import accuracy_number, write_bundle
+    from adv.bundle import write_bundle
+    from adv.numbers import accuracy_number
     from bench.defenses import classifier
 
     _, meta = classifier(args)

@@ -25,7 +25,8 @@ OWN_LIMITS = {"limited": LIMITED, "pair": {"rate": 0.01, "burst": 4}}
 def make_bundle(out: Path, *, query_detector: dict | None = None, stages: tuple[str, ...] = (),
                 provenance: dict | None = None) -> Path:
     """A seeded, untrained lenet5 for 1x28x28 images in a bundle (serving needs no accuracy)."""
-    from adv.bundle import accuracy_number, write_bundle
+    from adv.bundle import write_bundle
+    from adv.numbers import accuracy_number
     from adv.models import create_model, save_checkpoint
 
     torch.manual_seed(0)

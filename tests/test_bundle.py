@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from adv.bundle import BundleError, accuracy_number, load_bundle, write_bundle
+from adv.bundle import BundleError, load_bundle, write_bundle
 from adv.data import load_dataset
 from adv.defenses.registry import create_defense, save_stage
 from adv.errors import AdvError
+from adv.numbers import accuracy_number
 from tests.pipeline_helpers import random_checkpoint
 
 
@@ -147,6 +148,22 @@ def test_bad_schema_version_and_not_a_bundle(bundle, tmp_path):
         load_bundle(bundle.root)
     with pytest.raises(AdvError, match="no manifest.json"):
         load_bundle(tmp_path / "nothing")
+
+
+def test_a_manifest_from_numbers_equals_the_one_from_their_dicts(parts, tmp_path):
+    """write_bundle takes Numbers (a sweep's) and mappings (a file's, a user's) and writes the same bytes."""
+    ckpt, _ = parts
+    numbers = _numbers()
+    as_dicts = json.loads(json.dumps({k: v.model_dump(mode="json") for k, v in numbers.items()}))
+    texts = []
+    for name, given in (("typed", numbers), ("dicts", as_dicts)):
+        b = write_bundle(tmp_path / name, checkpoint=str(ckpt), stages=["dwt:wavelet=haar"], numbers=given,
+                         provenance={"sweep": "t"})
+        texts.append((b.root / "manifest.json").read_text().replace(b.manifest["created"], "CREATED"))
+    assert texts[0] == texts[1]
+    assert json.loads(texts[0])["numbers"]["adaptive"] == {
+        "value": 0.25, "ci95": list(numbers["adaptive"].ci95), "n": 40, "label": "adaptive (BPDA+pgd, eps=0.1)",
+        "subset": "digits test[seed=0,n=40]"}
 
 
 def test_bad_inputs_fail_before_writing(parts, tmp_path):

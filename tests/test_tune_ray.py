@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from adv.numbers import Number
 from jobs.tune import run
 from jobs.tune_config import parse_tune_config
 from tests.pipeline_helpers import REPO, train_tiny, write_yaml
@@ -37,15 +38,16 @@ def _cfg(ckpt, out: Path, **over) -> dict:
     return cfg
 
 
-def _numbers_have_labels(numbers: dict, tracks) -> None:
+def _numbers_have_labels(numbers: dict[str, Number], tracks) -> None:
     for t in tracks:
         num = numbers[t]
-        assert 0 <= num["ci95"][0] <= num["value"] <= num["ci95"][1] <= 1 and num["n"] > 0, (t, num)
-        assert num["label"] and num["subset"], (t, num)
+        assert isinstance(num, Number), (t, num)
+        assert 0 <= num.ci95[0] <= num.value <= num.ci95[1] <= 1 and num.n > 0, (t, num)
+        assert num.label and num.subset, (t, num)
     if "adaptive" in tracks:
-        assert "crafted on the defended pipeline" in numbers["adaptive"]["label"]
+        assert "crafted on the defended pipeline" in numbers["adaptive"].label
     if "non_adaptive" in tracks:
-        assert "crafted on the undefended classifier" in numbers["non_adaptive"]["label"]
+        assert "crafted on the undefended classifier" in numbers["non_adaptive"].label
 
 
 def test_grid_sweep_on_stored_adversarials_exports_a_bundle_that_adv_eval_loads(ray_cluster, ckpt, tmp_path, capsys):
@@ -71,7 +73,8 @@ def test_grid_sweep_on_stored_adversarials_exports_a_bundle_that_adv_eval_loads(
 
     bundle = load_bundle(result.bundle)
     m = bundle.manifest
-    _numbers_have_labels(m["numbers"], ("clean", "non_adaptive", "adaptive"))
+    _numbers_have_labels({k: Number.model_validate(v) for k, v in m["numbers"].items()},
+                         ("clean", "non_adaptive", "adaptive"))
     assert "disjoint from validation" in m["numbers"]["clean"]["subset"]
     assert m["provenance"]["trial"] == result.selected.trial_id and m["provenance"]["versions"]["ray"] == "2.60.0"
     assert m["stages"] == list(result.selected.candidate.stages)

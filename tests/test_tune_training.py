@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from adv.numbers import Number
 from adv.tuning.objective import TrialRecord, select
 from adv.tuning.overfitting import catastrophic_overfitting
 from adv.tuning.space import Candidate
@@ -48,7 +49,7 @@ def test_a_fgsm_gap_in_the_first_epoch_is_flagged_and_healthy_training_is_not():
 
 
 def _num(v):
-    return {"value": v, "ci95": [max(0, v - 0.05), min(1, v + 0.05)], "n": 200, "label": "x", "subset": "val"}
+    return Number(value=v, ci95=(max(0, v - 0.05), min(1, v + 0.05)), n=200, label="x", subset="val")
 
 
 def _trained(tid, adaptive, overfit=""):
@@ -96,9 +97,9 @@ def test_a_trained_defense_beats_an_input_transformation_and_is_exported_with_it
     assert set(kinds) == {"stored", "training"}, result.records
     stage, trained = kinds["stored"], kinds["training"]
     # the DWT stage was re-checked adaptively (BPDA) on the same validation images the trained model saw
-    assert stage.recheck["adaptive"]["n"] == trained.numbers["adaptive"]["n"] == 64
-    assert trained.numbers["adaptive"]["value"] > stage.recheck["adaptive"]["value"] + 0.1, result.records
-    assert trained.numbers["clean"]["value"] >= trained.clean_ref - 0.1 and not trained.overfit
+    assert stage.recheck["adaptive"].n == trained.numbers["adaptive"].n == 64
+    assert trained.numbers["adaptive"].value > stage.recheck["adaptive"].value + 0.1, result.records
+    assert trained.numbers["clean"].value >= trained.clean_ref - 0.1 and not trained.overfit
     assert result.selected is trained and trained.resource == 2
     report = (Path(result.run_dir) / "report.md").read_text()
     assert "stored + training" in report and "loss at:" in report and "catastrophic overfitting" in report

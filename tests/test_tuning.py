@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from adv.errors import ConfigError
-from adv.tuning.objective import TrialRecord, pareto_front, penalized, select
+from adv.numbers import Number
+from adv.tuning.objective import (TrialRecord, flat_metrics, numbers_from_counts, numbers_from_flat, pareto_front,
+                                  penalized, select)
 from adv.tuning.space import Candidate, SearchSpace
 from adv.tuning.splits import make_split
 from jobs.tune import main as tune_main
@@ -117,6 +119,19 @@ def test_penalty_puts_every_breach_below_every_feasible_trial():
     assert ok == 0.0 and breach_big < breach_small < ok
 
 
+def test_a_number_survives_the_flat_tune_metrics_unchanged():
+    labels = {"clean": "clean L", "non_adaptive": "non-adaptive L", "adaptive": "adaptive L"}
+    numbers = numbers_from_counts({"clean": 30, "non_adaptive": 0, "adaptive": 7}, 41, labels, "val[n=41]")
+    flat = flat_metrics(numbers)
+    assert all(isinstance(v, (int, float, str)) for v in flat.values())  # Tune metrics are flat scalars
+    back = numbers_from_flat(flat)
+    assert back == numbers and all(isinstance(v, Number) for v in back.values())
+    assert numbers_from_flat(flat_metrics({"clean": numbers["clean"]})) == {"clean": numbers["clean"]}
+    dumped = TrialRecord("t", Candidate(("dwt",)), back, 0.1, 0.9, 41).to_json()["numbers"]
+    assert dumped["adaptive"] == {"value": 7 / 41, "ci95": list(numbers["adaptive"].ci95), "n": 41,
+                                  "label": "adaptive L", "subset": "val[n=41]"}
+
+
 def test_pareto_front_keeps_the_non_dominated_points():
     pts = [(0.9, 0.1), (0.8, 0.3), (0.85, 0.05), (0.7, 0.3), (0.6, 0.4)]
     assert pareto_front(pts) == [4, 1, 0]
@@ -133,7 +148,7 @@ def test_validation_and_test_subsets_are_disjoint():
 
 
 def _record(tid, clean, nonadaptive, recheck=None):
-    num = lambda v: {"value": v, "ci95": [v, v], "n": 10, "label": "x", "subset": "v"}  # noqa: E731
+    num = lambda v: Number(value=v, ci95=(v, v), n=10, label="x", subset="v")  # noqa: E731
     r = TrialRecord(tid, Candidate((f"dwt:level={tid}",)), {"clean": num(clean),
                     "non_adaptive": num(nonadaptive)}, nonadaptive, 0.9, 10)
     if recheck is not None:

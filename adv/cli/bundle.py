@@ -105,8 +105,8 @@ def _create(args) -> int:
             evaluation={"dataset": args.dataset, "split": args.split, "n": len(data), "seed": args.seed,
                         "eps": args.eps, "norm": args.norm, "attacks": [gp.key for gp in grid]})
     for track, num in numbers.items():
-        lo, hi = num["ci95"]
-        print(f"{track}: {num['value']:.4f} [{lo:.4f}, {hi:.4f}] (n={num['n']}, {subset})")
+        lo, hi = num.ci95
+        print(f"{track}: {num.value:.4f} [{lo:.4f}, {hi:.4f}] (n={num.n}, {subset})")
     print(bundle.location)
     return 0
 

@@ -10,8 +10,9 @@ that breaks the constraint ranks below every trial that keeps it (robust
 accuracies lie in [0, 1]), and among those that break it, the smaller breach
 ranks higher, so a searcher still gets a gradient toward the feasible region.
 
-Every trial keeps all three numbers (clean, non-adaptive, adaptive), each with
-its Wilson 95% interval, its example count, its label and its data subset.
+Every trial keeps all three numbers (clean, non-adaptive, adaptive), each an
+:class:`adv.numbers.Number`: its Wilson 95% interval, its example count, its
+label and its data subset.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from adv.bundle import accuracy_number
+from adv.numbers import Number, accuracy_number
 from adv.runs.rows import TRACKS as ROW_TRACKS
 from adv.tuning.space import Candidate
 
@@ -34,32 +35,33 @@ def penalized(robust: float, clean: float, clean_ref: float, max_clean_drop: flo
     return robust if clean >= floor - 1e-12 else robust - 1.0 - (floor - clean)
 
 
-def numbers_from_counts(counts: dict[str, int], n: int, labels: dict[str, str], subset: str) -> dict[str, dict]:
-    """``{track: {value, ci95, n, label, subset}}`` for the tracks present in ``counts``."""
+def numbers_from_counts(counts: dict[str, int], n: int, labels: dict[str, str], subset: str) -> dict[str, Number]:
+    """``{track: Number}`` for the tracks present in ``counts``."""
     return {t: accuracy_number(counts[t], n, label=labels[t], subset=subset) for t in TRACKS if t in counts}
 
 
-def flat_metrics(numbers: dict[str, dict]) -> dict[str, Any]:
+def flat_metrics(numbers: dict[str, Number]) -> dict[str, Any]:
     """Tune reports flat scalars: ``clean_acc``, ``clean_lo``, ``clean_hi``, ``clean_n``, ``clean_label``, ..."""
     out: dict[str, Any] = {}
     for t in TRACKS:
         num = numbers.get(t)
-        out.update({f"{t}_acc": num["value"] if num else math.nan, f"{t}_lo": num["ci95"][0] if num else math.nan,
-                    f"{t}_hi": num["ci95"][1] if num else math.nan, f"{t}_n": num["n"] if num else 0,
-                    f"{t}_label": num["label"] if num else "not measured",
-                    f"{t}_subset": num["subset"] if num else ""})
+        out.update({f"{t}_acc": num.value if num else math.nan, f"{t}_lo": num.ci95[0] if num else math.nan,
+                    f"{t}_hi": num.ci95[1] if num else math.nan, f"{t}_n": num.n if num else 0,
+                    f"{t}_label": num.label if num else "not measured",
+                    f"{t}_subset": num.subset if num else ""})
     return out
 
 
-def numbers_from_flat(metrics: dict[str, Any]) -> dict[str, dict]:
+def numbers_from_flat(metrics: dict[str, Any]) -> dict[str, Number]:
+    """The :class:`Number` of every track :func:`flat_metrics` reported as measured (``<track>_n`` above 0)."""
     out = {}
     for t in TRACKS:
         value = metrics.get(f"{t}_acc")
         if value is None or (isinstance(value, float) and math.isnan(value)) or not metrics.get(f"{t}_n"):
             continue
-        out[t] = {"value": float(value), "ci95": [float(metrics[f"{t}_lo"]), float(metrics[f"{t}_hi"])],
-                  "n": int(metrics[f"{t}_n"]), "label": str(metrics[f"{t}_label"]),
-                  "subset": str(metrics[f"{t}_subset"])}
+        out[t] = Number(value=float(value), ci95=(float(metrics[f"{t}_lo"]), float(metrics[f"{t}_hi"])),
+                        n=int(metrics[f"{t}_n"]), label=str(metrics[f"{t}_label"]),
+                        subset=str(metrics[f"{t}_subset"]))
     return out
 
 
@@ -69,13 +71,13 @@ class TrialRecord:
 
     trial_id: str
     candidate: Candidate
-    numbers: dict[str, dict]
+    numbers: dict[str, Number]
     objective: float
     clean_ref: float
     resource: float
     status: str = "finished"
     checkpoint: str | None = None
-    recheck: dict[str, dict] = field(default_factory=dict)
+    recheck: dict[str, Number] = field(default_factory=dict)
     recheck_objective: float | None = None
     #: The trial's kind (``stored``, ``adaptive``, ``training``): a sweep with training trials mixes two.
     kind: str = ""
@@ -91,13 +93,18 @@ class TrialRecord:
 
     def value(self, track: str) -> float | None:
         num = self.recheck.get(track) or self.numbers.get(track)
-        return num["value"] if num else None
+        return num.value if num else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"trial_id": self.trial_id, "candidate": self.candidate.to_dict(), "numbers": self.numbers,
+        return {"trial_id": self.trial_id, "candidate": self.candidate.to_dict(), "numbers": _dump(self.numbers),
                 "objective": self.objective, "clean_ref": self.clean_ref, "resource": self.resource,
-                "status": self.status, "checkpoint": self.checkpoint, "recheck": self.recheck,
+                "status": self.status, "checkpoint": self.checkpoint, "recheck": _dump(self.recheck),
                 "recheck_objective": self.recheck_objective, "kind": self.kind, "overfit": self.overfit}
+
+
+def _dump(numbers: dict[str, Number]) -> dict[str, dict]:
+    """Numbers as JSON (``ci95`` a list), as trials.json and the manifest hold them."""
+    return {k: v.model_dump(mode="json") for k, v in numbers.items()}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

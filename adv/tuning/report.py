@@ -8,16 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from adv.evaluate.tables import markdown_table
+from adv.numbers import Number
 from adv.tuning.objective import TrialRecord, pareto_front
 
 _NAMES = {"clean": "clean", "non_adaptive": "non-adaptive", "adaptive": "adaptive"}
 
 
-def _fmt(num: dict | None) -> str:
-    if not num:
+def _fmt(num: Number | None) -> str:
+    if num is None:
         return "–"
-    lo, hi = num["ci95"]
-    return f"{num['value']:.3f} [{lo:.3f}, {hi:.3f}] (n={num['n']})"
+    lo, hi = num.ci95
+    return f"{num.value:.3f} [{lo:.3f}, {hi:.3f}] (n={num.n})"
 
 
 def _rank(r: TrialRecord) -> float:
@@ -73,7 +74,7 @@ def plot_pareto(records: list[TrialRecord], selected: TrialRecord, path: Path, c
 
 
 def write_report(out_dir: Path, *, meta: dict[str, Any], records: list[TrialRecord], selected: TrialRecord,
-                 warnings: list[str], final: dict[str, dict] | None, bundle: str | None) -> Path:
+                 warnings: list[str], final: dict[str, Number] | None, bundle: str | None) -> Path:
     """Write report.md, pareto.png and trials.json to ``out_dir``; returns report.md's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     floor = selected.clean_ref - meta["max_clean_drop"] if selected.clean_ref is not None else None
@@ -94,10 +95,10 @@ def write_report(out_dir: Path, *, meta: dict[str, Any], records: list[TrialReco
     for t in ("clean", "non_adaptive", "adaptive"):
         num = selected.recheck.get(t) or selected.numbers.get(t)
         if num:
-            lines.append(f"- validation {_NAMES[t]}: {_fmt(num)} — {num['label']}")
+            lines.append(f"- validation {_NAMES[t]}: {_fmt(num)} — {num.label}")
     if final:
         lines += ["", "Final numbers on the **test subset** (disjoint from the validation subset the sweep saw):", ""]
-        lines += [f"- {_NAMES[t]}: {_fmt(n)} — {n['label']} ({n['subset']})" for t, n in final.items()]
+        lines += [f"- {_NAMES[t]}: {_fmt(n)} — {n.label} ({n.subset})" for t, n in final.items()]
     if bundle:
         lines += ["", f"Bundle: `{bundle}` (load it with `adv eval --bundle {bundle}`)."]
     lines += ["", "## Pareto front", "", "![clean vs adaptive robust accuracy](pareto.png)", "",

@@ -34,6 +34,7 @@ from adv.evaluate.checks import worst_case_mask
 from adv.evaluate.report.aggregate import clean_ok
 from adv.runs.rows import NONE
 from adv.evaluate.worker import BatchEvaluator, GridPoint, ModelLoader, Models, Plan, StoredEvaluator
+from adv.numbers import Number
 from adv.tuning.objective import flat_metrics, numbers_from_counts, penalized
 from adv.tuning.overfitting import BY_ATTACK, catastrophic_overfitting
 
@@ -82,10 +83,10 @@ def metrics(rows: Mapping[str, np.ndarray], setting: Setting, track: str) -> dic
     """The flat metrics a trial reports: all numbers with intervals and labels, ``clean_ref`` and ``objective``."""
     c, n, ref = counts(rows)
     numbers = numbers_from_counts(c, n, labels(setting.grid), setting.subset)
-    robust = numbers[track]["value"]
+    robust = numbers[track].value
     clean_ref = ref / n
     return {**flat_metrics(numbers), **by_attack(rows), "clean_ref": clean_ref, "examples": n,
-            "objective": penalized(robust, numbers["clean"]["value"], clean_ref, setting.max_clean_drop),
+            "objective": penalized(robust, numbers["clean"].value, clean_ref, setting.max_clean_drop),
             "objective_track": track}
 
 
@@ -178,7 +179,7 @@ def generate_stored(loader: Callable[[], Models], data, setting: Setting) -> dic
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def measure(loader: Callable[[], Models], data, setting: Setting) -> dict[str, dict]:
+def measure(loader: Callable[[], Models], data, setting: Setting) -> dict[str, Number]:
     """All three numbers of one defended model on ``data`` (the bundle's final numbers, in one process)."""
     from adv.tuning.objective import numbers_from_flat
 
