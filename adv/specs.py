@@ -22,7 +22,9 @@ from adv.registry import check_renamed
 def parse_spec(text: str, what: str = "defense") -> tuple[str, dict[str, str]]:
     """``"dwt:wavelet=haar,level=1"`` -> ``("dwt", {"wavelet": "haar", "level": "1"})``.
 
-    Values stay strings; the component's pydantic model coerces and validates them.
+    Values stay strings; the component's pydantic model coerces and validates them. Every spec string is
+    parsed here, through :meth:`StageSpec.parse` (the registries' lookups included), once where it enters a
+    process; the parsed :class:`StageSpec` travels from there on.
     """
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{what} spec must be a non-empty string NAME[:k=v,...], got {text!r}")
