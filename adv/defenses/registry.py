@@ -137,8 +137,10 @@ def resolve(spec: str | StageSpec | tuple[str, Any] | None) -> tuple[str, BaseMo
     raise ConfigError(f"a defense is a spec string or a (name, params) pair, got {spec!r}")
 
 
-def create_defense(spec: str | tuple[str, Any], classifier: nn.Module | None = None, data=None) -> nn.Module:
-    """Build one defense stage from ``"NAME:k=v,..."`` or ``(name, params)``.
+def create_defense(spec: str | StageSpec | tuple[str, Any], classifier: nn.Module | None = None,
+                   data=None) -> nn.Module:
+    """Build one defense stage from ``"NAME:k=v,..."``, its parsed :class:`adv.specs.StageSpec` or
+    ``(name, params)``.
 
     Learned stages load ``checkpoint=PATH`` when given (the file's
     architecture parameters are used), are trained on ``data`` (an
