@@ -37,6 +37,7 @@ from typing import Any
 from adv.errors import AdvError
 from adv.io import atomic_write_json
 from adv.numbers import Number
+from adv.specs import StageSpec
 from adv.validation import validate_mapping
 
 SCHEMA_VERSION = 1
@@ -128,7 +129,7 @@ def _file_fields(name: str) -> list[str]:
     return [k for k in get_defense(name).params.model_fields if k == "checkpoint" or k.endswith("_checkpoint")]
 
 
-def _rewrite_spec(spec: str, target: Path, folder: str, index: int | None) -> str:
+def _rewrite_spec(spec: str | StageSpec, target: Path, folder: str, index: int | None) -> str:
     """Copy the files ``spec`` names into ``target/folder`` and return the spec naming them bundle-relative."""
     from adv.defenses.registry import format_defense_spec, resolve
 
@@ -139,7 +140,7 @@ def _rewrite_spec(spec: str, target: Path, folder: str, index: int | None) -> st
         if not source:
             continue
         if not Path(source).is_file():
-            raise BundleError(f"stage {spec!r}: {key}={source} is not a file")
+            raise BundleError(f"stage {str(spec)!r}: {key}={source} is not a file")
         stem = f"{index:02d}-{name}" if index is not None else name
         rel = f"{folder}/{stem}{'' if key == 'checkpoint' else '-' + key}.pt"
         (target / folder).mkdir(parents=True, exist_ok=True)
@@ -148,26 +149,20 @@ def _rewrite_spec(spec: str, target: Path, folder: str, index: int | None) -> st
     return format_defense_spec(name, values)
 
 
-def _absolute_spec(spec: str, root: Path) -> str:
-    """A manifest spec with its bundle-relative files made absolute under ``root``."""
-    from adv.defenses.registry import format_defense_spec, parse_defense_spec, validate_params
-
-    name, raw = parse_defense_spec(spec)
-    values = validate_params(name, raw).model_dump()
-    for key in _file_fields(name):
-        if values.get(key):
-            values[key] = str(root / values[key])
-    return format_defense_spec(name, values)
-
-
 # --- the bundle ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded (and, unless ``verify=False``, verified) bundle in a local folder."""
+    """A loaded (and, unless ``verify=False``, verified) bundle in a local folder.
+
+    ``stage_specs`` and ``detector_spec`` are the manifest's ``stages`` and ``detector``, parsed once when the
+    manifest was checked (:func:`load_bundle`); their files are bundle-relative, as in the manifest.
+    """
 
     root: Path
     manifest: dict[str, Any]
     location: str
+    stage_specs: tuple[StageSpec, ...]
+    detector_spec: StageSpec | None
 
     @property
     def stages(self) -> list[str]:
@@ -211,10 +206,11 @@ class Bundle:
 
         return load_checkpoint(self.checkpoint)[0]
 
-    def specs(self) -> tuple[list[str], str | None]:
+    def specs(self) -> tuple[list[StageSpec], StageSpec | None]:
         """The stage specs and the detector spec with absolute file paths (what ``build`` composes)."""
-        det = _absolute_spec(self.detector, self.root) if self.detector else None
-        return [_absolute_spec(s, self.root) for s in self.stages], det
+        det = self.detector_spec
+        stages = [s.under(self.root, _file_fields(s.name)) for s in self.stage_specs]
+        return stages, det.under(self.root, _file_fields(det.name)) if det else None
 
     def build(self, device: str = "cpu"):
         """The defended model (stages, classifier, optional detector) in eval mode on ``device``."""
@@ -231,15 +227,14 @@ class Bundle:
         dataset, input shape and class count. Never provenance (paths, hosts, commits, library versions, a
         sweep candidate's detector thresholds), file hashes or the query detector's settings."""
         clf = self.manifest["classifier"]
-        name = lambda spec: str(spec).partition(":")[0]  # noqa: E731
         numbers = {str(k): {f: v[f] for f in ("value", "ci95", "n", "label", "subset") if f in v}
                    for k, v in self.numbers.items() if isinstance(v, dict)}
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION,
                 "classifier": {"arch": str(clf.get("arch", "")), "num_classes": int(clf["num_classes"]),
                                "input_size": [int(v) for v in clf["input_size"]],
                                "dataset": str(clf.get("dataset", ""))},
-                "stages": [name(s) for s in self.stages],
-                "detector": name(self.detector) if self.detector else None,
+                "stages": [s.name for s in self.stage_specs],
+                "detector": self.detector_spec.name if self.detector_spec else None,
                 "query_detector": {"enabled": True} if self.query_detector is not None else None,
                 "numbers": numbers}
 
@@ -248,8 +243,8 @@ def write_bundle(
     out: str | os.PathLike,
     *,
     checkpoint: str | os.PathLike,
-    stages: list[str],
-    detector: str | None = None,
+    stages: list[str | StageSpec],
+    detector: str | StageSpec | None = None,
     query_detector: dict | None = None,
     numbers: dict[str, Number | dict[str, Any]],
     provenance: dict[str, Any],
@@ -358,10 +353,10 @@ def load_bundle(location: str | os.PathLike, verify: bool = True) -> Bundle:
     for key in ("classifier", "stages", "numbers", "files"):
         if key not in manifest:
             raise BundleError(f"{manifest_path}: missing key {key!r}")
-    _check_paths(root, manifest, manifest_path)  # with or without verify: a path never leaves the bundle
+    stages, detector = _check_paths(root, manifest, manifest_path)  # with or without verify: a path never leaves
     if verify:
         _verify(root, manifest["files"])
-    return Bundle(root=root, manifest=manifest, location=str(location))
+    return Bundle(root=root, manifest=manifest, location=str(location), stage_specs=stages, detector_spec=detector)
 
 
 def _inside(root: Path, rel: Any, what: str, manifest_path: Path) -> str:
@@ -384,11 +379,21 @@ def _inside(root: Path, rel: Any, what: str, manifest_path: Path) -> str:
     return rel
 
 
-def _check_paths(root: Path, manifest: dict, manifest_path: Path) -> None:
-    """Every file the manifest names (``files``, ``classifier.file``, stage files) is a plain file inside the
-    bundle, and the classifier and stage files are among the hashed ``files``."""
-    from adv.defenses.registry import parse_defense_spec
+def _manifest_spec(text: Any, manifest_path: Path) -> StageSpec:
+    """A manifest's stage or detector spec, parsed (the one parse a loaded bundle makes of it); an unknown stage
+    name is refused here, not when the bundle is built."""
+    try:
+        spec = StageSpec.parse(text)
+        _file_fields(spec.name)
+        return spec
+    except (AdvError, TypeError, ValueError) as e:
+        raise BundleError(f"{manifest_path}: bad stage spec {str(text)[:200]!r} ({e})") from None
 
+
+def _check_paths(root: Path, manifest: dict, manifest_path: Path) -> tuple[tuple[StageSpec, ...], StageSpec | None]:
+    """Every file the manifest names (``files``, ``classifier.file``, stage files) is a plain file inside the
+    bundle, and the classifier and stage files are among the hashed ``files``. Returns the stage and detector
+    specs, parsed here: the one parse a loaded bundle makes of them."""
     files = manifest["files"]
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise BundleError(f"{manifest_path}: 'files' must map relative paths to sha256 digests")
@@ -396,16 +401,15 @@ def _check_paths(root: Path, manifest: dict, manifest_path: Path) -> None:
         _inside(root, rel, "files entry", manifest_path)
     clf = manifest["classifier"]
     named = [("classifier.file", clf.get("file") if isinstance(clf, dict) else None)]
-    for spec in [*manifest["stages"], *([manifest["detector"]] if manifest.get("detector") else [])]:
-        try:
-            stage, raw = parse_defense_spec(spec)
-            named += [(f"stage {stage!r} {k}", raw[k]) for k in _file_fields(stage) if raw.get(k)]
-        except (AdvError, TypeError, ValueError) as e:
-            raise BundleError(f"{manifest_path}: bad stage spec {str(spec)[:200]!r} ({e})") from None
+    stages = tuple(_manifest_spec(s, manifest_path) for s in manifest["stages"])
+    detector = _manifest_spec(manifest["detector"], manifest_path) if manifest.get("detector") else None
+    for s in (*stages, *([detector] if detector else [])):
+        named += [(f"stage {s.name!r} {k}", s.get(k)) for k in _file_fields(s.name) if s.get(k)]
     for what, rel in named:
         _inside(root, rel, what, manifest_path)
         if rel not in files:
             raise BundleError(f"{manifest_path}: {what} {rel!r} is not among the hashed 'files'")
+    return stages, detector
 
 
 def _verify(root: Path, files: dict[str, str]) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 from pydantic import BaseModel, ValidationError
 
@@ -22,7 +23,9 @@ from adv.registry import check_renamed
 def parse_spec(text: str, what: str = "defense") -> tuple[str, dict[str, str]]:
     """``"dwt:wavelet=haar,level=1"`` -> ``("dwt", {"wavelet": "haar", "level": "1"})``.
 
-    Values stay strings; the component's pydantic model coerces and validates them.
+    Values stay strings; the component's pydantic model coerces and validates them. Every spec string is
+    parsed here, through :meth:`StageSpec.parse` (the registries' lookups included), once where it enters a
+    process; the parsed :class:`StageSpec` travels from there on.
     """
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{what} spec must be a non-empty string NAME[:k=v,...], got {text!r}")
@@ -42,7 +45,8 @@ def parse_spec(text: str, what: str = "defense") -> tuple[str, dict[str, str]]:
 class StageSpec:
     """A parsed spec: its name and its ``k=v`` parameters as written (strings, in order).
 
-    Parsed once where a spec enters (a config, the command line); ``str(spec)`` is the spec string as
+    Parsed once where a spec enters (a config, the command line, a bundle's manifest), or built from validated
+    parameters (:meth:`canonical`), then passed on as it is; ``str(spec)`` is the spec string as
     written (what reports, manifests, labels and run keys print), and a spec changed on the object
     (:meth:`absolute`) prints in the ``NAME:k=v,k=v`` form. The component's pydantic model validates
     the values (:func:`build_params`).
@@ -60,6 +64,14 @@ class StageSpec:
         name, params = parse_spec(text, what)
         return cls(name, tuple(params.items()), text)
 
+    @classmethod
+    def canonical(cls, name: str, params: BaseModel) -> "StageSpec":
+        """The canonical spec of validated ``params``: only the values that differ from the defaults, in the
+        model's field order (what sweeps, bundles and a stage's ``defense_spec`` print)."""
+        defaults = type(params)()
+        return cls(name, tuple((key, _spec_value(getattr(params, key))) for key in type(params).model_fields
+                               if getattr(params, key) != getattr(defaults, key)))
+
     def __str__(self) -> str:
         return self.text or self.name + (":" + ",".join(f"{k}={v}" for k, v in self.params) if self.params else "")
 
@@ -73,6 +85,15 @@ class StageSpec:
         if path is None:
             return self
         return replace(self, params=tuple((k, absolute_path(v) if k == key else v) for k, v in self.params), text="")
+
+    def under(self, root: str | os.PathLike, keys: Iterable[str]) -> "StageSpec":
+        """The spec with its file parameters ``keys`` (paths relative to ``root``, as a bundle names its stage
+        files) joined to ``root``; parameters that are absent or empty are kept."""
+        keys = {k for k in keys if self.get(k)}
+        if not keys:
+            return self
+        return replace(self, params=tuple((k, str(Path(root) / v) if k in keys else v) for k, v in self.params),
+                       text="")
 
 
 def absolute_path(path: str | None) -> str | None:
@@ -103,14 +124,13 @@ def build_params(model: type[BaseModel], raw: dict[str, Any] | BaseModel | None,
 
 
 def format_spec(name: str, params: BaseModel) -> str:
-    """The canonical spec string: only the values that differ from the defaults."""
-    defaults = type(params)()
-    parts = []
-    for key in type(params).model_fields:
-        value = getattr(params, key)
-        if value != getattr(defaults, key):
-            parts.append(f"{key}={'+'.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
-    return name + (":" + ",".join(parts) if parts else "")
+    """The canonical spec string: only the values that differ from the defaults (:meth:`StageSpec.canonical`)."""
+    return str(StageSpec.canonical(name, params))
+
+
+def _spec_value(value: Any) -> str:
+    """A parameter value as a spec writes it: lists joined with ``+``."""
+    return "+".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value}"
 
 
 def params_schema(model: type[BaseModel]) -> dict[str, dict[str, Any]]:

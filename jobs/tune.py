@@ -42,7 +42,7 @@ from adv.tuning.checks import check_model, check_outputs, check_stored, classifi
 from adv.tuning.export import export as export_bundle
 from adv.tuning.objective import TrialRecord, numbers_from_flat, records_from, select
 from adv.tuning.report import sweep_meta, write_sweep_report
-from adv.tuning.space import Candidate, SearchSpace, absolute_paths
+from adv.tuning.space import Candidate
 from adv.tuning.splits import Split, load_split, take
 from adv.tuning.trials import Setting
 from jobs import common
@@ -122,14 +122,11 @@ def trainable(config: dict, ctx: dict) -> None:
     from adv.tuning import trials
 
     torch.set_num_threads(ctx["threads"])
-    space: SearchSpace = ctx["space"]
-    cand = Candidate.from_dict(config["candidate"]) if "candidate" in config else space.candidate(config)
-    cand_json = cand.to_json()
+    cand = ctx["space"].trial_candidate(config)
     _trace(ctx.get("trace"), "start", cand)
 
     def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
-        m = {**metrics, "candidate": cand_json}
-        tune.report(m, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
     setting, kind = ctx["setting"], ctx["kind"]
     if kind == "stored":
@@ -190,7 +187,7 @@ def run(cfg: TuneConfig) -> TuneResult:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     lap = common.stopwatch(timings)
-    space = SearchSpace.parse(absolute_paths(cfg.space), kind=cfg.kind)
+    space = cfg.search_space.absolute()
     check_model(cfg)
     uri = run_uri(cfg)
     store = RunStore(uri)
@@ -262,14 +259,14 @@ def recheck(cfg: TuneConfig, uri: str, ctx: dict, records: list[TrialRecord]) ->
     top = sorted((r for r in records if not math.isnan(r.objective)), key=lambda r: -r.objective)
     top = top[:cfg.objective.recheck]
     log(f"adaptive re-check of the best {len(top)} non-adaptive trial(s): {', '.join(r.trial_id for r in top)}")
-    space = {"candidate": tune.grid_search([r.candidate.to_dict() for r in top])}
+    space = {"candidate": tune.grid_search([r.candidate for r in top])}
     # the experiment is named after the candidates it re-checks, so a resumed run never mixes two selections
     phase = "recheck-" + hashlib.sha256("\n".join(r.candidate.key for r in top).encode()).hexdigest()[:8]
     results = tune_phase(cfg, uri, phase, {**ctx, "kind": "adaptive", "grace": len(ctx["val"]) + 1}, space)
     by_cand = {r.candidate.key: r for r in top}
     for res in results:
         m = res.metrics or {}
-        rec = by_cand.get(Candidate.from_json(m["candidate"]).key) if "candidate" in m else None
+        rec = by_cand.get(res.config["candidate"].key) if "objective" in m else None  # none: failed unreported
         if rec is not None:
             rec.recheck, rec.recheck_objective = numbers_from_flat(m), float(m["objective"])
 
@@ -288,7 +285,7 @@ def training_phase(cfg: TuneConfig, uri: str, ctx: dict, val) -> tuple[list[Tria
     """The training-time trials of a stored/adaptive sweep (``training_sweep``), a second Tune experiment at
     ``<run>/training`` on the same validation images and grid: their records and (search, scheduler)."""
     ts = cfg.training_sweep
-    space = SearchSpace.parse(ts.space, kind="training")
+    space = ts.search_space
     param_space, search_alg, samples, search_desc = search_setup(ts.search, space)
     scheduler, sched_desc = asha(ts.asha, "epoch", ts.training.epochs, ts.asha.grace or 1)
     tctx = {**ctx, **training_ctx(cfg, ts.training, val), "space": space}

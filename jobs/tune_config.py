@@ -7,12 +7,14 @@ naming the key (``jobs.tune`` formats pydantic's first error).
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
 from adv.detectors import DetectorConfig
+from adv.tuning.space import SearchSpace
 from adv.validation import validate_mapping
 from adv.validation import read_yaml
 from jobs.config import AttackConfig, RayConnection, Strict
@@ -114,12 +116,16 @@ class TrainingSweepConfig(Strict):
     asha: AshaConfig = AshaConfig()
     training: TrainingConfig = TrainingConfig()
 
+    @cached_property
+    def search_space(self) -> SearchSpace:
+        """``space`` parsed: once, by the validator, whose parse the sweep uses (``model_copy(update=...)``
+        does not validate, so it must not replace ``space``)."""
+        return SearchSpace.parse(self.space, kind="training")
+
     @model_validator(mode="after")
     def _space(self):
-        from adv.tuning.space import SearchSpace
-
         # the error's key path gets its "training_sweep." prefix from the enclosing model's validation
-        SearchSpace.parse(self.space, kind="training")
+        self.search_space
         return self
 
 
@@ -201,11 +207,15 @@ class TuneConfig(Strict):
                              "carry (jobs.serve could not run it); use flag, deceive or block")
         return self
 
+    @cached_property
+    def search_space(self) -> SearchSpace:
+        """``space`` parsed: once, by the validator, whose parse the sweep uses (``model_copy(update=...)``
+        does not validate, so it must not replace ``space``)."""
+        return SearchSpace.parse(self.space, kind=self.kind)
+
     @model_validator(mode="after")
     def _space(self):
-        from adv.tuning.space import SearchSpace
-
-        SearchSpace.parse(self.space, kind=self.kind)  # raises "space.<key>: ..." before any trial
+        self.search_space  # raises "space.<key>: ..." before any trial
         if self.training_sweep is not None and self.kind == "training":
             raise ValueError("training_sweep: a kind: training sweep trains in its main phase already")
         return self

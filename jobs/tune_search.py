@@ -17,7 +17,7 @@ def search_setup(search: SearchConfig, space: SearchSpace) -> tuple[dict, Any, i
         algorithm = "grid" if space.discrete else "optuna"
     if algorithm == "grid":
         grid = space.grid()
-        grid_space = {"candidate": tune.grid_search([c.to_dict() for c in grid])}
+        grid_space = {"candidate": tune.grid_search(grid)}  # the Candidate objects: Tune pickles them
         return grid_space, None, 1, f"grid ({len(grid)} configurations)"
     from ray.tune.search.optuna import OptunaSearch
 
@@ -66,4 +66,4 @@ def trial_lines(phase: str, log):
 
 
 def trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"  # the default name embeds the whole candidate dict
+    return f"trial_{trial.trial_id}"  # the default name embeds the whole candidate

@@ -84,3 +84,20 @@ def ray_cluster():
     yield ctx
     if started:
         ray.shutdown()
+
+
+@pytest.fixture()
+def spec_parses(monkeypatch):
+    """Every spec string parsed while the test runs, in order: :func:`adv.specs.parse_spec` is the one parser
+    (``StageSpec.parse`` and the registries' lookups go through it), so issue 23's "parsed once" is countable."""
+    import adv.specs
+
+    parsed: list[str] = []
+    real = adv.specs.parse_spec
+
+    def counting(text, what="defense"):
+        parsed.append(text)
+        return real(text, what)
+
+    monkeypatch.setattr(adv.specs, "parse_spec", counting)
+    return parsed

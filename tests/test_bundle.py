@@ -64,6 +64,30 @@ def test_round_trip_rebuilds_the_same_model(parts, bundle):
     assert "candidates" not in json.dumps(public) and "files" not in public and public["numbers"]
 
 
+def test_loading_and_building_a_bundle_parses_each_spec_once(parts, tmp_path, spec_parses):
+    """Issue 23: the loaded bundle holds its specs parsed (once, when the manifest is checked); ``specs()`` and
+    ``build`` pass the parsed objects on."""
+    from adv.models.checkpoint import load_checkpoint
+
+    ckpt, stage_file = parts
+    det_file = save_stage(tmp_path / "det.pt", create_defense("disagreement:hidden=8,bottleneck=4",
+                                                              classifier=load_checkpoint(ckpt)[0]))
+    write_bundle(tmp_path / "b", checkpoint=str(ckpt), detector=f"disagreement:checkpoint={det_file}",
+                 stages=[f"initial_ae:checkpoint={stage_file}", "dwt:wavelet=db2,level=2"], numbers=_numbers(),
+                 provenance={})
+    spec_parses.clear()
+    b = load_bundle(tmp_path / "b")
+    model = b.build()
+    assert sorted(spec_parses) == sorted([*b.stages, b.detector]), (len(spec_parses), spec_parses)  # 3 parses
+    assert b.stages == ["initial_ae:checkpoint=stages/00-initial_ae.pt", "dwt:wavelet=db2,level=2"]
+    assert b.detector == "disagreement:checkpoint=detector/disagreement.pt"
+    stages, det = b.specs()
+    assert [str(s) for s in stages] == [f"initial_ae:checkpoint={b.root / 'stages/00-initial_ae.pt'}",
+                                        "dwt:wavelet=db2,level=2"]
+    assert str(det) == f"disagreement:checkpoint={b.root / 'detector/disagreement.pt'}"
+    assert model.specs[1] == "dwt:wavelet=db2,level=2" and model.detector.trained and len(spec_parses) == 3
+
+
 def test_tampered_file_is_rejected_and_named(bundle):
     path = bundle.root / "stages/00-initial_ae.pt"
     data = path.read_bytes()

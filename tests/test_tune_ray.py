@@ -77,7 +77,7 @@ def test_grid_sweep_on_stored_adversarials_exports_a_bundle_that_adv_eval_loads(
                          ("clean", "non_adaptive", "adaptive"))
     assert "disjoint from validation" in m["numbers"]["clean"]["subset"]
     assert m["provenance"]["trial"] == result.selected.trial_id and m["provenance"]["versions"]["ray"] == "2.60.0"
-    assert m["stages"] == list(result.selected.candidate.stages)
+    assert m["stages"] == result.selected.candidate.to_dict()["stages"]
     # the sweep's query detector rides in the bundle, complete (defaults filled in), and Serve runs it
     from adv.detectors import DetectorConfig
     from adv.serving import ServeConfig
@@ -108,13 +108,13 @@ def test_asha_stops_a_clearly_worse_adaptive_trial(ray_cluster, ckpt, tmp_path):
     # and function trainables report synchronously, so the cut lands at the first rung. (quantize:bits=1, used
     # before, kept the constraint on some rungs for some trained weights, and the test flaked.)
     result = run(parse_tune_config(cfg))
-    noisy = [r for r in result.records if r.candidate.stages[0].startswith("noise")]
+    noisy = [r for r in result.records if r.candidate.stages[0].name == "noise"]
     assert len(noisy) == 1 and noisy[0].status.startswith("stopped early") and noisy[0].resource == 16, noisy
     assert noisy[0].objective < 0 <= min(r.objective for r in result.records if r is not noisy[0])
     stopped = [r for r in result.records if r.status.startswith("stopped early")]
     assert all(r.resource < 64 for r in stopped)
     assert result.selected.status == "finished" and result.selected.resource == 64
-    assert result.selected.candidate.stages[0].startswith("dwt")
+    assert result.selected.candidate.stages[0].name == "dwt"
     for r in result.records:
         _numbers_have_labels(r.numbers, ("clean", "non_adaptive", "adaptive"))
 

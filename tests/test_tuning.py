@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -30,10 +31,50 @@ def test_grid_is_built_from_typed_params_and_deduplicated():
                                "stage.dwt.level": [1, 2]}, kind="stored")
     assert space.discrete
     grid = space.grid()
+    stages = [tuple(map(str, c.stages)) for c in grid]  # parsed specs, printed as the report and bundle print them
     # 4 DWT combinations and one quantize pipeline (the dwt keys are moot there, so it is not repeated)
-    assert [c.stages for c in grid].count(("quantize",)) == 1 and len(grid) == 5
-    assert ("dwt:wavelet=db2,level=2",) in [c.stages for c in grid]
+    assert stages.count(("quantize",)) == 1 and len(grid) == 5
+    assert ("dwt:wavelet=db2,level=2",) in stages
     assert dict(grid[0].params)["stage.dwt.wavelet"] == "haar"
+
+
+def test_a_sweep_parses_each_spec_string_once(spec_parses):
+    """Issue 23: ``SearchSpace.parse`` parses every pipeline and detector spec once; the grid, a sampled
+    configuration and a candidate's label, dict and key work on the parsed specs."""
+    pipelines = [["dwt:level=2", "quantize"], ["quantize:bits=3"]]
+    space = SearchSpace.parse({"pipeline": pipelines, "stage.dwt.wavelet": ["haar", "db2"],
+                               "detector": ["disagreement:hidden=8", None],
+                               "detector.disagreement.bottleneck": [4, 64]}, kind="stored")
+    grid = space.grid()
+    sampled = space.candidate({"pipeline": 0, "stage.dwt.wavelet": "db2", "detector": "disagreement:hidden=8",
+                               "detector.disagreement.bottleneck": 4})
+    assert sorted(spec_parses) == sorted(["dwt:level=2", "quantize", "quantize:bits=3", "disagreement:hidden=8"])
+    assert len(grid) == 9 and sampled in grid
+    assert sampled.label == "dwt:wavelet=db2,level=2 + quantize + detector disagreement:hidden=8,bottleneck=4"
+    assert sampled.to_dict() == {"stages": ["dwt:wavelet=db2,level=2", "quantize"],
+                                 "detector": "disagreement:hidden=8,bottleneck=4", "loss": None,
+                                 "params": {"detector.disagreement.bottleneck": 4,
+                                            "pipeline": "dwt:level=2 + quantize", "stage.dwt.wavelet": "db2"}}
+    assert sampled.key == json.dumps(sampled.to_dict(), sort_keys=True)
+    assert Candidate.from_dict(sampled.to_dict()) == sampled  # the file boundary parses
+
+
+def test_the_driver_makes_stage_files_absolute_on_the_parsed_space(spec_parses, tmp_path, monkeypatch):
+    """Tune runs each trial in its own folder: ``SearchSpace.absolute`` (the driver) fixes the files, no re-parse."""
+    monkeypatch.chdir(tmp_path)
+    space = SearchSpace.parse({"pipeline": [["initial_ae:checkpoint=ae.pt", "dwt"]],
+                               "detector": "disagreement:checkpoint=d.pt"}, kind="stored").absolute()
+    (c,) = space.grid()
+    assert c.to_dict()["stages"] == [f"initial_ae:checkpoint={tmp_path / 'ae.pt'}", "dwt"]
+    assert str(c.detector) == f"disagreement:checkpoint={tmp_path / 'd.pt'}" and len(spec_parses) == 3
+
+
+def test_a_sweep_config_holds_its_space_parsed_once(spec_parses):
+    """Issue 23: the config's validation parses the space; the sweep uses that parse (``cfg.search_space``)."""
+    cfg = parse_tune_config(_cfg(space={"pipeline": [["dwt:level=2"], ["quantize"]]}))
+    space = cfg.search_space
+    assert space is cfg.search_space and [str(p[0]) for p in space.pipelines] == ["dwt:level=2", "quantize"]
+    assert sorted(spec_parses) == ["dwt:level=2", "quantize"]
 
 
 def test_ranges_make_the_space_continuous():

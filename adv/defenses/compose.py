@@ -19,6 +19,7 @@ from torch import nn
 
 from adv.defenses.stage import DelegatesToClassifier
 from adv.errors import ConfigError
+from adv.specs import StageSpec
 
 
 def _stages(preprocess: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:
@@ -100,13 +101,14 @@ class Defended(DelegatesToClassifier, nn.Module):
 
 def build_defended(
     classifier: nn.Module,
-    specs: Iterable[str | tuple] = (),
+    specs: Iterable[str | StageSpec | tuple] = (),
     *,
-    detector: str | tuple | None = None,
+    detector: str | StageSpec | tuple | None = None,
     data=None,
     allow_untrained: bool = False,
 ) -> Defended:
-    """Compose ``Defended`` from spec strings in order (``--defense`` repeated, then ``--detector``).
+    """Compose ``Defended`` from specs in order (``--defense`` repeated, then ``--detector``): spec strings
+    (parsed here, once), parsed :class:`adv.specs.StageSpec` objects or ``(name, params)`` pairs.
 
     Preprocess specs become stages; classifier specs wrap the classifier
     built so far; the detector is built on the original ``classifier``.
@@ -116,7 +118,8 @@ def build_defended(
     stages: list[nn.Module] = []
     model = classifier
     found_detector = None
-    for spec in list(specs) + ([detector] if detector is not None else []):
+    for spec in [StageSpec.parse(s) if isinstance(s, str) else s
+                 for s in [*specs, *([detector] if detector is not None else [])]]:
         stage = create_defense(spec, classifier=classifier if _kind(spec) == "detector" else model, data=data)
         if stage.defense_kind == "preprocess":
             stages.append(stage)
@@ -130,7 +133,8 @@ def build_defended(
     return Defended(stages, model, found_detector, allow_untrained=allow_untrained)
 
 
-def _kind(spec) -> str:
+def _kind(spec: StageSpec | tuple) -> str:
     from adv.defenses.registry import get_defense, resolve
 
-    return get_defense(resolve(spec)[0]).kind
+    # a (name, params) pair is validated by resolve, which also refuses anything that is not a spec
+    return get_defense(spec.name if isinstance(spec, StageSpec) else resolve(spec)[0]).kind

@@ -32,7 +32,7 @@ from adv.defenses.stage import Stage, StageInfo, frozen_classifier
 from adv.errors import CheckpointError, ConfigError
 from adv.io import atomic_output
 from adv.registry import Registry
-from adv.specs import StageSpec, build_params, format_spec, params_schema, parse_spec
+from adv.specs import StageSpec, build_params, format_spec, params_schema
 
 KINDS = ("preprocess", "classifier", "detector")
 STAGE_FORMAT = "adv-stage/1"
@@ -111,7 +111,8 @@ def defense_schema(name: str) -> dict[str, Any]:
 # --- spec strings (grammar shared with the training-loss registry: adv.specs) ----------------
 def parse_defense_spec(text: str) -> tuple[str, dict[str, str]]:
     """``"dwt:wavelet=haar,level=1"`` -> ``("dwt", {"wavelet": "haar", "level": "1"})``."""
-    return parse_spec(text, "defense")
+    spec = StageSpec.parse(text)
+    return spec.name, dict(spec.params)
 
 
 def validate_params(name: str, params: dict[str, Any] | BaseModel | None) -> BaseModel:
@@ -130,15 +131,16 @@ def resolve(spec: str | StageSpec | tuple[str, Any] | None) -> tuple[str, BaseMo
     if isinstance(spec, StageSpec):
         return spec.name, validate_params(spec.name, dict(spec.params))
     if isinstance(spec, str):
-        name, raw = parse_defense_spec(spec)
-        return name, validate_params(name, raw)
+        return resolve(StageSpec.parse(spec))
     if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
         return spec[0], validate_params(spec[0], spec[1])
     raise ConfigError(f"a defense is a spec string or a (name, params) pair, got {spec!r}")
 
 
-def create_defense(spec: str | tuple[str, Any], classifier: nn.Module | None = None, data=None) -> nn.Module:
-    """Build one defense stage from ``"NAME:k=v,..."`` or ``(name, params)``.
+def create_defense(spec: str | StageSpec | tuple[str, Any], classifier: nn.Module | None = None,
+                   data=None) -> nn.Module:
+    """Build one defense stage from ``"NAME:k=v,..."``, its parsed :class:`adv.specs.StageSpec` or
+    ``(name, params)``.
 
     Learned stages load ``checkpoint=PATH`` when given (the file's
     architecture parameters are used), are trained on ``data`` (an

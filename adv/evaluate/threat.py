@@ -266,8 +266,8 @@ def _takes_seed(name: str) -> bool:
 
 
 def evaluation_setup(
-    classifier: nn.Module, defenses: Iterable[str] = (), *, adaptive: bool = False, detector: str | None = None,
-    checkpoint: str | None = None, device: torch.device | str | None = None,
+    classifier: nn.Module, defenses: Iterable[str | StageSpec] = (), *, adaptive: bool = False,
+    detector: str | StageSpec | None = None, checkpoint: str | None = None, device: torch.device | str | None = None,
 ) -> EvaluatedModel | None:
     """``adv eval``'s ``--defense/--adaptive/--detector`` (plus a checkpoint's training defense), or None.
 

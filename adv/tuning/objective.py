@@ -191,9 +191,8 @@ def records_from(results, full: int, resource: str, space, kind: str) -> list[Tr
     out = []
     for r in results:
         m = r.metrics or {}
-        if "candidate" not in m:  # the trial failed before its first report
-            config = dict(r.config or {})
-            cand = Candidate.from_dict(config["candidate"]) if "candidate" in config else space.candidate(config)
+        cand = space.trial_candidate(dict(r.config or {}))
+        if "objective" not in m:  # the trial failed before its first report
             out.append(TrialRecord(os.path.basename(r.path or "?"), cand, {}, math.nan, math.nan, 0,
                                    status=f"error: {str(r.error).strip().splitlines()[-1][:160] if r.error else '?'}",
                                    kind=kind))
@@ -202,7 +201,7 @@ def records_from(results, full: int, resource: str, space, kind: str) -> list[Tr
         status = "finished" if got >= full else f"stopped early by ASHA at {got} {resource}"
         overfit = str(m.get("overfit") or "")
         status = f"{overfit}; never selected ({status})" if overfit else status
-        out.append(TrialRecord(m.get("trial_id", "?"), Candidate.from_json(m["candidate"]), numbers_from_flat(m),
+        out.append(TrialRecord(m.get("trial_id", "?"), cand, numbers_from_flat(m),
                                float(m["objective"]), float(m["clean_ref"]), float(got), status,
                                r.checkpoint.path if r.checkpoint else None, kind=kind, overfit=overfit,
                                handle=r.checkpoint))

@@ -14,9 +14,12 @@ Each value (each end of a range) is validated against the component's
 pydantic parameter model before any trial starts, so ``stage.dwt.level: [0]``
 fails with ``space.stage.dwt.level: ...`` naming the constraint. A trial's
 configuration resolves to a :class:`Candidate`: canonical stage specs, a
-detector spec and a training-loss spec. This module is Ray-free; ``jobs.tune``
-maps a :class:`Dim` to ``tune.choice``/``tune.loguniform``/... and grid searches
-over :meth:`SearchSpace.grid` (de-duplicated candidates).
+detector spec and a training-loss spec. Every spec string is parsed once, by
+:meth:`SearchSpace.parse`; candidates are built from the parsed specs and the
+validated parameters (:meth:`adv.specs.StageSpec.canonical`). This module is
+Ray-free; ``jobs.tune`` maps a :class:`Dim` to ``tune.choice``/``tune.loguniform``/...
+and grid searches over :meth:`SearchSpace.grid` (de-duplicated candidates), the
+:class:`Candidate` objects themselves.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adv.errors import ConfigError
+from adv.specs import StageSpec
 
 RANGES = ("uniform", "loguniform", "randint")
 _RANGE_RE = re.compile(r"^\s*(uniform|loguniform|randint)\s*\(\s*([^,]+?)\s*,\s*([^,]+?)\s*\)\s*$")
@@ -50,34 +54,35 @@ class Dim:
 
 @dataclass(frozen=True)
 class Candidate:
-    """What one trial evaluates: canonical specs (the bundle and the report use them)."""
+    """What one trial evaluates: canonical specs, parsed (the bundle and the report print them).
 
-    stages: tuple[str, ...]
-    detector: str | None = None
+    Tune's param space carries the object itself to the trials and back to the driver (pickled); only the
+    file boundaries (trials.json, a bundle's provenance) hold it as a dict (:meth:`to_dict`, :meth:`from_dict`).
+    """
+
+    stages: tuple[StageSpec, ...]
+    detector: StageSpec | None = None
     loss: str | None = None
     params: tuple[tuple[str, Any], ...] = ()
 
     @property
     def label(self) -> str:
-        parts = list(self.stages) + ([f"detector {self.detector}"] if self.detector else [])
+        parts = [str(s) for s in self.stages] + ([f"detector {self.detector}"] if self.detector else [])
         parts += [f"loss {self.loss}"] if self.loss else []
         return " + ".join(parts) or "none"
 
-    # the file boundaries (Tune's param space and results, trials.json, a bundle's provenance) hold it as JSON
+    def __str__(self) -> str:
+        return self.label  # what Tune's params.json and status table show of a trial's config
+
     def to_dict(self) -> dict[str, Any]:
-        return {"stages": list(self.stages), "detector": self.detector, "loss": self.loss,
-                "params": dict(self.params)}
+        return {"stages": [str(s) for s in self.stages], "detector": str(self.detector) if self.detector else None,
+                "loss": self.loss, "params": dict(self.params)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Candidate":
-        return cls(tuple(d["stages"]), d.get("detector"), d.get("loss"), tuple(sorted((d.get("params") or {}).items())))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), default=str)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Candidate":
-        return cls.from_dict(json.loads(text))
+        det = d.get("detector")
+        return cls(tuple(StageSpec.parse(s) for s in d["stages"]), StageSpec.parse(det) if det else None,
+                   d.get("loss"), tuple(sorted((d.get("params") or {}).items())))
 
     @property
     def key(self) -> str:
@@ -139,10 +144,10 @@ def _dim(key: str, raw: Any) -> Dim:
 @dataclass(frozen=True)
 class SearchSpace:
     dims: tuple[Dim, ...]
-    pipelines: tuple[tuple[str, ...], ...]
+    pipelines: tuple[tuple[StageSpec, ...], ...]
     kind: str
     losses: tuple[str, ...] = ()
-    detectors: tuple[str | None, ...] = (None,)
+    detectors: tuple[StageSpec | None, ...] = (None,)
     _checked: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -166,7 +171,7 @@ class SearchSpace:
                                   f"known: {', '.join(entry.params.model_fields)}")
             dim = _dim(key, raw)
             _check_dim(entry, param, dim)
-            if ns == "stage" and not any(_name(s) == name for p in pipelines for s in p):
+            if ns == "stage" and not any(s.name == name for p in pipelines for s in p):
                 raise ConfigError(f"space.{key}: no pipeline has a {name!r} stage (add it to space.pipeline)")
             if ns == "loss" and name not in loss_names:
                 loss_names.append(name)
@@ -179,6 +184,12 @@ class SearchSpace:
             raise ConfigError("space.pipeline: give the stage lists to sweep, e.g. [[dwt], [initial_ae:...]]")
         return cls(tuple(dims), pipelines, kind, losses, detectors)
 
+    def absolute(self) -> "SearchSpace":
+        """The space with its stage files (``checkpoint=``) made absolute on the driver: Tune runs each trial in
+        its own working directory."""
+        return replace(self, pipelines=tuple(tuple(s.absolute() for s in p) for p in self.pipelines),
+                       detectors=tuple(d.absolute() if d else None for d in self.detectors))
+
     @property
     def discrete(self) -> bool:
         return all(d.discrete for d in self.dims)
@@ -190,28 +201,28 @@ class SearchSpace:
             out["pipeline"] = Dim("pipeline", "choice", tuple(range(len(self.pipelines))))
         if len(self.losses) > 1:
             out["loss"] = Dim("loss", "choice", self.losses)
-        if len(self.detectors) > 1:
-            out["detector"] = Dim("detector", "choice", self.detectors)
+        if len(self.detectors) > 1:  # the spec texts: Optuna's categorical values are plain strings
+            out["detector"] = Dim("detector", "choice", tuple(str(d) if d else None for d in self.detectors))
         return {**out, **{d.key: d for d in self.dims}}
 
     def candidate(self, values: dict[str, Any]) -> Candidate:
-        """The canonical specs of one sampled configuration (``values``: key -> value, as :meth:`choices`)."""
-        from adv.defenses.registry import format_defense_spec, parse_defense_spec, validate_params
+        """The canonical specs of one sampled configuration (``values``: key -> value, as :meth:`choices`), built
+        from the parsed specs and the validated parameters."""
+        from adv.defenses.registry import validate_params
 
         pipeline = self.pipelines[int(values.get("pipeline", 0))]
         used: dict[str, Any] = {}
         if len(self.pipelines) > 1:
-            used["pipeline"] = " + ".join(pipeline) or "(none)"
+            used["pipeline"] = " + ".join(map(str, pipeline)) or "(none)"
 
-        def apply(spec: str, ns: str) -> str:
-            name, raw = parse_defense_spec(spec)
-            over = {k.split(".")[2]: v for k, v in values.items() if k.startswith(f"{ns}.{name}.")}
-            used.update({f"{ns}.{name}.{k}": v for k, v in over.items()})
-            return format_defense_spec(name, validate_params(name, {**raw, **over}))
+        def apply(spec: StageSpec, ns: str) -> StageSpec:
+            over = {k.split(".")[2]: v for k, v in values.items() if k.startswith(f"{ns}.{spec.name}.")}
+            used.update({f"{ns}.{spec.name}.{k}": v for k, v in over.items()})
+            return StageSpec.canonical(spec.name, validate_params(spec.name, {**dict(spec.params), **over}))
 
         stages = tuple(apply(s, "stage") for s in pipeline)
-        det_name = values.get("detector", self.detectors[0])
-        detector = apply(det_name, "detector") if det_name else None
+        det = self._detector(values)
+        detector = apply(det, "detector") if det else None
         loss = None
         if self.losses:
             from adv.specs import format_spec
@@ -225,6 +236,18 @@ class SearchSpace:
             loss = format_spec(*resolve_loss((name, over)))
         return Candidate(stages, detector, loss, tuple(sorted(used.items())))
 
+    def trial_candidate(self, config: dict[str, Any]) -> Candidate:
+        """A Tune trial's candidate, from its config: the :class:`Candidate` a grid search carries
+        (``candidate``), or the one a searcher's sampled values make."""
+        return config["candidate"] if "candidate" in config else self.candidate(config)
+
+    def _detector(self, values: dict[str, Any]) -> StageSpec | None:
+        """The parsed detector spec ``values`` picks (by its text, as :meth:`choices` offers it)."""
+        if "detector" not in values:
+            return self.detectors[0]
+        by_text = {str(d): d for d in self.detectors if d}
+        return by_text[values["detector"]] if values["detector"] is not None else None
+
     def grid(self) -> list[Candidate]:
         """Every combination of a discrete space, de-duplicated (a stage's keys are moot without the stage)."""
         if not self.discrete:
@@ -235,10 +258,6 @@ class SearchSpace:
             c = self.candidate(dict(zip(dims, combo)))
             out.setdefault((c.stages, c.detector, c.loss), c)
         return list(out.values())
-
-
-def _name(spec: str) -> str:
-    return spec.partition(":")[0].strip()
 
 
 def _check_dim(entry, param: str, dim: Dim) -> None:
@@ -257,9 +276,7 @@ def _check_dim(entry, param: str, dim: Dim) -> None:
         _check_value(entry, param, v, where)
 
 
-def _pipelines(raw: Any) -> tuple[tuple[str, ...], ...]:
-    from adv.defenses.registry import get_defense, resolve
-
+def _pipelines(raw: Any) -> tuple[tuple[StageSpec, ...], ...]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError("space.pipeline: a list of stage lists, e.g. [[dwt], [initial_ae:checkpoint=ae.pt]]")
     out = []
@@ -267,14 +284,22 @@ def _pipelines(raw: Any) -> tuple[tuple[str, ...], ...]:
         stages = [p] if isinstance(p, str) else p
         if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
             raise ConfigError(f"space.pipeline[{i}]: a stage spec or a list of them, got {p!r}")
-        for s in stages:
-            try:
-                if get_defense(resolve(s)[0]).kind == "detector":
-                    raise ConfigError(f"{_name(s)!r} is a detector; sweep it under space.detector")
-            except ConfigError as exc:
-                raise ConfigError(f"space.pipeline[{i}]: {exc}") from None
-        out.append(tuple(stages))
+        out.append(tuple(_parsed(s, f"space.pipeline[{i}]", detector=False) for s in stages))
     return tuple(out)
+
+
+def _parsed(text: str, where: str, *, detector: bool) -> StageSpec:
+    """``text`` parsed (the one parse of a sweep's spec) and validated, a detector or a stage as asked."""
+    from adv.defenses.registry import get_defense, resolve
+
+    try:
+        spec = StageSpec.parse(text)
+        if (get_defense(resolve(spec)[0]).kind == "detector") != detector:
+            raise ConfigError(f"{spec.name!r} is not a detector" if detector else
+                              f"{spec.name!r} is a detector; sweep it under space.detector")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return spec
 
 
 def _losses(raw: Any, named: list[str], kind: str) -> tuple[str, ...]:
@@ -295,35 +320,11 @@ def _losses(raw: Any, named: list[str], kind: str) -> tuple[str, ...]:
     return losses
 
 
-def _detectors(raw: Any, dims: list[Dim]) -> tuple[str | None, ...]:
-    from adv.defenses.registry import get_defense, resolve
-
+def _detectors(raw: Any, dims: list[Dim]) -> tuple[StageSpec | None, ...]:
     given = [raw] if isinstance(raw, str) or raw is None else list(raw)
-    for spec in given:
-        if spec is not None:
-            try:
-                if get_defense(resolve(spec)[0]).kind != "detector":
-                    raise ConfigError(f"{_name(spec)!r} is not a detector")
-            except ConfigError as exc:
-                raise ConfigError(f"space.detector: {exc}") from None
+    parsed = tuple(None if s is None else _parsed(s, "space.detector", detector=True) for s in given)
     named = {d.key.split(".")[1] for d in dims if d.key.startswith("detector.")}
     for name in named:
-        if not any(s and _name(s) == name for s in given):
+        if not any(s and s.name == name for s in parsed):
             raise ConfigError(f"space.detector.{name}: add the detector's spec under space.detector")
-    return tuple(given)
-
-
-def absolute_paths(space: dict[str, Any]) -> dict[str, Any]:
-    """The raw space with its stage files (``checkpoint=``) made absolute on the driver: Tune runs each trial in
-    its own working directory."""
-    from adv.evaluate.plan import absolute_spec
-
-    out = dict(space)
-    if isinstance(space.get("pipeline"), list):
-        out["pipeline"] = [[absolute_spec(x) for x in ([p] if isinstance(p, str) else p)]
-                           if isinstance(p, (str, list)) else p for p in space["pipeline"]]
-    det = space.get("detector")
-    if det is not None:
-        out["detector"] = absolute_spec(det) if isinstance(det, str) else [absolute_spec(d) if isinstance(d, str)
-                                                                          else d for d in det]
-    return out
+    return parsed

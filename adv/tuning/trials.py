@@ -33,6 +33,7 @@ import torch
 from adv.evaluate.checks import worst_case_mask
 from adv.evaluate.report.aggregate import clean_ok
 from adv.runs.rows import NONE
+from adv.specs import StageSpec
 from adv.evaluate.worker import BatchEvaluator, GridPoint, ModelLoader, Models, Plan, StoredEvaluator
 from adv.numbers import Number
 from adv.tuning.objective import flat_metrics, numbers_from_counts, penalized
@@ -186,10 +187,11 @@ def measure(loader: Callable[[], Models], data, setting: Setting) -> dict[str, N
     return numbers_from_flat(run_adaptive(loader, data, setting, lambda m, *a: None, grace=len(data) + 1))
 
 
-def stage_loader(checkpoint: str | None, stages: Iterable[str], detector: str | None, eot_samples: int = 8, *,
-                 factory: str | None = None, weights: str | None = None) -> ModelLoader:
+def stage_loader(checkpoint: str | None, stages: Iterable[str | StageSpec], detector: str | StageSpec | None,
+                 eot_samples: int = 8, *, factory: str | None = None, weights: str | None = None) -> ModelLoader:
     """The evaluation job's picklable loader for one defended model, labelled :data:`TRIAL`: the classifier is
-    the adv ``checkpoint``, or a user's ``factory`` filled with ``weights`` (:mod:`adv.models.factory`)."""
+    the adv ``checkpoint``, or a user's ``factory`` filled with ``weights`` (:mod:`adv.models.factory`); the
+    specs are strings or parsed (a candidate's), passed on as they are."""
     return ModelLoader(checkpoint=checkpoint, factory=factory, weights=weights,
                        defenses=((TRIAL, tuple(stages), detector),), eot_samples=eot_samples)
 

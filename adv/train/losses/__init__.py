@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from adv.specs import build_params, format_spec, params_schema, parse_spec
+from adv.specs import StageSpec, build_params, format_spec, params_schema
 from adv.train.losses import aad, alp, at, dwt, ensemble_at, finetune_at, trades  # noqa: F401  (registers them)
 from adv.train.registry import LOSSES, LossEntry, TrainingLoss
 
@@ -36,7 +36,10 @@ def loss_schema(name: str) -> dict[str, Any]:
 
 def resolve_loss(spec: str | tuple[str, Any]) -> tuple[str, BaseModel]:
     """A spec string or ``(name, params)`` -> ``(name, validated params)``."""
-    name, raw = parse_spec(spec, "training defense") if isinstance(spec, str) else spec
+    if isinstance(spec, str):
+        parsed = StageSpec.parse(spec, "training defense")
+        spec = parsed.name, dict(parsed.params)
+    name, raw = spec
     return name, build_params(get_loss(name).params, raw, f"training defense {name!r}")
 
 
