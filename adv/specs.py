@@ -81,19 +81,19 @@ class StageSpec:
     def absolute(self, key: str = "checkpoint") -> "StageSpec":
         """The spec with its file parameter ``key`` made absolute (a URI is kept): actors and trials need not
         share the driver's working directory."""
-        path = self.get(key)
-        if path is None:
-            return self
-        return replace(self, params=tuple((k, absolute_path(v) if k == key else v) for k, v in self.params), text="")
+        return self._with_paths({key}, absolute_path)
 
     def under(self, root: str | os.PathLike, keys: Iterable[str]) -> "StageSpec":
         """The spec with its file parameters ``keys`` (paths relative to ``root``, as a bundle names its stage
         files) joined to ``root``; parameters that are absent or empty are kept."""
-        keys = {k for k in keys if self.get(k)}
+        return self._with_paths([k for k in keys if self.get(k)], lambda v: str(Path(root) / v))
+
+    def _with_paths(self, keys: Iterable[str], change) -> "StageSpec":
+        """The spec with ``change`` applied to those of its parameters ``keys`` that it has."""
+        keys = {k for k in keys if self.get(k) is not None}
         if not keys:
             return self
-        return replace(self, params=tuple((k, str(Path(root) / v) if k in keys else v) for k, v in self.params),
-                       text="")
+        return replace(self, params=tuple((k, change(v) if k in keys else v) for k, v in self.params), text="")
 
 
 def absolute_path(path: str | None) -> str | None:
