@@ -4,6 +4,12 @@
 Square returned for them with the code of commit 3d3f9e8 (before the speed-up), made by running this module as a
 script with that commit's ``adv`` package. The weights are stored rather than retrained, so only the attacks can
 change the outputs.
+
+The comparison is per example: the same verdict (fooled or not) and the same query counts exactly, the same
+adversarial to within 1e-3 per pixel. Not bit for bit: oneDNN picks its convolution kernels by the CPU's
+instruction set (AVX2, AVX-512, AMX), their sums round differently, and FAB's projections and APGD-L2's
+normalisation carry that rounding into the adversarial (up to 2e-4 seen between two Xeons). A changed algorithm
+moves adversarials by a step of the attack (eps is 0.06 to 0.6 here), far past 1e-3.
 """
 
 from __future__ import annotations
@@ -64,8 +70,17 @@ def after(before, tiny):
 @pytest.mark.parametrize("key", ["apgd_ce", "apgd_dlr", "apgd_l2", "apgd_t", "fab_suite", "fab_minimal", "fab_targeted",
                                  "fab_l2", "square_rows",
                                  "square_rows_queries", "square_joint", "square_joint_queries"])
-def test_the_same_per_example_results_as_before_the_speed_up(before, after, key):
-    assert torch.equal(after[key], before[key]), (key, (after[key] != before[key]).flatten(1).any(1).nonzero())
+def test_the_same_per_example_results_as_before_the_speed_up(before, tiny, after, key):
+    new, old = after[key], before[key]
+    assert new.shape == old.shape and new.dtype == old.dtype
+    if not new.is_floating_point():  # query counts
+        assert torch.equal(new, old), (key, (new != old).nonzero())
+        return
+    moved = (new - old).abs().flatten(1).amax(1)
+    assert (moved <= 1e-3).all(), (key, moved.max().item(), (moved > 1e-3).nonzero().flatten().tolist())
+    with torch.no_grad():
+        fooled_new, fooled_old = tiny(new).argmax(1) != before["y"], tiny(old).argmax(1) != before["y"]
+    assert torch.equal(fooled_new, fooled_old), (key, (fooled_new != fooled_old).nonzero().flatten().tolist())
 
 
 def test_fab_early_stop_breaks_the_same_points_and_leaves_the_others_as_they_were(before, tiny):

@@ -92,15 +92,20 @@ def test_results_do_not_depend_on_how_chunks_are_batched(evaluator, data, rows):
 
 def test_attack_rows_do_not_depend_on_the_batch_size(evaluator, data, rows):
     """Attacks draw per example (run seed, grid point, index), so chunks of 3 give the rows chunks of 4 gave
-    (the dwt stage is deterministic; randomized stages stay seeded per chunk)."""
+    (the dwt stage is deterministic; randomized stages stay seeded per chunk). Verdicts, labels and query counts
+    match exactly; floats to 1e-4, because a batched convolution sums in an order that depends on the batch's
+    size and the CPU's kernels (~1e-6 here), and that rounding reaches the images, their SSIM and the logits. A
+    draw that depended on the batch would move pixels by a step of the attack (0.3), far past 1e-4."""
     other = evaluator(batch_of(data, chunk_size=3))
     key = lambda r: np.lexsort((r["grid"], r["defense"], r["track"], r["index"]))  # noqa: E731
     a, b = key(rows), key(other)
     assert not np.array_equal(rows["chunk"][a], other["chunk"][b])
-    for col in set(rows) - {"gen_seconds", "chunk", "logits", "cam"}:
-        assert np.array_equal(rows[col][a], other[col][b]), col
-    for col in ("logits", "cam"):  # batched inference rounds differently with the batch's size, by ~1e-6
-        assert np.allclose(rows[col][a], other[col][b], atol=1e-4), col
+    for col in set(rows) - {"gen_seconds", "chunk"}:
+        mine, theirs = rows[col][a], other[col][b]
+        if mine.dtype.kind == "f":
+            assert np.allclose(mine, theirs, rtol=1e-4, atol=1e-4, equal_nan=True), col
+        else:
+            assert np.array_equal(mine, theirs), col
 
 
 def test_batches_are_not_modified(evaluator, data):
