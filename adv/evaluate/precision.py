@@ -1,8 +1,9 @@
-"""Optional fast paths: autocast (bf16/fp16) and channels_last, as a model wrapper.
+"""Fast paths as a model wrapper: autocast (bf16/fp16), channels_last, and the cheap input gradient of
+first-layer convolutions on CPU (:mod:`adv.evaluate.input_grad`).
 
-Both trade exactness for speed on accelerators; attacks see an ordinary
-model returning float32 logits. The wrapper works on a copy when converting
-to channels_last, so the caller's model is never modified.
+Autocast and channels_last trade exactness for speed on accelerators; the input gradient differs from
+PyTorch's only by float rounding. Attacks see an ordinary model returning float32 logits. The wrapper
+works on a copy when it converts or swaps layers, so the caller's model is never modified.
 """
 
 from __future__ import annotations
@@ -12,17 +13,22 @@ import copy
 import torch
 from torch import nn
 
+from adv.evaluate.input_grad import cheap_input_grad, has_eligible
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class FastModel(nn.Module):
-    """``model`` run under ``torch.autocast(dtype)`` and/or in channels_last memory format."""
+    """``model`` run under ``torch.autocast(dtype)`` and/or in channels_last memory format, and/or with the cheap
+    input gradient of its first-layer convolutions (``input_grad``)."""
 
-    def __init__(self, model: nn.Module, amp: str | None = None, channels_last: bool = False):
+    def __init__(self, model: nn.Module, amp: str | None = None, channels_last: bool = False,
+                 input_grad: bool = False):
         super().__init__()
         if amp is not None and amp not in DTYPES:
             raise ValueError(f"amp must be one of {tuple(DTYPES)} or None, got {amp!r}")
-        self.model = copy.deepcopy(model).to(memory_format=torch.channels_last) if channels_last else model
+        net = copy.deepcopy(model).to(memory_format=torch.channels_last) if channels_last else model
+        self.model = cheap_input_grad(net) if input_grad else net
         self.dtype = DTYPES.get(amp)
         self.channels_last = channels_last
 
@@ -39,6 +45,10 @@ class FastModel(nn.Module):
         return self.model.cam_layer
 
 
-def fast_model(model: nn.Module, amp: str | None = None, channels_last: bool = False) -> nn.Module:
-    """``model`` itself when no fast path is asked for."""
-    return model if amp is None and not channels_last else FastModel(model, amp, channels_last)
+def fast_model(model: nn.Module, amp: str | None = None, channels_last: bool = False,
+               input_grad: bool = False) -> nn.Module:
+    """``model`` itself when no fast path is asked for or applies (``input_grad`` on a model without a
+    convolution it serves)."""
+    input_grad = input_grad and has_eligible(model)
+    return model if amp is None and not channels_last and not input_grad else FastModel(
+        model, amp, channels_last, input_grad)

@@ -119,7 +119,10 @@ def robust_accuracy(
     (``"standard"``, ``"l2"``, ``"rand"``; see :mod:`adv.evaluate.suites`)
     appends an AutoAttack-style suite after ``attacks``. Pass an
     eval-mode model: the evaluation never changes its mode. On a CPU it
-    keeps freed memory in the process (:mod:`adv.evaluate.allocator`).
+    keeps freed memory in the process (:mod:`adv.evaluate.allocator`) and
+    takes first-layer input gradients the cheap way (:mod:`adv.evaluate.input_grad`:
+    on a copy of the model's modules that shares its weights, so counters kept in
+    module attributes count on the copy).
 
     Shape: data images (N, C, H, W) in [0, 1], labels (N,)
     """
@@ -130,7 +133,7 @@ def robust_accuracy(
     if device.type == "cpu":
         keep_freed_memory()  # attack steps reuse activation-sized blocks: no page faults per step
     data = prepare(model, data, eps, norm, device)
-    net = fast_model(model, amp, channels_last)
+    net = fast_model(model, amp, channels_last, input_grad=device.type == "cpu")
     state = _start(model, runs, opts, state_path)
     if return_adversarials and state.batch_hashes:
         raise InputError(f"return_adversarials cannot resume {state_path}: the images of its finished batches were "
