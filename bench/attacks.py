@@ -386,6 +386,12 @@ def suite_markdown(rows, info, command, every: list[dict] | None = None) -> str:
              "\"load\" is the 1-minute load average of the machine during that run: on a loaded machine CPU "
              "seconds grow too (caches and cores shared; 5-15% at a load of 20-60 on the 2 cores here), so compare "
              "rows of similar load.", "",
+             "Rows run at different times are less comparable than their load suggests: on this virtual machine the "
+             "same pyautoattack run on the first 100 MNIST images took 388.4 and 451.4 CPU s an hour apart, and the "
+             "ratio of adv to the reference moves with the CPU (adv's code of 5 Dec: 0.61x on one x86 machine, "
+             "0.50x on this one). The 500-image MNIST rows ran side by side (`--suite-runs adv_cl` and "
+             "`--suite-runs ref` started together, one core each, so both shared the caches): the fairest ratio "
+             "here.", "",
              "adv's evaluation sets glibc's malloc thresholds in its process (`adv.evaluate.allocator`: freed "
              "activation buffers stay in the process, so attack steps do not page-fault), which would also speed "
              "up code run after it in the same process: the pyautoattack rows each ran in a process of their own, "
