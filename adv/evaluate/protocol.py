@@ -130,10 +130,8 @@ def robust_accuracy(
                    checks=C.ALL if checks == "all" else tuple(checks or ()), check_n=check_n, amp=amp)
     runs = resolve_attacks(_with_suite(attacks, suite, norm), norm)
     device = torch.device(device) if device is not None else _model_device(model)
-    if device.type == "cpu":
-        keep_freed_memory()  # attack steps reuse activation-sized blocks: no page faults per step
+    net = _attacked_model(model, device, amp, channels_last)
     data = prepare(model, data, eps, norm, device)
-    net = fast_model(model, amp, channels_last, input_grad=device.type == "cpu")
     state = _start(model, runs, opts, state_path)
     if return_adversarials and state.batch_hashes:
         raise InputError(f"return_adversarials cannot resume {state_path}: the images of its finished batches were "
@@ -144,6 +142,16 @@ def robust_accuracy(
     if state_path:
         state.save(state_path)
     return _result(state, runs, opts, time.perf_counter() - t0, torch.cat(kept) if kept else None)
+
+
+def _attacked_model(model: nn.Module, device: torch.device, amp: str | None, channels_last: bool) -> nn.Module:
+    """The model the attacks run on, with the fast paths asked for; on a CPU also the cheap first-layer input
+    gradient, and freed memory kept in the process (attack steps reuse activation-sized blocks: no page faults
+    per step)."""
+    on_cpu = device.type == "cpu"
+    if on_cpu:
+        keep_freed_memory()
+    return fast_model(model, amp, channels_last, input_grad=on_cpu)
 
 
 def _batches(net, data, runs, opts: Options, state: EvalState, device, state_path, progress: bool,
