@@ -447,9 +447,11 @@ def cpu_name() -> str:
     """The CPU's model and its widest vector units: the ratio to the reference moves with them (the same code
     of adv measured 0.61x on one x86 machine and 0.50x on another, with AMX)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
-    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    first = {}  # each key of the first core (every core lists the same model and flags)
+    for key, _, value in (line.partition(":") for line in info.splitlines()):
+        first.setdefault(key.strip(), value.strip())
+    model = first.get("model name") or platform.processor() or platform.machine()
+    flags = set(first.get("flags", "").split())
     units = [u for u, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags]
     return f"{model} ({', '.join(units)})" if units else model
 
