@@ -181,14 +181,18 @@ def _several_outputs(out: Any, n: int) -> str:
             f"the logits with adv.models.SelectOutput(model, {guess})")
 
 
-def prepare(model: nn.Module, data: Any, eps: Any, norm: str, device: torch.device) -> Any:
-    """Check the budget, the data (converting numpy and integer labels) and the model; returns the data."""
+def prepare(model: nn.Module, data: Any, eps: Any, norm: str, device: torch.device
+            ) -> tuple[Any, torch.Tensor | None]:
+    """Check the budget, the data (converting numpy and integer labels) and the model; returns the data and
+    its first images on ``device`` (None for empty data)."""
     check_budget(eps, norm)
     data = check_data(data)
     data, probe = first_examples(data)
-    if probe is not None:
-        check_model(model, probe[0].to(device), probe[1].to(device))
-    return data
+    if probe is None:
+        return data, None
+    x = probe[0].to(device)
+    check_model(model, x, probe[1].to(device))
+    return data, x
 
 
 #: Input normalizations networks are commonly trained with: (name, mean, std); the hint tries each.

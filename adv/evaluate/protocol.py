@@ -29,6 +29,7 @@ from adv.evaluate.allocator import keep_freed_memory
 from adv.evaluate import checks as C
 from adv.evaluate.precision import fast_model
 from adv.evaluate.inputs import prepare
+from adv.evaluate.passes import rows_per_pass
 from adv.evaluate.runs import AttackRun, resolve_attacks
 from adv.evaluate.suites import suite_attacks
 from adv.evaluate.result import FOOLED, NOT_ATTACKED, SURVIVED, AttackReport, EvalResult, Flag, PerExample
@@ -130,8 +131,8 @@ def robust_accuracy(
                    checks=C.ALL if checks == "all" else tuple(checks or ()), check_n=check_n, amp=amp)
     runs = resolve_attacks(_with_suite(attacks, suite, norm), norm)
     device = torch.device(device) if device is not None else _model_device(model)
-    net = _attacked_model(model, device, amp, channels_last)
-    data = prepare(model, data, eps, norm, device)
+    data, probe = prepare(model, data, eps, norm, device)
+    net = _attacked_model(model, device, amp, channels_last, probe)
     state = _start(model, runs, opts, state_path)
     if return_adversarials and state.batch_hashes:
         raise InputError(f"return_adversarials cannot resume {state_path}: the images of its finished batches were "
@@ -144,14 +145,16 @@ def robust_accuracy(
     return _result(state, runs, opts, time.perf_counter() - t0, torch.cat(kept) if kept else None)
 
 
-def _attacked_model(model: nn.Module, device: torch.device, amp: str | None, channels_last: bool) -> nn.Module:
+def _attacked_model(model: nn.Module, device: torch.device, amp: str | None, channels_last: bool,
+                    probe: torch.Tensor | None) -> nn.Module:
     """The model the attacks run on, with the fast paths asked for; on a CPU also the cheap first-layer input
-    gradient, and freed memory kept in the process (attack steps reuse activation-sized blocks: no page faults
-    per step)."""
-    on_cpu = device.type == "cpu"
-    if on_cpu:
-        keep_freed_memory()
-    return fast_model(model, amp, channels_last, input_grad=on_cpu)
+    gradient, cache-sized forward passes (sized on the ``probe`` images) and freed memory kept in the process
+    (attack steps reuse activation-sized blocks: no page faults per step)."""
+    if device.type != "cpu":
+        return fast_model(model, amp, channels_last)
+    keep_freed_memory()
+    rows = rows_per_pass(model, probe[:1]) if probe is not None else None
+    return fast_model(model, amp, channels_last, input_grad=True, rows=rows)
 
 
 def _batches(net, data, runs, opts: Options, state: EvalState, device, state_path, progress: bool,
