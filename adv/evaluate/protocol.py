@@ -120,10 +120,11 @@ def robust_accuracy(
     (``"standard"``, ``"l2"``, ``"rand"``; see :mod:`adv.evaluate.suites`)
     appends an AutoAttack-style suite after ``attacks``. Pass an
     eval-mode model: the evaluation never changes its mode. On a CPU it
-    keeps freed memory in the process (:mod:`adv.evaluate.allocator`) and
-    takes first-layer input gradients the cheap way (:mod:`adv.evaluate.input_grad`:
-    on a copy of the model's modules that shares its weights, so counters kept in
-    module attributes count on the copy).
+    keeps freed memory in the process (:mod:`adv.evaluate.allocator`), runs the
+    model in cache-sized passes (:mod:`adv.evaluate.passes`) and takes first-layer
+    input gradients the cheap way (:mod:`adv.evaluate.input_grad`: on a copy of
+    the model's modules that shares its weights, so counters kept in module
+    attributes count on the copy).
 
     Shape: data images (N, C, H, W) in [0, 1], labels (N,)
     """
