@@ -57,7 +57,8 @@ def rows_per_pass(model: nn.Module, x: torch.Tensor, threads: int | None = None)
 
 
 def in_passes(model: nn.Module, x: torch.Tensor, rows: int | None) -> torch.Tensor:
-    """``model(x)``, computed ``rows`` images at a time when the batch is larger (one pass when ``rows`` is None)."""
+    """``model(x)``, computed in passes of at most ``rows`` images when the batch is larger (one pass when
+    ``rows`` is None); the passes are of equal size, so no short tail pass falls below :data:`MIN_ROWS`."""
     if rows is None or len(x) <= rows:
         return model(x)
-    return torch.cat([model(part) for part in x.split(rows)])
+    return torch.cat([model(part) for part in x.tensor_split(-(-len(x) // rows))])
