@@ -124,6 +124,31 @@ def test_real_checkpoints_reproduce_clean_accuracy(fname, arch, dataset, expecte
     assert abs(acc - expected) <= 0.003, f"{fname}: {acc:.4f} vs {expected}"
 
 
+@pytest.mark.parametrize("name", ["lenet", "lenet5"])
+def test_pooling_before_the_first_relu_gives_the_layers_own_outputs_and_gradients(name):
+    """The two-conv nets pool their first conv's maps before the ReLU (a quarter of the values to rectify):
+    bit for bit the outputs and input gradients of ReLU then pooling, the layout the checkpoints were trained in,
+    also on constant (tied) regions and at exact zeros."""
+    model = create_model(name).eval()
+    torch.manual_seed(0)
+    x = torch.rand(8, *model.input_size)
+    x[:4, :, :10] = 0.0  # MNIST-like blank rows: every pooling window of the conv's maps there is a tie
+    fc1, fc2 = (getattr(model, n) for n in model.fc_names)
+
+    def relu_then_pool(v):
+        v = torch.max_pool2d(torch.relu(model.conv1(model.normalize(v))), 2)
+        v = torch.max_pool2d(model.act2(model.conv2(v)), 2)
+        return fc2(torch.relu(fc1(v.flatten(1))))
+
+    outs, grads = [], []
+    for f in (model, relu_then_pool):
+        xi = x.clone().requires_grad_(True)
+        out = f(xi)
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad(out[:, 3].sum() - out[:, 5].sum(), xi)[0])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("name", ["lenet", "lenet5", "convsmall"])
 def test_cam_layer_gives_rectified_maps(name):
     """Grad-CAM hooks the rectified last-conv maps: non-negative activations of the right rank."""

@@ -34,7 +34,7 @@ class _TwoConvNet(ImageClassifier):
         self.feature_dim = hidden
 
     def forward_features(self, x):
-        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.relu(torch.max_pool2d(self.conv1(x), 2))  # the same as ReLU then pooling, on a quarter of the values
         x = torch.max_pool2d(self.act2(self.conv2(x)), 2)
         return torch.relu(getattr(self, self.fc_names[0])(x.flatten(1)))
 
