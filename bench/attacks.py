@@ -387,11 +387,20 @@ def suite_markdown(rows, info, command, every: list[dict] | None = None) -> str:
              "seconds grow too (caches and cores shared; 5-15% at a load of 20-60 on the 2 cores here), so compare "
              "rows of similar load.", "",
              "Rows run at different times are less comparable than their load suggests: on this virtual machine the "
-             "same pyautoattack run on the first 100 MNIST images took 388.4 and 451.4 CPU s an hour apart, and the "
-             "ratio of adv to the reference moves with the CPU (adv's code of 5 Dec: 0.61x on one x86 machine, "
-             "0.50x on this one). The 500-image MNIST rows ran side by side (`--suite-runs adv_cl` and "
-             "`--suite-runs ref` started together, one core each, so both shared the caches): the fairest ratio "
-             "here.", "",
+             "same pyautoattack run on the first 500 MNIST images took 2000.1 CPU s on 5 Dec, 1263.4 and (with the faster "
+             "model below) 1537.0 on 6 Dec "
+             "(100 images: 388.4 and 451.4 an hour apart), and the ratio of adv to the reference moves with the "
+             "CPU (adv's code of 5 Dec: 0.61x on one x86 machine, 0.50x on this one). Rows meant to be compared "
+             "ran side by side (`--suite-runs adv_cl` and `--suite-runs ref` started together, one core each, so "
+             "both shared the caches and the host's mood): the fairest ratio here.", "",
+             "Both implementations run the same model object, so a faster model speeds both: since 6 Dec the "
+             "two-conv nets pool their first conv's maps before the ReLU (bit for bit the same outputs and "
+             "gradients). What is adv's own: on a CPU it runs the model in cache-sized passes "
+             "(`adv.evaluate.passes`; 41 rows per pass for this LeNet5 at one thread, so 438 standing images "
+             "run as 11 passes whose activations stay in the core's cache, where one 438-row pass streams its "
+             "44 MB conv maps through memory: one forward pass over 438 images took 72-87 ms in one pass and "
+             "46-49 ms in passes of 32-128 rows), the cheap first-layer input gradient (`adv.evaluate.input_grad`), "
+             "channels_last, and the attacks' early exits.", "",
              "adv's evaluation sets glibc's malloc thresholds in its process (`adv.evaluate.allocator`: freed "
              "activation buffers stay in the process, so attack steps do not page-fault), which would also speed "
              "up code run after it in the same process: the pyautoattack rows each ran in a process of their own, "
@@ -406,7 +415,19 @@ def suite_markdown(rows, info, command, every: list[dict] | None = None) -> str:
             lines.append(f"| {k} | {v['robust_acc']:.2%} | {v['cpu_s']} | {v['cpu_s'] / base:.2f}x | "
                          f"{v['disagree_with_adv']} ({v['adv_weaker']}) | {v['wall_s']} | {v['load']} |")
         lines.append("")
-    return "\n".join(lines + scaling_lines(every or rows) + [SUITE_END])
+    return "\n".join(lines + scaling_lines(every or rows) + list(SUITE_NOTES) + [SUITE_END])
+
+
+#: What the stored rows alone cannot show (each key keeps only its latest run): figures of 6 Dec.
+SUITE_NOTES = (
+    "The host's speed drifts: adv's 100-image MNIST run took 116.5, 134.1, 173.8 and 161.8 CPU s within 40 "
+    "minutes of 6 Dec with the same code, so the linearity table mixes moods. Run one after another in one "
+    "20-minute window (beside the reference's 500-image run), the 50, 100 and 500-image runs took 58.7, 116.5 "
+    "and 523.3 CPU s: 1.30, 1.31 and 1.19 CPU s per standing image, linear (the passes make the largest batch "
+    "the cheapest per image).", "",
+    "Two threads against one (wall time, `--threads 1,2` on the first 100 MNIST images, each pair run alone): "
+    "1.59x (134.1 s against 84.5 s) and 1.75x (173.8 s against 99.6 s) five minutes apart; the 2-thread row "
+    "above is the second pair's.", "")
 
 
 def main(argv=None) -> int:
