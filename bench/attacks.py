@@ -389,9 +389,10 @@ def suite_markdown(rows, info, command, every: list[dict] | None = None) -> str:
              "Rows run at different times are less comparable than their load suggests: on this virtual machine the "
              "same pyautoattack run on the first 500 MNIST images took 2000.1 CPU s on 5 Dec, 1263.4 and (with the "
              "faster model below) 1537.0 on 6 Dec (100 images: 388.4 and 451.4 an hour apart), and the ratio of "
-             "adv to the reference moves with the CPU (adv's code of 5 Dec: 0.61x on one x86 machine, 0.50x on this one). Rows meant to be compared "
-             "ran side by side (`--suite-runs adv_cl` and `--suite-runs ref` started together, one core each, so "
-             "both shared the caches and the host's mood): the fairest ratio here.", "",
+             "adv to the reference moves with the CPU (adv's code of 5 Dec: 0.61x on one x86 machine, 0.50x on this "
+             "one). Rows meant to be compared ran side by side (`--suite-runs adv_cl` and `--suite-runs ref` "
+             "started together, one core each, so both shared the caches and the host's mood): the fairest ratio "
+             "here.", "",
              "Both implementations run the same model object, so a faster model speeds both: since 6 Dec the "
              "two-conv nets pool their first conv's maps before the ReLU (bit for bit the same outputs and "
              "gradients). What is adv's own: on a CPU it runs the model in cache-sized passes "
